@@ -1,0 +1,148 @@
+//! Every error and close code on the wire, with its rule.
+//!
+//! Reserved ranges:
+//! - `1000..=1999`: request errors, sent as an `error` frame. The connection
+//!   stays open; the client may retry only when [`ErrorCode::retryable`] says so.
+//! - `2000..=2999`: HTTP errors, sent as a JSON body with the matching status.
+//! - WebSocket close codes: the standard ones (1001, 1002, 1007, 1009) where
+//!   RFC 6455 requires them, and `4000..=4999` for Switchboard's own. Every close
+//!   code says whether to reconnect; see [`CloseCode`].
+//!
+//! docs/protocol.md renders this table; a test keeps the two in step.
+
+macro_rules! error_codes {
+    ($( $variant:ident = $code:literal, $name:literal, $retry:literal, $http:literal, $doc:literal; )*) => {
+        /// A coded error a client can act on.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum ErrorCode {
+            $( #[doc = $doc] $variant = $code, )*
+        }
+
+        impl ErrorCode {
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            pub fn code(self) -> u16 { self as u16 }
+
+            /// The stable snake_case name clients may match on instead of the number.
+            pub fn name(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $name,)* }
+            }
+
+            /// Whether the same request may succeed if sent again later.
+            pub fn retryable(self) -> bool {
+                match self { $(ErrorCode::$variant => $retry,)* }
+            }
+
+            /// The HTTP status that carries this error on the HTTP endpoints (0: not an HTTP error).
+            pub fn http_status(self) -> u16 {
+                match self { $(ErrorCode::$variant => $http,)* }
+            }
+
+            pub fn description(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $doc,)* }
+            }
+
+            pub fn from_code(code: u16) -> Option<ErrorCode> {
+                match code { $($code => Some(ErrorCode::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+error_codes! {
+    Internal = 1000, "internal", true, 0, "The server failed while handling the request; nothing was changed. Retry with backoff.";
+    MalformedFrame = 1001, "malformed_frame", false, 0, "The frame could not be decoded: invalid JSON, a failed FlatBuffers verification, or a missing or mistyped field.";
+    UnknownType = 1002, "unknown_type", false, 0, "The frame decoded but names a message type this server does not know.";
+    InvalidUtf8 = 1003, "invalid_utf8", false, 0, "A JSON-subprotocol binary frame was not valid UTF-8. (A text frame with invalid UTF-8 closes the connection with 1007, as RFC 6455 requires.)";
+    InvalidField = 1004, "invalid_field", false, 0, "A field is out of range: empty or over-long client_msg_id, empty or over-long title, limit outside 1..=100, an unknown user id in a member list, and so on.";
+    BodyTooLarge = 1005, "body_too_large", false, 0, "The message body is larger than the server's max_body_bytes.";
+    NotFound = 1010, "not_found", false, 0, "The conversation or user does not exist.";
+    NotMember = 1011, "not_member", false, 0, "You are not a member of this conversation, so you cannot send to it or read it.";
+    Forbidden = 1012, "forbidden", false, 0, "Your role in this conversation does not allow this change.";
+    MemberCap = 1013, "member_cap", false, 0, "The group would exceed its member cap.";
+    BadCursor = 1014, "bad_cursor", false, 0, "A pagination position or cursor is invalid: both before and after given, a position past the conversation's end, or a cursor this server did not issue.";
+    Overloaded = 1020, "overloaded", true, 0, "A server queue is full; the request was not accepted. Retry with backoff.";
+    InvalidRequest = 2001, "invalid_request", false, 400, "The HTTP request body is not the JSON object the endpoint expects.";
+    InvalidUsername = 2002, "invalid_username", false, 400, "Usernames are 3 to 32 characters from a-z, A-Z, 0-9, '_', '.', '-'.";
+    WeakPassword = 2003, "weak_password", false, 400, "Passwords are 8 to 128 characters.";
+    UsernameTaken = 2004, "username_taken", false, 409, "That username is registered already (usernames are case-insensitive).";
+    InvalidCredentials = 2005, "invalid_credentials", false, 401, "Unknown username or wrong password.";
+    Unauthorized = 2006, "unauthorized", false, 401, "The bearer token is missing, malformed, badly signed or expired. Log in again.";
+    HttpNotFound = 2007, "no_such_endpoint", false, 404, "No endpoint at this path.";
+    MethodNotAllowed = 2008, "method_not_allowed", false, 405, "The endpoint exists but not for this HTTP method.";
+    PayloadTooLarge = 2009, "payload_too_large", false, 413, "The HTTP request head or body is larger than the server accepts.";
+    BadSubprotocol = 2010, "bad_subprotocol", false, 400, "Sec-WebSocket-Protocol names none of switchboard.v1.fb, switchboard.v1.json.";
+    HttpInternal = 2011, "internal_error", true, 500, "The server failed while handling the request. Retry with backoff.";
+    HttpOverloaded = 2012, "overloaded", true, 503, "The server is too busy to take the request. Retry with backoff.";
+}
+
+/// WebSocket close codes the server sends, each with its reconnect rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// 1001: the server is shutting down. Reconnect with backoff.
+    GoingAway = 1001,
+    /// 1002: the peer broke the WebSocket protocol (bad opcode, unmasked frame, ...). Reconnect.
+    ProtocolError = 1002,
+    /// 1007: a text frame was not valid UTF-8. Reconnect; do not resend that frame.
+    InvalidPayload = 1007,
+    /// 1009: a frame or message exceeded max_frame_bytes. Reconnect; do not resend that frame.
+    MessageTooBig = 1009,
+    /// 4008: the client fell behind (outbound queue full) and events were dropped.
+    /// Reconnect and `sync` from the positions it has; nothing acknowledged is lost.
+    SlowConsumer = 4008,
+    /// 4009: the connection held more unsynced events than allowed before its `sync`.
+    /// Reconnect and send `sync` first.
+    SyncBacklog = 4009,
+}
+
+impl CloseCode {
+    pub const ALL: &'static [CloseCode] = &[
+        CloseCode::GoingAway,
+        CloseCode::ProtocolError,
+        CloseCode::InvalidPayload,
+        CloseCode::MessageTooBig,
+        CloseCode::SlowConsumer,
+        CloseCode::SyncBacklog,
+    ];
+
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseCode::GoingAway => "server shutting down",
+            CloseCode::ProtocolError => "websocket protocol error",
+            CloseCode::InvalidPayload => "invalid utf-8 in text frame",
+            CloseCode::MessageTooBig => "frame too large",
+            CloseCode::SlowConsumer => "slow consumer: reconnect and sync",
+            CloseCode::SyncBacklog => "too many events before sync: reconnect and sync first",
+        }
+    }
+
+    /// Every Switchboard close asks the client to come back; only what it resends differs.
+    pub fn reconnect(self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_in_their_ranges() {
+        let mut seen = std::collections::HashSet::new();
+        for e in ErrorCode::ALL {
+            assert!(seen.insert(e.code()), "duplicate code {}", e.code());
+            assert_eq!(ErrorCode::from_code(e.code()), Some(*e));
+            match e.code() {
+                1000..=1999 => assert_eq!(e.http_status(), 0, "{e:?}"),
+                2000..=2999 => assert!(e.http_status() >= 400, "{e:?}"),
+                _ => panic!("{e:?} outside the reserved ranges"),
+            }
+        }
+    }
+}

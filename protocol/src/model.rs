@@ -1,0 +1,313 @@
+//! The one message model both subprotocols carry.
+//!
+//! JSON shape: `{"type": "<snake_case variant>", "id": <request id>, ...fields}`.
+//! 64-bit identifiers (`user_id`, `conversation_id`, ...) are JSON strings
+//! because JavaScript numbers lose precision above 2^53; they are accepted as
+//! strings or numbers. Positions (`seq`) and times (`*_ms`) are numbers.
+
+use serde::{Deserialize, Serialize};
+
+pub type UserId = u64;
+pub type ConversationId = u64;
+/// A message's position in its conversation: 1, 2, 3, ... with no gaps.
+pub type Seq = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    #[default]
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    /// Whether this role may add/remove members and change roles below its own.
+    pub fn can_manage(self) -> bool {
+        matches!(self, Role::Admin | Role::Owner)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationKind {
+    Direct,
+    Group,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    #[default]
+    Text,
+    GroupCreated,
+    MemberAdded,
+    MemberRemoved,
+    MemberLeft,
+    RoleChanged,
+}
+
+/// Serde helpers: 64-bit ids as JSON strings, accepting numbers too.
+pub mod id_str {
+    use serde::{Deserialize, Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw<'a> {
+        Num(u64),
+        Str(&'a str),
+        Owned(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(n),
+            Raw::Str(s) => s.parse().map_err(|_| de::Error::custom("expected a decimal id")),
+            Raw::Owned(s) => s.parse().map_err(|_| de::Error::custom("expected a decimal id")),
+        }
+    }
+
+    pub mod opt {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.collect_str(v),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            #[derive(Deserialize)]
+            struct W(#[serde(with = "super")] u64);
+            Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+
+    pub mod vec {
+        use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+        pub fn serialize<S: Serializer>(v: &[u64], s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(v.len()))?;
+            for id in v {
+                seq.serialize_element(&id.to_string())?;
+            }
+            seq.end()
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+            #[derive(Deserialize)]
+            struct W(#[serde(with = "super")] u64);
+            Ok(Vec::<W>::deserialize(d)?.into_iter().map(|w| w.0).collect())
+        }
+    }
+}
+
+/// A client's statement of how far it has read a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    #[serde(with = "id_str")]
+    pub conversation_id: ConversationId,
+    pub seq: Seq,
+}
+
+/// One frame from client to server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    /// Request id chosen by the client, echoed on the reply. 0 when absent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub id: u64,
+    #[serde(flatten)]
+    pub body: ClientMsg,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// Start receiving conversation events, after replaying what was missed.
+    Sync {
+        #[serde(default)]
+        positions: Vec<Position>,
+    },
+    Send {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        client_msg_id: String,
+        body: String,
+    },
+    CreateDirect {
+        #[serde(with = "id_str")]
+        user_id: UserId,
+    },
+    CreateGroup {
+        title: String,
+        #[serde(default, with = "id_str::vec")]
+        members: Vec<UserId>,
+    },
+    AddMembers {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        #[serde(with = "id_str::vec")]
+        user_ids: Vec<UserId>,
+    },
+    RemoveMember {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        #[serde(with = "id_str")]
+        user_id: UserId,
+    },
+    Leave {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+    },
+    SetRole {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        #[serde(with = "id_str")]
+        user_id: UserId,
+        role: Role,
+    },
+    GetConversation {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+    },
+    History {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<Seq>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<Seq>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    ListConversations {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
+    },
+    Ping,
+}
+
+/// A stored message (or membership event) as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    #[serde(with = "id_str")]
+    pub conversation_id: ConversationId,
+    pub seq: Seq,
+    pub ts_ms: u64,
+    #[serde(with = "id_str")]
+    pub sender_id: UserId,
+    #[serde(default)]
+    pub client_msg_id: String,
+    #[serde(default)]
+    pub kind: MessageKind,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "id_str::opt")]
+    pub target_user_id: Option<UserId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    #[serde(with = "id_str")]
+    pub user_id: UserId,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    #[serde(with = "id_str")]
+    pub conversation_id: ConversationId,
+    pub kind: ConversationKind,
+    #[serde(default)]
+    pub title: String,
+    pub members: Vec<Member>,
+    pub last_seq: Seq,
+    pub last_ts_ms: u64,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationSummary {
+    #[serde(with = "id_str")]
+    pub conversation_id: ConversationId,
+    pub kind: ConversationKind,
+    #[serde(default)]
+    pub title: String,
+    pub last_seq: Seq,
+    pub last_ts_ms: u64,
+}
+
+/// One frame from server to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerFrame {
+    /// The request id this frame answers; 0 for events.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub id: u64,
+    #[serde(flatten)]
+    pub body: ServerMsg,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Welcome {
+        #[serde(with = "id_str")]
+        user_id: UserId,
+        #[serde(with = "id_str")]
+        connection_id: u64,
+        server_time_ms: u64,
+        max_frame_bytes: u32,
+    },
+    /// The message with this `client_msg_id` is durable at `seq`.
+    Ack {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        client_msg_id: String,
+        seq: Seq,
+        ts_ms: u64,
+    },
+    Message {
+        message: Message,
+    },
+    Conversation {
+        conversation: Conversation,
+    },
+    History {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        messages: Vec<Message>,
+        has_more: bool,
+    },
+    Conversations {
+        items: Vec<ConversationSummary>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_cursor: Option<String>,
+    },
+    SyncDone {
+        conversations: u32,
+        messages: u64,
+    },
+    Error {
+        code: u16,
+        name: String,
+        message: String,
+        /// Set when the error answers a `send` (which has no request id of its own).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
+    },
+    Ok,
+    Pong,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}

@@ -1,1 +1,312 @@
+//! Switchboard's history and chat state, behind one trait.
+//!
+//! - [`Store`]: the backend trait. Blocking calls, run on storage threads, never on
+//!   a gateway shard. Writes arrive as one [`Mutation`] batch per group commit
+//!   and are durable when [`Store::commit`] returns.
+//! - [`FjallStore`]: the embedded single-node backend.
+//! - [`page`]: history paging over time buckets, shared by every backend.
+//! - [`StorageError`]: kind, retryability and context.
+//!
+//! ## The data model is Cassandra's
+//! Messages are partitioned by `(conversation, time bucket)` and clustered by
+//! position; a small per-conversation bucket index says which buckets exist and
+//! where each starts. A history page reads one partition (two when it crosses a
+//! bucket boundary). The embedded store keeps the same keys so that every backend
+//! behaves the same and one conformance suite ([`conformance`]) checks them all.
+//! docs/design/why-time-buckets.md gives the bucket size and its reasoning.
+//!
+//! ## Why positions are assigned above the store
+//! The gateway's sequencer (one per conversation owner) assigns positions and
+//! hands the store finished rows. Cassandra has no cheap atomic counter, and a
+//! single writer per conversation is what makes positions gap-free and ordered.
 
+mod codec;
+pub mod conformance;
+mod fjall_store;
+
+pub use fjall_store::FjallStore;
+pub use protocol::{ConversationId, ConversationKind, Message, MessageKind, Role, Seq, UserId};
+
+use serde::{Deserialize, Serialize};
+
+/// Width of a message time bucket: one day. See docs/design/why-time-buckets.md.
+pub const BUCKET_MS: u64 = 86_400_000;
+
+/// The bucket a message with server timestamp `ts_ms` belongs to.
+pub fn bucket_of(ts_ms: u64) -> u32 {
+    u32::try_from(ts_ms / BUCKET_MS).unwrap_or(u32::MAX)
+}
+
+/// Largest page a history read returns.
+pub const MAX_PAGE: usize = 100;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub id: UserId,
+    /// As registered; uniqueness is on the lowercase form.
+    pub username: String,
+    /// PHC string (argon2id).
+    pub password_hash: String,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationRecord {
+    pub id: ConversationId,
+    pub kind: ConversationKind,
+    pub title: String,
+    pub created_ms: u64,
+    pub created_by: UserId,
+    /// Position of the newest message (0: none yet).
+    pub last_seq: Seq,
+    pub last_ts_ms: u64,
+}
+
+/// Where a bucket of a conversation starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketRef {
+    pub bucket: u32,
+    pub first_seq: Seq,
+}
+
+/// One write. A batch of them is applied atomically and durably by [`Store::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    PutMessage(Message),
+    /// Marks `(conversation, sender, client_msg_id)` as stored at `seq`.
+    PutIdempotency {
+        conversation: ConversationId,
+        sender: UserId,
+        client_msg_id: String,
+        seq: Seq,
+    },
+    PutBucket {
+        conversation: ConversationId,
+        bucket: BucketRef,
+    },
+    PutConversation(ConversationRecord),
+    PutMember {
+        conversation: ConversationId,
+        user: UserId,
+        role: Role,
+    },
+    RemoveMember {
+        conversation: ConversationId,
+        user: UserId,
+    },
+    PutDirect {
+        a: UserId,
+        b: UserId,
+        conversation: ConversationId,
+    },
+}
+
+/// Read direction within a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Ascending,
+    Descending,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The backend failed to read or write (disk, network). Retryable.
+    Io,
+    /// The backend did not answer in time. Retryable; the write may or may not have landed.
+    Timeout,
+    /// Stored bytes could not be decoded.
+    Corrupt,
+    /// `create_user` with a username that exists.
+    UsernameTaken,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?} while {context}: {source}")]
+pub struct StorageError {
+    pub kind: ErrorKind,
+    pub context: &'static str,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl StorageError {
+    pub fn new(
+        kind: ErrorKind,
+        context: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StorageError { kind, context, source: source.into() }
+    }
+
+    /// Whether the same call may succeed later.
+    pub fn retryable(&self) -> bool {
+        matches!(self.kind, ErrorKind::Io | ErrorKind::Timeout)
+    }
+}
+
+/// pingora-style context: `.or_err(ErrorKind::Io, "reading a bucket")`.
+pub trait OrErr<T> {
+    fn or_err(self, kind: ErrorKind, context: &'static str) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> OrErr<T> for std::result::Result<T, E> {
+    fn or_err(self, kind: ErrorKind, context: &'static str) -> Result<T> {
+        self.map_err(|e| StorageError::new(kind, context, e))
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A history backend. Every method blocks; callers run them on storage threads.
+///
+/// Runs on: storage threads (the sequencer thread for `commit`, reader threads for the rest).
+pub trait Store: Send + Sync + 'static {
+    /// Applies `batch` atomically; durable (fsynced or replicated) when it returns `Ok`.
+    fn commit(&self, batch: &[Mutation]) -> Result<()>;
+
+    /// Creates a user; fails with [`ErrorKind::UsernameTaken`] if the lowercase name exists.
+    /// Durable when it returns.
+    fn create_user(&self, user: &UserRecord) -> Result<()>;
+    fn user(&self, id: UserId) -> Result<Option<UserRecord>>;
+    fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>>;
+
+    fn conversation(&self, id: ConversationId) -> Result<Option<ConversationRecord>>;
+    fn members(&self, id: ConversationId) -> Result<Vec<(UserId, Role)>>;
+    fn member_role(&self, id: ConversationId, user: UserId) -> Result<Option<Role>>;
+    /// Every conversation `user` is a member of, in no particular order.
+    fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationId>>;
+    /// The direct conversation of the unordered pair `{a, b}`.
+    fn direct(&self, a: UserId, b: UserId) -> Result<Option<ConversationId>>;
+
+    fn idempotent_seq(
+        &self,
+        conv: ConversationId,
+        sender: UserId,
+        client_msg_id: &str,
+    ) -> Result<Option<Seq>>;
+
+    /// The conversation's buckets, oldest first.
+    fn buckets(&self, conv: ConversationId) -> Result<Vec<BucketRef>>;
+    /// Messages of one bucket with `lo <= seq <= hi`, in `order`, at most `limit`.
+    fn read_bucket(
+        &self,
+        conv: ConversationId,
+        bucket: u32,
+        lo: Seq,
+        hi: Seq,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Message>>;
+}
+
+/// Orders a pair for the direct-conversation key.
+pub fn pair(a: UserId, b: UserId) -> (UserId, UserId) {
+    if a <= b { (a, b) } else { (b, a) }
+}
+
+/// Where a history page starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    /// The newest messages, newest first.
+    Latest,
+    /// Messages with `seq < n`, newest first.
+    Before(Seq),
+    /// Messages with `seq > n`, oldest first.
+    After(Seq),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub messages: Vec<Message>,
+    /// Whether more messages lie beyond this page in its direction.
+    pub has_more: bool,
+}
+
+/// Reads one page of history, walking bucket partitions as needed.
+///
+/// Cost: one read of the (small) bucket index plus one partition read per bucket
+/// touched; a page of at most [`MAX_PAGE`] usually touches one bucket, two when it
+/// crosses a boundary. Empty buckets are never visited because the index only
+/// lists buckets that hold messages.
+pub fn page(store: &dyn Store, conv: ConversationId, anchor: Anchor, limit: usize) -> Result<Page> {
+    let limit = limit.clamp(1, MAX_PAGE);
+    let buckets = store.buckets(conv)?;
+    // Index of the bucket holding `seq` (the last one starting at or before it).
+    let locate = |seq: Seq| buckets.partition_point(|b| b.first_seq <= seq).checked_sub(1);
+    let want = limit + 1;
+    let mut out = Vec::with_capacity(want);
+    match anchor {
+        Anchor::Latest | Anchor::Before(_) => {
+            let hi = match anchor {
+                Anchor::Before(0) | Anchor::Before(1) => {
+                    return Ok(Page { messages: vec![], has_more: false });
+                }
+                Anchor::Before(n) => n - 1,
+                _ => Seq::MAX,
+            };
+            let Some(mut i) = (if hi == Seq::MAX { buckets.len().checked_sub(1) } else { locate(hi) }) else {
+                return Ok(Page { messages: vec![], has_more: false });
+            };
+            loop {
+                let b = buckets[i];
+                out.extend(store.read_bucket(
+                    conv,
+                    b.bucket,
+                    b.first_seq,
+                    hi,
+                    Order::Descending,
+                    want - out.len(),
+                )?);
+                if out.len() >= want || i == 0 {
+                    break;
+                }
+                i -= 1;
+            }
+        }
+        Anchor::After(n) => {
+            let lo = n.saturating_add(1);
+            let mut i = locate(lo).unwrap_or(0);
+            while i < buckets.len() {
+                let b = buckets[i];
+                out.extend(store.read_bucket(
+                    conv,
+                    b.bucket,
+                    lo,
+                    Seq::MAX,
+                    Order::Ascending,
+                    want - out.len(),
+                )?);
+                if out.len() >= want {
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
+    let has_more = out.len() > limit;
+    out.truncate(limit);
+    Ok(Page { messages: out, has_more })
+}
+
+/// Reads the single message at `seq`, if stored.
+pub fn message_at(store: &dyn Store, conv: ConversationId, seq: Seq) -> Result<Option<Message>> {
+    let buckets = store.buckets(conv)?;
+    let Some(i) = buckets.partition_point(|b| b.first_seq <= seq).checked_sub(1) else {
+        return Ok(None);
+    };
+    Ok(store.read_bucket(conv, buckets[i].bucket, seq, seq, Order::Ascending, 1)?.pop())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_arithmetic() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(BUCKET_MS - 1), 0);
+        assert_eq!(bucket_of(BUCKET_MS), 1);
+        assert_eq!(bucket_of(1_700_000_000_000), 19675);
+        assert_eq!(bucket_of(u64::MAX), u32::MAX);
+    }
+}

@@ -1,0 +1,163 @@
+//! One conformance suite, run against every backend.
+//!
+//! A backend's test file supplies an `open` function that opens the same backing
+//! store each time it is called (after the previous handle is dropped), and calls
+//! [`run_all`]. Every check asserts behaviour the gateway relies on.
+
+use crate::*;
+use std::sync::Arc;
+
+pub type Open<'a> = &'a dyn Fn() -> Arc<dyn Store>;
+
+/// Runs every check in order on fresh ids, so one backing store serves them all.
+pub fn run_all(open: Open<'_>) {
+    users(open);
+    conversations_and_members(open);
+    pages_cross_buckets_both_ways(open);
+    idempotency_keys(open);
+    survives_restart(open);
+}
+
+fn msg(conv: ConversationId, seq: Seq, ts_ms: u64, sender: UserId) -> Message {
+    Message {
+        conversation_id: conv,
+        seq,
+        ts_ms,
+        sender_id: sender,
+        client_msg_id: format!("c{seq}"),
+        kind: MessageKind::Text,
+        body: format!("message {seq}"),
+        target_user_id: None,
+        role: None,
+    }
+}
+
+fn conv_record(id: ConversationId, last_seq: Seq, last_ts_ms: u64) -> ConversationRecord {
+    ConversationRecord {
+        id,
+        kind: ConversationKind::Group,
+        title: format!("group {id}"),
+        created_ms: 1,
+        created_by: 1,
+        last_seq,
+        last_ts_ms,
+    }
+}
+
+/// Appends `n` messages to `conv`, `per_bucket` per time bucket, as the sequencer would.
+pub fn append(store: &dyn Store, conv: ConversationId, n: u64, per_bucket: u64) {
+    let mut batch = Vec::new();
+    let mut last_bucket = None;
+    for seq in 1..=n {
+        let ts = 1_700_000_000_000 + ((seq - 1) / per_bucket) * BUCKET_MS + seq;
+        let b = bucket_of(ts);
+        if last_bucket != Some(b) {
+            batch.push(Mutation::PutBucket {
+                conversation: conv,
+                bucket: BucketRef { bucket: b, first_seq: seq },
+            });
+            last_bucket = Some(b);
+        }
+        batch.push(Mutation::PutMessage(msg(conv, seq, ts, 7)));
+        if batch.len() >= 64 {
+            store.commit(&batch).expect("commit");
+            batch.clear();
+        }
+    }
+    batch.push(Mutation::PutConversation(conv_record(conv, n, 0)));
+    store.commit(&batch).expect("commit");
+}
+
+pub fn users(open: Open<'_>) {
+    let s = open();
+    let u = UserRecord { id: 1001, username: "Alice".into(), password_hash: "h".into(), created_ms: 5 };
+    s.create_user(&u).unwrap();
+    assert_eq!(s.user(1001).unwrap(), Some(u.clone()));
+    assert_eq!(s.user_by_name("alice").unwrap(), Some(u.clone()), "usernames are case-insensitive");
+    let dup = UserRecord { id: 1002, username: "ALICE".into(), ..u };
+    let err = s.create_user(&dup).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::UsernameTaken);
+    assert_eq!(s.user(1002).unwrap(), None, "a refused registration stores nothing");
+    assert_eq!(s.user_by_name("nobody").unwrap(), None);
+}
+
+pub fn conversations_and_members(open: Open<'_>) {
+    let s = open();
+    let c = 2001;
+    s.commit(&[
+        Mutation::PutConversation(conv_record(c, 0, 0)),
+        Mutation::PutMember { conversation: c, user: 11, role: Role::Owner },
+        Mutation::PutMember { conversation: c, user: 12, role: Role::Member },
+        Mutation::PutDirect { a: 12, b: 11, conversation: 2002 },
+    ])
+    .unwrap();
+    assert_eq!(s.conversation(c).unwrap(), Some(conv_record(c, 0, 0)));
+    let mut m = s.members(c).unwrap();
+    m.sort_by_key(|(u, _)| *u);
+    assert_eq!(m, vec![(11, Role::Owner), (12, Role::Member)]);
+    assert_eq!(s.member_role(c, 12).unwrap(), Some(Role::Member));
+    assert_eq!(s.user_conversations(11).unwrap(), vec![c]);
+    assert_eq!(s.direct(11, 12).unwrap(), Some(2002), "pair lookup is unordered");
+    assert_eq!(s.direct(12, 11).unwrap(), Some(2002));
+    s.commit(&[Mutation::RemoveMember { conversation: c, user: 12 }]).unwrap();
+    assert_eq!(s.member_role(c, 12).unwrap(), None);
+    assert!(s.user_conversations(12).unwrap().is_empty());
+}
+
+pub fn pages_cross_buckets_both_ways(open: Open<'_>) {
+    let s = open();
+    let c = 3001;
+    // 250 messages, 40 per bucket: 7 buckets.
+    append(&*s, c, 250, 40);
+    assert_eq!(s.buckets(c).unwrap().len(), 7);
+    let seqs = |p: &Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+
+    let latest = page(&*s, c, Anchor::Latest, 100).unwrap();
+    assert_eq!(seqs(&latest), (151..=250).rev().collect::<Vec<_>>());
+    assert!(latest.has_more);
+
+    let before = page(&*s, c, Anchor::Before(151), 100).unwrap();
+    assert_eq!(seqs(&before), (51..=150).rev().collect::<Vec<_>>());
+    assert!(before.has_more);
+    let last = page(&*s, c, Anchor::Before(51), 100).unwrap();
+    assert_eq!(seqs(&last), (1..=50).rev().collect::<Vec<_>>());
+    assert!(!last.has_more);
+
+    let after = page(&*s, c, Anchor::After(0), 100).unwrap();
+    assert_eq!(seqs(&after), (1..=100).collect::<Vec<_>>());
+    assert!(after.has_more);
+    let after = page(&*s, c, Anchor::After(195), 100).unwrap();
+    assert_eq!(seqs(&after), (196..=250).collect::<Vec<_>>());
+    assert!(!after.has_more);
+
+    assert!(page(&*s, c, Anchor::After(250), 10).unwrap().messages.is_empty());
+    assert!(page(&*s, c, Anchor::Before(1), 10).unwrap().messages.is_empty());
+    assert!(page(&*s, 999_999, Anchor::Latest, 10).unwrap().messages.is_empty());
+    assert_eq!(message_at(&*s, c, 81).unwrap().unwrap().body, "message 81");
+    assert_eq!(message_at(&*s, c, 251).unwrap(), None);
+}
+
+pub fn idempotency_keys(open: Open<'_>) {
+    let s = open();
+    s.commit(&[Mutation::PutIdempotency {
+        conversation: 4001,
+        sender: 5,
+        client_msg_id: "x".into(),
+        seq: 9,
+    }])
+    .unwrap();
+    assert_eq!(s.idempotent_seq(4001, 5, "x").unwrap(), Some(9));
+    assert_eq!(s.idempotent_seq(4001, 6, "x").unwrap(), None, "keys are per sender");
+    assert_eq!(s.idempotent_seq(4001, 5, "y").unwrap(), None);
+}
+
+pub fn survives_restart(open: Open<'_>) {
+    {
+        let s = open();
+        append(&*s, 5001, 30, 10);
+    }
+    let s = open();
+    let p = page(&*s, 5001, Anchor::After(0), 100).unwrap();
+    assert_eq!(p.messages.len(), 30);
+    assert_eq!(s.conversation(5001).unwrap().unwrap().last_seq, 30);
+}

@@ -1,0 +1,239 @@
+//! The embedded backend: fjall (an LSM tree) in one directory.
+//!
+//! One keyspace per table of the shared data model. Keys are big-endian so that
+//! range scans walk a partition in position order. A commit is one fjall write
+//! batch plus one `fdatasync` of the journal: the group commit the sequencer
+//! relies on.
+
+use crate::codec::{self, corrupt, key2, u64_at};
+use crate::{
+    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, Mutation, OrErr, Order, Result, Role,
+    Seq, StorageError, Store, UserId, UserRecord, pair,
+};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use std::path::Path;
+use std::sync::Mutex;
+
+pub struct FjallStore {
+    db: Database,
+    users: Keyspace,
+    usernames: Keyspace,
+    convs: Keyspace,
+    members: Keyspace,
+    user_convs: Keyspace,
+    direct: Keyspace,
+    messages: Keyspace,
+    buckets: Keyspace,
+    idem: Keyspace,
+    /// Serialises username uniqueness checks (registration is rare; fjall has no CAS).
+    register: Mutex<()>,
+}
+
+impl std::fmt::Debug for FjallStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FjallStore").finish_non_exhaustive()
+    }
+}
+
+fn io<E: std::error::Error + Send + Sync + 'static>(context: &'static str) -> impl FnOnce(E) -> StorageError {
+    move |e| StorageError::new(ErrorKind::Io, context, e)
+}
+
+impl FjallStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = Database::builder(dir).open().map_err(io("opening the embedded store"))?;
+        let ks =
+            |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(io("opening a keyspace"));
+        Ok(FjallStore {
+            users: ks("users")?,
+            usernames: ks("usernames")?,
+            convs: ks("conversations")?,
+            members: ks("members")?,
+            user_convs: ks("user_conversations")?,
+            direct: ks("direct_pairs")?,
+            messages: ks("messages")?,
+            buckets: ks("message_buckets")?,
+            idem: ks("idempotency")?,
+            register: Mutex::new(()),
+            db,
+        })
+    }
+
+    fn idem_key(conv: ConversationId, sender: UserId, cmid: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(16 + cmid.len());
+        k.extend_from_slice(&key2(conv, sender));
+        k.extend_from_slice(cmid.as_bytes());
+        k
+    }
+
+    fn get_postcard<T: serde::de::DeserializeOwned>(ks: &Keyspace, key: &[u8]) -> Result<Option<T>> {
+        match ks.get(key).map_err(io("reading a row"))? {
+            Some(v) => Ok(Some(postcard::from_bytes(&v).or_err(ErrorKind::Corrupt, "decoding a row")?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Store for FjallStore {
+    fn commit(&self, batch: &[Mutation]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncData));
+        for m in batch {
+            match m {
+                Mutation::PutMessage(msg) => b.insert(
+                    &self.messages,
+                    codec::message_key(msg.conversation_id, crate::bucket_of(msg.ts_ms), msg.seq).to_vec(),
+                    codec::encode_message(msg),
+                ),
+                Mutation::PutIdempotency { conversation, sender, client_msg_id, seq } => b.insert(
+                    &self.idem,
+                    Self::idem_key(*conversation, *sender, client_msg_id),
+                    seq.to_be_bytes().to_vec(),
+                ),
+                Mutation::PutBucket { conversation, bucket } => b.insert(
+                    &self.buckets,
+                    codec::bucket_key(*conversation, bucket.bucket).to_vec(),
+                    bucket.first_seq.to_be_bytes().to_vec(),
+                ),
+                Mutation::PutConversation(c) => b.insert(
+                    &self.convs,
+                    c.id.to_be_bytes().to_vec(),
+                    postcard::to_stdvec(c).or_err(ErrorKind::Corrupt, "encoding a conversation")?,
+                ),
+                Mutation::PutMember { conversation, user, role } => {
+                    b.insert(
+                        &self.members,
+                        key2(*conversation, *user).to_vec(),
+                        vec![codec::role_to_u8(*role)],
+                    );
+                    b.insert(&self.user_convs, key2(*user, *conversation).to_vec(), Vec::new());
+                }
+                Mutation::RemoveMember { conversation, user } => {
+                    b.remove(&self.members, key2(*conversation, *user).to_vec());
+                    b.remove(&self.user_convs, key2(*user, *conversation).to_vec());
+                }
+                Mutation::PutDirect { a, b: other, conversation } => {
+                    let (x, y) = pair(*a, *other);
+                    b.insert(&self.direct, key2(x, y).to_vec(), conversation.to_be_bytes().to_vec());
+                }
+            }
+        }
+        b.commit().map_err(io("committing a batch"))
+    }
+
+    fn create_user(&self, user: &UserRecord) -> Result<()> {
+        let _guard = self.register.lock().unwrap_or_else(|p| p.into_inner());
+        let name = user.username.to_lowercase();
+        if self.usernames.contains_key(&name).map_err(io("checking a username"))? {
+            return Err(StorageError::new(ErrorKind::UsernameTaken, "registering", "username taken"));
+        }
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncData));
+        b.insert(&self.usernames, name.into_bytes(), user.id.to_be_bytes().to_vec());
+        b.insert(
+            &self.users,
+            user.id.to_be_bytes().to_vec(),
+            postcard::to_stdvec(user).or_err(ErrorKind::Corrupt, "encoding a user")?,
+        );
+        b.commit().map_err(io("committing a user"))
+    }
+
+    fn user(&self, id: UserId) -> Result<Option<UserRecord>> {
+        Self::get_postcard(&self.users, &id.to_be_bytes())
+    }
+
+    fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>> {
+        match self.usernames.get(username.to_lowercase()).map_err(io("reading a username"))? {
+            Some(id) => self.user(u64_at(&id, 0)?),
+            None => Ok(None),
+        }
+    }
+
+    fn conversation(&self, id: ConversationId) -> Result<Option<ConversationRecord>> {
+        Self::get_postcard(&self.convs, &id.to_be_bytes())
+    }
+
+    fn members(&self, id: ConversationId) -> Result<Vec<(UserId, Role)>> {
+        self.members
+            .prefix(id.to_be_bytes())
+            .map(|kv| {
+                let (k, v) = kv.into_inner().map_err(io("scanning members"))?;
+                Ok((u64_at(&k, 8)?, codec::role_from_u8(*v.first().ok_or_else(|| corrupt("empty role"))?)?))
+            })
+            .collect()
+    }
+
+    fn member_role(&self, id: ConversationId, user: UserId) -> Result<Option<Role>> {
+        match self.members.get(key2(id, user)).map_err(io("reading a member"))? {
+            Some(v) => Ok(Some(codec::role_from_u8(*v.first().ok_or_else(|| corrupt("empty role"))?)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationId>> {
+        self.user_convs
+            .prefix(user.to_be_bytes())
+            .map(|kv| u64_at(&kv.key().map_err(io("scanning user conversations"))?, 8))
+            .collect()
+    }
+
+    fn direct(&self, a: UserId, b: UserId) -> Result<Option<ConversationId>> {
+        let (x, y) = pair(a, b);
+        match self.direct.get(key2(x, y)).map_err(io("reading a direct pair"))? {
+            Some(v) => Ok(Some(u64_at(&v, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn idempotent_seq(
+        &self,
+        conv: ConversationId,
+        sender: UserId,
+        client_msg_id: &str,
+    ) -> Result<Option<Seq>> {
+        match self
+            .idem
+            .get(Self::idem_key(conv, sender, client_msg_id))
+            .map_err(io("reading an idempotency key"))?
+        {
+            Some(v) => Ok(Some(u64_at(&v, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn buckets(&self, conv: ConversationId) -> Result<Vec<BucketRef>> {
+        self.buckets
+            .prefix(conv.to_be_bytes())
+            .map(|kv| {
+                let (k, v) = kv.into_inner().map_err(io("scanning buckets"))?;
+                Ok(BucketRef { bucket: codec::u32_at(&k, 8)?, first_seq: u64_at(&v, 0)? })
+            })
+            .collect()
+    }
+
+    fn read_bucket(
+        &self,
+        conv: ConversationId,
+        bucket: u32,
+        lo: Seq,
+        hi: Seq,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        if lo > hi || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let range = codec::message_key(conv, bucket, lo)..=codec::message_key(conv, bucket, hi);
+        let decode = |kv: fjall::Guard| -> Result<Message> {
+            let (k, v) = kv.into_inner().map_err(io("reading a bucket"))?;
+            codec::decode_message(conv, u64_at(&k, 12)?, &v)
+        };
+        let iter = self.messages.range(range);
+        match order {
+            Order::Ascending => iter.take(limit).map(decode).collect(),
+            Order::Descending => iter.rev().take(limit).map(decode).collect(),
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The gateway's one config struct: a TOML file (optional), then command-line
+//! flags on top. Every field has a documented default and unit.
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring or fail to start.
+    IoUring,
+    /// epoll, even where io_uring works.
+    Epoll,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address for HTTP and WebSocket (one listener per shard, SO_REUSEPORT). Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store and the generated token key.
+    pub data_dir: PathBuf,
+    /// Number of shards (threads, one per core). Default: the number of CPUs.
+    pub shards: Option<NonZeroUsize>,
+    pub io_driver: IoDriver,
+    /// This node's id in generated ids (0..=1023). Unique per node in a fleet.
+    pub node_id: u16,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest WebSocket frame or message a client may send, bytes. Larger closes with 1009.
+    pub max_frame_bytes: NonZeroU32,
+    /// Largest message body, bytes (UTF-8). Larger gets error 1005.
+    pub max_body_bytes: NonZeroU32,
+    /// Most members a group may have.
+    pub group_member_cap: NonZeroU32,
+    /// Frames queued for one connection before it is closed as a slow consumer (4008).
+    pub max_out_frames: NonZeroUsize,
+    /// Conversation events held for a connection that has not sent `sync` yet; beyond it, close 4009.
+    pub max_pending_events: NonZeroUsize,
+    /// Events queued in one user's mailbox on one shard before that user's connections there close (4008).
+    pub mailbox_capacity: NonZeroUsize,
+    /// Time a client has to send a complete HTTP request head, seconds.
+    pub http_header_timeout_secs: NonZeroU64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HMAC key for tokens (at least 32 characters). Unset: generated once into `<data_dir>/token.key`.
+    /// Every node of a fleet must share it.
+    pub token_secret: Option<String>,
+    /// Token lifetime, seconds.
+    pub token_ttl_secs: NonZeroU64,
+    /// argon2id memory cost, KiB (OWASP: 19456).
+    pub argon2_memory_kib: NonZeroU32,
+    /// argon2id iterations (OWASP: 2).
+    pub argon2_iterations: NonZeroU32,
+    /// Threads that hash passwords, off the shards.
+    pub hash_threads: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Most writes sharing one durable commit (one fsync).
+    pub commit_batch_max: NonZeroUsize,
+    /// Commands waiting for the sequencer before new ones get error 1020 (overloaded).
+    pub sequencer_queue: NonZeroUsize,
+    /// Threads serving history and list reads, off the shards.
+    pub reader_threads: NonZeroUsize,
+    /// Read jobs waiting for a reader thread before new ones get error 1020.
+    pub reader_queue: NonZeroUsize,
+}
+
+fn nz32(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v).expect("non-zero default")
+}
+fn nz64(v: u64) -> NonZeroU64 {
+    NonZeroU64::new(v).expect("non-zero default")
+}
+fn nzu(v: usize) -> NonZeroUsize {
+    NonZeroUsize::new(v).expect("non-zero default")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("valid default"),
+            data_dir: PathBuf::from("./data"),
+            shards: None,
+            io_driver: IoDriver::Auto,
+            node_id: 0,
+            limits: Limits::default(),
+            auth: AuthConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: nz32(64 * 1024),
+            max_body_bytes: nz32(16 * 1024),
+            group_member_cap: nz32(1024),
+            max_out_frames: nzu(4096),
+            max_pending_events: nzu(8192),
+            mailbox_capacity: nzu(16384),
+            http_header_timeout_secs: nz64(10),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            token_secret: None,
+            token_ttl_secs: nz64(24 * 3600),
+            argon2_memory_kib: nz32(19456),
+            argon2_iterations: nz32(2),
+            hash_threads: nzu(1),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            commit_batch_max: nzu(1024),
+            sequencer_queue: nzu(65536),
+            reader_threads: nzu(2),
+            reader_queue: nzu(4096),
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.node_id > 1023 {
+            bail!("node_id must be 0..=1023, got {}", self.node_id);
+        }
+        if let Some(s) = &self.auth.token_secret
+            && s.len() < 32
+        {
+            bail!("auth.token_secret must be at least 32 characters");
+        }
+        if self.limits.max_body_bytes.get() >= self.limits.max_frame_bytes.get() {
+            bail!("limits.max_body_bytes must be smaller than limits.max_frame_bytes");
+        }
+        if self.limits.max_frame_bytes.get() > 16 * 1024 * 1024 {
+            bail!("limits.max_frame_bytes is capped at 16 MiB");
+        }
+        if self.limits.max_out_frames.get() < 256 {
+            bail!("limits.max_out_frames must be at least 256 (one sync page plus replies)");
+        }
+        Ok(())
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards
+            .map(NonZeroUsize::get)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(NonZeroUsize::get).unwrap_or(1))
+    }
+}
+
+/// Switchboard gateway: WebSocket chat server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// TOML config file; flags override it.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Listen address, e.g. 127.0.0.1:8080 (port 0: any free port).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory of the embedded store.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Number of shards (default: one per CPU).
+    #[arg(long)]
+    pub shards: Option<NonZeroUsize>,
+    #[arg(long, value_enum)]
+    pub io_driver: Option<IoDriver>,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+impl Cli {
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = &self.data_dir {
+            cfg.data_dir = v.clone();
+        }
+        if let Some(v) = self.shards {
+            cfg.shards = Some(v);
+        }
+        if let Some(v) = self.io_driver {
+            cfg.io_driver = v;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = toml::from_str::<Config>("listn = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        assert!(toml::from_str::<Config>("[limits]\nmax_frame_bytes = 0").is_err(), "zero is not a size");
+    }
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let back: Config = toml::from_str(&text).unwrap();
+        back.validate().unwrap();
+        assert_eq!(back.listen, c.listen);
+    }
+
+    #[test]
+    fn short_secret_is_rejected() {
+        let c: Config = toml::from_str("[auth]\ntoken_secret = \"short\"").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

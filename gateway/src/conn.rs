@@ -1,0 +1,793 @@
+//! One WebSocket connection (one device): upgrade, read loop, write loop, and
+//! the request handlers.
+//!
+//! A connection is two tasks on its shard: the reader parses frames (tungstenite's
+//! `WebSocketContext`, fed from the shard's scratch buffer) and handles requests
+//! one at a time; the writer drains the outbound queue to the socket with
+//! vectored, non-blocking sends. Events reach the outbound queue from the user's
+//! mailbox through [`Conn::offer`].
+//!
+//! Overflow policy (outbound queue): at most `max_out_frames` frames wait for the
+//! socket. A connection that stops reading is closed with 4008 (slow consumer):
+//! its queue is dropped, the `slow_consumers` counter goes up, one line is
+//! logged (first time only), and the client resyncs on reconnect. Nobody else
+//! waits for it.
+
+use crate::http::{Request, choose_subprotocol, error_response};
+use crate::mailbox::{ConnId, Event, EventKind};
+use crate::netio::{self, Signal};
+use crate::sequencer::Command;
+use crate::shard::ShardCtx;
+use bytes::Bytes;
+use futures_channel::oneshot;
+use monoio::net::TcpStream;
+use protocol::{
+    ClientFrame, ClientMsg, CloseCode, ConversationId, ConversationSummary, ErrorCode, Position, Seq,
+    ServerFrame, ServerMsg, Subprotocol, UserId,
+};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+
+/// Frames of a sync replay are sent in pages of this many messages.
+const SYNC_PAGE: usize = 100;
+
+pub struct Conn {
+    pub id: ConnId,
+    pub user: UserId,
+    pub proto: Subprotocol,
+    stream: TcpStream,
+    shard: Rc<ShardCtx>,
+    out: RefCell<VecDeque<Bytes>>,
+    /// Bytes of `out[0]` already written.
+    out_offset: Cell<usize>,
+    /// Wakes the writer: frames queued, or closing.
+    out_ready: Signal,
+    /// Wakes a sync replay waiting for room in `out`.
+    out_drained: Signal,
+    sync: RefCell<SyncState>,
+    /// `Some(code)`: closing; the writer flushes (or drops, for overflow), sends the
+    /// close frame if there is a code, and shuts the socket.
+    closing: Cell<Option<Option<CloseCode>>>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Live events flow to the socket only after the client's `sync`.
+    synced: bool,
+    /// Events held until then (bounded by `max_pending_events`).
+    pending: VecDeque<Arc<Event>>,
+}
+
+/// tungstenite's view of the socket: the bytes we just read, and a sink for the
+/// control frames it writes (pong, close replies).
+struct MemIo<'a> {
+    input: &'a [u8],
+    output: Vec<u8>,
+}
+
+impl Read for MemIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.input.read(buf)?;
+        Ok(n)
+    }
+}
+
+impl Write for MemIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ws_config(max_frame: usize) -> WebSocketConfig {
+    // Small buffers: the defaults (128 KiB read buffer per connection) would
+    // dominate an idle connection's memory.
+    WebSocketConfig::default()
+        .read_buffer_size(256)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// Validates an upgrade request, answers it, and runs the connection.
+///
+/// Runs on: the shard that accepted the TCP connection.
+pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, leftover: Vec<u8>) {
+    let fail = |code: ErrorCode, msg: &str| error_response(code, msg, false);
+    let reject = match check_upgrade(&shard, &req) {
+        Ok(ok) => Err(ok),
+        Err(resp) => Ok(resp),
+    };
+    let (user, proto, offered, key) = match reject {
+        Ok((code, msg)) => {
+            let _ = netio::send_all(&stream, fail(code, msg)).await;
+            return;
+        }
+        Err(ok) => ok,
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let proto_line =
+        if offered { format!("sec-websocket-protocol: {}\r\n", proto.name()) } else { String::new() };
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n{proto_line}\r\n"
+    );
+    if netio::send_all(&stream, Bytes::from(head)).await.is_err() {
+        return;
+    }
+    let max_frame = shard.shared.cfg.limits.max_frame_bytes.get();
+    let conn = Rc::new(Conn {
+        id: shard.shared.next_conn.fetch_add(1, Ordering::Relaxed),
+        user,
+        proto,
+        stream,
+        shard: shard.clone(),
+        out: RefCell::new(VecDeque::new()),
+        out_offset: Cell::new(0),
+        out_ready: Signal::default(),
+        out_drained: Signal::default(),
+        sync: RefCell::new(SyncState::default()),
+        closing: Cell::new(None),
+    });
+    // Registered before anything is read: events from now on reach this connection
+    // (held until `sync`), so a sync's store read and the live stream overlap, never gap.
+    shard.attach(conn.clone());
+    conn.reply(
+        0,
+        ServerMsg::Welcome {
+            user_id: user,
+            connection_id: conn.id,
+            server_time_ms: crate::auth::now_ms(),
+            max_frame_bytes: max_frame,
+        },
+    );
+    monoio::spawn(writer(conn.clone()));
+    let ctx =
+        WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config(max_frame as usize)));
+    reader(conn.clone(), ctx).await;
+    conn.close(None);
+    shard.detach(&conn);
+}
+
+type Accepted = (UserId, Subprotocol, bool, String);
+
+fn check_upgrade(shard: &ShardCtx, req: &Request) -> Result<Accepted, (ErrorCode, &'static str)> {
+    let bad = |m| (ErrorCode::InvalidRequest, m);
+    if !req.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
+        return Err(bad("expected a WebSocket upgrade (Upgrade: websocket)"));
+    }
+    if !req.header("connection").is_some_and(|v| v.to_ascii_lowercase().contains("upgrade")) {
+        return Err(bad("expected Connection: Upgrade"));
+    }
+    if req.header("sec-websocket-version") != Some("13") {
+        return Err(bad("expected Sec-WebSocket-Version: 13"));
+    }
+    let key = req.header("sec-websocket-key").ok_or(bad("missing Sec-WebSocket-Key"))?.to_owned();
+    let token = req
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| req.query_param("token"))
+        .ok_or((ErrorCode::Unauthorized, "missing bearer token (Authorization header or ?token=)"))?;
+    let user = shard.shared.auth.verify(token.trim()).map_err(|c| (c, "invalid or expired token"))?;
+    let offered = req.header("sec-websocket-protocol");
+    let proto = choose_subprotocol(offered)
+        .map_err(|()| (ErrorCode::BadSubprotocol, "offer switchboard.v1.fb or switchboard.v1.json"))?;
+    Ok((user, proto.unwrap_or(Subprotocol::Json), proto.is_some(), key))
+}
+
+impl Conn {
+    fn limits(&self) -> &crate::config::Limits {
+        &self.shard.shared.cfg.limits
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.get().is_some()
+    }
+
+    /// Queues a frame for the socket, or closes the connection as a slow consumer.
+    fn enqueue(&self, frame: Bytes) {
+        if self.is_closing() {
+            return;
+        }
+        let mut out = self.out.borrow_mut();
+        if out.len() >= self.limits().max_out_frames.get() {
+            drop(out);
+            self.close(Some(CloseCode::SlowConsumer));
+            return;
+        }
+        out.push_back(frame);
+        drop(out);
+        self.out_ready.notify();
+    }
+
+    fn reply(&self, id: u64, body: ServerMsg) {
+        self.enqueue(crate::frame::server_frame(self.proto, &ServerFrame { id, body }));
+    }
+
+    fn error(&self, id: u64, code: ErrorCode, client_msg_id: Option<String>) {
+        self.reply(
+            id,
+            ServerMsg::Error {
+                code: code.code(),
+                name: code.name().to_owned(),
+                message: code.description().to_owned(),
+                client_msg_id,
+            },
+        );
+    }
+
+    /// Starts closing. `Some(code)`: send that close frame; overflow codes drop the queue.
+    ///
+    /// Runs on: the owning shard.
+    pub fn close(&self, code: Option<CloseCode>) {
+        if self.is_closing() {
+            return;
+        }
+        let counters = &self.shard.shared.counters;
+        match code {
+            Some(CloseCode::SlowConsumer) => {
+                self.out.borrow_mut().clear();
+                self.out_offset.set(0);
+                if counters.slow_consumers.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        user = self.user,
+                        conn = self.id,
+                        "slow consumer closed with 4008 (logged once)"
+                    );
+                }
+            }
+            Some(CloseCode::SyncBacklog) => {
+                self.out.borrow_mut().clear();
+                self.out_offset.set(0);
+                if counters.sync_backlogs.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        user = self.user,
+                        conn = self.id,
+                        "connection never synced; closed with 4009 (logged once)"
+                    );
+                }
+            }
+            _ => {}
+        }
+        self.closing.set(Some(code));
+        self.sync.borrow_mut().pending.clear();
+        self.out_ready.notify();
+        self.out_drained.notify();
+    }
+
+    /// Shows an event from the user's mailbox to this connection.
+    ///
+    /// Runs on: the owning shard (the user slot's drain task).
+    pub fn offer(&self, ev: &Arc<Event>) {
+        match &ev.kind {
+            EventKind::Message { message, origin, to_others } => {
+                if *origin == Some(self.id) {
+                    self.reply(
+                        0,
+                        ServerMsg::Ack {
+                            conversation_id: message.conversation_id,
+                            client_msg_id: message.client_msg_id.clone(),
+                            seq: message.seq,
+                            ts_ms: message.ts_ms,
+                        },
+                    );
+                    return;
+                }
+                if !to_others {
+                    return;
+                }
+                let mut sync = self.sync.borrow_mut();
+                if !sync.synced {
+                    if sync.pending.len() >= self.limits().max_pending_events.get() {
+                        drop(sync);
+                        self.close(Some(CloseCode::SyncBacklog));
+                    } else {
+                        sync.pending.push_back(ev.clone());
+                    }
+                    return;
+                }
+                drop(sync);
+                if let Some(f) = ev.broadcast_frame(self.proto) {
+                    self.enqueue(f);
+                }
+            }
+            EventKind::SendFailed { origin, client_msg_id, code, .. } => {
+                if *origin == self.id {
+                    self.error(0, *code, Some(client_msg_id.clone()));
+                }
+            }
+        }
+    }
+
+    /// Waits until the outbound queue has room for a page of replay.
+    async fn room_for_page(&self) {
+        let max = self.limits().max_out_frames.get();
+        while !self.is_closing() && self.out.borrow().len() + SYNC_PAGE + 16 > max {
+            self.out_drained.wait().await;
+        }
+    }
+}
+
+/// Drains the outbound queue to the socket.
+///
+/// Runs on: the owning shard.
+async fn writer(conn: Rc<Conn>) {
+    loop {
+        if conn.out.borrow().is_empty() {
+            if conn.is_closing() {
+                break;
+            }
+            conn.out_ready.wait().await;
+            continue;
+        }
+        let r = {
+            let out = conn.out.borrow();
+            netio::try_send(&conn.stream, &out, conn.out_offset.get())
+        };
+        match r {
+            Ok(0) => {
+                if conn.stream.writable(false).await.is_err() {
+                    break;
+                }
+            }
+            Ok(mut w) => {
+                let mut out = conn.out.borrow_mut();
+                let mut off = conn.out_offset.get();
+                while w > 0 {
+                    let left = out[0].len() - off;
+                    if w >= left {
+                        w -= left;
+                        off = 0;
+                        out.pop_front();
+                    } else {
+                        off += w;
+                        w = 0;
+                    }
+                }
+                conn.out_offset.set(off);
+                drop(out);
+                conn.out_drained.notify();
+            }
+            Err(_) => {
+                conn.out.borrow_mut().clear();
+                conn.close(None);
+                break;
+            }
+        }
+    }
+    if let Some(Some(code)) = conn.closing.get() {
+        let mut q = VecDeque::from([crate::frame::close_frame(code)]);
+        let _ = netio::try_send(&conn.stream, &q, 0);
+        q.clear();
+    }
+    netio::shutdown(&conn.stream);
+}
+
+/// What one read round produced.
+enum Inbound {
+    Frame(Bytes, bool),
+    Close,
+}
+
+/// Reads and handles frames until the peer leaves or the connection closes.
+///
+/// Runs on: the owning shard.
+async fn reader(conn: Rc<Conn>, mut ctx: WebSocketContext) {
+    let mut inbound = Vec::new();
+    // Bytes that arrived with the upgrade request are already in `ctx`.
+    let mut first = true;
+    loop {
+        if conn.is_closing() {
+            return;
+        }
+        let (n, control, fatal) = {
+            let n = if first {
+                first = false;
+                Some(0)
+            } else {
+                if conn.stream.readable(false).await.is_err() {
+                    return;
+                }
+                if conn.is_closing() {
+                    return;
+                }
+                let mut scratch = conn.shard.scratch.borrow_mut();
+                match netio::try_recv(&conn.stream, &mut scratch) {
+                    Ok(Some(0)) | Err(_) => return,
+                    Ok(None) => None,
+                    Ok(Some(n)) => Some(n),
+                }
+            };
+            let Some(n) = n else { continue };
+            let scratch = conn.shard.scratch.borrow();
+            let mut io = MemIo { input: &scratch[..n], output: Vec::new() };
+            let mut fatal = None;
+            loop {
+                match ctx.read(&mut io) {
+                    Ok(tungstenite::Message::Text(t)) => inbound.push(Inbound::Frame(Bytes::from(t), true)),
+                    Ok(tungstenite::Message::Binary(b)) => inbound.push(Inbound::Frame(b, false)),
+                    Ok(tungstenite::Message::Close(_)) => inbound.push(Inbound::Close),
+                    Ok(_) => {} // ping/pong: tungstenite queues the pong itself
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        fatal = Some(e);
+                        break;
+                    }
+                }
+            }
+            let _ = ctx.flush(&mut io);
+            (n, io.output, fatal)
+        };
+        let _ = n;
+        if !control.is_empty() {
+            conn.enqueue(Bytes::from(control));
+        }
+        for item in inbound.drain(..) {
+            match item {
+                Inbound::Frame(payload, is_text) => handle_frame(&conn, &payload, is_text).await,
+                Inbound::Close => {
+                    conn.close(None);
+                    return;
+                }
+            }
+        }
+        if let Some(e) = fatal {
+            let (code, close) = match &e {
+                tungstenite::Error::Capacity(_) => {
+                    (Some(ErrorCode::MalformedFrame), CloseCode::MessageTooBig)
+                }
+                tungstenite::Error::Utf8(_) => (Some(ErrorCode::InvalidUtf8), CloseCode::InvalidPayload),
+                tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+                    conn.close(None);
+                    return;
+                }
+                _ => (None, CloseCode::ProtocolError),
+            };
+            conn.shard.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = conn.id, error = %e, "closing on a websocket error");
+            if let Some(c) = code {
+                conn.error(0, c, None);
+            }
+            conn.close(Some(close));
+            return;
+        }
+    }
+}
+
+async fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) {
+    if conn.proto == Subprotocol::FlatBuffers && is_text {
+        conn.shard.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
+        conn.error(0, ErrorCode::MalformedFrame, None);
+        return;
+    }
+    match conn.proto.decode_client(payload) {
+        Ok(ClientFrame { id, body }) => handle(conn, id, body).await,
+        Err(e) => {
+            conn.shard.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = conn.id, error = %e, "bad frame");
+            conn.error(0, e.code(), None);
+        }
+    }
+}
+
+/// Sends a command that answers with a conversation, and relays the answer.
+async fn conversation_command(
+    conn: &Conn,
+    id: u64,
+    make: impl FnOnce(oneshot::Sender<Result<protocol::Conversation, ErrorCode>>) -> Command,
+) {
+    let (tx, rx) = oneshot::channel();
+    if conn.shard.shared.sequencer.submit(make(tx)).is_err() {
+        return conn.error(id, ErrorCode::Overloaded, None);
+    }
+    match rx.await {
+        Ok(Ok(conversation)) => conn.reply(id, ServerMsg::Conversation { conversation }),
+        Ok(Err(code)) => conn.error(id, code, None),
+        Err(_) => conn.error(id, ErrorCode::Internal, None),
+    }
+}
+
+/// Runs a store read on a reader thread, mapping storage failures to `Internal`.
+async fn read<T: Send + 'static>(
+    conn: &Conn,
+    f: impl FnOnce(&dyn storage::Store) -> Result<T, ErrorCode> + Send + 'static,
+) -> Result<T, ErrorCode> {
+    let store = conn.shard.shared.store.clone();
+    match conn.shard.shared.readers.run(move || f(&*store)).await {
+        Ok(r) => r,
+        Err(_) => Err(ErrorCode::Overloaded),
+    }
+}
+
+fn internal(e: storage::StorageError) -> ErrorCode {
+    tracing::error!(error = %e, "store read failed");
+    ErrorCode::Internal
+}
+
+/// Checks membership and returns the conversation's newest position.
+fn member_head(store: &dyn storage::Store, conv: ConversationId, user: UserId) -> Result<Seq, ErrorCode> {
+    let rec = store.conversation(conv).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
+    store.member_role(conv, user).map_err(internal)?.ok_or(ErrorCode::NotMember)?;
+    Ok(rec.last_seq)
+}
+
+async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
+    let user = conn.user;
+    let seq = &conn.shard.shared.sequencer;
+    match msg {
+        ClientMsg::Ping => conn.reply(id, ServerMsg::Pong),
+        ClientMsg::Send { conversation_id, client_msg_id, body } => {
+            let cmid = Some(client_msg_id.clone());
+            if client_msg_id.is_empty() || client_msg_id.len() > 64 {
+                return conn.error(id, ErrorCode::InvalidField, cmid);
+            }
+            if body.len() > conn.limits().max_body_bytes.get() as usize {
+                return conn.error(id, ErrorCode::BodyTooLarge, cmid);
+            }
+            if body.is_empty() {
+                return conn.error(id, ErrorCode::InvalidField, cmid);
+            }
+            let cmd = Command::Send {
+                conversation: conversation_id,
+                sender: user,
+                client_msg_id,
+                body,
+                origin: conn.id,
+            };
+            if seq.submit(cmd).is_err() {
+                conn.error(id, ErrorCode::Overloaded, cmid);
+            }
+        }
+        ClientMsg::CreateDirect { user_id } => {
+            conversation_command(conn, id, |reply| Command::CreateDirect { user, peer: user_id, reply }).await
+        }
+        ClientMsg::CreateGroup { title, members } => {
+            conversation_command(conn, id, |reply| Command::CreateGroup {
+                owner: user,
+                title,
+                members,
+                reply,
+            })
+            .await
+        }
+        ClientMsg::AddMembers { conversation_id, user_ids } => {
+            conversation_command(conn, id, |reply| Command::AddMembers {
+                actor: user,
+                conversation: conversation_id,
+                users: user_ids,
+                reply,
+            })
+            .await
+        }
+        ClientMsg::RemoveMember { conversation_id, user_id } => {
+            conversation_command(conn, id, |reply| Command::RemoveMember {
+                actor: user,
+                conversation: conversation_id,
+                user: user_id,
+                reply,
+            })
+            .await
+        }
+        ClientMsg::SetRole { conversation_id, user_id, role } => {
+            conversation_command(conn, id, |reply| Command::SetRole {
+                actor: user,
+                conversation: conversation_id,
+                user: user_id,
+                role,
+                reply,
+            })
+            .await
+        }
+        ClientMsg::Leave { conversation_id } => {
+            let (tx, rx) = oneshot::channel();
+            if seq.submit(Command::Leave { actor: user, conversation: conversation_id, reply: tx }).is_err() {
+                return conn.error(id, ErrorCode::Overloaded, None);
+            }
+            match rx.await {
+                Ok(Ok(())) => conn.reply(id, ServerMsg::Ok),
+                Ok(Err(code)) => conn.error(id, code, None),
+                Err(_) => conn.error(id, ErrorCode::Internal, None),
+            }
+        }
+        ClientMsg::GetConversation { conversation_id } => {
+            let r = read(conn, move |s| {
+                let rec = s.conversation(conversation_id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
+                let mut members = s.members(conversation_id).map_err(internal)?;
+                if !members.iter().any(|(u, _)| *u == user) {
+                    return Err(ErrorCode::NotMember);
+                }
+                members.sort_by_key(|(u, _)| *u);
+                Ok(protocol::Conversation {
+                    conversation_id,
+                    kind: rec.kind,
+                    title: rec.title,
+                    members: members
+                        .into_iter()
+                        .map(|(user_id, role)| protocol::Member { user_id, role })
+                        .collect(),
+                    last_seq: rec.last_seq,
+                    last_ts_ms: rec.last_ts_ms,
+                    created_ms: rec.created_ms,
+                })
+            })
+            .await;
+            match r {
+                Ok(conversation) => conn.reply(id, ServerMsg::Conversation { conversation }),
+                Err(code) => conn.error(id, code, None),
+            }
+        }
+        ClientMsg::History { conversation_id, before, after, limit } => {
+            let limit = limit.unwrap_or(50);
+            if !(1..=storage::MAX_PAGE as u32).contains(&limit) {
+                return conn.error(id, ErrorCode::InvalidField, None);
+            }
+            let anchor = match (before, after) {
+                (Some(_), Some(_)) => return conn.error(id, ErrorCode::BadCursor, None),
+                (Some(b), None) => storage::Anchor::Before(b),
+                (None, Some(a)) => storage::Anchor::After(a),
+                (None, None) => storage::Anchor::Latest,
+            };
+            let r = read(conn, move |s| {
+                let head = member_head(s, conversation_id, user)?;
+                match anchor {
+                    storage::Anchor::Before(b) if b == 0 || b > head + 1 => return Err(ErrorCode::BadCursor),
+                    storage::Anchor::After(a) if a > head => return Err(ErrorCode::BadCursor),
+                    _ => {}
+                }
+                storage::page(s, conversation_id, anchor, limit as usize).map_err(internal)
+            })
+            .await;
+            match r {
+                Ok(p) => conn.reply(
+                    id,
+                    ServerMsg::History { conversation_id, messages: p.messages, has_more: p.has_more },
+                ),
+                Err(code) => conn.error(id, code, None),
+            }
+        }
+        ClientMsg::ListConversations { limit, cursor } => {
+            let limit = limit.unwrap_or(50);
+            if !(1..=storage::MAX_PAGE as u32).contains(&limit) {
+                return conn.error(id, ErrorCode::InvalidField, None);
+            }
+            let after = match cursor.as_deref().map(decode_list_cursor) {
+                None => None,
+                Some(Some(c)) => Some(c),
+                Some(None) => return conn.error(id, ErrorCode::BadCursor, None),
+            };
+            let r = read(conn, move |s| list_conversations(s, user, limit as usize, after)).await;
+            match r {
+                Ok((items, next_cursor)) => conn.reply(id, ServerMsg::Conversations { items, next_cursor }),
+                Err(code) => conn.error(id, code, None),
+            }
+        }
+        ClientMsg::Sync { positions } => sync(conn, id, positions).await,
+    }
+}
+
+/// List cursors are `<last_ts_ms>.<conversation_id>` of the last item returned.
+fn decode_list_cursor(c: &str) -> Option<(u64, ConversationId)> {
+    let (ts, id) = c.split_once('.')?;
+    Some((ts.parse().ok()?, id.parse().ok()?))
+}
+
+type ListPage = (Vec<ConversationSummary>, Option<String>);
+
+/// The user's conversations by last activity, newest first.
+///
+/// Cost: one index read plus one point read per conversation the user is in.
+fn list_conversations(
+    s: &dyn storage::Store,
+    user: UserId,
+    limit: usize,
+    after: Option<(u64, ConversationId)>,
+) -> Result<ListPage, ErrorCode> {
+    let mut recs = Vec::new();
+    for c in s.user_conversations(user).map_err(internal)? {
+        if let Some(r) = s.conversation(c).map_err(internal)? {
+            recs.push(r);
+        }
+    }
+    let key = |r: &storage::ConversationRecord| (r.last_ts_ms, r.id);
+    recs.sort_by_key(|r| std::cmp::Reverse(key(r)));
+    let items: Vec<_> =
+        recs.into_iter().filter(|r| after.is_none_or(|a| key(r) < a)).take(limit + 1).collect();
+    let more = items.len() > limit;
+    let items: Vec<_> = items
+        .into_iter()
+        .take(limit)
+        .map(|r| ConversationSummary {
+            conversation_id: r.id,
+            kind: r.kind,
+            title: r.title,
+            last_seq: r.last_seq,
+            last_ts_ms: r.last_ts_ms,
+        })
+        .collect();
+    let next =
+        if more { items.last().map(|l| format!("{}.{}", l.last_ts_ms, l.conversation_id)) } else { None };
+    Ok((items, next))
+}
+
+/// Replays what the client missed, then switches the connection to live events.
+///
+/// For every conversation of the user: messages after the client's position (or
+/// from the start, for conversations it did not list) are sent oldest first, then
+/// the events held since the connection opened, without the ones already replayed.
+async fn sync(conn: &Rc<Conn>, id: u64, positions: Vec<Position>) {
+    let user = conn.user;
+    conn.sync.borrow_mut().synced = false;
+    let known: HashMap<ConversationId, Seq> = positions.iter().map(|p| (p.conversation_id, p.seq)).collect();
+    let heads = read(conn, move |s| {
+        let mut v = Vec::new();
+        for c in s.user_conversations(user).map_err(internal)? {
+            if let Some(r) = s.conversation(c).map_err(internal)? {
+                v.push((c, r.last_seq));
+            }
+        }
+        Ok(v)
+    })
+    .await;
+    let heads = match heads {
+        Ok(h) => h,
+        Err(code) => return conn.error(id, code, None),
+    };
+    // Per conversation: the highest position the client has, by its word or by our replay.
+    let mut floor: HashMap<ConversationId, Seq> = known.clone();
+    let (mut replayed_convs, mut replayed) = (0u32, 0u64);
+    for (c, head) in heads {
+        let mut after = known.get(&c).copied().unwrap_or(0);
+        if head <= after {
+            continue;
+        }
+        replayed_convs += 1;
+        loop {
+            conn.room_for_page().await;
+            if conn.is_closing() {
+                return;
+            }
+            let page = read(conn, move |s| {
+                storage::page(s, c, storage::Anchor::After(after), SYNC_PAGE).map_err(internal)
+            })
+            .await;
+            let page = match page {
+                Ok(p) => p,
+                Err(code) => return conn.error(id, code, None),
+            };
+            for m in page.messages {
+                after = m.seq;
+                replayed += 1;
+                conn.reply(0, ServerMsg::Message { message: m });
+            }
+            if !page.has_more {
+                break;
+            }
+        }
+        floor.insert(c, after);
+    }
+    // No await from here on: the held events and the switch to live happen at once.
+    let pending = {
+        let mut s = conn.sync.borrow_mut();
+        s.synced = true;
+        std::mem::take(&mut s.pending)
+    };
+    for ev in pending {
+        if let EventKind::Message { message, .. } = &ev.kind
+            && message.seq <= floor.get(&message.conversation_id).copied().unwrap_or(0)
+        {
+            continue;
+        }
+        conn.offer(&ev);
+    }
+    conn.reply(id, ServerMsg::SyncDone { conversations: replayed_convs, messages: replayed });
+}

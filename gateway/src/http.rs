@@ -1,0 +1,295 @@
+//! HTTP/1.1 on the gateway's port: accounts, health, and the WebSocket upgrade.
+//!
+//! Requests are parsed with httparse. Every error is a JSON body
+//! `{"error": {"code", "name", "message"}}` with the status from the code catalogue.
+
+use crate::auth::{valid_password, valid_username};
+use crate::netio::{recv_into, send_all};
+use crate::shard::ShardCtx;
+use bytes::Bytes;
+use monoio::net::TcpStream;
+use protocol::{ErrorCode, Subprotocol};
+use serde::Deserialize;
+use std::rc::Rc;
+use std::time::Duration;
+use storage::UserRecord;
+
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_BODY: usize = 16 * 1024;
+
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// Lowercased names.
+    pub headers: Vec<(String, String)>,
+    pub keep_alive: bool,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+}
+
+pub enum ReadError {
+    /// The peer closed or the socket failed; just drop the connection.
+    Gone,
+    /// Answer with this error, then close.
+    Reject(ErrorCode, &'static str),
+}
+
+/// Reads one request (head and body) from `buf` + the socket. On success, `buf`
+/// keeps only the bytes after this request (the start of WebSocket traffic, or
+/// a pipelined request).
+pub async fn read_request(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<Request, ReadError> {
+    let read = async {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(buf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let target = req.path.unwrap_or("/");
+                    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                    let headers: Vec<(String, String)> = req
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                        .collect();
+                    let mut r = Request {
+                        method: req.method.unwrap_or("").to_owned(),
+                        path: path.to_owned(),
+                        query: query.to_owned(),
+                        keep_alive: req.version == Some(1),
+                        headers,
+                        body: Vec::new(),
+                    };
+                    if let Some(c) = r.header("connection") {
+                        let c = c.to_ascii_lowercase();
+                        if c.contains("close") {
+                            r.keep_alive = false;
+                        } else if c.contains("keep-alive") {
+                            r.keep_alive = true;
+                        }
+                    }
+                    if r.header("transfer-encoding").is_some() {
+                        return Err(ReadError::Reject(
+                            ErrorCode::InvalidRequest,
+                            "chunked bodies are not supported",
+                        ));
+                    }
+                    let len = match r.header("content-length").map(|v| v.trim().parse::<usize>()) {
+                        None => 0,
+                        Some(Ok(n)) if n <= MAX_BODY => n,
+                        Some(Ok(_)) => {
+                            return Err(ReadError::Reject(ErrorCode::PayloadTooLarge, "body too large"));
+                        }
+                        Some(Err(_)) => {
+                            return Err(ReadError::Reject(ErrorCode::InvalidRequest, "bad content-length"));
+                        }
+                    };
+                    while buf.len() < head_len + len {
+                        if recv_into(stream, buf, 4096).await.map_err(|_| ReadError::Gone)? == 0 {
+                            return Err(ReadError::Gone);
+                        }
+                    }
+                    r.body = buf[head_len..head_len + len].to_vec();
+                    buf.drain(..head_len + len);
+                    return Ok(r);
+                }
+                Ok(httparse::Status::Partial) => {
+                    if buf.len() >= MAX_HEAD {
+                        return Err(ReadError::Reject(ErrorCode::PayloadTooLarge, "request head too large"));
+                    }
+                    if recv_into(stream, buf, 2048).await.map_err(|_| ReadError::Gone)? == 0 {
+                        return Err(ReadError::Gone);
+                    }
+                }
+                Err(_) => return Err(ReadError::Reject(ErrorCode::InvalidRequest, "malformed HTTP request")),
+            }
+        }
+    };
+    match monoio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        // An idle keep-alive connection or a slow sender: drop it quietly.
+        Err(_) => Err(ReadError::Gone),
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+pub fn response(status: u16, body: &serde_json::Value, keep_alive: bool) -> Bytes {
+    let body = body.to_string();
+    let conn = if keep_alive { "keep-alive" } else { "close" };
+    Bytes::from(format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: {conn}\r\n\r\n{body}",
+        reason(status),
+        body.len()
+    ))
+}
+
+pub fn error_body(code: ErrorCode, message: &str) -> serde_json::Value {
+    serde_json::json!({"error": {"code": code.code(), "name": code.name(), "message": message}})
+}
+
+pub fn error_response(code: ErrorCode, message: &str, keep_alive: bool) -> Bytes {
+    response(code.http_status(), &error_body(code, message), keep_alive)
+}
+
+/// Serves HTTP requests on a fresh connection until it upgrades, closes or errs.
+///
+/// Runs on: the shard that accepted the connection.
+pub async fn serve(shard: Rc<ShardCtx>, stream: TcpStream) {
+    let timeout = Duration::from_secs(shard.shared.cfg.limits.http_header_timeout_secs.get());
+    let mut buf = Vec::new();
+    loop {
+        let req = match read_request(&stream, &mut buf, timeout).await {
+            Ok(r) => r,
+            Err(ReadError::Gone) => return,
+            Err(ReadError::Reject(code, msg)) => {
+                let _ = send_all(&stream, error_response(code, msg, false)).await;
+                return;
+            }
+        };
+        let keep = req.keep_alive;
+        let (status, body) = match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/v1/ws") => {
+                let leftover = std::mem::take(&mut buf);
+                crate::conn::upgrade(shard, stream, req, leftover).await;
+                return;
+            }
+            ("GET", "/healthz") => (200, serde_json::json!({"status": "ok"})),
+            ("POST", "/v1/register") => register(&shard, &req.body).await,
+            ("POST", "/v1/login") => login(&shard, &req.body).await,
+            (_, "/v1/ws" | "/healthz" | "/v1/register" | "/v1/login") => {
+                err(ErrorCode::MethodNotAllowed, "method not allowed here")
+            }
+            _ => err(ErrorCode::HttpNotFound, "no such endpoint"),
+        };
+        if send_all(&stream, response(status, &body, keep)).await.is_err() || !keep {
+            return;
+        }
+    }
+}
+
+fn err(code: ErrorCode, message: &str) -> (u16, serde_json::Value) {
+    (code.http_status(), error_body(code, message))
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    username: String,
+    password: String,
+}
+
+fn credentials(body: &[u8]) -> Result<Credentials, (u16, serde_json::Value)> {
+    serde_json::from_slice(body)
+        .map_err(|_| err(ErrorCode::InvalidRequest, "expected a JSON object {\"username\", \"password\"}"))
+}
+
+async fn register(shard: &ShardCtx, body: &[u8]) -> (u16, serde_json::Value) {
+    let c = match credentials(body) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    if !valid_username(&c.username) {
+        return err(ErrorCode::InvalidUsername, ErrorCode::InvalidUsername.description());
+    }
+    if !valid_password(&c.password) {
+        return err(ErrorCode::WeakPassword, ErrorCode::WeakPassword.description());
+    }
+    let shared = shard.shared.clone();
+    let job = move || -> Result<u64, ErrorCode> {
+        let taken = |_| ErrorCode::UsernameTaken;
+        // Cheap check first so a taken name costs no hash; create_user enforces it atomically.
+        match shared.store.user_by_name(&c.username) {
+            Ok(Some(_)) => return Err(ErrorCode::UsernameTaken),
+            Ok(None) => {}
+            Err(_) => return Err(ErrorCode::HttpInternal),
+        }
+        let hash = shared.auth.hash_password(&c.password).map_err(|_| ErrorCode::HttpInternal)?;
+        let user = UserRecord {
+            id: shared.ids.next(),
+            username: c.username,
+            password_hash: hash,
+            created_ms: crate::auth::now_ms(),
+        };
+        match shared.store.create_user(&user) {
+            Ok(()) => Ok(user.id),
+            Err(e) if e.kind == storage::ErrorKind::UsernameTaken => Err(taken(())),
+            Err(e) => {
+                tracing::error!(error = %e, "registration failed");
+                Err(ErrorCode::HttpInternal)
+            }
+        }
+    };
+    match shard.shared.hashers.run(job).await {
+        Ok(Ok(id)) => (201, serde_json::json!({"user_id": id.to_string()})),
+        Ok(Err(code)) => err(code, code.description()),
+        Err(_) => err(ErrorCode::HttpOverloaded, "too many registrations in flight; retry"),
+    }
+}
+
+async fn login(shard: &ShardCtx, body: &[u8]) -> (u16, serde_json::Value) {
+    let c = match credentials(body) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let shared = shard.shared.clone();
+    let job = move || -> Result<u64, ErrorCode> {
+        let user = shared.store.user_by_name(&c.username).map_err(|_| ErrorCode::HttpInternal)?;
+        let ok = shared.auth.verify_password(user.as_ref().map(|u| u.password_hash.as_str()), &c.password);
+        match user {
+            Some(u) if ok => Ok(u.id),
+            _ => Err(ErrorCode::InvalidCredentials),
+        }
+    };
+    match shard.shared.hashers.run(job).await {
+        Ok(Ok(id)) => {
+            let token = shard.shared.auth.issue(id);
+            (
+                200,
+                serde_json::json!({
+                    "token": token,
+                    "user_id": id.to_string(),
+                    "expires_in": shard.shared.cfg.auth.token_ttl_secs.get(),
+                }),
+            )
+        }
+        Ok(Err(code)) => err(code, code.description()),
+        Err(_) => err(ErrorCode::HttpOverloaded, "too many logins in flight; retry"),
+    }
+}
+
+/// Picks our subprotocol from a `Sec-WebSocket-Protocol` offer.
+/// `Ok(None)`: no offer (JSON is used, and no protocol header is answered).
+pub fn choose_subprotocol(offer: Option<&str>) -> Result<Option<Subprotocol>, ()> {
+    match offer {
+        None => Ok(None),
+        Some(list) => list.split(',').find_map(Subprotocol::from_name).map(Some).ok_or(()),
+    }
+}

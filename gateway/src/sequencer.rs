@@ -1,0 +1,698 @@
+//! The sequencer: the one thread that changes conversations.
+//!
+//! Shards submit [`Command`]s through a bounded queue. The sequencer takes them in
+//! batches: checks membership, permissions and idempotency against its cache,
+//! assigns each message the next position and a server timestamp, writes the
+//! whole batch with one durable [`Store::commit`] (group commit: one fsync for up
+//! to `commit_batch_max` commands), and only then fans the resulting events out
+//! to the recipients' mailboxes, in position order. Because one thread does
+//! this, every mailbox sees a conversation's events in conversation order, and a
+//! sender's `ack` lands in its place in that order.
+//!
+//! Overflow policy: the queue holds `sequencer_queue` commands; a shard whose
+//! submit finds it full answers the client with 1020 (overloaded, retry) and the
+//! `rejected` counter goes up.
+
+use crate::auth::now_ms;
+use crate::ids::IdGen;
+use crate::mailbox::{ConnId, Event, EventKind, Registry};
+use futures_channel::oneshot;
+use protocol::{
+    Conversation, ConversationId, ConversationKind, ErrorCode, Member, Message, MessageKind, Role, UserId,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use storage::{BucketRef, ConversationRecord, Mutation, Store, bucket_of, pair};
+
+pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
+
+#[derive(Debug)]
+pub enum Command {
+    Send {
+        conversation: ConversationId,
+        sender: UserId,
+        client_msg_id: String,
+        body: String,
+        origin: ConnId,
+    },
+    CreateDirect {
+        user: UserId,
+        peer: UserId,
+        reply: Reply<Conversation>,
+    },
+    CreateGroup {
+        owner: UserId,
+        title: String,
+        members: Vec<UserId>,
+        reply: Reply<Conversation>,
+    },
+    AddMembers {
+        actor: UserId,
+        conversation: ConversationId,
+        users: Vec<UserId>,
+        reply: Reply<Conversation>,
+    },
+    RemoveMember {
+        actor: UserId,
+        conversation: ConversationId,
+        user: UserId,
+        reply: Reply<Conversation>,
+    },
+    Leave {
+        actor: UserId,
+        conversation: ConversationId,
+        reply: Reply<()>,
+    },
+    SetRole {
+        actor: UserId,
+        conversation: ConversationId,
+        user: UserId,
+        role: Role,
+        reply: Reply<Conversation>,
+    },
+}
+
+/// The shards' handle on the sequencer.
+pub struct Sequencer {
+    tx: crossbeam_channel::Sender<Command>,
+    pub stats: Arc<SequencerStats>,
+}
+
+#[derive(Default, Debug)]
+pub struct SequencerStats {
+    pub rejected: AtomicU64,
+    pub commits: AtomicU64,
+    pub messages: AtomicU64,
+    pub commit_failures: AtomicU64,
+}
+
+pub struct SequencerConfig {
+    pub queue: usize,
+    pub batch_max: usize,
+    pub member_cap: usize,
+}
+
+impl Sequencer {
+    pub fn start(
+        cfg: SequencerConfig,
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        ids: Arc<IdGen>,
+    ) -> Sequencer {
+        let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
+        let stats = Arc::new(SequencerStats::default());
+        let mut worker = Worker {
+            store,
+            registry,
+            ids,
+            stats: stats.clone(),
+            member_cap: cfg.member_cap,
+            convs: HashMap::new(),
+        };
+        let batch_max = cfg.batch_max;
+        std::thread::Builder::new()
+            .name("sequencer".into())
+            .spawn(move || worker.run(rx, batch_max))
+            .expect("spawning the sequencer");
+        Sequencer { tx, stats }
+    }
+
+    /// Queues a command; hands it back if the queue is full.
+    ///
+    /// Runs on: any shard. Never blocks.
+    pub fn submit(&self, cmd: Command) -> Result<(), Command> {
+        self.tx.try_send(cmd).map_err(|e| {
+            if self.stats.rejected.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!("sequencer queue full; answering overloaded (logged once)");
+            }
+            e.into_inner()
+        })
+    }
+}
+
+/// Most conversations kept in the sequencer's cache; past it the cache is
+/// dropped and reloads on demand (a conversation is two small reads).
+const CACHE_MAX: usize = 200_000;
+
+struct ConvState {
+    rec: ConversationRecord,
+    members: BTreeMap<UserId, Role>,
+    /// `members`' keys, shared by every event of a batch.
+    recipients: Arc<[UserId]>,
+    bucket: Option<u32>,
+}
+
+impl ConvState {
+    fn set_members(&mut self) {
+        self.recipients = self.members.keys().copied().collect();
+    }
+
+    fn snapshot(&self) -> Conversation {
+        Conversation {
+            conversation_id: self.rec.id,
+            kind: self.rec.kind,
+            title: self.rec.title.clone(),
+            members: self.members.iter().map(|(&user_id, &role)| Member { user_id, role }).collect(),
+            last_seq: self.rec.last_seq,
+            last_ts_ms: self.rec.last_ts_ms,
+            created_ms: self.rec.created_ms,
+        }
+    }
+}
+
+enum Effect {
+    Event(Arc<Event>, Arc<[UserId]>),
+    Conv(Reply<Conversation>, Result<Conversation, ErrorCode>),
+    Done(Reply<()>, Result<(), ErrorCode>),
+}
+
+/// What one batch accumulates before its commit.
+#[derive(Default)]
+struct Batch {
+    muts: Vec<Mutation>,
+    effects: Vec<Effect>,
+    touched: HashSet<ConversationId>,
+    idem: HashMap<(ConversationId, UserId, String), Message>,
+    directs: HashMap<(UserId, UserId), ConversationId>,
+}
+
+struct Worker {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    ids: Arc<IdGen>,
+    stats: Arc<SequencerStats>,
+    member_cap: usize,
+    convs: HashMap<ConversationId, ConvState>,
+}
+
+type Fail = ErrorCode;
+
+fn internal(e: storage::StorageError) -> Fail {
+    tracing::error!(error = %e, "store read failed in the sequencer");
+    ErrorCode::Internal
+}
+
+impl Worker {
+    // Runs on: the sequencer thread.
+    fn run(&mut self, rx: crossbeam_channel::Receiver<Command>, batch_max: usize) {
+        let mut cmds = Vec::with_capacity(batch_max);
+        while let Ok(first) = rx.recv() {
+            cmds.push(first);
+            while cmds.len() < batch_max {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut batch = Batch::default();
+            for cmd in cmds.drain(..) {
+                self.apply(cmd, &mut batch);
+            }
+            self.finish(batch);
+        }
+    }
+
+    fn load(&mut self, id: ConversationId) -> Result<&mut ConvState, Fail> {
+        if !self.convs.contains_key(&id) {
+            let rec = self.store.conversation(id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
+            let members: BTreeMap<_, _> = self.store.members(id).map_err(internal)?.into_iter().collect();
+            let bucket = self.store.buckets(id).map_err(internal)?.last().map(|b| b.bucket);
+            if self.convs.len() >= CACHE_MAX {
+                self.convs.clear();
+            }
+            let mut st = ConvState { rec, members, recipients: Arc::from([]), bucket };
+            st.set_members();
+            self.convs.insert(id, st);
+        }
+        Ok(self.convs.get_mut(&id).expect("just inserted"))
+    }
+
+    /// Appends a message at the conversation's next position.
+    fn append(
+        st: &mut ConvState,
+        batch: &mut Batch,
+        sender: UserId,
+        kind: MessageKind,
+        body: String,
+        client_msg_id: String,
+        target: Option<(UserId, Option<Role>)>,
+    ) -> Message {
+        let ts = now_ms().max(st.rec.last_ts_ms);
+        let seq = st.rec.last_seq + 1;
+        let b = bucket_of(ts);
+        if st.bucket != Some(b) {
+            batch.muts.push(Mutation::PutBucket {
+                conversation: st.rec.id,
+                bucket: BucketRef { bucket: b, first_seq: seq },
+            });
+            st.bucket = Some(b);
+        }
+        st.rec.last_seq = seq;
+        st.rec.last_ts_ms = ts;
+        batch.touched.insert(st.rec.id);
+        let m = Message {
+            conversation_id: st.rec.id,
+            seq,
+            ts_ms: ts,
+            sender_id: sender,
+            client_msg_id,
+            kind,
+            body,
+            target_user_id: target.map(|t| t.0),
+            role: target.and_then(|t| t.1),
+        };
+        batch.muts.push(Mutation::PutMessage(m.clone()));
+        m
+    }
+
+    fn event(batch: &mut Batch, m: Message, recipients: Arc<[UserId]>) {
+        batch.effects.push(Effect::Event(
+            Event::new(EventKind::Message { message: m, origin: None, to_others: true }),
+            recipients,
+        ));
+    }
+
+    fn apply(&mut self, cmd: Command, batch: &mut Batch) {
+        match cmd {
+            Command::Send { conversation, sender, client_msg_id, body, origin } => {
+                match self.send(conversation, sender, client_msg_id.clone(), body, origin, batch) {
+                    Ok(()) => {}
+                    Err(code) => batch.effects.push(Effect::Event(
+                        Event::new(EventKind::SendFailed {
+                            origin,
+                            conversation_id: conversation,
+                            client_msg_id,
+                            code,
+                        }),
+                        Arc::from([sender]),
+                    )),
+                }
+            }
+            Command::CreateDirect { user, peer, reply } => {
+                let r = self.create_direct(user, peer, batch);
+                batch.effects.push(Effect::Conv(reply, r));
+            }
+            Command::CreateGroup { owner, title, members, reply } => {
+                let r = self.create_group(owner, title, members, batch);
+                batch.effects.push(Effect::Conv(reply, r));
+            }
+            Command::AddMembers { actor, conversation, users, reply } => {
+                let r = self.add_members(actor, conversation, users, batch);
+                batch.effects.push(Effect::Conv(reply, r));
+            }
+            Command::RemoveMember { actor, conversation, user, reply } => {
+                let r = if actor == user {
+                    self.leave(actor, conversation, batch)
+                        .and_then(|()| Ok(self.load(conversation)?.snapshot()))
+                } else {
+                    self.remove_member(actor, conversation, user, batch)
+                };
+                batch.effects.push(Effect::Conv(reply, r));
+            }
+            Command::Leave { actor, conversation, reply } => {
+                let r = self.leave(actor, conversation, batch);
+                batch.effects.push(Effect::Done(reply, r));
+            }
+            Command::SetRole { actor, conversation, user, role, reply } => {
+                let r = self.set_role(actor, conversation, user, role, batch);
+                batch.effects.push(Effect::Conv(reply, r));
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        conversation: ConversationId,
+        sender: UserId,
+        client_msg_id: String,
+        body: String,
+        origin: ConnId,
+        batch: &mut Batch,
+    ) -> Result<(), Fail> {
+        let store = self.store.clone();
+        let st = self.load(conversation)?;
+        if !st.members.contains_key(&sender) {
+            return Err(ErrorCode::NotMember);
+        }
+        let key = (conversation, sender, client_msg_id);
+        let earlier = match batch.idem.get(&key) {
+            Some(m) => Some(m.clone()),
+            None => match store.idempotent_seq(conversation, sender, &key.2).map_err(internal)? {
+                Some(seq) => Some(
+                    storage::message_at(&*store, conversation, seq)
+                        .map_err(internal)?
+                        .ok_or(ErrorCode::Internal)?,
+                ),
+                None => None,
+            },
+        };
+        if let Some(message) = earlier {
+            // A resend: ack the stored message again, deliver nothing new.
+            batch.effects.push(Effect::Event(
+                Event::new(EventKind::Message { message, origin: Some(origin), to_others: false }),
+                Arc::from([sender]),
+            ));
+            return Ok(());
+        }
+        let m = Self::append(st, batch, sender, MessageKind::Text, body, key.2.clone(), None);
+        batch.muts.push(Mutation::PutIdempotency {
+            conversation,
+            sender,
+            client_msg_id: key.2.clone(),
+            seq: m.seq,
+        });
+        let recipients = st.recipients.clone();
+        batch.idem.insert(key, m.clone());
+        batch.effects.push(Effect::Event(
+            Event::new(EventKind::Message { message: m, origin: Some(origin), to_others: true }),
+            recipients,
+        ));
+        Ok(())
+    }
+
+    fn user_exists(&self, u: UserId) -> Result<bool, Fail> {
+        Ok(self.store.user(u).map_err(internal)?.is_some())
+    }
+
+    fn new_conv(
+        &mut self,
+        kind: ConversationKind,
+        title: String,
+        by: UserId,
+        members: BTreeMap<UserId, Role>,
+    ) -> ConversationId {
+        let id = self.ids.next();
+        let now = now_ms();
+        let mut st = ConvState {
+            rec: ConversationRecord {
+                id,
+                kind,
+                title,
+                created_ms: now,
+                created_by: by,
+                last_seq: 0,
+                last_ts_ms: now,
+            },
+            members,
+            recipients: Arc::from([]),
+            bucket: None,
+        };
+        st.set_members();
+        self.convs.insert(id, st);
+        id
+    }
+
+    fn create_direct(&mut self, user: UserId, peer: UserId, batch: &mut Batch) -> Result<Conversation, Fail> {
+        if user == peer {
+            return Err(ErrorCode::InvalidField);
+        }
+        let key = pair(user, peer);
+        let existing = match batch.directs.get(&key) {
+            Some(id) => Some(*id),
+            None => self.store.direct(user, peer).map_err(internal)?,
+        };
+        if let Some(id) = existing {
+            return Ok(self.load(id)?.snapshot());
+        }
+        if !self.user_exists(peer)? {
+            return Err(ErrorCode::NotFound);
+        }
+        let members = BTreeMap::from([(user, Role::Member), (peer, Role::Member)]);
+        let id = self.new_conv(ConversationKind::Direct, String::new(), user, members);
+        for u in [user, peer] {
+            batch.muts.push(Mutation::PutMember { conversation: id, user: u, role: Role::Member });
+        }
+        batch.muts.push(Mutation::PutDirect { a: user, b: peer, conversation: id });
+        batch.directs.insert(key, id);
+        batch.touched.insert(id);
+        Ok(self.convs[&id].snapshot())
+    }
+
+    fn create_group(
+        &mut self,
+        owner: UserId,
+        title: String,
+        members: Vec<UserId>,
+        batch: &mut Batch,
+    ) -> Result<Conversation, Fail> {
+        let title = title.trim().to_owned();
+        if title.is_empty() || title.chars().count() > 128 {
+            return Err(ErrorCode::InvalidField);
+        }
+        let mut all = BTreeMap::from([(owner, Role::Owner)]);
+        for u in members {
+            if u != owner {
+                all.insert(u, Role::Member);
+            }
+        }
+        if all.len() > self.member_cap {
+            return Err(ErrorCode::MemberCap);
+        }
+        for &u in all.keys() {
+            if u != owner && !self.user_exists(u)? {
+                return Err(ErrorCode::InvalidField);
+            }
+        }
+        let id = self.new_conv(ConversationKind::Group, title.clone(), owner, all.clone());
+        for (&u, &role) in &all {
+            batch.muts.push(Mutation::PutMember { conversation: id, user: u, role });
+        }
+        let st = self.convs.get_mut(&id).expect("just created");
+        let m = Self::append(st, batch, owner, MessageKind::GroupCreated, title, String::new(), None);
+        let (recipients, snap) = (st.recipients.clone(), st.snapshot());
+        Self::event(batch, m, recipients);
+        Ok(snap)
+    }
+
+    /// The actor's role, or why it cannot manage this group.
+    fn manager(st: &ConvState, actor: UserId) -> Result<Role, Fail> {
+        if st.rec.kind != ConversationKind::Group {
+            return Err(ErrorCode::Forbidden);
+        }
+        match st.members.get(&actor) {
+            None => Err(ErrorCode::NotMember),
+            Some(r) if r.can_manage() => Ok(*r),
+            Some(_) => Err(ErrorCode::Forbidden),
+        }
+    }
+
+    fn add_members(
+        &mut self,
+        actor: UserId,
+        conversation: ConversationId,
+        users: Vec<UserId>,
+        batch: &mut Batch,
+    ) -> Result<Conversation, Fail> {
+        let cap = self.member_cap;
+        let st = self.load(conversation)?;
+        Self::manager(st, actor)?;
+        let mut new: Vec<UserId> = users.into_iter().filter(|u| !st.members.contains_key(u)).collect();
+        new.sort_unstable();
+        new.dedup();
+        if st.members.len() + new.len() > cap {
+            return Err(ErrorCode::MemberCap);
+        }
+        for &u in &new {
+            if !self.user_exists(u)? {
+                return Err(ErrorCode::InvalidField);
+            }
+        }
+        let st = self.convs.get_mut(&conversation).expect("loaded");
+        for u in new {
+            st.members.insert(u, Role::Member);
+            st.set_members();
+            batch.muts.push(Mutation::PutMember { conversation, user: u, role: Role::Member });
+            let m = Self::append(
+                st,
+                batch,
+                actor,
+                MessageKind::MemberAdded,
+                String::new(),
+                String::new(),
+                Some((u, None)),
+            );
+            Self::event(batch, m, st.recipients.clone());
+        }
+        Ok(st.snapshot())
+    }
+
+    fn remove_member(
+        &mut self,
+        actor: UserId,
+        conversation: ConversationId,
+        user: UserId,
+        batch: &mut Batch,
+    ) -> Result<Conversation, Fail> {
+        let st = self.load(conversation)?;
+        let actor_role = Self::manager(st, actor)?;
+        let target_role = *st.members.get(&user).ok_or(ErrorCode::InvalidField)?;
+        // Owners remove anyone; admins remove plain members only.
+        if target_role == Role::Owner || (actor_role == Role::Admin && target_role != Role::Member) {
+            return Err(ErrorCode::Forbidden);
+        }
+        let before = st.recipients.clone();
+        st.members.remove(&user);
+        st.set_members();
+        batch.muts.push(Mutation::RemoveMember { conversation, user });
+        let m = Self::append(
+            st,
+            batch,
+            actor,
+            MessageKind::MemberRemoved,
+            String::new(),
+            String::new(),
+            Some((user, None)),
+        );
+        // The removed member hears of it too.
+        Self::event(batch, m, before);
+        Ok(st.snapshot())
+    }
+
+    fn leave(&mut self, actor: UserId, conversation: ConversationId, batch: &mut Batch) -> Result<(), Fail> {
+        let st = self.load(conversation)?;
+        if st.rec.kind != ConversationKind::Group {
+            return Err(ErrorCode::Forbidden);
+        }
+        let role = *st.members.get(&actor).ok_or(ErrorCode::NotMember)?;
+        let before = st.recipients.clone();
+        st.members.remove(&actor);
+        st.set_members();
+        batch.muts.push(Mutation::RemoveMember { conversation, user: actor });
+        let m = Self::append(
+            st,
+            batch,
+            actor,
+            MessageKind::MemberLeft,
+            String::new(),
+            String::new(),
+            Some((actor, None)),
+        );
+        Self::event(batch, m, before);
+        if role == Role::Owner {
+            // Ownership passes to the longest-standing admin, else member (lowest id: ids are time-ordered).
+            let heir = st
+                .members
+                .iter()
+                .find(|(_, r)| **r == Role::Admin)
+                .or_else(|| st.members.iter().next())
+                .map(|(u, _)| *u);
+            if let Some(heir) = heir {
+                st.members.insert(heir, Role::Owner);
+                batch.muts.push(Mutation::PutMember { conversation, user: heir, role: Role::Owner });
+                let m = Self::append(
+                    st,
+                    batch,
+                    actor,
+                    MessageKind::RoleChanged,
+                    String::new(),
+                    String::new(),
+                    Some((heir, Some(Role::Owner))),
+                );
+                Self::event(batch, m, st.recipients.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn set_role(
+        &mut self,
+        actor: UserId,
+        conversation: ConversationId,
+        user: UserId,
+        role: Role,
+        batch: &mut Batch,
+    ) -> Result<Conversation, Fail> {
+        let st = self.load(conversation)?;
+        if Self::manager(st, actor)? != Role::Owner {
+            return Err(ErrorCode::Forbidden);
+        }
+        if user == actor || !st.members.contains_key(&user) {
+            return Err(ErrorCode::InvalidField);
+        }
+        let mut changes = vec![(user, role)];
+        if role == Role::Owner {
+            changes.push((actor, Role::Admin));
+        }
+        for (u, r) in changes {
+            st.members.insert(u, r);
+            batch.muts.push(Mutation::PutMember { conversation, user: u, role: r });
+            let m = Self::append(
+                st,
+                batch,
+                actor,
+                MessageKind::RoleChanged,
+                String::new(),
+                String::new(),
+                Some((u, Some(r))),
+            );
+            Self::event(batch, m, st.recipients.clone());
+        }
+        Ok(st.snapshot())
+    }
+
+    /// Commits the batch durably, then delivers its effects in order.
+    fn finish(&mut self, mut batch: Batch) {
+        for id in &batch.touched {
+            if let Some(st) = self.convs.get(id) {
+                batch.muts.push(Mutation::PutConversation(st.rec.clone()));
+            }
+        }
+        let committed = match self.store.commit(&batch.muts) {
+            Ok(()) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, writes = batch.muts.len(), "commit failed; the batch is refused");
+                // The cache holds this batch's uncommitted changes: forget them.
+                for id in &batch.touched {
+                    self.convs.remove(id);
+                }
+                false
+            }
+        };
+        let mut messages = 0;
+        for effect in batch.effects {
+            match effect {
+                Effect::Event(ev, recipients) => {
+                    let ev = if committed {
+                        messages += u64::from(matches!(ev.kind, EventKind::Message { to_others: true, .. }));
+                        ev
+                    } else {
+                        match &ev.kind {
+                            EventKind::Message { message, origin: Some(origin), to_others: true } => {
+                                Event::new(EventKind::SendFailed {
+                                    origin: *origin,
+                                    conversation_id: message.conversation_id,
+                                    client_msg_id: message.client_msg_id.clone(),
+                                    code: ErrorCode::Internal,
+                                })
+                            }
+                            EventKind::Message { to_others: true, .. } => continue,
+                            _ => ev,
+                        }
+                    };
+                    let to: &[UserId] = match &ev.kind {
+                        EventKind::SendFailed { .. } | EventKind::Message { to_others: false, .. } => {
+                            &recipients
+                        }
+                        EventKind::Message { message, .. } if !committed => &[message.sender_id],
+                        _ => &recipients,
+                    };
+                    for &u in to {
+                        self.registry.deliver(u, &ev);
+                    }
+                }
+                Effect::Conv(reply, r) => {
+                    let _ = reply.send(if committed { r } else { Err(ErrorCode::Internal) });
+                }
+                Effect::Done(reply, r) => {
+                    let _ = reply.send(if committed { r } else { Err(ErrorCode::Internal) });
+                }
+            }
+        }
+        self.stats.messages.fetch_add(messages, Ordering::Relaxed);
+    }
+}

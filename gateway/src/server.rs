@@ -1,0 +1,116 @@
+//! Start-up: open the store, start the sequencer and pools, bind one listener
+//! per shard on the same port, start the shards, and report readiness.
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::ids::IdGen;
+use crate::mailbox::Registry;
+use crate::pool::Pool;
+use crate::sequencer::{Sequencer, SequencerConfig};
+use anyhow::Context;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use storage::{FjallStore, Store};
+
+/// What every shard shares (all `Send + Sync`).
+pub struct Shared {
+    pub cfg: Config,
+    pub auth: Auth,
+    pub store: Arc<dyn Store>,
+    pub sequencer: Sequencer,
+    pub registry: Arc<Registry>,
+    pub readers: Arc<Pool>,
+    pub hashers: Arc<Pool>,
+    pub ids: Arc<IdGen>,
+    pub next_conn: AtomicU64,
+    pub counters: Counters,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub slow_consumers: AtomicU64,
+    pub sync_backlogs: AtomicU64,
+    pub bad_frames: AtomicU64,
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub io_driver: &'static str,
+    pub shards: usize,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Blocks while the shards run (they run until the process ends).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+pub fn start(cfg: Config) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let store: Arc<dyn Store> =
+        Arc::new(FjallStore::open(&cfg.data_dir.join("store")).context("opening the embedded store")?);
+    let shards = cfg.shard_count();
+    let registry = Arc::new(Registry::new(shards));
+    let ids = Arc::new(IdGen::new(cfg.node_id));
+    let sequencer = Sequencer::start(
+        SequencerConfig {
+            queue: cfg.storage.sequencer_queue.get(),
+            batch_max: cfg.storage.commit_batch_max.get(),
+            member_cap: cfg.limits.group_member_cap.get() as usize,
+        },
+        store.clone(),
+        registry.clone(),
+        ids.clone(),
+    );
+    let readers = Pool::new("reader", cfg.storage.reader_threads.get(), cfg.storage.reader_queue.get());
+    let hashers = Pool::new("hasher", cfg.auth.hash_threads.get(), 256);
+    let auth = Auth::new(&cfg.auth, &cfg.data_dir)?;
+
+    // The first listener fixes the port (port 0 picks one); the others share it.
+    let first = listener(cfg.listen)?;
+    let addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(listener(addr)?);
+    }
+    let driver = cfg.io_driver;
+    let shared = Arc::new(Shared {
+        cfg,
+        auth,
+        store,
+        sequencer,
+        registry,
+        readers,
+        hashers,
+        ids,
+        next_conn: AtomicU64::new(1),
+        counters: Counters::default(),
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| crate::shard::spawn(i as u16, shared.clone(), l, driver, tx.clone()))
+        .collect();
+    let mut io_driver = "";
+    for _ in 0..shards {
+        io_driver = rx.recv().context("a shard died while starting")??;
+    }
+    Ok(Running { addr, io_driver, shards, threads })
+}

@@ -1,0 +1,309 @@
+//! Shared harness: starts the real gateway binary on port 0 and waits for its
+//! readiness line; a blocking WebSocket client that speaks both subprotocols.
+#![allow(dead_code)]
+
+use protocol::{ClientFrame, ClientMsg, ServerFrame, ServerMsg, Subprotocol};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
+
+/// Every wait in these tests is bounded by this: a hung gateway fails the test instead of hanging CI.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+pub struct TestGateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestGateway {
+    pub fn start() -> TestGateway {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut g = Self::start_in(tmp.path(), "");
+        g._tmp = Some(tmp);
+        g
+    }
+
+    /// Starts on `dir` (reused across restarts) with extra TOML appended to the test config.
+    pub fn start_in(dir: &Path, extra: &str) -> TestGateway {
+        Self::start_with_args(dir, extra, &[])
+    }
+
+    pub fn start_with_args(dir: &Path, extra: &str, args: &[&str]) -> TestGateway {
+        let cfg = dir.join("gateway.toml");
+        // Cheap hashing keeps registration fast in tests; production uses the OWASP defaults.
+        std::fs::write(
+            &cfg,
+            format!(
+                "shards = 2\n{extra}\n[auth]\ntoken_secret = \"{SECRET}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n"
+            ),
+        )
+        .unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start gateway");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("readiness line");
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            panic!(
+                "gateway did not become ready: {line:?}\n{}",
+                std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default()
+            )
+        });
+        assert_eq!(ready["ready"], true);
+        let addr = ready["addr"].as_str().unwrap().parse().unwrap();
+        TestGateway { child, addr, dir: dir.to_owned(), _tmp: None }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, no shutdown path at all.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// One HTTP request; returns status and parsed JSON body.
+    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let (status, body) = http_raw(self.addr, method, path, &[], body);
+        (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    pub fn register(&self, username: &str, password: &str) -> (u16, serde_json::Value) {
+        let body = serde_json::json!({"username": username, "password": password}).to_string();
+        self.http("POST", "/v1/register", Some(&body))
+    }
+
+    pub fn login(&self, username: &str, password: &str) -> (u16, serde_json::Value) {
+        let body = serde_json::json!({"username": username, "password": password}).to_string();
+        self.http("POST", "/v1/login", Some(&body))
+    }
+
+    /// Registers and logs in; returns (user id, token).
+    pub fn user(&self, username: &str) -> (u64, String) {
+        let (s, r) = self.register(username, "password123");
+        assert_eq!(s, 201, "{r}");
+        let (s, l) = self.login(username, "password123");
+        assert_eq!(s, 200, "{l}");
+        (l["user_id"].as_str().unwrap().parse().unwrap(), l["token"].as_str().unwrap().to_owned())
+    }
+
+    pub fn connect(&self, token: &str, proto: Subprotocol) -> Client {
+        Client::connect(self.addr, token, proto)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    pub proto: Subprotocol,
+    next_id: u64,
+    /// Frames received while waiting for something else.
+    backlog: VecDeque<ServerFrame>,
+    pub user_id: u64,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, token: &str, proto: Subprotocol) -> Client {
+        let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req.headers_mut().insert("sec-websocket-protocol", proto.name().parse().unwrap());
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let (ws, resp) = tungstenite::client(req, stream).expect("websocket handshake");
+        assert_eq!(
+            resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap()),
+            Some(proto.name()),
+            "server picked our subprotocol"
+        );
+        let mut c = Client { ws, proto, next_id: 1, backlog: VecDeque::new(), user_id: 0 };
+        match c.recv().body {
+            ServerMsg::Welcome { user_id, .. } => c.user_id = user_id,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        c
+    }
+
+    pub fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).unwrap();
+    }
+
+    /// Sends a frame with a fresh request id; returns the id.
+    pub fn send(&mut self, body: ClientMsg) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = self.proto.encode_client(&ClientFrame { id, body });
+        let msg = match self.proto {
+            Subprotocol::Json => Message::text(String::from_utf8(bytes).unwrap()),
+            Subprotocol::FlatBuffers => Message::binary(bytes),
+        };
+        self.ws.send(msg).unwrap();
+        id
+    }
+
+    /// The next frame from the server (backlog first).
+    pub fn recv(&mut self) -> ServerFrame {
+        if let Some(f) = self.backlog.pop_front() {
+            return f;
+        }
+        self.recv_wire()
+    }
+
+    fn recv_wire(&mut self) -> ServerFrame {
+        loop {
+            match self.ws.read().expect("read from gateway") {
+                Message::Text(t) => {
+                    assert_eq!(self.proto, Subprotocol::Json, "text frame on the binary subprotocol");
+                    return self.proto.decode_server(t.as_bytes()).expect("valid server frame");
+                }
+                Message::Binary(b) => {
+                    assert_eq!(self.proto, Subprotocol::FlatBuffers, "binary frame on the JSON subprotocol");
+                    return self.proto.decode_server(&b).expect("valid server frame");
+                }
+                Message::Close(c) => panic!("connection closed: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a request and returns its reply, keeping other frames for later.
+    pub fn request(&mut self, body: ClientMsg) -> ServerMsg {
+        let id = self.send(body);
+        self.wait_reply(id)
+    }
+
+    pub fn wait_reply(&mut self, id: u64) -> ServerMsg {
+        if let Some(i) = self.backlog.iter().position(|f| f.id == id) {
+            return self.backlog.remove(i).unwrap().body;
+        }
+        loop {
+            let f = self.recv_wire();
+            if f.id == id {
+                return f.body;
+            }
+            self.backlog.push_back(f);
+        }
+    }
+
+    /// Waits for the first frame matching `pred`, keeping the others.
+    pub fn wait_for(&mut self, mut pred: impl FnMut(&ServerMsg) -> bool) -> ServerMsg {
+        if let Some(i) = self.backlog.iter().position(|f| pred(&f.body)) {
+            return self.backlog.remove(i).unwrap().body;
+        }
+        loop {
+            let f = self.recv_wire();
+            if pred(&f.body) {
+                return f.body;
+            }
+            self.backlog.push_back(f);
+        }
+    }
+
+    /// Sends `sync` and collects every message replayed before `sync_done`.
+    pub fn sync(&mut self, positions: Vec<protocol::Position>) -> Vec<protocol::Message> {
+        let id = self.send(ClientMsg::Sync { positions });
+        let mut out = Vec::new();
+        loop {
+            let f = self.recv();
+            match f.body {
+                ServerMsg::Message { message } if f.id == 0 => out.push(message),
+                ServerMsg::SyncDone { .. } if f.id == id => return out,
+                _ => self.backlog.push_back(f),
+            }
+        }
+    }
+
+    pub fn send_text(&mut self, conversation_id: u64, client_msg_id: &str, body: &str) {
+        self.send(ClientMsg::Send {
+            conversation_id,
+            client_msg_id: client_msg_id.into(),
+            body: body.into(),
+        });
+    }
+
+    /// Waits for the ack of `client_msg_id`; returns its seq. Panics on an error for it.
+    pub fn wait_ack(&mut self, client_msg_id: &str) -> u64 {
+        let cmid = client_msg_id.to_owned();
+        match self.wait_for(|m| match m {
+            ServerMsg::Ack { client_msg_id, .. } => *client_msg_id == cmid,
+            ServerMsg::Error { client_msg_id: Some(c), .. } => *c == cmid,
+            _ => false,
+        }) {
+            ServerMsg::Ack { seq, .. } => seq,
+            other => panic!("send {cmid} failed: {other:?}"),
+        }
+    }
+
+    /// Waits for the next `message` event.
+    pub fn next_message(&mut self) -> protocol::Message {
+        match self.wait_for(|m| matches!(m, ServerMsg::Message { .. })) {
+            ServerMsg::Message { message } => message,
+            _ => unreachable!(),
+        }
+    }
+}
+
+pub fn conversation_id(m: &ServerMsg) -> u64 {
+    match m {
+        ServerMsg::Conversation { conversation } => conversation.conversation_id,
+        other => panic!("expected a conversation, got {other:?}"),
+    }
+}
+
+pub fn both() -> [Subprotocol; 2] {
+    [Subprotocol::Json, Subprotocol::FlatBuffers]
+}

@@ -45,8 +45,9 @@ pub struct Limits {
     pub max_body_bytes: NonZeroU32,
     /// Most members a group may have.
     pub group_member_cap: NonZeroU32,
-    /// Frames queued for one connection before it is closed as a slow consumer (4008).
-    pub max_out_frames: NonZeroUsize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (4008).
+    /// Must hold one sequencer batch of events (up to 1024 frames) with room to spare.
+    pub max_out_bytes: NonZeroUsize,
     /// Conversation events held for a connection that has not sent `sync` yet; beyond it, close 4009.
     pub max_pending_events: NonZeroUsize,
     /// Events queued in one user's mailbox on one shard before that user's connections there close (4008).
@@ -115,7 +116,7 @@ impl Default for Limits {
             max_frame_bytes: nz32(64 * 1024),
             max_body_bytes: nz32(16 * 1024),
             group_member_cap: nz32(1024),
-            max_out_frames: nzu(4096),
+            max_out_bytes: nzu(4 * 1024 * 1024),
             max_pending_events: nzu(8192),
             mailbox_capacity: nzu(16384),
             http_header_timeout_secs: nz64(10),
@@ -162,8 +163,8 @@ impl Config {
         if self.limits.max_frame_bytes.get() > 16 * 1024 * 1024 {
             bail!("limits.max_frame_bytes is capped at 16 MiB");
         }
-        if self.limits.max_out_frames.get() < 256 {
-            bail!("limits.max_out_frames must be at least 256 (one sync page plus replies)");
+        if self.limits.max_out_bytes.get() < 4 * self.limits.max_frame_bytes.get() as usize {
+            bail!("limits.max_out_bytes must be at least 4 x limits.max_frame_bytes");
         }
         Ok(())
     }

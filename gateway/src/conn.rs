@@ -7,7 +7,7 @@
 //! vectored, non-blocking sends. Events reach the outbound queue from the user's
 //! mailbox through [`Conn::offer`].
 //!
-//! Overflow policy (outbound queue): at most `max_out_frames` frames wait for the
+//! Overflow policy (outbound queue): at most `max_out_bytes` bytes wait for the
 //! socket. A connection that stops reading is closed with 4008 (slow consumer):
 //! its queue is dropped, the `slow_consumers` counter goes up, one line is
 //! logged (first time only), and the client resyncs on reconnect. Nobody else
@@ -43,6 +43,8 @@ pub struct Conn {
     stream: TcpStream,
     shard: Rc<ShardCtx>,
     out: RefCell<VecDeque<Bytes>>,
+    /// Total bytes in `out` not yet written.
+    out_bytes: Cell<usize>,
     /// Bytes of `out[0]` already written.
     out_offset: Cell<usize>,
     /// Wakes the writer: frames queued, or closing.
@@ -133,6 +135,7 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
         stream,
         shard: shard.clone(),
         out: RefCell::new(VecDeque::new()),
+        out_bytes: Cell::new(0),
         out_offset: Cell::new(0),
         out_ready: Signal::default(),
         out_drained: Signal::default(),
@@ -180,8 +183,8 @@ fn check_upgrade(shard: &ShardCtx, req: &Request) -> Result<Accepted, (ErrorCode
         .ok_or((ErrorCode::Unauthorized, "missing bearer token (Authorization header or ?token=)"))?;
     let user = shard.shared.auth.verify(token.trim()).map_err(|c| (c, "invalid or expired token"))?;
     let offered = req.header("sec-websocket-protocol");
-    let proto = choose_subprotocol(offered)
-        .map_err(|()| (ErrorCode::BadSubprotocol, "offer switchboard.v1.fb or switchboard.v1.json"))?;
+    let proto =
+        choose_subprotocol(offered).map_err(|c| (c, "offer switchboard.v1.fb or switchboard.v1.json"))?;
     Ok((user, proto.unwrap_or(Subprotocol::Json), proto.is_some(), key))
 }
 
@@ -199,14 +202,13 @@ impl Conn {
         if self.is_closing() {
             return;
         }
-        let mut out = self.out.borrow_mut();
-        if out.len() >= self.limits().max_out_frames.get() {
-            drop(out);
+        let queued = self.out_bytes.get() + frame.len();
+        if queued > self.limits().max_out_bytes.get() {
             self.close(Some(CloseCode::SlowConsumer));
             return;
         }
-        out.push_back(frame);
-        drop(out);
+        self.out_bytes.set(queued);
+        self.out.borrow_mut().push_back(frame);
         self.out_ready.notify();
     }
 
@@ -234,33 +236,34 @@ impl Conn {
             return;
         }
         let counters = &self.shard.shared.counters;
-        match code {
-            Some(CloseCode::SlowConsumer) => {
-                self.out.borrow_mut().clear();
-                self.out_offset.set(0);
-                if counters.slow_consumers.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(
-                        user = self.user,
-                        conn = self.id,
-                        "slow consumer closed with 4008 (logged once)"
-                    );
-                }
-            }
-            Some(CloseCode::SyncBacklog) => {
-                self.out.borrow_mut().clear();
-                self.out_offset.set(0);
-                if counters.sync_backlogs.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(
-                        user = self.user,
-                        conn = self.id,
-                        "connection never synced; closed with 4009 (logged once)"
-                    );
-                }
-            }
-            _ => {}
-        }
+        let overflow = match code {
+            Some(CloseCode::SlowConsumer) => Some(&counters.slow_consumers),
+            Some(CloseCode::SyncBacklog) => Some(&counters.sync_backlogs),
+            _ => None,
+        };
         self.closing.set(Some(code));
         self.sync.borrow_mut().pending.clear();
+        if let (Some(counter), Some(code)) = (overflow, code) {
+            if counter.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    user = self.user,
+                    conn = self.id,
+                    code = code.code(),
+                    "{} (logged once)",
+                    code.reason()
+                );
+            }
+            // The peer is not reading, so the writer may never get to run again: drop
+            // the queue, say why if we are at a frame boundary, and shut the socket now.
+            self.out.borrow_mut().clear();
+            self.out_bytes.set(0);
+            if self.out_offset.replace(0) == 0 {
+                let q = VecDeque::from([crate::frame::close_frame(code)]);
+                let _ = netio::try_send(&self.stream, &q, 0);
+            }
+            netio::shutdown(&self.stream);
+            self.closing.set(Some(None));
+        }
         self.out_ready.notify();
         self.out_drained.notify();
     }
@@ -309,10 +312,11 @@ impl Conn {
         }
     }
 
-    /// Waits until the outbound queue has room for a page of replay.
+    /// Waits until the outbound queue is at most half full, so a page of replay
+    /// (at most `SYNC_PAGE` messages, each under `max_frame_bytes`) fits with room for live traffic.
     async fn room_for_page(&self) {
-        let max = self.limits().max_out_frames.get();
-        while !self.is_closing() && self.out.borrow().len() + SYNC_PAGE + 16 > max {
+        let max = self.limits().max_out_bytes.get();
+        while !self.is_closing() && self.out_bytes.get() > max / 2 {
             self.out_drained.wait().await;
         }
     }
@@ -341,6 +345,7 @@ async fn writer(conn: Rc<Conn>) {
                 }
             }
             Ok(mut w) => {
+                conn.out_bytes.set(conn.out_bytes.get() - w);
                 let mut out = conn.out.borrow_mut();
                 let mut off = conn.out_offset.get();
                 while w > 0 {
@@ -360,6 +365,7 @@ async fn writer(conn: Rc<Conn>) {
             }
             Err(_) => {
                 conn.out.borrow_mut().clear();
+                conn.out_bytes.set(0);
                 conn.close(None);
                 break;
             }

@@ -287,9 +287,11 @@ async fn login(shard: &ShardCtx, body: &[u8]) -> (u16, serde_json::Value) {
 
 /// Picks our subprotocol from a `Sec-WebSocket-Protocol` offer.
 /// `Ok(None)`: no offer (JSON is used, and no protocol header is answered).
-pub fn choose_subprotocol(offer: Option<&str>) -> Result<Option<Subprotocol>, ()> {
+pub fn choose_subprotocol(offer: Option<&str>) -> Result<Option<Subprotocol>, ErrorCode> {
     match offer {
         None => Ok(None),
-        Some(list) => list.split(',').find_map(Subprotocol::from_name).map(Some).ok_or(()),
+        Some(list) => {
+            list.split(',').find_map(Subprotocol::from_name).map(Some).ok_or(ErrorCode::BadSubprotocol)
+        }
     }
 }

@@ -96,6 +96,12 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
+                // Reap peers that vanished without a FIN, with no timer per connection.
+                let _ = stream.set_tcp_keepalive(
+                    Some(std::time::Duration::from_secs(60)),
+                    Some(std::time::Duration::from_secs(10)),
+                    Some(3),
+                );
                 monoio::spawn(crate::http::serve(ctx.clone(), stream));
             }
             Err(e) => {

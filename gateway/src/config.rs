@@ -248,6 +248,19 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid_and_complete() {
+        let text = include_str!("../../deploy/gateway.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        // Every default field appears in the example (commented or not).
+        let defaults = toml::to_string(&Config::default()).unwrap();
+        for line in defaults.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            assert!(text.contains(&format!("{key} =")), "deploy/gateway.toml lacks {key}");
+        }
+    }
+
+    #[test]
     fn short_secret_is_rejected() {
         let c: Config = toml::from_str("[auth]\ntoken_secret = \"short\"").unwrap();
         assert!(c.validate().is_err());

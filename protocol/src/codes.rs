@@ -146,3 +146,27 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// docs/protocol.md is what client authors read: every code must be there, with its name.
+    #[test]
+    fn protocol_doc_lists_every_code() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md")).unwrap();
+        for e in ErrorCode::ALL {
+            let row = format!("| {} | `{}` |", e.code(), e.name());
+            assert!(doc.contains(&row), "docs/protocol.md lacks the row for {e:?}: {row}");
+            assert!(doc.contains(e.description()), "docs/protocol.md lacks the description of {e:?}");
+        }
+        for c in CloseCode::ALL {
+            assert!(
+                doc.contains(&format!("| {} |", c.code())),
+                "docs/protocol.md lacks close code {}",
+                c.code()
+            );
+        }
+    }
+}

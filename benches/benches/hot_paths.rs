@@ -1,0 +1,151 @@
+//! Hot paths, one concern per group. Inputs are built outside the timed loop.
+//! Quick mode for CI: `cargo bench -p switchboard-benches -- --quick`.
+
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use gateway::mailbox::{Event, EventKind, Mailbox, Registry};
+use protocol::{ClientFrame, ClientMsg, Message, MessageKind, ServerFrame, ServerMsg, Subprotocol};
+use std::hint::black_box;
+use std::sync::Arc;
+use storage::{BucketRef, FjallStore, Mutation, Store};
+
+fn message(seq: u64, body_len: usize) -> Message {
+    Message {
+        conversation_id: 250_583_497_679_306_752,
+        seq,
+        ts_ms: 1_795_433_361_481,
+        sender_id: 250_582_937_072_828_416,
+        client_msg_id: format!("c-{seq}"),
+        kind: MessageKind::Text,
+        body: "x".repeat(body_len),
+        target_user_id: None,
+        role: None,
+    }
+}
+
+fn codec(c: &mut Criterion) {
+    let mut g = c.benchmark_group("codec");
+    let send = ClientFrame {
+        id: 0,
+        body: ClientMsg::Send {
+            conversation_id: 250_583_497_679_306_752,
+            client_msg_id: "3f2a9c1e-0d4b-4c55-9e61-1b2c3d4e5f60".into(),
+            body: "x".repeat(100),
+        },
+    };
+    let event = ServerFrame { id: 0, body: ServerMsg::Message { message: message(42, 100) } };
+    for p in [Subprotocol::FlatBuffers, Subprotocol::Json] {
+        let bytes = p.encode_client(&send);
+        g.bench_with_input(BenchmarkId::new("decode_send", format!("{p:?}")), &bytes, |b, bytes| {
+            b.iter(|| p.decode_client(black_box(bytes)).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("encode_message_event", format!("{p:?}")), &event, |b, ev| {
+            b.iter(|| gateway::frame::server_frame(p, black_box(ev)))
+        });
+    }
+    g.finish();
+}
+
+fn mailbox(c: &mut Criterion) {
+    let mut g = c.benchmark_group("mailbox");
+    let ev = Event::new(EventKind::Message { message: message(1, 100), origin: None, to_others: true });
+    // Push from another thread, drain on this one: the cross-shard path.
+    g.throughput(Throughput::Elements(1024));
+    g.bench_function("cross_thread_push_drain_1024", |b| {
+        let mb = Arc::new(Mailbox::new(4096));
+        b.iter(|| {
+            let (mb2, ev2) = (mb.clone(), ev.clone());
+            let t = std::thread::spawn(move || {
+                for _ in 0..1024 {
+                    while mb2.push(ev2.clone()).is_err() {}
+                }
+            });
+            let mut n = 0;
+            while n < 1024 {
+                if mb.pop().is_some() {
+                    n += 1;
+                }
+            }
+            t.join().unwrap();
+        })
+    });
+    g.finish();
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fanout");
+    for members in [100u64, 1000] {
+        let reg = Registry::new(2);
+        let boxes: Vec<_> = (0..members)
+            .map(|u| {
+                let mb = Arc::new(Mailbox::new(1 << 16));
+                reg.insert(u, (u % 2) as u16, mb.clone());
+                mb
+            })
+            .collect();
+        g.throughput(Throughput::Elements(members));
+        // One group message: encode once per subprotocol, push to every member, drain every mailbox.
+        g.bench_function(BenchmarkId::new("group_message", members), |b| {
+            b.iter_batched(
+                || Event::new(EventKind::Message { message: message(7, 100), origin: None, to_others: true }),
+                |ev| {
+                    for u in 0..members {
+                        reg.deliver(u, &ev);
+                    }
+                    for mb in &boxes {
+                        while let Some(e) = mb.pop() {
+                            black_box(e.broadcast_frame(Subprotocol::FlatBuffers));
+                        }
+                    }
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn store(c: &mut Criterion) {
+    let mut g = c.benchmark_group("storage");
+    g.sample_size(20);
+    for batch in [64usize, 512] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FjallStore::open(dir.path()).unwrap();
+        let mut seq = 0u64;
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(BenchmarkId::new("durable_append_batch", batch), |b| {
+            b.iter_batched(
+                || {
+                    let mut muts = Vec::with_capacity(batch + 1);
+                    if seq == 0 {
+                        muts.push(Mutation::PutBucket {
+                            conversation: 1,
+                            bucket: BucketRef { bucket: storage::bucket_of(1_795_433_361_481), first_seq: 1 },
+                        });
+                    }
+                    for _ in 0..batch {
+                        seq += 1;
+                        muts.push(Mutation::PutMessage(Message { conversation_id: 1, ..message(seq, 100) }));
+                    }
+                    muts
+                },
+                |muts| s.commit(&muts).unwrap(),
+                BatchSize::SmallInput,
+            )
+        });
+        g.throughput(Throughput::Elements(50));
+        g.bench_function(BenchmarkId::new("newest_page_50", batch), |b| {
+            b.iter(|| storage::page(&s, 1, storage::Anchor::Latest, 50).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn tokens(c: &mut Criterion) {
+    let cfg = gateway::config::AuthConfig { token_secret: Some("k".repeat(40)), ..Default::default() };
+    let auth = gateway::auth::Auth::new(&cfg, std::path::Path::new("/nonexistent")).unwrap();
+    let token = auth.issue(250_582_937_072_828_416);
+    c.bench_function("token_verify", |b| b.iter(|| auth.verify(black_box(&token)).unwrap()));
+}
+
+criterion_group!(benches, codec, mailbox, fanout, store, tokens);
+criterion_main!(benches);

@@ -64,6 +64,9 @@ pub struct AuthConfig {
     pub token_secret: Option<String>,
     /// Token lifetime, seconds.
     pub token_ttl_secs: NonZeroU64,
+    /// Bearer secret for `POST /v1/admin/users` (bulk test users for capacity tests; at least
+    /// 32 characters). Unset: the endpoint answers 404.
+    pub admin_secret: Option<String>,
     /// argon2id memory cost, KiB (OWASP: 19456).
     pub argon2_memory_kib: NonZeroU32,
     /// argon2id iterations (OWASP: 2).
@@ -128,6 +131,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             token_secret: None,
+            admin_secret: None,
             token_ttl_secs: nz64(24 * 3600),
             argon2_memory_kib: nz32(19456),
             argon2_iterations: nz32(2),
@@ -156,6 +160,11 @@ impl Config {
             && s.len() < 32
         {
             bail!("auth.token_secret must be at least 32 characters");
+        }
+        if let Some(s) = &self.auth.admin_secret
+            && s.len() < 32
+        {
+            bail!("auth.admin_secret must be at least 32 characters");
         }
         if self.limits.max_body_bytes.get() >= self.limits.max_frame_bytes.get() {
             bail!("limits.max_body_bytes must be smaller than limits.max_frame_bytes");

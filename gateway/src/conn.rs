@@ -145,6 +145,8 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
     // Registered before anything is read: events from now on reach this connection
     // (held until `sync`), so a sync's store read and the live stream overlap, never gap.
     shard.attach(conn.clone());
+    shard.shared.metrics.connections.inc();
+    shard.shared.metrics.connections_total.inc();
     conn.reply(
         0,
         ServerMsg::Welcome {
@@ -160,6 +162,7 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
     reader(conn.clone(), ctx).await;
     conn.close(None);
     shard.detach(&conn);
+    shard.shared.metrics.connections.dec();
 }
 
 type Accepted = (UserId, Subprotocol, bool, String);
@@ -208,6 +211,7 @@ impl Conn {
             return;
         }
         self.out_bytes.set(queued);
+        self.shard.shared.metrics.frames_out.inc();
         self.out.borrow_mut().push_back(frame);
         self.out_ready.notify();
     }
@@ -217,6 +221,7 @@ impl Conn {
     }
 
     fn error(&self, id: u64, code: ErrorCode, client_msg_id: Option<String>) {
+        self.shard.shared.metrics.errors.with_label_values(&[code.name()]).inc();
         self.reply(
             id,
             ServerMsg::Error {
@@ -235,16 +240,17 @@ impl Conn {
         if self.is_closing() {
             return;
         }
-        let counters = &self.shard.shared.counters;
+        let metrics = &self.shard.shared.metrics;
         let overflow = match code {
-            Some(CloseCode::SlowConsumer) => Some(&counters.slow_consumers),
-            Some(CloseCode::SyncBacklog) => Some(&counters.sync_backlogs),
+            Some(CloseCode::SlowConsumer) => Some(&metrics.slow_consumers),
+            Some(CloseCode::SyncBacklog) => Some(&metrics.sync_backlogs),
             _ => None,
         };
         self.closing.set(Some(code));
         self.sync.borrow_mut().pending.clear();
         if let (Some(counter), Some(code)) = (overflow, code) {
-            if counter.fetch_add(1, Ordering::Relaxed) == 0 {
+            counter.inc();
+            if counter.get() == 1 {
                 tracing::warn!(
                     user = self.user,
                     conn = self.id,
@@ -275,6 +281,7 @@ impl Conn {
         match &ev.kind {
             EventKind::Message { message, origin, to_others } => {
                 if *origin == Some(self.id) {
+                    self.shard.shared.metrics.acks.inc();
                     self.reply(
                         0,
                         ServerMsg::Ack {
@@ -301,6 +308,9 @@ impl Conn {
                 }
                 drop(sync);
                 if let Some(f) = ev.broadcast_frame(self.proto) {
+                    let m = &self.shard.shared.metrics;
+                    m.deliveries.inc();
+                    m.delivery_seconds.observe(ev.submitted.elapsed().as_secs_f64());
                     self.enqueue(f);
                 }
             }
@@ -459,7 +469,6 @@ async fn reader(conn: Rc<Conn>, mut ctx: WebSocketContext) {
                 }
                 _ => (None, CloseCode::ProtocolError),
             };
-            conn.shard.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(conn = conn.id, error = %e, "closing on a websocket error");
             if let Some(c) = code {
                 conn.error(0, c, None);
@@ -471,15 +480,14 @@ async fn reader(conn: Rc<Conn>, mut ctx: WebSocketContext) {
 }
 
 async fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) {
+    conn.shard.shared.metrics.frames_in.inc();
     if conn.proto == Subprotocol::FlatBuffers && is_text {
-        conn.shard.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
         conn.error(0, ErrorCode::MalformedFrame, None);
         return;
     }
     match conn.proto.decode_client(payload) {
         Ok(ClientFrame { id, body }) => handle(conn, id, body).await,
         Err(e) => {
-            conn.shard.shared.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(conn = conn.id, error = %e, "bad frame");
             conn.error(0, e.code(), None);
         }
@@ -549,9 +557,12 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
                 client_msg_id,
                 body,
                 origin: conn.id,
+                submitted: std::time::Instant::now(),
             };
             if seq.submit(cmd).is_err() {
                 conn.error(id, ErrorCode::Overloaded, cmid);
+            } else {
+                conn.shard.shared.metrics.sends.inc();
             }
         }
         ClientMsg::CreateDirect { user_id } => {

@@ -185,7 +185,20 @@ pub async fn serve(shard: Rc<ShardCtx>, stream: TcpStream) {
             ("GET", "/healthz") => (200, serde_json::json!({"status": "ok"})),
             ("POST", "/v1/register") => register(&shard, &req.body).await,
             ("POST", "/v1/login") => login(&shard, &req.body).await,
-            (_, "/v1/ws" | "/healthz" | "/v1/register" | "/v1/login") => {
+            ("GET", "/metrics") => {
+                let body = shard.shared.metrics.render();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n",
+                    body.len(),
+                    if keep { "keep-alive" } else { "close" }
+                );
+                if send_all(&stream, Bytes::from(head + &body)).await.is_err() || !keep {
+                    return;
+                }
+                continue;
+            }
+            ("POST", "/v1/admin/users") => admin_users(&shard, &req).await,
+            (_, "/v1/ws" | "/healthz" | "/v1/register" | "/v1/login" | "/metrics" | "/v1/admin/users") => {
                 err(ErrorCode::MethodNotAllowed, "method not allowed here")
             }
             _ => err(ErrorCode::HttpNotFound, "no such endpoint"),
@@ -193,6 +206,72 @@ pub async fn serve(shard: Rc<ShardCtx>, stream: TcpStream) {
         if send_all(&stream, response(status, &body, keep)).await.is_err() || !keep {
             return;
         }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminUsers {
+    prefix: String,
+    #[serde(default)]
+    start: u32,
+    count: u32,
+}
+
+/// Most users one admin call creates.
+const ADMIN_USERS_MAX: u32 = 20_000;
+
+/// Creates (or finds) users `<prefix><start>` .. `<prefix><start+count-1>` and returns a
+/// token for each. The users get no password (login is impossible): they exist for
+/// capacity tests, whose tools cannot wait for thousands of argon2 hashes.
+async fn admin_users(shard: &ShardCtx, req: &Request) -> (u16, serde_json::Value) {
+    let Some(secret) = shard.shared.cfg.auth.admin_secret.clone() else {
+        return err(ErrorCode::HttpNotFound, "no such endpoint");
+    };
+    let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    // Constant-time comparison: the secret must not leak through timing.
+    let same = presented.len() == secret.len()
+        && presented.bytes().zip(secret.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if !same {
+        return err(ErrorCode::Unauthorized, "admin secret required");
+    }
+    let a: AdminUsers = match serde_json::from_slice(&req.body) {
+        Ok(a) => a,
+        Err(_) => return err(ErrorCode::InvalidRequest, "expected {\"prefix\", \"count\", \"start\"?}"),
+    };
+    if a.count == 0 || a.count > ADMIN_USERS_MAX || !valid_username(&format!("{}{}", a.prefix, a.start)) {
+        return err(ErrorCode::InvalidRequest, "count must be 1..=20000 and prefix a valid username start");
+    }
+    let shared = shard.shared.clone();
+    let job = move || -> Result<Vec<serde_json::Value>, ErrorCode> {
+        let mut out = Vec::with_capacity(a.count as usize);
+        for i in a.start..a.start + a.count {
+            let username = format!("{}{i}", a.prefix);
+            if !valid_username(&username) {
+                return Err(ErrorCode::InvalidRequest);
+            }
+            let id = match shared.store.user_by_name(&username).map_err(|_| ErrorCode::HttpInternal)? {
+                Some(u) => u.id,
+                None => {
+                    let u = UserRecord {
+                        id: shared.ids.next(),
+                        username: username.clone(),
+                        // Not a PHC string: no password verifies against it.
+                        password_hash: "!".into(),
+                        created_ms: crate::auth::now_ms(),
+                    };
+                    shared.store.create_user(&u).map_err(|_| ErrorCode::HttpInternal)?;
+                    u.id
+                }
+            };
+            out.push(serde_json::json!({"username": username, "user_id": id.to_string(), "token": shared.auth.issue(id)}));
+        }
+        Ok(out)
+    };
+    match shard.shared.hashers.run(job).await {
+        Ok(Ok(users)) => (201, serde_json::json!({ "users": users })),
+        Ok(Err(code)) => err(code, code.description()),
+        Err(_) => err(ErrorCode::HttpOverloaded, "busy; retry"),
     }
 }
 

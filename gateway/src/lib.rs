@@ -24,6 +24,7 @@ pub mod frame;
 pub mod http;
 pub mod ids;
 pub mod mailbox;
+pub mod metrics;
 pub mod netio;
 pub mod pool;
 pub mod sequencer;

@@ -16,9 +16,10 @@ use bytes::Bytes;
 use crossbeam_queue::SegQueue;
 use protocol::{ConversationId, ErrorCode, Message, ServerFrame, ServerMsg, Subprotocol, UserId};
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
+use std::time::Instant;
 
 /// A connection's id, unique in this process.
 pub type ConnId = u64;
@@ -38,12 +39,18 @@ pub enum EventKind {
 #[derive(Debug)]
 pub struct Event {
     pub kind: EventKind,
+    /// When the command behind it entered the sequencer's queue (for the delivery-latency metric).
+    pub submitted: Instant,
     encoded: [OnceLock<Bytes>; 2],
 }
 
 impl Event {
     pub fn new(kind: EventKind) -> Arc<Event> {
-        Arc::new(Event { kind, encoded: [OnceLock::new(), OnceLock::new()] })
+        Self::submitted_at(kind, Instant::now())
+    }
+
+    pub fn submitted_at(kind: EventKind, submitted: Instant) -> Arc<Event> {
+        Arc::new(Event { kind, submitted, encoded: [OnceLock::new(), OnceLock::new()] })
     }
 
     /// The broadcast form (`message` frame), as a complete WebSocket frame.
@@ -155,18 +162,12 @@ impl Mailbox {
 pub struct Registry {
     shards: usize,
     map: papaya::HashMap<(UserId, u16), Arc<Mailbox>>,
-    pub mailbox_overflows: AtomicU64,
-    pub deliveries: AtomicU64,
+    overflows: prometheus::IntCounter,
 }
 
 impl Registry {
-    pub fn new(shards: usize) -> Registry {
-        Registry {
-            shards,
-            map: papaya::HashMap::new(),
-            mailbox_overflows: AtomicU64::new(0),
-            deliveries: AtomicU64::new(0),
-        }
+    pub fn new(shards: usize, overflows: prometheus::IntCounter) -> Registry {
+        Registry { shards, map: papaya::HashMap::new(), overflows }
     }
 
     /// Runs on: the shard that owns the mailbox.
@@ -190,18 +191,18 @@ impl Registry {
                 match mb.push(ev.clone()) {
                     Ok(()) => n += 1,
                     Err(Full(_)) => {
-                        if self.mailbox_overflows.fetch_add(1, Ordering::Relaxed) == 0 {
+                        if self.overflows.get() == 0 {
                             tracing::warn!(
                                 user,
                                 shard,
                                 "mailbox full; closing the user's connections there (logged once)"
                             );
                         }
+                        self.overflows.inc();
                     }
                 }
             }
         }
-        self.deliveries.fetch_add(n as u64, Ordering::Relaxed);
         n
     }
 }
@@ -249,7 +250,7 @@ mod tests {
 
     #[test]
     fn registry_reaches_every_shard_of_a_user() {
-        let r = Registry::new(3);
+        let r = Registry::new(3, prometheus::IntCounter::new("x", "x").unwrap());
         let a = Arc::new(Mailbox::new(8));
         let b = Arc::new(Mailbox::new(8));
         r.insert(7, 0, a.clone());

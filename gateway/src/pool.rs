@@ -7,14 +7,13 @@
 
 use futures_channel::oneshot;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 type Job = Box<dyn FnOnce() + Send>;
 
 pub struct Pool {
     name: &'static str,
     tx: crossbeam_channel::Sender<Job>,
-    pub rejected: AtomicU64,
+    rejected: prometheus::IntCounter,
 }
 
 /// The pool's queue was full (or the pool is gone); the job was not run.
@@ -22,7 +21,12 @@ pub struct Pool {
 pub struct Full;
 
 impl Pool {
-    pub fn new(name: &'static str, threads: usize, queue: usize) -> Arc<Pool> {
+    pub fn new(
+        name: &'static str,
+        threads: usize,
+        queue: usize,
+        rejected: prometheus::IntCounter,
+    ) -> Arc<Pool> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(queue);
         for i in 0..threads {
             let rx = rx.clone();
@@ -35,7 +39,7 @@ impl Pool {
                 })
                 .expect("spawning a pool thread");
         }
-        Arc::new(Pool { name, tx, rejected: AtomicU64::new(0) })
+        Arc::new(Pool { name, tx, rejected })
     }
 
     /// Runs `f` on a pool thread and resolves with its result.
@@ -48,9 +52,10 @@ impl Pool {
             let _ = tx.send(f());
         });
         if self.tx.try_send(job).is_err() {
-            if self.rejected.fetch_add(1, Ordering::Relaxed) == 0 {
+            if self.rejected.get() == 0 {
                 tracing::warn!(pool = self.name, "pool queue full; rejecting work (logged once)");
             }
+            self.rejected.inc();
             return Err(Full);
         }
         rx.await.map_err(|_| Full)

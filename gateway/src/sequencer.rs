@@ -16,13 +16,14 @@
 use crate::auth::now_ms;
 use crate::ids::IdGen;
 use crate::mailbox::{ConnId, Event, EventKind, Registry};
+use crate::metrics::Metrics;
 use futures_channel::oneshot;
 use protocol::{
     Conversation, ConversationId, ConversationKind, ErrorCode, Member, Message, MessageKind, Role, UserId,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 use storage::{BucketRef, ConversationRecord, Mutation, Store, bucket_of, pair};
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
@@ -35,6 +36,7 @@ pub enum Command {
         client_msg_id: String,
         body: String,
         origin: ConnId,
+        submitted: Instant,
     },
     CreateDirect {
         user: UserId,
@@ -76,15 +78,7 @@ pub enum Command {
 /// The shards' handle on the sequencer.
 pub struct Sequencer {
     tx: crossbeam_channel::Sender<Command>,
-    pub stats: Arc<SequencerStats>,
-}
-
-#[derive(Default, Debug)]
-pub struct SequencerStats {
-    pub rejected: AtomicU64,
-    pub commits: AtomicU64,
-    pub messages: AtomicU64,
-    pub commit_failures: AtomicU64,
+    rejected: prometheus::IntCounter,
 }
 
 pub struct SequencerConfig {
@@ -99,23 +93,18 @@ impl Sequencer {
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
         ids: Arc<IdGen>,
+        metrics: Arc<Metrics>,
     ) -> Sequencer {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
-        let stats = Arc::new(SequencerStats::default());
-        let mut worker = Worker {
-            store,
-            registry,
-            ids,
-            stats: stats.clone(),
-            member_cap: cfg.member_cap,
-            convs: HashMap::new(),
-        };
+        let rejected = metrics.rejected.with_label_values(&["sequencer"]);
+        let mut worker =
+            Worker { store, registry, ids, metrics, member_cap: cfg.member_cap, convs: HashMap::new() };
         let batch_max = cfg.batch_max;
         std::thread::Builder::new()
             .name("sequencer".into())
             .spawn(move || worker.run(rx, batch_max))
             .expect("spawning the sequencer");
-        Sequencer { tx, stats }
+        Sequencer { tx, rejected }
     }
 
     /// Queues a command; hands it back if the queue is full.
@@ -123,9 +112,10 @@ impl Sequencer {
     /// Runs on: any shard. Never blocks.
     pub fn submit(&self, cmd: Command) -> Result<(), Command> {
         self.tx.try_send(cmd).map_err(|e| {
-            if self.stats.rejected.fetch_add(1, Ordering::Relaxed) == 0 {
+            if self.rejected.get() == 0 {
                 tracing::warn!("sequencer queue full; answering overloaded (logged once)");
             }
+            self.rejected.inc();
             e.into_inner()
         })
     }
@@ -181,7 +171,7 @@ struct Worker {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     ids: Arc<IdGen>,
-    stats: Arc<SequencerStats>,
+    metrics: Arc<Metrics>,
     member_cap: usize,
     convs: HashMap<ConversationId, ConvState>,
 }
@@ -206,6 +196,7 @@ impl Worker {
                 }
             }
             let mut batch = Batch::default();
+            self.metrics.commit_batch.observe(cmds.len() as f64);
             for cmd in cmds.drain(..) {
                 self.apply(cmd, &mut batch);
             }
@@ -275,8 +266,8 @@ impl Worker {
 
     fn apply(&mut self, cmd: Command, batch: &mut Batch) {
         match cmd {
-            Command::Send { conversation, sender, client_msg_id, body, origin } => {
-                match self.send(conversation, sender, client_msg_id.clone(), body, origin, batch) {
+            Command::Send { conversation, sender, client_msg_id, body, origin, submitted } => {
+                match self.send(conversation, sender, client_msg_id.clone(), body, origin, submitted, batch) {
                     Ok(()) => {}
                     Err(code) => batch.effects.push(Effect::Event(
                         Event::new(EventKind::SendFailed {
@@ -328,6 +319,7 @@ impl Worker {
         client_msg_id: String,
         body: String,
         origin: ConnId,
+        submitted: Instant,
         batch: &mut Batch,
     ) -> Result<(), Fail> {
         let store = self.store.clone();
@@ -365,7 +357,10 @@ impl Worker {
         let recipients = st.recipients.clone();
         batch.idem.insert(key, m.clone());
         batch.effects.push(Effect::Event(
-            Event::new(EventKind::Message { message: m, origin: Some(origin), to_others: true }),
+            Event::submitted_at(
+                EventKind::Message { message: m, origin: Some(origin), to_others: true },
+                submitted,
+            ),
             recipients,
         ));
         Ok(())
@@ -638,13 +633,14 @@ impl Worker {
                 batch.muts.push(Mutation::PutConversation(st.rec.clone()));
             }
         }
+        let started = Instant::now();
         let committed = match self.store.commit(&batch.muts) {
             Ok(()) => {
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 true
             }
             Err(e) => {
-                self.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.errors.with_label_values(&["commit_failed"]).inc();
                 tracing::error!(error = %e, writes = batch.muts.len(), "commit failed; the batch is refused");
                 // The cache holds this batch's uncommitted changes: forget them.
                 for id in &batch.touched {
@@ -693,6 +689,6 @@ impl Worker {
                 }
             }
         }
-        self.stats.messages.fetch_add(messages, Ordering::Relaxed);
+        self.metrics.messages_stored.inc_by(messages);
     }
 }

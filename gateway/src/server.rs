@@ -5,6 +5,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::ids::IdGen;
 use crate::mailbox::Registry;
+use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::sequencer::{Sequencer, SequencerConfig};
 use anyhow::Context;
@@ -25,14 +26,7 @@ pub struct Shared {
     pub hashers: Arc<Pool>,
     pub ids: Arc<IdGen>,
     pub next_conn: AtomicU64,
-    pub counters: Counters,
-}
-
-#[derive(Default)]
-pub struct Counters {
-    pub slow_consumers: AtomicU64,
-    pub sync_backlogs: AtomicU64,
-    pub bad_frames: AtomicU64,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Running {
@@ -66,7 +60,8 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     let store: Arc<dyn Store> =
         Arc::new(FjallStore::open(&cfg.data_dir.join("store")).context("opening the embedded store")?);
     let shards = cfg.shard_count();
-    let registry = Arc::new(Registry::new(shards));
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(Registry::new(shards, metrics.mailbox_overflows.clone()));
     let ids = Arc::new(IdGen::new(cfg.node_id));
     let sequencer = Sequencer::start(
         SequencerConfig {
@@ -77,9 +72,20 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         store.clone(),
         registry.clone(),
         ids.clone(),
+        metrics.clone(),
     );
-    let readers = Pool::new("reader", cfg.storage.reader_threads.get(), cfg.storage.reader_queue.get());
-    let hashers = Pool::new("hasher", cfg.auth.hash_threads.get(), 256);
+    let readers = Pool::new(
+        "reader",
+        cfg.storage.reader_threads.get(),
+        cfg.storage.reader_queue.get(),
+        metrics.rejected.with_label_values(&["reader"]),
+    );
+    let hashers = Pool::new(
+        "hasher",
+        cfg.auth.hash_threads.get(),
+        256,
+        metrics.rejected.with_label_values(&["hasher"]),
+    );
     let auth = Auth::new(&cfg.auth, &cfg.data_dir)?;
 
     // The first listener fixes the port (port 0 picks one); the others share it.
@@ -100,7 +106,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         hashers,
         ids,
         next_conn: AtomicU64::new(1),
-        counters: Counters::default(),
+        metrics,
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let threads: Vec<_> = listeners

@@ -161,3 +161,78 @@ fn check_config_validates_without_starting() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
     let _ = Subprotocol::Json;
 }
+
+#[test]
+fn admin_users_endpoint_mints_capacity_test_users() {
+    let g = TestGateway::start();
+    let body = r#"{"prefix":"lg","count":50}"#;
+    let auth = format!("Bearer {ADMIN}");
+    let (s, _) =
+        http_raw(g.addr, "POST", "/v1/admin/users", &[("authorization", "Bearer wrong")], Some(body));
+    assert_eq!(s, 401);
+    let (s, r) = http_raw(g.addr, "POST", "/v1/admin/users", &[("authorization", &auth)], Some(body));
+    assert_eq!(s, 201, "{r}");
+    let r: serde_json::Value = serde_json::from_str(&r).unwrap();
+    let users = r["users"].as_array().unwrap();
+    assert_eq!(users.len(), 50);
+    assert_eq!(users[7]["username"], "lg7");
+    // The tokens work.
+    let c = g.connect(users[7]["token"].as_str().unwrap(), Subprotocol::FlatBuffers);
+    assert_eq!(c.user_id.to_string(), users[7]["user_id"].as_str().unwrap());
+    // Asking again finds the same users.
+    let (_, again) = http_raw(g.addr, "POST", "/v1/admin/users", &[("authorization", &auth)], Some(body));
+    let again: serde_json::Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(again["users"][7]["user_id"], users[7]["user_id"]);
+    // They cannot log in: they have no password.
+    assert_eq!(g.login("lg7", "").0, 401);
+    assert_eq!(g.login("lg7", "!").0, 401);
+}
+
+#[test]
+fn admin_users_endpoint_is_absent_without_a_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = TestGateway::start_with_config(tmp.path(), "shards = 1\n", &[]);
+    let (s, _) = http_raw(g.addr, "POST", "/v1/admin/users", &[("authorization", "Bearer x")], Some("{}"));
+    assert_eq!(s, 404);
+}
+
+#[test]
+fn metrics_count_what_happened() {
+    let g = TestGateway::start();
+    let (_, ta) = g.user("mia");
+    let (b, tb) = g.user("max");
+    let mut a = g.connect(&ta, Subprotocol::Json);
+    let mut bb = g.connect(&tb, Subprotocol::Json);
+    a.sync(vec![]);
+    bb.sync(vec![]);
+    let conv = conversation_id(&a.request(ClientMsg::CreateDirect { user_id: b }));
+    for i in 0..5 {
+        a.send_text(conv, &format!("m{i}"), "x");
+    }
+    a.wait_ack("m4");
+    for _ in 0..5 {
+        bb.next_message();
+    }
+    a.send_text(424242, "bad", "x");
+    a.wait_for(|m| matches!(m, ServerMsg::Error { .. }));
+    let (s, text) = http_raw(g.addr, "GET", "/metrics", &[], None);
+    assert_eq!(s, 200);
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("switchboard_messages_stored_total"), 5.0);
+    assert_eq!(value("switchboard_deliveries_total"), 5.0);
+    assert_eq!(value("switchboard_acks_total"), 5.0);
+    assert_eq!(value("switchboard_connections"), 2.0);
+    assert_eq!(value("switchboard_errors_total{code=\"not_found\"}"), 1.0);
+    assert_eq!(value("switchboard_delivery_seconds_count"), 5.0);
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+}

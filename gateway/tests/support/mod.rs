@@ -16,6 +16,7 @@ use tungstenite::{Message, WebSocket};
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+pub const ADMIN: &str = "admin-secret-admin-secret-admin-secret";
 
 pub struct TestGateway {
     child: Child,
@@ -38,15 +39,17 @@ impl TestGateway {
     }
 
     pub fn start_with_args(dir: &Path, extra: &str, args: &[&str]) -> TestGateway {
-        let cfg = dir.join("gateway.toml");
         // Cheap hashing keeps registration fast in tests; production uses the OWASP defaults.
-        std::fs::write(
-            &cfg,
-            format!(
-                "shards = 2\n{extra}\n[auth]\ntoken_secret = \"{SECRET}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n"
-            ),
-        )
-        .unwrap();
+        let config = format!(
+            "shards = 2\n{extra}\n[auth]\ntoken_secret = \"{SECRET}\"\nadmin_secret = \"{ADMIN}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n"
+        );
+        Self::start_with_config(dir, &config, args)
+    }
+
+    /// Starts with exactly this config file text.
+    pub fn start_with_config(dir: &Path, config: &str, args: &[&str]) -> TestGateway {
+        let cfg = dir.join("gateway.toml");
+        std::fs::write(&cfg, config).unwrap();
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))

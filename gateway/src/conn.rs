@@ -16,7 +16,7 @@
 use crate::http::{Request, choose_subprotocol, error_response};
 use crate::mailbox::{ConnId, Event, EventKind};
 use crate::netio::{self, Signal};
-use crate::sequencer::Command;
+use crate::sequencer::{Command, SendCmd};
 use crate::shard::ShardCtx;
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -551,14 +551,14 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             if body.is_empty() {
                 return conn.error(id, ErrorCode::InvalidField, cmid);
             }
-            let cmd = Command::Send {
+            let cmd = Command::Send(SendCmd {
                 conversation: conversation_id,
                 sender: user,
                 client_msg_id,
                 body,
                 origin: conn.id,
                 submitted: std::time::Instant::now(),
-            };
+            });
             if seq.submit(cmd).is_err() {
                 conn.error(id, ErrorCode::Overloaded, cmid);
             } else {

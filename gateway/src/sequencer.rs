@@ -30,14 +30,7 @@ pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
 
 #[derive(Debug)]
 pub enum Command {
-    Send {
-        conversation: ConversationId,
-        sender: UserId,
-        client_msg_id: String,
-        body: String,
-        origin: ConnId,
-        submitted: Instant,
-    },
+    Send(SendCmd),
     CreateDirect {
         user: UserId,
         peer: UserId,
@@ -73,6 +66,18 @@ pub enum Command {
         role: Role,
         reply: Reply<Conversation>,
     },
+}
+
+#[derive(Debug)]
+pub struct SendCmd {
+    pub conversation: ConversationId,
+    pub sender: UserId,
+    pub client_msg_id: String,
+    pub body: String,
+    /// The connection that sent it: it gets the ack.
+    pub origin: ConnId,
+    /// When the shard queued it (for the delivery-latency metric).
+    pub submitted: Instant,
 }
 
 /// The shards' handle on the sequencer.
@@ -266,8 +271,10 @@ impl Worker {
 
     fn apply(&mut self, cmd: Command, batch: &mut Batch) {
         match cmd {
-            Command::Send { conversation, sender, client_msg_id, body, origin, submitted } => {
-                match self.send(conversation, sender, client_msg_id.clone(), body, origin, submitted, batch) {
+            Command::Send(cmd) => {
+                let (conversation, sender, origin) = (cmd.conversation, cmd.sender, cmd.origin);
+                let client_msg_id = cmd.client_msg_id.clone();
+                match self.send(cmd, batch) {
                     Ok(()) => {}
                     Err(code) => batch.effects.push(Effect::Event(
                         Event::new(EventKind::SendFailed {
@@ -312,16 +319,8 @@ impl Worker {
         }
     }
 
-    fn send(
-        &mut self,
-        conversation: ConversationId,
-        sender: UserId,
-        client_msg_id: String,
-        body: String,
-        origin: ConnId,
-        submitted: Instant,
-        batch: &mut Batch,
-    ) -> Result<(), Fail> {
+    fn send(&mut self, cmd: SendCmd, batch: &mut Batch) -> Result<(), Fail> {
+        let SendCmd { conversation, sender, client_msg_id, body, origin, submitted } = cmd;
         let store = self.store.clone();
         let st = self.load(conversation)?;
         if !st.members.contains_key(&sender) {

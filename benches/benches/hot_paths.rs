@@ -74,7 +74,7 @@ fn mailbox(c: &mut Criterion) {
 fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for members in [100u64, 1000] {
-        let reg = Registry::new(2);
+        let reg = Registry::new(2, gateway::metrics::Metrics::new().mailbox_overflows.clone());
         let boxes: Vec<_> = (0..members)
             .map(|u| {
                 let mb = Arc::new(Mailbox::new(1 << 16));

@@ -1,15 +1,23 @@
 //! Prometheus metrics, served at `GET /metrics` in the text exposition format.
 //!
 //! Counters and histograms are the `prometheus` crate's lock-free atomics, shared
-//! by every thread. Process CPU and RSS come from its process collector
-//! (`process_cpu_seconds_total`, `process_resident_memory_bytes`).
+//! by every thread. Process CPU and RSS are read at scrape time under the
+//! standard names (`process_cpu_seconds_total`, `process_resident_memory_bytes`):
+//! CPU from `getrusage` (microseconds; the crate's own process collector rounds it
+//! to whole seconds, too coarse for CPU-per-message figures), RSS from
+//! `/proc/self/statm`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
     registry: Registry,
+    /// Unprefixed: the standard `process_*` names.
+    process: Registry,
+    cpu_seconds: Gauge,
+    rss_bytes: IntGauge,
     pub connections: IntGauge,
     pub connections_total: IntCounter,
     pub frames_in: IntCounter,
@@ -59,10 +67,18 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(rejected.clone())).expect("unique metric");
-        let process = prometheus::process_collector::ProcessCollector::for_self();
-        // Registered without the prefix, under the standard process_* names.
-        let _ = prometheus::default_registry().register(Box::new(process));
+        let process = Registry::new();
+        // A counter in meaning; exposed through a gauge because it is read, not incremented.
+        let cpu_seconds = Gauge::new("process_cpu_seconds_total", "User and system CPU time, seconds")
+            .expect("valid metric");
+        let rss_bytes =
+            IntGauge::new("process_resident_memory_bytes", "Resident memory, bytes").expect("valid metric");
+        process.register(Box::new(cpu_seconds.clone())).expect("unique metric");
+        process.register(Box::new(rss_bytes.clone())).expect("unique metric");
         Metrics {
+            process,
+            cpu_seconds,
+            rss_bytes,
             connections,
             connections_total: counter(&r, "connections_total", "WebSocket connections accepted"),
             frames_in: counter(&r, "frames_in_total", "Data frames received"),
@@ -95,12 +111,35 @@ impl Metrics {
 
     /// The text exposition of every metric, process metrics included.
     pub fn render(&self) -> String {
+        self.cpu_seconds.set(cpu_seconds());
+        self.rss_bytes.set(rss_bytes());
         let mut families = self.registry.gather();
-        families.extend(prometheus::default_registry().gather());
+        families.extend(self.process.gather());
         let mut out = Vec::new();
         TextEncoder::new().encode(&families, &mut out).expect("text encoding cannot fail");
         String::from_utf8(out).expect("text exposition is UTF-8")
     }
+}
+
+/// User + system CPU of this process, seconds (microsecond resolution).
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct we pass; RUSAGE_SELF is always valid.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Current resident set size, bytes.
+fn rss_bytes() -> i64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<i64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf with a valid name has no preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64
 }
 
 impl Default for Metrics {

@@ -1,0 +1,309 @@
+//! `loadgen run`: provisions users, starts (or waits for) workers, drives the
+//! phases, merges their results, scrapes the gateway, and reports.
+
+use crate::plan::{Assignment, Counters, FromWorker, Scenario, ToWorker, User, WorkerResult};
+use crate::report::{self, Summary};
+use crate::worker::{decode_hist, histogram};
+use anyhow::{Context, anyhow, bail};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Gateway (or load balancer) to test.
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    pub target: String,
+    /// Total connections (one user each).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Total messages per second, across all senders.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// How long to send, e.g. 30s, 2m.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    #[arg(long, value_enum, default_value = "pairs")]
+    pub scenario: Scenario,
+    /// Members per group (groups and mix scenarios).
+    #[arg(long, default_value_t = 10)]
+    pub group_size: usize,
+    /// Share of active users in groups (mix scenario).
+    #[arg(long, default_value_t = 0.5)]
+    pub group_fraction: f64,
+    /// Message body size, bytes.
+    #[arg(long, default_value_t = 100)]
+    pub message_size: usize,
+    /// Share of connections that stay idle (connected, synced, silent).
+    #[arg(long, default_value_t = 0.0)]
+    pub idle_fraction: f64,
+    /// Connections opened per second, in total.
+    #[arg(long, default_value_t = 2000.0)]
+    pub ramp: f64,
+    /// How long to wait after the run for acked messages to arrive before calling them lost.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Worker processes to start here (each holds at most ~19k sockets: the fd limit).
+    /// Default: enough for the connections, at least one.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Workers on other hosts (`loadgen worker --coordinator HOST:PORT`) to wait for, in addition.
+    #[arg(long, default_value_t = 0)]
+    pub external_workers: usize,
+    /// Where workers connect to this coordinator.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Source addresses, one per local worker in turn: `127.0.1.` + worker number by default.
+    /// `none` binds no source address.
+    #[arg(long, default_value = "127.0.1.")]
+    pub source_prefix: String,
+    /// Use the JSON subprotocol instead of FlatBuffers.
+    #[arg(long)]
+    pub json_protocol: bool,
+    /// The gateway's admin secret (`auth.admin_secret`), to mint test users quickly.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_SECRET")]
+    pub admin_secret: String,
+    /// Username prefix of the test users.
+    #[arg(long, default_value = "lg")]
+    pub user_prefix: String,
+    /// Token cache: users minted once are reused while their tokens are fresh.
+    #[arg(long, default_value = "loadgen-users.json")]
+    pub user_cache: PathBuf,
+    /// Prometheus endpoint of the gateway. Default: derived from --target.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    /// Write the JSON summary here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the HdrHistogram percentile distribution (.hgrm) here.
+    #[arg(long)]
+    pub hgrm: Option<PathBuf>,
+    /// Write an SVG plot (latency percentiles, rates over time) here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) =
+        s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "" | "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Most connections one worker process takes (the hard fd limit here is 20000).
+pub const PER_WORKER_MAX: usize = 18_000;
+
+fn http_base(target: &str) -> anyhow::Result<String> {
+    Ok(format!(
+        "http://{}",
+        target.strip_prefix("ws://").ok_or_else(|| anyhow!("--target must be ws://host:port"))?
+    ))
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let base = http_base(&args.target)?;
+    let metrics_url = args.metrics_url.clone().unwrap_or_else(|| format!("{base}/metrics"));
+    let local = args.workers.unwrap_or_else(|| {
+        if args.external_workers > 0 { 0 } else { args.connections.div_ceil(PER_WORKER_MAX).max(1) }
+    });
+    let total_workers = local + args.external_workers;
+    if total_workers == 0 {
+        bail!("no workers: use --workers or --external-workers");
+    }
+    if args.connections.div_ceil(total_workers) > PER_WORKER_MAX {
+        bail!(
+            "{} connections need at least {} workers",
+            args.connections,
+            args.connections.div_ceil(PER_WORKER_MAX)
+        );
+    }
+
+    eprintln!("loadgen: provisioning {} users", args.connections);
+    let users = crate::provision::users(
+        &base,
+        &args.admin_secret,
+        &args.user_prefix,
+        args.connections,
+        &args.user_cache,
+    )?;
+
+    let listener = TcpListener::bind(&args.listen).context("binding the coordinator")?;
+    let addr = listener.local_addr()?;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for _ in 0..local {
+        children.push(
+            std::process::Command::new(&exe)
+                .args(["worker", "--coordinator", &addr.to_string()])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .context("starting a worker")?,
+        );
+    }
+    if args.external_workers > 0 {
+        eprintln!("loadgen: waiting for {} external workers on {addr}", args.external_workers);
+    }
+
+    let before = crate::scrape::scrape(&metrics_url).ok();
+    // Assign contiguous slices of users; each worker runs whole conversations.
+    let mut workers = Vec::new();
+    let per = args.connections.div_ceil(total_workers);
+    for w in 0..total_workers {
+        let (stream, _) = listener.accept()?;
+        let slice: Vec<User> = users.iter().skip(w * per).take(per).cloned().collect();
+        let idle = (slice.len() as f64 * args.idle_fraction).round() as usize;
+        let a = Assignment {
+            worker: w,
+            target: args.target.clone(),
+            rate: args.rate * (slice.len() - idle) as f64
+                / (args.connections as f64 * (1.0 - args.idle_fraction)).max(1.0),
+            users: slice,
+            scenario: args.scenario,
+            group_size: args.group_size,
+            group_fraction: args.group_fraction,
+            idle,
+            message_size: args.message_size,
+            duration_ms: args.duration.as_millis() as u64,
+            grace_ms: args.grace.as_millis() as u64,
+            ramp: args.ramp / total_workers as f64,
+            source_ip: (args.source_prefix != "none" && w < local)
+                .then(|| format!("{}{}", args.source_prefix, w + 1)),
+            json_protocol: args.json_protocol,
+        };
+        let mut s = stream;
+        writeln!(s, "{}", serde_json::to_string(&ToWorker::Assign(Box::new(a)))?)?;
+        workers.push(BufReader::new(s));
+    }
+
+    // Ready: every worker connected and set up.
+    let mut setup = Counters::default();
+    for r in &mut workers {
+        match read(r)? {
+            FromWorker::Ready(c) => setup.add(&c),
+            FromWorker::Failed(e) => bail!("a worker failed during set-up: {e}"),
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    eprintln!(
+        "loadgen: {}/{} connected ({} errors); sending {} msg/s for {:?}",
+        setup.connected, setup.connections, setup.connect_errors, args.rate, args.duration
+    );
+    let connected_scrape = crate::scrape::scrape(&metrics_url).ok();
+    let start_unix_ms = (crate::worker::now_us() / 1000) + 500;
+    for r in &mut workers {
+        let s = r.get_mut();
+        writeln!(s, "{}", serde_json::to_string(&ToWorker::Go { start_unix_ms })?)?;
+    }
+
+    // Progress until every worker reports its result.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, r) in workers.into_iter().enumerate() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut r = r;
+            loop {
+                match read(&mut r) {
+                    Ok(m) => {
+                        let end = matches!(m, FromWorker::Result(_) | FromWorker::Failed(_));
+                        let _ = tx.send((i, m));
+                        if end {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send((i, FromWorker::Failed(format!("{e:#}"))));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let t0 = Instant::now();
+    let mut progress: Vec<(Counters, Option<hdrhistogram::Histogram<u64>>)> =
+        vec![Default::default(); total_workers];
+    let mut results: Vec<Option<WorkerResult>> = vec![None; total_workers];
+    let mut last = (0u64, 0u64, Instant::now());
+    let mut traffic_end = None;
+    while results.iter().any(Option::is_none) {
+        let Ok((i, m)) = rx.recv() else { bail!("a worker vanished") };
+        match m {
+            FromWorker::Progress { counters, latency } => {
+                progress[i] = (counters, decode_hist(&latency).ok());
+                let mut c = Counters::default();
+                let mut h = histogram();
+                for (pc, ph) in &progress {
+                    c.add(pc);
+                    if let Some(ph) = ph {
+                        let _ = h.add(ph);
+                    }
+                }
+                let dt = last.2.elapsed().as_secs_f64().max(1e-3);
+                if dt >= 0.9 {
+                    eprintln!(
+                        "[{:>4.0}s] conns {}/{}  send {:.0}/s  deliver {:.0}/s  p50 {:.2}ms  p95 {:.2}ms  errors {}",
+                        t0.elapsed().as_secs_f64(),
+                        setup.connected,
+                        setup.connections,
+                        (c.sent - last.0) as f64 / dt,
+                        (c.delivered - last.1) as f64 / dt,
+                        h.value_at_quantile(0.5) as f64 / 1000.0,
+                        h.value_at_quantile(0.95) as f64 / 1000.0,
+                        c.send_errors + c.connect_errors + c.disconnects,
+                    );
+                    last = (c.sent, c.delivered, Instant::now());
+                }
+            }
+            FromWorker::Result(r) => {
+                traffic_end.get_or_insert_with(Instant::now);
+                results[i] = Some(*r);
+            }
+            FromWorker::Failed(e) => bail!("worker {i} failed: {e}"),
+            FromWorker::Ready(_) => {}
+        }
+    }
+    let after = crate::scrape::scrape(&metrics_url).ok();
+    for mut c in children {
+        let _ = c.wait();
+    }
+
+    let results: Vec<WorkerResult> = results.into_iter().flatten().collect();
+    let summary =
+        Summary::build(&args, &results, before.as_ref(), connected_scrape.as_ref(), after.as_ref())?;
+    report::print_table(&summary);
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&summary.json)?)?;
+    }
+    if let Some(p) = &args.hgrm {
+        std::fs::write(p, report::hgrm(&summary.latency))?;
+    }
+    if let Some(p) = &args.svg {
+        report::svg(p, &summary)?;
+    }
+    let c = &summary.counters;
+    let bad = c.lost + c.duplicates + c.out_of_order;
+    if bad > 0 {
+        eprintln!(
+            "loadgen: FAILED: {} lost, {} duplicates, {} out of order",
+            c.lost, c.duplicates, c.out_of_order
+        );
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+fn read(r: &mut BufReader<TcpStream>) -> anyhow::Result<FromWorker> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        bail!("worker closed its connection");
+    }
+    Ok(serde_json::from_str(&line)?)
+}

@@ -1,0 +1,62 @@
+//! loadgen: the capacity-test tool for Switchboard.
+//!
+//! - `loadgen run --target ws://HOST:PORT ...`: the coordinator; starts local worker
+//!   processes (and/or waits for remote ones), merges their results, reports.
+//! - `loadgen worker --coordinator HOST:PORT`: one worker process.
+//!
+//! See README.md "Capacity tests" for a walkthrough.
+
+mod coordinator;
+mod plan;
+mod provision;
+mod report;
+mod scrape;
+mod worker;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(version, about = "Switchboard capacity-test tool")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a capacity test against a gateway (or a load balancer in front of a fleet).
+    Run(Box<coordinator::RunArgs>),
+    /// Serve a coordinator as one worker process (started by `run`, or by hand on other hosts).
+    Worker {
+        #[arg(long)]
+        coordinator: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Run(args) => match coordinator::run(*args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("loadgen: {e:#}");
+                2
+            }
+        },
+        Cmd::Worker { coordinator } => {
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(worker::run(&coordinator)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("loadgen worker: {e:#}");
+                    2
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}

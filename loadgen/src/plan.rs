@@ -1,0 +1,109 @@
+//! What the coordinator tells a worker, and what workers report back.
+//! Newline-delimited JSON over one TCP connection per worker.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// 1:1 chats: users paired two by two, both sending.
+    Pairs,
+    /// Groups of `--group-size` members, every member sending.
+    Groups,
+    /// `--group-fraction` of users in groups, the rest in pairs.
+    Mix,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct User {
+    pub username: String,
+    pub user_id: String,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Assignment {
+    pub worker: usize,
+    /// `ws://host:port`
+    pub target: String,
+    pub users: Vec<User>,
+    pub scenario: Scenario,
+    pub group_size: usize,
+    pub group_fraction: f64,
+    /// Connections of this worker that stay idle (connected, synced, silent).
+    pub idle: usize,
+    /// Messages per second this worker sends, spread over its active connections.
+    pub rate: f64,
+    pub message_size: usize,
+    pub duration_ms: u64,
+    pub grace_ms: u64,
+    /// Connections per second this worker opens.
+    pub ramp: f64,
+    /// Local address to bind client sockets to (spreads ephemeral ports), if any.
+    pub source_ip: Option<String>,
+    pub json_protocol: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToWorker {
+    Assign(Box<Assignment>),
+    /// Start sending at this Unix time (ms).
+    Go {
+        start_unix_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub connections: u64,
+    pub connected: u64,
+    pub connect_errors: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub send_errors: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub disconnects: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.connections += o.connections;
+        self.connected += o.connected;
+        self.connect_errors += o.connect_errors;
+        self.sent += o.sent;
+        self.acked += o.acked;
+        self.send_errors += o.send_errors;
+        self.delivered += o.delivered;
+        self.lost += o.lost;
+        self.duplicates += o.duplicates;
+        self.out_of_order += o.out_of_order;
+        self.disconnects += o.disconnects;
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// Connected, synced and conversations set up; waiting for `Go`.
+    Ready(Counters),
+    /// Once a second while sending: totals so far, and the latency histogram so far
+    /// (base64 HdrHistogram V2) for live percentiles.
+    Progress {
+        counters: Counters,
+        latency: String,
+    },
+    Result(Box<WorkerResult>),
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerResult {
+    pub counters: Counters,
+    /// base64 HdrHistogram V2, microseconds.
+    pub latency: String,
+    pub ack_latency: String,
+    /// Per second since `Go`: (sent, delivered).
+    pub timeline: Vec<(u64, u64)>,
+}

@@ -1,0 +1,220 @@
+//! The end of a run: merged figures, the table, the JSON summary, the `.hgrm`
+//! percentile distribution and the SVG plot.
+
+use crate::coordinator::RunArgs;
+use crate::plan::{Counters, WorkerResult};
+use crate::scrape::Sample;
+use crate::worker::{decode_hist, histogram};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::path::Path;
+
+pub struct Summary {
+    pub counters: Counters,
+    pub latency: Histogram<u64>,
+    /// Per second: (sent, delivered), summed over workers.
+    pub timeline: Vec<(u64, u64)>,
+    pub json: serde_json::Value,
+}
+
+fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    json!({
+        "p50": h.value_at_quantile(0.50),
+        "p95": h.value_at_quantile(0.95),
+        "p99": h.value_at_quantile(0.99),
+        "p999": h.value_at_quantile(0.999),
+        "max": h.max(),
+        "mean": h.mean().round(),
+        "count": h.len(),
+    })
+}
+
+fn delta(a: Option<&Sample>, b: Option<&Sample>, name: &str) -> Option<f64> {
+    Some(b?.get(name)? - a?.get(name)?)
+}
+
+impl Summary {
+    pub fn build(
+        args: &RunArgs,
+        results: &[WorkerResult],
+        before: Option<&Sample>,
+        connected: Option<&Sample>,
+        after: Option<&Sample>,
+    ) -> anyhow::Result<Summary> {
+        let mut c = Counters::default();
+        let mut latency = histogram();
+        let mut ack_latency = histogram();
+        let mut timeline: Vec<(u64, u64)> = Vec::new();
+        for r in results {
+            c.add(&r.counters);
+            latency.add(decode_hist(&r.latency)?)?;
+            ack_latency.add(decode_hist(&r.ack_latency)?)?;
+            if timeline.len() < r.timeline.len() {
+                timeline.resize(r.timeline.len(), (0, 0));
+            }
+            for (i, (s, d)) in r.timeline.iter().enumerate() {
+                timeline[i].0 += s;
+                timeline[i].1 += d;
+            }
+        }
+        let secs = args.duration.as_secs_f64().max(1e-3);
+        // Server cost, from the gateway's own counters around the run.
+        let cpu = delta(connected, after, "process_cpu_seconds_total");
+        let deliveries = delta(connected, after, "switchboard_deliveries_total");
+        let stored = delta(connected, after, "switchboard_messages_stored_total");
+        let rss_growth = delta(before, connected, "process_resident_memory_bytes");
+        let conns = delta(before, connected, "switchboard_connections");
+        let per = |num: Option<f64>, den: Option<f64>| match (num, den) {
+            (Some(n), Some(d)) if d > 0.0 => json!((n / d * 100.0).round() / 100.0),
+            _ => serde_json::Value::Null,
+        };
+        let json = json!({
+            "target": args.target,
+            "scenario": format!("{:?}", args.scenario).to_lowercase(),
+            "group_size": args.group_size,
+            "rate": args.rate,
+            "duration_s": secs,
+            "message_size": args.message_size,
+            "idle_fraction": args.idle_fraction,
+            "connections": c.connections,
+            "connected": c.connected,
+            "connect_errors": c.connect_errors,
+            "sent": c.sent,
+            "acked": c.acked,
+            "send_errors": c.send_errors,
+            "delivered": c.delivered,
+            "lost": c.lost,
+            "duplicates": c.duplicates,
+            "out_of_order": c.out_of_order,
+            "disconnects": c.disconnects,
+            "sent_per_s": (c.sent as f64 / secs).round(),
+            "delivered_per_s": (c.delivered as f64 / secs).round(),
+            "latency_us": percentiles(&latency),
+            "ack_latency_us": percentiles(&ack_latency),
+            "gateway": {
+                "cpu_us_per_delivery": per(cpu.map(|v| v * 1e6), deliveries),
+                "cpu_us_per_message": per(cpu.map(|v| v * 1e6), stored),
+                "rss_bytes": after.and_then(|a| a.get("process_resident_memory_bytes")).copied(),
+                "rss_per_connection_bytes": per(rss_growth, conns),
+            },
+        });
+        Ok(Summary { counters: c, latency, timeline, json })
+    }
+}
+
+pub fn print_table(s: &Summary) {
+    let j = &s.json;
+    let ms =
+        |v: &serde_json::Value| v.as_u64().map(|us| format!("{:.3}", us as f64 / 1000.0)).unwrap_or_default();
+    println!();
+    println!(
+        "  connections      {:>12} ({} connected, {} errors)",
+        j["connections"], j["connected"], j["connect_errors"]
+    );
+    println!("  sent / acked     {:>12} / {}   ({} send errors)", j["sent"], j["acked"], j["send_errors"]);
+    println!("  delivered        {:>12}   ({}/s)", j["delivered"], j["delivered_per_s"]);
+    println!("  lost             {:>12}", j["lost"]);
+    println!("  duplicates       {:>12}", j["duplicates"]);
+    println!("  out of order     {:>12}", j["out_of_order"]);
+    println!();
+    println!("  latency (ms)         p50       p95       p99     p99.9       max");
+    for (name, key) in [("  send→deliver   ", "latency_us"), ("  send→ack       ", "ack_latency_us")] {
+        let p = &j[key];
+        println!(
+            "{name}{:>9} {:>9} {:>9} {:>9} {:>9}",
+            ms(&p["p50"]),
+            ms(&p["p95"]),
+            ms(&p["p99"]),
+            ms(&p["p999"]),
+            ms(&p["max"])
+        );
+    }
+    let g = &j["gateway"];
+    println!();
+    println!("  gateway CPU per delivery   {} µs", g["cpu_us_per_delivery"]);
+    println!("  gateway CPU per message    {} µs", g["cpu_us_per_message"]);
+    println!("  gateway RSS per connection {} bytes", g["rss_per_connection_bytes"]);
+    println!();
+}
+
+/// The classic HdrHistogram percentile distribution, values in milliseconds.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut out = String::from("       Value     Percentile TotalCount 1/(1-Percentile)\n\n");
+    for v in h.iter_quantiles(5) {
+        let q = v.quantile_iterated_to();
+        let inv = if q < 1.0 { format!("{:.2}", 1.0 / (1.0 - q)) } else { String::new() };
+        out.push_str(&format!(
+            "{:>12.3} {:>14.12} {:>10} {:>14}\n",
+            v.value_iterated_to() as f64 / 1000.0,
+            q,
+            v.count_since_last_iteration(),
+            inv
+        ));
+    }
+    out.push_str(&format!(
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]\n#[Max     = {:>12.3}, Total count    = {:>12}]\n#[Buckets = {:>12}, SubBuckets     = {:>12}]\n",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0,
+        h.max() as f64 / 1000.0,
+        h.len(),
+        h.buckets(),
+        h.distinct_values()
+    ));
+    out
+}
+
+/// Two panels: the latency percentile curve (log scale of 1/(1-p)), and rates over time.
+pub fn svg(path: &Path, s: &Summary) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 800)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(400);
+
+    let points: Vec<(f64, f64)> = s
+        .latency
+        .iter_quantiles(5)
+        .filter(|v| v.quantile_iterated_to() < 0.99999)
+        .map(|v| (1.0 / (1.0 - v.quantile_iterated_to()), v.value_iterated_to() as f64 / 1000.0))
+        .collect();
+    let ymax = points.iter().map(|p| p.1).fold(0.1, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&top)
+        .caption("send→deliver latency by percentile", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((1.0f64..100_000.0).log_scale(), 0.0..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("ms")
+        .x_label_formatter(&|x| format!("{:.3}%", 100.0 * (1.0 - 1.0 / x)))
+        .draw()?;
+    chart.draw_series(LineSeries::new(points, &BLUE))?;
+
+    let secs = s.timeline.len().max(1) as f64;
+    let rmax = s.timeline.iter().map(|t| t.0.max(t.1)).max().unwrap_or(1) as f64 * 1.1;
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("rates over time (per second)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..secs, 0.0..rmax.max(1.0))?;
+    chart.configure_mesh().x_desc("seconds").y_desc("messages/s").draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            s.timeline.iter().enumerate().map(|(i, t)| (i as f64, t.0 as f64)),
+            &RED,
+        ))?
+        .label("sent")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    chart
+        .draw_series(LineSeries::new(
+            s.timeline.iter().enumerate().map(|(i, t)| (i as f64, t.1 as f64)),
+            &BLUE,
+        ))?
+        .label("delivered")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart.configure_series_labels().border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}

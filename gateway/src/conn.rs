@@ -459,9 +459,7 @@ async fn reader(conn: Rc<Conn>, mut ctx: WebSocketContext) {
         }
         if let Some(e) = fatal {
             let (code, close) = match &e {
-                tungstenite::Error::Capacity(_) => {
-                    (Some(ErrorCode::MalformedFrame), CloseCode::MessageTooBig)
-                }
+                tungstenite::Error::Capacity(_) => (Some(ErrorCode::FrameTooLarge), CloseCode::MessageTooBig),
                 tungstenite::Error::Utf8(_) => (Some(ErrorCode::InvalidUtf8), CloseCode::InvalidPayload),
                 tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
                     conn.close(None);

@@ -205,8 +205,9 @@ fn oversized_frames_close_with_1009() {
     for p in both() {
         let mut c = w.g.connect(&w.token, p);
         raw_frame(&mut c, if p == Subprotocol::Json { 0x1 } else { 0x2 }, &vec![b'a'; 5000]);
-        let (_, code) = close_code(&mut c);
+        let (before, code) = close_code(&mut c);
         assert_eq!(code, 1009, "{p:?}");
+        assert_eq!(before.iter().map(error_code).collect::<Vec<_>>(), vec![1006], "{p:?}");
     }
     w.unharmed("big");
 }

@@ -54,9 +54,9 @@ pub struct RunArgs {
     /// Where workers connect to this coordinator.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
-    /// Source addresses, one per local worker in turn: `127.0.1.` + worker number by default.
-    /// `none` binds no source address.
-    #[arg(long, default_value = "127.0.1.")]
+    /// Source addresses for local workers: worker W binds its sockets to `PREFIX.W.1` ..
+    /// `PREFIX.W.250` in turn (loopback targets). `none` binds no source address.
+    #[arg(long, default_value = "127.1")]
     pub source_prefix: String,
     /// Use the JSON subprotocol instead of FlatBuffers.
     #[arg(long)]
@@ -174,8 +174,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             duration_ms: args.duration.as_millis() as u64,
             grace_ms: args.grace.as_millis() as u64,
             ramp: args.ramp / total_workers as f64,
-            source_ip: (args.source_prefix != "none" && w < local)
-                .then(|| format!("{}{}", args.source_prefix, w + 1)),
+            source_prefix: (args.source_prefix != "none" && w < local)
+                .then(|| format!("{}.{}.", args.source_prefix, w)),
             json_protocol: args.json_protocol,
         };
         let mut s = stream;

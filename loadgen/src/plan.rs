@@ -39,8 +39,10 @@ pub struct Assignment {
     pub grace_ms: u64,
     /// Connections per second this worker opens.
     pub ramp: f64,
-    /// Local address to bind client sockets to (spreads ephemeral ports), if any.
-    pub source_ip: Option<String>,
+    /// Source addresses to spread client sockets over (`PREFIX1` .. `PREFIX250`), if any:
+    /// one destination admits ~28k ports per source address, fewer across back-to-back runs
+    /// while old sockets sit in TIME_WAIT.
+    pub source_prefix: Option<String>,
     pub json_protocol: bool,
 }
 

@@ -58,6 +58,8 @@ impl Summary {
             }
         }
         let secs = args.duration.as_secs_f64().max(1e-3);
+        // Seconds after the sending window hold only stragglers: keep the plot to the window.
+        timeline.truncate(args.duration.as_secs().max(1) as usize);
         // Server cost, from the gateway's own counters around the run.
         let cpu = delta(connected, after, "process_cpu_seconds_total");
         let deliveries = delta(connected, after, "switchboard_deliveries_total");

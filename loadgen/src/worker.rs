@@ -163,9 +163,23 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
 }
 
-async fn connect(a: &Assignment, addr: SocketAddr, token: &str) -> anyhow::Result<Conn> {
+async fn connect(a: &Assignment, addr: SocketAddr, token: &str, index: usize) -> anyhow::Result<Conn> {
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    if let Some(ip) = &a.source_ip {
+    if let Some(prefix) = &a.source_prefix {
+        let ip = format!("{prefix}{}", index % 250 + 1);
+        // Let the kernel pick the port at connect time, per destination: a port bound
+        // at bind time cannot be shared with sockets in TIME_WAIT from an earlier run.
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on our own socket with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         sock.bind(SocketAddr::new(ip.parse()?, 0)).context("binding the source address")?;
     }
     let stream = sock.connect(addr).await?;
@@ -264,7 +278,7 @@ async fn work(
         let token = u.token.clone();
         pending.push(async move {
             tokio::time::sleep_until(at.into()).await;
-            (i, connect(a, addr, &token).await)
+            (i, connect(a, addr, &token, i).await)
         });
     }
     let mut first_error = None;
@@ -515,7 +529,7 @@ mod tests {
         let mut a: Assignment = serde_json::from_value(serde_json::json!({
             "worker": 0, "target": "ws://x:1", "users": [], "scenario": "mix", "group_size": 4,
             "group_fraction": 0.5, "idle": 0, "rate": 1.0, "message_size": 10, "duration_ms": 1,
-            "grace_ms": 1, "ramp": 1.0, "source_ip": null, "json_protocol": false
+            "grace_ms": 1, "ramp": 1.0, "source_prefix": null, "json_protocol": false
         }))
         .unwrap();
         let p = plan_conversations(&a, 20);

@@ -57,6 +57,7 @@ error_codes! {
     InvalidUtf8 = 1003, "invalid_utf8", false, 0, "A JSON-subprotocol binary frame was not valid UTF-8. (A text frame with invalid UTF-8 closes the connection with 1007, as RFC 6455 requires.)";
     InvalidField = 1004, "invalid_field", false, 0, "A field is out of range: empty or over-long client_msg_id, empty or over-long title, limit outside 1..=100, an unknown user id in a member list, and so on.";
     BodyTooLarge = 1005, "body_too_large", false, 0, "The message body is larger than the server's max_body_bytes.";
+    FrameTooLarge = 1006, "frame_too_large", false, 0, "A WebSocket frame or message exceeded max_frame_bytes; the connection closes with 1009 after this error.";
     NotFound = 1010, "not_found", false, 0, "The conversation or user does not exist.";
     NotMember = 1011, "not_member", false, 0, "You are not a member of this conversation, so you cannot send to it or read it.";
     Forbidden = 1012, "forbidden", false, 0, "Your role in this conversation does not allow this change.";

@@ -269,6 +269,28 @@ impl Worker {
         ));
     }
 
+    /// Appends a membership event about `target` (no body, no client id).
+    fn membership(
+        st: &mut ConvState,
+        batch: &mut Batch,
+        actor: UserId,
+        kind: MessageKind,
+        target: UserId,
+        role: Option<Role>,
+    ) -> Message {
+        Self::append(st, batch, actor, kind, String::new(), String::new(), Some((target, role)))
+    }
+
+    /// Removes `user` and tells everyone who was a member, `user` included.
+    fn remove(st: &mut ConvState, batch: &mut Batch, actor: UserId, user: UserId, kind: MessageKind) {
+        let before = st.recipients.clone();
+        st.members.remove(&user);
+        st.set_members();
+        batch.muts.push(Mutation::RemoveMember { conversation: st.rec.id, user });
+        let m = Self::membership(st, batch, actor, kind, user, None);
+        Self::event(batch, m, before);
+    }
+
     fn apply(&mut self, cmd: Command, batch: &mut Batch) {
         match cmd {
             Command::Send(cmd) => {
@@ -497,15 +519,7 @@ impl Worker {
             st.members.insert(u, Role::Member);
             st.set_members();
             batch.muts.push(Mutation::PutMember { conversation, user: u, role: Role::Member });
-            let m = Self::append(
-                st,
-                batch,
-                actor,
-                MessageKind::MemberAdded,
-                String::new(),
-                String::new(),
-                Some((u, None)),
-            );
+            let m = Self::membership(st, batch, actor, MessageKind::MemberAdded, u, None);
             Self::event(batch, m, st.recipients.clone());
         }
         Ok(st.snapshot())
@@ -525,21 +539,7 @@ impl Worker {
         if target_role == Role::Owner || (actor_role == Role::Admin && target_role != Role::Member) {
             return Err(ErrorCode::Forbidden);
         }
-        let before = st.recipients.clone();
-        st.members.remove(&user);
-        st.set_members();
-        batch.muts.push(Mutation::RemoveMember { conversation, user });
-        let m = Self::append(
-            st,
-            batch,
-            actor,
-            MessageKind::MemberRemoved,
-            String::new(),
-            String::new(),
-            Some((user, None)),
-        );
-        // The removed member hears of it too.
-        Self::event(batch, m, before);
+        Self::remove(st, batch, actor, user, MessageKind::MemberRemoved);
         Ok(st.snapshot())
     }
 
@@ -549,20 +549,7 @@ impl Worker {
             return Err(ErrorCode::Forbidden);
         }
         let role = *st.members.get(&actor).ok_or(ErrorCode::NotMember)?;
-        let before = st.recipients.clone();
-        st.members.remove(&actor);
-        st.set_members();
-        batch.muts.push(Mutation::RemoveMember { conversation, user: actor });
-        let m = Self::append(
-            st,
-            batch,
-            actor,
-            MessageKind::MemberLeft,
-            String::new(),
-            String::new(),
-            Some((actor, None)),
-        );
-        Self::event(batch, m, before);
+        Self::remove(st, batch, actor, actor, MessageKind::MemberLeft);
         if role == Role::Owner {
             // Ownership passes to the longest-standing admin, else member (lowest id: ids are time-ordered).
             let heir = st
@@ -574,15 +561,7 @@ impl Worker {
             if let Some(heir) = heir {
                 st.members.insert(heir, Role::Owner);
                 batch.muts.push(Mutation::PutMember { conversation, user: heir, role: Role::Owner });
-                let m = Self::append(
-                    st,
-                    batch,
-                    actor,
-                    MessageKind::RoleChanged,
-                    String::new(),
-                    String::new(),
-                    Some((heir, Some(Role::Owner))),
-                );
+                let m = Self::membership(st, batch, actor, MessageKind::RoleChanged, heir, Some(Role::Owner));
                 Self::event(batch, m, st.recipients.clone());
             }
         }
@@ -611,15 +590,7 @@ impl Worker {
         for (u, r) in changes {
             st.members.insert(u, r);
             batch.muts.push(Mutation::PutMember { conversation, user: u, role: r });
-            let m = Self::append(
-                st,
-                batch,
-                actor,
-                MessageKind::RoleChanged,
-                String::new(),
-                String::new(),
-                Some((u, Some(r))),
-            );
+            let m = Self::membership(st, batch, actor, MessageKind::RoleChanged, u, Some(r));
             Self::event(batch, m, st.recipients.clone());
         }
         Ok(st.snapshot())

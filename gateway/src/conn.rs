@@ -406,7 +406,7 @@ async fn reader(conn: Rc<Conn>, mut ctx: WebSocketContext) {
         if conn.is_closing() {
             return;
         }
-        let (n, control, fatal) = {
+        let (control, fatal) = {
             let n = if first {
                 first = false;
                 Some(0)
@@ -442,9 +442,8 @@ async fn reader(conn: Rc<Conn>, mut ctx: WebSocketContext) {
                 }
             }
             let _ = ctx.flush(&mut io);
-            (n, io.output, fatal)
+            (io.output, fatal)
         };
-        let _ = n;
         if !control.is_empty() {
             conn.enqueue(Bytes::from(control));
         }

@@ -303,7 +303,6 @@ async fn register(shard: &ShardCtx, body: &[u8]) -> (u16, serde_json::Value) {
     }
     let shared = shard.shared.clone();
     let job = move || -> Result<u64, ErrorCode> {
-        let taken = |_| ErrorCode::UsernameTaken;
         // Cheap check first so a taken name costs no hash; create_user enforces it atomically.
         match shared.store.user_by_name(&c.username) {
             Ok(Some(_)) => return Err(ErrorCode::UsernameTaken),
@@ -319,7 +318,7 @@ async fn register(shard: &ShardCtx, body: &[u8]) -> (u16, serde_json::Value) {
         };
         match shared.store.create_user(&user) {
             Ok(()) => Ok(user.id),
-            Err(e) if e.kind == storage::ErrorKind::UsernameTaken => Err(taken(())),
+            Err(e) if e.kind == storage::ErrorKind::UsernameTaken => Err(ErrorCode::UsernameTaken),
             Err(e) => {
                 tracing::error!(error = %e, "registration failed");
                 Err(ErrorCode::HttpInternal)

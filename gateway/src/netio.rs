@@ -70,7 +70,7 @@ pub fn try_send(stream: &TcpStream, frames: &VecDeque<Bytes>, offset: usize) -> 
 
 /// Writes all of `data`, waiting for writability as needed.
 pub async fn send_all(stream: &TcpStream, data: Bytes) -> io::Result<()> {
-    let mut q = VecDeque::from([data]);
+    let q = VecDeque::from([data]);
     let mut off = 0;
     while off < q[0].len() {
         match try_send(stream, &q, off)? {
@@ -78,7 +78,6 @@ pub async fn send_all(stream: &TcpStream, data: Bytes) -> io::Result<()> {
             w => off += w,
         }
     }
-    q.clear();
     Ok(())
 }
 

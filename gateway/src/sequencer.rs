@@ -623,31 +623,27 @@ impl Worker {
         for effect in batch.effects {
             match effect {
                 Effect::Event(ev, recipients) => {
-                    let ev = if committed {
+                    // Each effect's recipients were chosen when it was built; a failed commit
+                    // only turns new messages into errors for their sender.
+                    let (ev, recipients) = if committed {
                         messages += u64::from(matches!(ev.kind, EventKind::Message { to_others: true, .. }));
-                        ev
+                        (ev, recipients)
                     } else {
                         match &ev.kind {
-                            EventKind::Message { message, origin: Some(origin), to_others: true } => {
+                            EventKind::Message { message, origin: Some(origin), to_others: true } => (
                                 Event::new(EventKind::SendFailed {
                                     origin: *origin,
                                     conversation_id: message.conversation_id,
                                     client_msg_id: message.client_msg_id.clone(),
                                     code: ErrorCode::Internal,
-                                })
-                            }
+                                }),
+                                Arc::from([message.sender_id]),
+                            ),
                             EventKind::Message { to_others: true, .. } => continue,
-                            _ => ev,
+                            _ => (ev, recipients),
                         }
                     };
-                    let to: &[UserId] = match &ev.kind {
-                        EventKind::SendFailed { .. } | EventKind::Message { to_others: false, .. } => {
-                            &recipients
-                        }
-                        EventKind::Message { message, .. } if !committed => &[message.sender_id],
-                        _ => &recipients,
-                    };
-                    for &u in to {
+                    for &u in recipients.iter() {
                         self.registry.deliver(u, &ev);
                     }
                 }

@@ -63,6 +63,11 @@ struct SyncState {
     synced: bool,
     /// Events held until then (bounded by `max_pending_events`).
     pending: VecDeque<Arc<Event>>,
+    /// Per conversation, the highest position the client already has (by its word or by
+    /// the replay). An event committed before the replay read may still be on its way
+    /// through the mailbox when live delivery starts; it is dropped here. An entry goes
+    /// once a later position arrives, so this holds at most the replayed conversations.
+    floor: HashMap<ConversationId, Seq>,
 }
 
 /// tungstenite's view of the socket: the bytes we just read, and a sink for the
@@ -305,6 +310,12 @@ impl Conn {
                         sync.pending.push_back(ev.clone());
                     }
                     return;
+                }
+                if let Some(&floor) = sync.floor.get(&message.conversation_id) {
+                    if message.seq <= floor {
+                        return;
+                    }
+                    sync.floor.remove(&message.conversation_id);
                 }
                 drop(sync);
                 if let Some(f) = ev.broadcast_frame(self.proto) {
@@ -793,14 +804,10 @@ async fn sync(conn: &Rc<Conn>, id: u64, positions: Vec<Position>) {
     let pending = {
         let mut s = conn.sync.borrow_mut();
         s.synced = true;
+        s.floor = floor;
         std::mem::take(&mut s.pending)
     };
     for ev in pending {
-        if let EventKind::Message { message, .. } = &ev.kind
-            && message.seq <= floor.get(&message.conversation_id).copied().unwrap_or(0)
-        {
-            continue;
-        }
         conn.offer(&ev);
     }
     conn.reply(id, ServerMsg::SyncDone { conversations: replayed_convs, messages: replayed });

@@ -5,7 +5,6 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, 
 use gateway::mailbox::{Event, EventKind, Mailbox, Registry};
 use protocol::{ClientFrame, ClientMsg, Message, MessageKind, ServerFrame, ServerMsg, Subprotocol};
 use std::hint::black_box;
-use std::sync::Arc;
 use storage::{BucketRef, FjallStore, Mutation, Store};
 
 fn message(seq: u64, body_len: usize) -> Message {
@@ -51,7 +50,7 @@ fn mailbox(c: &mut Criterion) {
     // Push from another thread, drain on this one: the cross-shard path.
     g.throughput(Throughput::Elements(1024));
     g.bench_function("cross_thread_push_drain_1024", |b| {
-        let mb = Arc::new(Mailbox::new(4096));
+        let (mb, mut drain) = Mailbox::new(4096);
         b.iter(|| {
             let (mb2, ev2) = (mb.clone(), ev.clone());
             let t = std::thread::spawn(move || {
@@ -61,7 +60,7 @@ fn mailbox(c: &mut Criterion) {
             });
             let mut n = 0;
             while n < 1024 {
-                if mb.pop().is_some() {
+                if drain.pop().is_some() {
                     n += 1;
                 }
             }
@@ -75,11 +74,11 @@ fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for members in [100u64, 1000] {
         let reg = Registry::new(2, gateway::metrics::Metrics::new().mailbox_overflows.clone());
-        let boxes: Vec<_> = (0..members)
+        let mut drains: Vec<_> = (0..members)
             .map(|u| {
-                let mb = Arc::new(Mailbox::new(1 << 16));
-                reg.insert(u, (u % 2) as u16, mb.clone());
-                mb
+                let (mb, drain) = Mailbox::new(1 << 16);
+                reg.insert(u, (u % 2) as u16, mb);
+                drain
             })
             .collect();
         g.throughput(Throughput::Elements(members));
@@ -88,11 +87,18 @@ fn fanout(c: &mut Criterion) {
             b.iter_batched(
                 || Event::new(EventKind::Message { message: message(7, 100), origin: None, to_others: true }),
                 |ev| {
+                    let mut d = reg.delivery();
                     for u in 0..members {
-                        reg.deliver(u, &ev);
+                        d.deliver(u, &ev);
                     }
-                    for mb in &boxes {
-                        while let Some(e) = mb.pop() {
+                    drop(d);
+                    for s in 0..2 {
+                        while let Some((_, mb)) = reg.inbox(s).pop() {
+                            mb.unschedule();
+                        }
+                    }
+                    for d in &mut drains {
+                        while let Some(e) = d.pop() {
                             black_box(e.broadcast_frame(Subprotocol::FlatBuffers));
                         }
                     }

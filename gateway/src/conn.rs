@@ -1,11 +1,13 @@
 //! One WebSocket connection (one device): upgrade, read loop, write loop, and
 //! the request handlers.
 //!
-//! A connection is two tasks on its shard: the reader parses frames (tungstenite's
-//! `WebSocketContext`, fed from the shard's scratch buffer) and handles requests
-//! one at a time; the writer drains the outbound queue to the socket with
-//! vectored, non-blocking sends. Events reach the outbound queue from the user's
-//! mailbox through [`Conn::offer`].
+//! A connection is one task on its shard, the reader: it parses frames
+//! (tungstenite's `WebSocketContext`, fed from the shard's scratch buffer) and
+//! handles requests one at a time. Events reach the outbound queue from the
+//! user's mailbox through [`Conn::offer`]. The shard's flusher writes queued
+//! frames with one vectored, non-blocking send per connection per round; a
+//! connection whose socket is full gets a second task that waits for
+//! writability and ends once the queue is written.
 //!
 //! Overflow policy (outbound queue): at most `max_out_bytes` bytes wait for the
 //! socket. A connection that stops reading is closed with 4008 (slow consumer):
@@ -28,7 +30,9 @@ use protocol::{
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::rc::Rc;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
@@ -47,14 +51,43 @@ pub struct Conn {
     out_bytes: Cell<usize>,
     /// Bytes of `out[0]` already written.
     out_offset: Cell<usize>,
-    /// Wakes the writer: frames queued, or closing.
-    out_ready: Signal,
+    /// This connection, for putting itself on the shard's flush list.
+    me: Weak<Conn>,
+    /// Where the outbound queue stands with respect to the socket.
+    flush: Cell<Flush>,
     /// Wakes a sync replay waiting for room in `out`.
     out_drained: Signal,
     sync: RefCell<SyncState>,
-    /// `Some(code)`: closing; the writer flushes (or drops, for overflow), sends the
-    /// close frame if there is a code, and shuts the socket.
+    /// The WebSocket protocol state (only the reader uses it). Here rather than in the
+    /// reader's future: an async fn's arguments are stored twice in its future.
+    ws: RefCell<WebSocketContext>,
+    /// `Some(code)`: closing; the queue is flushed (or dropped, for overflow), then the
+    /// close frame goes out if there is a code, and the socket is shut.
     closing: Cell<Option<Option<CloseCode>>>,
+}
+
+/// The outbound queue's state. Frames are written by the shard's flusher after
+/// the task that queued them yields (so a round of events costs one `sendmsg`
+/// per connection); only a connection whose socket is full gets a task of its
+/// own, which waits for writability and ends once the queue is written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Flush {
+    /// Nothing queued, or queued and not yet listed.
+    Idle,
+    /// On the shard's flush list.
+    Listed,
+    /// The socket was full; a blocked-writer task owns the queue.
+    Blocked,
+    /// Closed and shut; nothing more is written.
+    Done,
+}
+
+/// What one write attempt achieved.
+enum Progress {
+    /// The queue is empty (written, or dropped after a socket error).
+    Drained,
+    /// The socket is full and frames remain.
+    WouldBlock,
 }
 
 #[derive(Default)]
@@ -99,9 +132,11 @@ impl Write for MemIo<'_> {
 
 fn ws_config(max_frame: usize) -> WebSocketConfig {
     // Small buffers: the defaults (128 KiB read buffer per connection) would
-    // dominate an idle connection's memory.
+    // dominate an idle connection's memory. The read buffer only stages bytes
+    // already read into the shard's scratch buffer (a frame's payload gets an
+    // allocation of its own size), so 64 bytes cost a few more memcpy calls at most.
     WebSocketConfig::default()
-        .read_buffer_size(256)
+        .read_buffer_size(64)
         .write_buffer_size(0)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame))
@@ -133,7 +168,7 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
         return;
     }
     let max_frame = shard.shared.cfg.limits.max_frame_bytes.get();
-    let conn = Rc::new(Conn {
+    let conn = Rc::new_cyclic(|me| Conn {
         id: shard.shared.next_conn.fetch_add(1, Ordering::Relaxed),
         user,
         proto,
@@ -142,9 +177,15 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
         out: RefCell::new(VecDeque::new()),
         out_bytes: Cell::new(0),
         out_offset: Cell::new(0),
-        out_ready: Signal::default(),
+        me: me.clone(),
+        flush: Cell::new(Flush::Idle),
         out_drained: Signal::default(),
         sync: RefCell::new(SyncState::default()),
+        ws: RefCell::new(WebSocketContext::from_partially_read(
+            leftover,
+            Role::Server,
+            Some(ws_config(max_frame as usize)),
+        )),
         closing: Cell::new(None),
     });
     // Registered before anything is read: events from now on reach this connection
@@ -161,13 +202,18 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
             max_frame_bytes: max_frame,
         },
     );
-    monoio::spawn(writer(conn.clone()));
-    let ctx =
-        WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config(max_frame as usize)));
-    reader(conn.clone(), ctx).await;
+    // Its own task: the handshake's state above is large and an idle connection must not keep it.
+    monoio::spawn(run(conn));
+}
+
+/// The connection's life after the handshake: read until it ends, then leave the shard.
+///
+/// Runs on: the owning shard.
+async fn run(conn: Rc<Conn>) {
+    reader(&conn).await;
     conn.close(None);
-    shard.detach(&conn);
-    shard.shared.metrics.connections.dec();
+    conn.shard.detach(&conn);
+    conn.shard.shared.metrics.connections.dec();
 }
 
 type Accepted = (UserId, Subprotocol, bool, String);
@@ -218,7 +264,7 @@ impl Conn {
         self.out_bytes.set(queued);
         self.shard.shared.metrics.frames_out.inc();
         self.out.borrow_mut().push_back(frame);
-        self.out_ready.notify();
+        self.want_flush();
     }
 
     fn reply(&self, id: u64, body: ServerMsg) {
@@ -264,7 +310,7 @@ impl Conn {
                     code.reason()
                 );
             }
-            // The peer is not reading, so the writer may never get to run again: drop
+            // The peer is not reading, so its socket may never drain: drop
             // the queue, say why if we are at a frame boundary, and shut the socket now.
             self.out.borrow_mut().clear();
             self.out_bytes.set(0);
@@ -275,7 +321,7 @@ impl Conn {
             netio::shutdown(&self.stream);
             self.closing.set(Some(None));
         }
-        self.out_ready.notify();
+        self.want_flush();
         self.out_drained.notify();
     }
 
@@ -343,61 +389,108 @@ impl Conn {
     }
 }
 
-/// Drains the outbound queue to the socket.
+impl Conn {
+    /// Puts the connection on the shard's flush list, unless it is there already or
+    /// its blocked writer will pick the new frames up.
+    fn want_flush(&self) {
+        if self.flush.get() != Flush::Idle {
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
+            self.flush.set(Flush::Listed);
+            self.shard.flush_list.borrow_mut().push(me);
+            self.shard.flush_wake.notify();
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes now.
+    fn write_some(&self) -> Progress {
+        loop {
+            if self.out.borrow().is_empty() {
+                return Progress::Drained;
+            }
+            let r = {
+                let out = self.out.borrow();
+                netio::try_send(&self.stream, &out, self.out_offset.get())
+            };
+            match r {
+                Ok(0) => return Progress::WouldBlock,
+                Ok(mut w) => {
+                    self.out_bytes.set(self.out_bytes.get() - w);
+                    let mut out = self.out.borrow_mut();
+                    let mut off = self.out_offset.get();
+                    while w > 0 {
+                        let left = out[0].len() - off;
+                        if w >= left {
+                            w -= left;
+                            off = 0;
+                            out.pop_front();
+                        } else {
+                            off += w;
+                            w = 0;
+                        }
+                    }
+                    self.out_offset.set(off);
+                    drop(out);
+                    self.out_drained.notify();
+                }
+                Err(_) => {
+                    self.out.borrow_mut().clear();
+                    self.out_bytes.set(0);
+                    self.close(None);
+                    return Progress::Drained;
+                }
+            }
+        }
+    }
+
+    /// After the queue is written: if the connection is closing, sends its close
+    /// frame (if any) and shuts the socket; otherwise goes back to idle.
+    fn drained(&self) {
+        match self.closing.get() {
+            None => self.flush.set(Flush::Idle),
+            Some(code) => {
+                if let Some(code) = code {
+                    let q = VecDeque::from([crate::frame::close_frame(code)]);
+                    let _ = netio::try_send(&self.stream, &q, 0);
+                }
+                netio::shutdown(&self.stream);
+                self.flush.set(Flush::Done);
+            }
+        }
+    }
+
+    /// Writes the queue now, or hands it to a blocked-writer task if the socket is full.
+    ///
+    /// Runs on: the owning shard (its flusher).
+    pub fn flush(self: &Rc<Self>) {
+        match self.write_some() {
+            Progress::Drained => self.drained(),
+            Progress::WouldBlock => {
+                self.flush.set(Flush::Blocked);
+                monoio::spawn(blocked_writer(self.clone()));
+            }
+        }
+    }
+}
+
+/// Waits for a full socket to take the rest of the queue, then ends.
 ///
 /// Runs on: the owning shard.
-async fn writer(conn: Rc<Conn>) {
+async fn blocked_writer(conn: Rc<Conn>) {
     loop {
-        if conn.out.borrow().is_empty() {
-            if conn.is_closing() {
-                break;
-            }
-            conn.out_ready.wait().await;
-            continue;
+        if conn.stream.writable(false).await.is_err() {
+            conn.out.borrow_mut().clear();
+            conn.out_bytes.set(0);
+            conn.close(None);
+            conn.drained();
+            return;
         }
-        let r = {
-            let out = conn.out.borrow();
-            netio::try_send(&conn.stream, &out, conn.out_offset.get())
-        };
-        match r {
-            Ok(0) => {
-                if conn.stream.writable(false).await.is_err() {
-                    break;
-                }
-            }
-            Ok(mut w) => {
-                conn.out_bytes.set(conn.out_bytes.get() - w);
-                let mut out = conn.out.borrow_mut();
-                let mut off = conn.out_offset.get();
-                while w > 0 {
-                    let left = out[0].len() - off;
-                    if w >= left {
-                        w -= left;
-                        off = 0;
-                        out.pop_front();
-                    } else {
-                        off += w;
-                        w = 0;
-                    }
-                }
-                conn.out_offset.set(off);
-                drop(out);
-                conn.out_drained.notify();
-            }
-            Err(_) => {
-                conn.out.borrow_mut().clear();
-                conn.out_bytes.set(0);
-                conn.close(None);
-                break;
-            }
+        if let Progress::Drained = conn.write_some() {
+            conn.drained();
+            return;
         }
     }
-    if let Some(Some(code)) = conn.closing.get() {
-        let mut q = VecDeque::from([crate::frame::close_frame(code)]);
-        let _ = netio::try_send(&conn.stream, &q, 0);
-        q.clear();
-    }
-    netio::shutdown(&conn.stream);
 }
 
 /// What one read round produced.
@@ -406,98 +499,132 @@ enum Inbound {
     Close,
 }
 
+/// Why reading stopped for good.
+enum Fatal {
+    /// The peer closed (or the connection was already closing).
+    Closed,
+    /// A protocol violation: optionally an error frame, then this close code.
+    Violation(Option<ErrorCode>, CloseCode),
+}
+
+/// Parses the `n` bytes just read into the shard's scratch buffer (plus whatever
+/// `ctx` held over), and queues tungstenite's control replies (pongs, close echoes).
+///
+/// Synchronous on purpose: nothing here lives across an await, so none of it
+/// takes space in an idle connection's task.
+fn parse(conn: &Conn, n: usize) -> (Vec<Inbound>, Option<Fatal>) {
+    let mut inbound = Vec::new();
+    let mut ctx = conn.ws.borrow_mut();
+    let scratch = conn.shard.scratch.borrow();
+    let mut io = MemIo { input: &scratch[..n], output: Vec::new() };
+    let mut fatal = None;
+    loop {
+        match ctx.read(&mut io) {
+            Ok(tungstenite::Message::Text(t)) => inbound.push(Inbound::Frame(Bytes::from(t), true)),
+            Ok(tungstenite::Message::Binary(b)) => inbound.push(Inbound::Frame(b, false)),
+            Ok(tungstenite::Message::Close(_)) => inbound.push(Inbound::Close),
+            Ok(_) => {} // ping/pong: tungstenite queues the pong itself
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                fatal = Some(match &e {
+                    tungstenite::Error::Capacity(_) => {
+                        Fatal::Violation(Some(ErrorCode::FrameTooLarge), CloseCode::MessageTooBig)
+                    }
+                    tungstenite::Error::Utf8(_) => {
+                        Fatal::Violation(Some(ErrorCode::InvalidUtf8), CloseCode::InvalidPayload)
+                    }
+                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => Fatal::Closed,
+                    _ => Fatal::Violation(None, CloseCode::ProtocolError),
+                });
+                tracing::debug!(conn = conn.id, error = %e, "websocket error");
+                break;
+            }
+        }
+    }
+    let _ = ctx.flush(&mut io);
+    if !io.output.is_empty() {
+        conn.enqueue(Bytes::from(io.output));
+    }
+    (inbound, fatal)
+}
+
 /// Reads and handles frames until the peer leaves or the connection closes.
 ///
 /// Runs on: the owning shard.
-async fn reader(conn: Rc<Conn>, mut ctx: WebSocketContext) {
-    let mut inbound = Vec::new();
+async fn reader(conn: &Rc<Conn>) {
     // Bytes that arrived with the upgrade request are already in `ctx`.
-    let mut first = true;
+    let mut n = 0;
     loop {
         if conn.is_closing() {
             return;
         }
-        let (control, fatal) = {
-            let n = if first {
-                first = false;
-                Some(0)
-            } else {
-                if conn.stream.readable(false).await.is_err() {
-                    return;
-                }
-                if conn.is_closing() {
-                    return;
-                }
-                let mut scratch = conn.shard.scratch.borrow_mut();
-                match netio::try_recv(&conn.stream, &mut scratch) {
-                    Ok(Some(0)) | Err(_) => return,
-                    Ok(None) => None,
-                    Ok(Some(n)) => Some(n),
-                }
-            };
-            let Some(n) = n else { continue };
-            let scratch = conn.shard.scratch.borrow();
-            let mut io = MemIo { input: &scratch[..n], output: Vec::new() };
-            let mut fatal = None;
-            loop {
-                match ctx.read(&mut io) {
-                    Ok(tungstenite::Message::Text(t)) => inbound.push(Inbound::Frame(Bytes::from(t), true)),
-                    Ok(tungstenite::Message::Binary(b)) => inbound.push(Inbound::Frame(b, false)),
-                    Ok(tungstenite::Message::Close(_)) => inbound.push(Inbound::Close),
-                    Ok(_) => {} // ping/pong: tungstenite queues the pong itself
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        fatal = Some(e);
-                        break;
+        let (inbound, fatal) = parse(conn, n);
+        for item in inbound {
+            match item {
+                Inbound::Frame(payload, is_text) => {
+                    if let Some(slow) = handle_frame(conn, &payload, is_text) {
+                        slow.await;
                     }
                 }
-            }
-            let _ = ctx.flush(&mut io);
-            (io.output, fatal)
-        };
-        if !control.is_empty() {
-            conn.enqueue(Bytes::from(control));
-        }
-        for item in inbound.drain(..) {
-            match item {
-                Inbound::Frame(payload, is_text) => handle_frame(&conn, &payload, is_text).await,
                 Inbound::Close => {
                     conn.close(None);
                     return;
                 }
             }
         }
-        if let Some(e) = fatal {
-            let (code, close) = match &e {
-                tungstenite::Error::Capacity(_) => (Some(ErrorCode::FrameTooLarge), CloseCode::MessageTooBig),
-                tungstenite::Error::Utf8(_) => (Some(ErrorCode::InvalidUtf8), CloseCode::InvalidPayload),
-                tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
-                    conn.close(None);
-                    return;
-                }
-                _ => (None, CloseCode::ProtocolError),
-            };
-            tracing::debug!(conn = conn.id, error = %e, "closing on a websocket error");
-            if let Some(c) = code {
-                conn.error(0, c, None);
+        match fatal {
+            None => {}
+            Some(Fatal::Closed) => {
+                conn.close(None);
+                return;
             }
-            conn.close(Some(close));
-            return;
+            Some(Fatal::Violation(code, close)) => {
+                if let Some(c) = code {
+                    conn.error(0, c, None);
+                }
+                conn.close(Some(close));
+                return;
+            }
         }
+        n = loop {
+            if conn.stream.readable(false).await.is_err() || conn.is_closing() {
+                return;
+            }
+            match netio::try_recv(&conn.stream, &mut conn.shard.scratch.borrow_mut()) {
+                Ok(Some(0)) | Err(_) => return,
+                Ok(None) => continue,
+                Ok(Some(n)) => break n,
+            }
+        };
     }
 }
 
-async fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) {
+/// Handles what needs no waiting (sends, pings, bad frames) at once; returns the
+/// other requests as boxed futures, whose state (a sync's replay, a store read)
+/// is large and must not sit in every idle connection's task.
+fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
     conn.shard.shared.metrics.frames_in.inc();
     if conn.proto == Subprotocol::FlatBuffers && is_text {
         conn.error(0, ErrorCode::MalformedFrame, None);
-        return;
+        return None;
     }
     match conn.proto.decode_client(payload) {
-        Ok(ClientFrame { id, body }) => handle(conn, id, body).await,
+        Ok(ClientFrame { id, body: ClientMsg::Send { conversation_id, client_msg_id, body } }) => {
+            send(conn, id, conversation_id, client_msg_id, body);
+            None
+        }
+        Ok(ClientFrame { id, body: ClientMsg::Ping }) => {
+            conn.reply(id, ServerMsg::Pong);
+            None
+        }
+        Ok(ClientFrame { id, body }) => {
+            let conn = conn.clone();
+            Some(Box::pin(async move { handle(&conn, id, body).await }))
+        }
         Err(e) => {
             tracing::debug!(conn = conn.id, error = %e, "bad frame");
             conn.error(0, e.code(), None);
+            None
         }
     }
 }
@@ -543,35 +670,43 @@ fn member_head(store: &dyn storage::Store, conv: ConversationId, user: UserId) -
     Ok(rec.last_seq)
 }
 
+/// Validates a send and queues it for the sequencer; the ack (or error) comes back
+/// through the user's mailbox in conversation order.
+fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: String, body: String) {
+    let user = conn.user;
+    let seq = &conn.shard.shared.sequencer;
+    let bad = if client_msg_id.is_empty() || client_msg_id.len() > 64 || body.is_empty() {
+        Some(ErrorCode::InvalidField)
+    } else if body.len() > conn.limits().max_body_bytes.get() as usize {
+        Some(ErrorCode::BodyTooLarge)
+    } else {
+        None
+    };
+    if let Some(code) = bad {
+        return conn.error(id, code, Some(client_msg_id));
+    }
+    let cmd = Command::Send(SendCmd {
+        conversation: conversation_id,
+        sender: user,
+        client_msg_id,
+        body,
+        origin: conn.id,
+        submitted: std::time::Instant::now(),
+    });
+    if let Err(Command::Send(cmd)) = seq.submit(cmd) {
+        conn.error(id, ErrorCode::Overloaded, Some(cmd.client_msg_id));
+    } else {
+        conn.shard.shared.metrics.sends.inc();
+    }
+}
+
 async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
     let user = conn.user;
     let seq = &conn.shard.shared.sequencer;
     match msg {
         ClientMsg::Ping => conn.reply(id, ServerMsg::Pong),
         ClientMsg::Send { conversation_id, client_msg_id, body } => {
-            let cmid = Some(client_msg_id.clone());
-            if client_msg_id.is_empty() || client_msg_id.len() > 64 {
-                return conn.error(id, ErrorCode::InvalidField, cmid);
-            }
-            if body.len() > conn.limits().max_body_bytes.get() as usize {
-                return conn.error(id, ErrorCode::BodyTooLarge, cmid);
-            }
-            if body.is_empty() {
-                return conn.error(id, ErrorCode::InvalidField, cmid);
-            }
-            let cmd = Command::Send(SendCmd {
-                conversation: conversation_id,
-                sender: user,
-                client_msg_id,
-                body,
-                origin: conn.id,
-                submitted: std::time::Instant::now(),
-            });
-            if seq.submit(cmd).is_err() {
-                conn.error(id, ErrorCode::Overloaded, cmid);
-            } else {
-                conn.shard.shared.metrics.sends.inc();
-            }
+            send(conn, id, conversation_id, client_msg_id, body)
         }
         ClientMsg::CreateDirect { user_id } => {
             conversation_command(conn, id, |reply| Command::CreateDirect { user, peer: user_id, reply }).await

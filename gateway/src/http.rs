@@ -178,8 +178,11 @@ pub async fn serve(shard: Rc<ShardCtx>, stream: TcpStream) {
         let keep = req.keep_alive;
         let (status, body) = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/v1/ws") => {
-                let leftover = std::mem::take(&mut buf);
-                crate::conn::upgrade(shard, stream, req, leftover).await;
+                // The connection gets its own task, and this one ends: an HTTP exchange's
+                // state is several KiB that an idle WebSocket must not keep.
+                // Right-sized: tungstenite keeps this allocation as its read buffer.
+                let leftover = buf.to_vec();
+                monoio::spawn(crate::conn::upgrade(shard, stream, req, leftover));
                 return;
             }
             ("GET", "/healthz") => (200, serde_json::json!({"status": "ok"})),

@@ -620,6 +620,7 @@ impl Worker {
             }
         };
         let mut messages = 0;
+        let mut delivery = self.registry.delivery();
         for effect in batch.effects {
             match effect {
                 Effect::Event(ev, recipients) => {
@@ -644,7 +645,7 @@ impl Worker {
                         }
                     };
                     for &u in recipients.iter() {
-                        self.registry.deliver(u, &ev);
+                        delivery.deliver(u, &ev);
                     }
                 }
                 Effect::Conv(reply, r) => {

@@ -3,7 +3,8 @@
 
 use crate::config::IoDriver;
 use crate::conn::Conn;
-use crate::mailbox::Mailbox;
+use crate::netio::Signal;
+use crate::mailbox::{Drain, Mailbox};
 use crate::server::Shared;
 use monoio::net::TcpListener;
 use protocol::UserId;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 /// A user's presence on this shard: its mailbox here and its connections here.
 pub struct UserSlot {
     pub user: UserId,
-    pub mailbox: Arc<Mailbox>,
+    pub drain: RefCell<Drain>,
     pub conns: RefCell<Vec<Rc<Conn>>>,
 }
 
@@ -26,6 +27,11 @@ pub struct ShardCtx {
     pub users: RefCell<HashMap<UserId, Rc<UserSlot>>>,
     /// The one read buffer every connection on this shard reads into.
     pub scratch: RefCell<Vec<u8>>,
+    /// Connections with frames to write; each at most once (its `Flush` state), so
+    /// bounded by the connections on the shard.
+    pub flush_list: RefCell<Vec<Rc<Conn>>>,
+    /// Wakes the flusher.
+    pub flush_wake: Signal,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -41,11 +47,10 @@ impl ShardCtx {
             .borrow_mut()
             .entry(user)
             .or_insert_with(|| {
-                let mailbox = Arc::new(Mailbox::new(self.shared.cfg.limits.mailbox_capacity.get()));
+                let (mailbox, drain) = Mailbox::new(self.shared.cfg.limits.mailbox_capacity.get());
                 let slot =
-                    Rc::new(UserSlot { user, mailbox: mailbox.clone(), conns: RefCell::new(Vec::new()) });
+                    Rc::new(UserSlot { user, drain: RefCell::new(drain), conns: RefCell::new(Vec::new()) });
                 self.shared.registry.insert(user, self.id, mailbox);
-                monoio::spawn(drain(slot.clone()));
                 slot
             })
             .clone();
@@ -57,36 +62,65 @@ impl ShardCtx {
         let Some(slot) = users.get(&conn.user) else { return };
         slot.conns.borrow_mut().retain(|c| !Rc::ptr_eq(c, conn));
         if slot.conns.borrow().is_empty() {
+            // Events already pushed stay in the mailbox and are dropped with it: the
+            // dispatcher only drains mailboxes that are still their user's slot's.
             self.shared.registry.remove(conn.user, self.id);
-            slot.mailbox.close();
             users.remove(&conn.user);
         }
     }
 }
 
-/// Moves a user's events from its mailbox to its connections on this shard.
+/// Moves events from the mailboxes on this shard's inbox to their users'
+/// connections here. One task per shard: a commit batch wakes it once.
 ///
-/// Runs on: the owning shard, one task per user slot.
-async fn drain(slot: Rc<UserSlot>) {
+/// Runs on: the owning shard.
+async fn dispatch(ctx: Rc<ShardCtx>) {
+    let inbox = ctx.shared.registry.inbox(ctx.id);
     loop {
-        slot.mailbox.ready().await;
-        if slot.mailbox.is_closed() {
-            return;
-        }
-        if slot.mailbox.take_overflowed() {
-            for c in slot.conns.borrow().iter() {
-                c.close(Some(protocol::CloseCode::SlowConsumer));
-            }
-        }
+        inbox.ready().await;
         let mut n = 0u32;
-        while let Some(ev) = slot.mailbox.pop() {
-            for c in slot.conns.borrow().iter() {
-                c.offer(&ev);
+        while let Some((user, mailbox)) = inbox.pop() {
+            mailbox.unschedule();
+            let slot = ctx.users.borrow().get(&user).cloned();
+            // A mailbox whose user left (or reconnected with a new mailbox) is dropped unread.
+            let Some(slot) = slot.filter(|s| Arc::ptr_eq(s.drain.borrow().mailbox(), &mailbox)) else {
+                continue;
+            };
+            if mailbox.take_overflowed() {
+                for c in slot.conns.borrow().iter() {
+                    c.close(Some(protocol::CloseCode::SlowConsumer));
+                }
             }
-            n += 1;
-            if n.is_multiple_of(1024) {
+            {
+                let mut drain = slot.drain.borrow_mut();
+                while let Some(ev) = drain.pop() {
+                    for c in slot.conns.borrow().iter() {
+                        c.offer(&ev);
+                    }
+                    n += 1;
+                }
+            }
+            // Let the flusher and readers run between large rounds.
+            if n >= 1024 {
+                n = 0;
                 crate::netio::yield_now().await;
             }
+        }
+    }
+}
+
+/// Writes the queued frames of every connection on the flush list: after a
+/// dispatch round (or a request) has queued all it will, so each connection
+/// costs one vectored `sendmsg` per round.
+///
+/// Runs on: the owning shard.
+async fn flusher(ctx: Rc<ShardCtx>) {
+    let mut list = Vec::new();
+    loop {
+        ctx.flush_wake.wait().await;
+        std::mem::swap(&mut list, &mut *ctx.flush_list.borrow_mut());
+        for conn in list.drain(..) {
+            conn.flush();
         }
     }
 }
@@ -137,10 +171,14 @@ pub fn spawn(
                     shared,
                     users: RefCell::new(HashMap::new()),
                     scratch: RefCell::new(vec![0; SCRATCH]),
+                    flush_list: RefCell::new(Vec::new()),
+                    flush_wake: Signal::default(),
                     _not_send: PhantomData,
                 });
                 match TcpListener::from_std(listener) {
                     Ok(l) => {
+                        monoio::spawn(dispatch(ctx.clone()));
+                        monoio::spawn(flusher(ctx.clone()));
                         let _ = ready.send(Ok(name));
                         accept_loop(ctx, l).await;
                     }

@@ -29,8 +29,8 @@ use protocol::{
 };
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
 use std::future::Future;
+use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;

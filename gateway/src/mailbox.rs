@@ -221,7 +221,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(shards: usize, overflows: prometheus::IntCounter) -> Registry {
-        Registry { map: papaya::HashMap::new(), inboxes: (0..shards).map(|_| Inbox::new()).collect(), overflows }
+        Registry {
+            map: papaya::HashMap::new(),
+            inboxes: (0..shards).map(|_| Inbox::new()).collect(),
+            overflows,
+        }
     }
 
     /// Shard `shard`'s run queue.
@@ -266,7 +270,11 @@ impl Delivery<'_> {
                 Ok(()) => n += 1,
                 Err(Full(_)) => {
                     if r.overflows.get() == 0 {
-                        tracing::warn!(user, shard, "mailbox full; closing the user's connections there (logged once)");
+                        tracing::warn!(
+                            user,
+                            shard,
+                            "mailbox full; closing the user's connections there (logged once)"
+                        );
                     }
                     r.overflows.inc();
                 }

@@ -3,8 +3,8 @@
 
 use crate::config::IoDriver;
 use crate::conn::Conn;
-use crate::netio::Signal;
 use crate::mailbox::{Drain, Mailbox};
+use crate::netio::Signal;
 use crate::server::Shared;
 use monoio::net::TcpListener;
 use protocol::UserId;

@@ -54,6 +54,14 @@ pub struct Limits {
     pub mailbox_capacity: NonZeroUsize,
     /// Time a client has to send a complete HTTP request head, seconds.
     pub http_header_timeout_secs: NonZeroU64,
+    /// Sends one connection may make per second, sustained. Beyond it: error 1021.
+    pub send_per_sec: NonZeroU32,
+    /// Sends one connection may make at once before `send_per_sec` applies.
+    pub send_burst: NonZeroU32,
+    /// Rate-limited requests a connection may make (refilled at its limits' own
+    /// rates) before it is closed with 1008: a client that keeps hammering after
+    /// being told to slow down is cut off; one that overshoots briefly is not.
+    pub abuse_budget: NonZeroU32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,6 +131,9 @@ impl Default for Limits {
             max_pending_events: nzu(8192),
             mailbox_capacity: nzu(16384),
             http_header_timeout_secs: nz64(10),
+            send_per_sec: nz32(20),
+            send_burst: nz32(100),
+            abuse_budget: nz32(500),
         }
     }
 }

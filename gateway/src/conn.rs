@@ -18,6 +18,7 @@
 use crate::http::{Request, choose_subprotocol, error_response};
 use crate::mailbox::{ConnId, Event, EventKind};
 use crate::netio::{self, Signal};
+use crate::ratelimit::{ConnLimits, Verdict};
 use crate::sequencer::{Command, SendCmd};
 use crate::shard::ShardCtx;
 use bytes::Bytes;
@@ -61,6 +62,8 @@ pub struct Conn {
     /// The WebSocket protocol state (only the reader uses it). Here rather than in the
     /// reader's future: an async fn's arguments are stored twice in its future.
     ws: RefCell<WebSocketContext>,
+    /// Rate limiters, made on the first limited request.
+    limits: std::cell::OnceCell<Box<ConnLimits>>,
     /// `Some(code)`: closing; the queue is flushed (or dropped, for overflow), then the
     /// close frame goes out if there is a code, and the socket is shut.
     closing: Cell<Option<Option<CloseCode>>>,
@@ -186,6 +189,7 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
             Role::Server,
             Some(ws_config(max_frame as usize)),
         )),
+        limits: std::cell::OnceCell::new(),
         closing: Cell::new(None),
     });
     // Registered before anything is read: events from now on reach this connection
@@ -684,6 +688,14 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
     };
     if let Some(code) = bad {
         return conn.error(id, code, Some(client_msg_id));
+    }
+    match conn.limits.get_or_init(|| Box::new(ConnLimits::new(conn.limits()))).send() {
+        Verdict::Allow => {}
+        Verdict::Refuse => return conn.error(id, ErrorCode::RateLimited, Some(client_msg_id)),
+        Verdict::Close => {
+            conn.error(id, ErrorCode::RateLimited, Some(client_msg_id));
+            return conn.close(Some(CloseCode::PolicyViolation));
+        }
     }
     let cmd = Command::Send(SendCmd {
         conversation: conversation_id,

@@ -27,6 +27,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod netio;
 pub mod pool;
+pub mod ratelimit;
 pub mod sequencer;
 pub mod server;
 pub mod shard;

@@ -64,6 +64,7 @@ error_codes! {
     MemberCap = 1013, "member_cap", false, 0, "The group would exceed its member cap.";
     BadCursor = 1014, "bad_cursor", false, 0, "A pagination position or cursor is invalid: both before and after given, a position past the conversation's end, or a cursor this server did not issue.";
     Overloaded = 1020, "overloaded", true, 0, "A server queue is full; the request was not accepted. Retry with backoff.";
+    RateLimited = 1021, "rate_limited", true, 0, "This connection sent more of this request than its rate limit allows; the request was not accepted. Slow down and resend later. Persisting closes the connection with 1008.";
     InvalidRequest = 2001, "invalid_request", false, 400, "The HTTP request body is not the JSON object the endpoint expects.";
     InvalidUsername = 2002, "invalid_username", false, 400, "Usernames are 3 to 32 characters from a-z, A-Z, 0-9, '_', '.', '-'.";
     WeakPassword = 2003, "weak_password", false, 400, "Passwords are 8 to 128 characters.";
@@ -90,6 +91,9 @@ pub enum CloseCode {
     InvalidPayload = 1007,
     /// 1009: a frame or message exceeded max_frame_bytes. Reconnect; do not resend that frame.
     MessageTooBig = 1009,
+    /// 1008: the client kept exceeding its rate limits after 1021 errors. Reconnect after a
+    /// backoff of seconds, and send less.
+    PolicyViolation = 1008,
     /// 4008: the client fell behind (outbound queue full) and events were dropped.
     /// Reconnect and `sync` from the positions it has; nothing acknowledged is lost.
     SlowConsumer = 4008,
@@ -104,6 +108,7 @@ impl CloseCode {
         CloseCode::ProtocolError,
         CloseCode::InvalidPayload,
         CloseCode::MessageTooBig,
+        CloseCode::PolicyViolation,
         CloseCode::SlowConsumer,
         CloseCode::SyncBacklog,
     ];
@@ -118,6 +123,7 @@ impl CloseCode {
             CloseCode::ProtocolError => "websocket protocol error",
             CloseCode::InvalidPayload => "invalid utf-8 in text frame",
             CloseCode::MessageTooBig => "frame too large",
+            CloseCode::PolicyViolation => "rate limits exceeded persistently: back off",
             CloseCode::SlowConsumer => "slow consumer: reconnect and sync",
             CloseCode::SyncBacklog => "too many events before sync: reconnect and sync first",
         }

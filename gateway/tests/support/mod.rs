@@ -38,12 +38,24 @@ impl TestGateway {
         Self::start_with_args(dir, extra, &[])
     }
 
+    /// `extra` is merged over the test config, table by table.
     pub fn start_with_args(dir: &Path, extra: &str, args: &[&str]) -> TestGateway {
         // Cheap hashing keeps registration fast in tests; production uses the OWASP defaults.
-        let config = format!(
-            "shards = 2\n{extra}\n[auth]\ntoken_secret = \"{SECRET}\"\nadmin_secret = \"{ADMIN}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n"
+        // Send limits are lifted because many tests pipeline hundreds of sends on one
+        // connection; tests/rate_limits.rs checks the limits themselves.
+        let base = format!(
+            "shards = 2\n[auth]\ntoken_secret = \"{SECRET}\"\nadmin_secret = \"{ADMIN}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n[limits]\nsend_per_sec = 1000000\nsend_burst = 1000000\n"
         );
-        Self::start_with_config(dir, &config, args)
+        let mut config: toml::Table = base.parse().unwrap();
+        for (k, v) in extra.parse::<toml::Table>().expect("extra config is TOML") {
+            match (config.get_mut(&k), v) {
+                (Some(toml::Value::Table(t)), toml::Value::Table(over)) => t.extend(over),
+                (_, v) => {
+                    config.insert(k, v);
+                }
+            }
+        }
+        Self::start_with_config(dir, &toml::to_string(&config).unwrap(), args)
     }
 
     /// Starts with exactly this config file text.

@@ -58,6 +58,10 @@ pub struct Limits {
     pub send_per_sec: NonZeroU32,
     /// Sends one connection may make at once before `send_per_sec` applies.
     pub send_burst: NonZeroU32,
+    /// Typing updates one connection may send per second, sustained. Beyond it: error 1021.
+    pub typing_per_sec: NonZeroU32,
+    /// Typing updates one connection may send at once before `typing_per_sec` applies.
+    pub typing_burst: NonZeroU32,
     /// Rate-limited requests a connection may make (refilled at its limits' own
     /// rates) before it is closed with 1008: a client that keeps hammering after
     /// being told to slow down is cut off; one that overshoots briefly is not.
@@ -133,6 +137,8 @@ impl Default for Limits {
             http_header_timeout_secs: nz64(10),
             send_per_sec: nz32(20),
             send_burst: nz32(100),
+            typing_per_sec: nz32(2),
+            typing_burst: nz32(10),
             abuse_budget: nz32(500),
         }
     }

@@ -380,7 +380,35 @@ impl Conn {
                     self.error(0, *code, Some(client_msg_id.clone()));
                 }
             }
+            EventKind::Refused { origin, request_id, code } => {
+                if *origin == self.id {
+                    self.error(*request_id, *code, None);
+                }
+            }
+            EventKind::Typing { user, .. } => {
+                // Not to the typist's own devices; not held for an unsynced connection
+                // (it would be stale by the time the sync is done).
+                if *user == self.user || !self.sync.borrow().synced {
+                    return;
+                }
+                if let Some(f) = ev.broadcast_frame(self.proto) {
+                    self.enqueue(f);
+                }
+            }
         }
+    }
+
+    /// Applies one of the connection's rate limits. False: the request is refused
+    /// (error 1021, and the connection closed with 1008 if the abuse budget is spent).
+    fn within_limit(&self, id: u64, client_msg_id: Option<&str>, which: fn(&ConnLimits) -> Verdict) -> bool {
+        let verdict = which(self.limits.get_or_init(|| Box::new(ConnLimits::new(self.limits()))));
+        if verdict != Verdict::Allow {
+            self.error(id, ErrorCode::RateLimited, client_msg_id.map(str::to_owned));
+        }
+        if verdict == Verdict::Close {
+            self.close(Some(CloseCode::PolicyViolation));
+        }
+        verdict == Verdict::Allow
     }
 
     /// Waits until the outbound queue is at most half full, so a page of replay
@@ -621,6 +649,10 @@ fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) -> Option<Pin<Bo
             conn.reply(id, ServerMsg::Pong);
             None
         }
+        Ok(ClientFrame { id, body: ClientMsg::Typing { conversation_id, typing } }) => {
+            typing_request(conn, id, conversation_id, typing);
+            None
+        }
         Ok(ClientFrame { id, body }) => {
             let conn = conn.clone();
             Some(Box::pin(async move { handle(&conn, id, body).await }))
@@ -689,13 +721,8 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
     if let Some(code) = bad {
         return conn.error(id, code, Some(client_msg_id));
     }
-    match conn.limits.get_or_init(|| Box::new(ConnLimits::new(conn.limits()))).send() {
-        Verdict::Allow => {}
-        Verdict::Refuse => return conn.error(id, ErrorCode::RateLimited, Some(client_msg_id)),
-        Verdict::Close => {
-            conn.error(id, ErrorCode::RateLimited, Some(client_msg_id));
-            return conn.close(Some(CloseCode::PolicyViolation));
-        }
+    if !conn.within_limit(id, Some(&client_msg_id), ConnLimits::send) {
+        return;
     }
     let cmd = Command::Send(SendCmd {
         conversation: conversation_id,
@@ -712,11 +739,30 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
     }
 }
 
+/// Relays a typing start or stop to the conversation's other members, through the
+/// sequencer (which knows the members) but without storing anything.
+fn typing_request(conn: &Conn, id: u64, conversation_id: ConversationId, typing: bool) {
+    if !conn.within_limit(id, None, ConnLimits::typing) {
+        return;
+    }
+    let cmd = Command::Typing {
+        conversation: conversation_id,
+        user: conn.user,
+        typing,
+        origin: conn.id,
+        request_id: id,
+    };
+    if conn.shard.shared.sequencer.submit(cmd).is_err() {
+        conn.error(id, ErrorCode::Overloaded, None);
+    }
+}
+
 async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
     let user = conn.user;
     let seq = &conn.shard.shared.sequencer;
     match msg {
         ClientMsg::Ping => conn.reply(id, ServerMsg::Pong),
+        ClientMsg::Typing { conversation_id, typing } => typing_request(conn, id, conversation_id, typing),
         ClientMsg::Send { conversation_id, client_msg_id, body } => {
             send(conn, id, conversation_id, client_msg_id, body)
         }

@@ -42,7 +42,15 @@ pub enum EventKind {
     Message { message: Message, origin: Option<ConnId>, to_others: bool },
     /// A `send` that was refused; goes to the sending connection only.
     SendFailed { origin: ConnId, conversation_id: ConversationId, client_msg_id: String, code: ErrorCode },
+    /// Another request refused by the sequencer (answered with its request id); to `origin` only.
+    Refused { origin: ConnId, request_id: u64, code: ErrorCode },
+    /// `user` started or stopped typing. Ephemeral: shown to synced connections of
+    /// the other members, never stored, never held for a connection that has not synced.
+    Typing { conversation_id: ConversationId, user: UserId, typing: bool },
 }
+
+/// How long a typing indicator lasts without a refresh, milliseconds (sent with each one).
+pub const TYPING_EXPIRES_MS: u32 = 5000;
 
 /// An event plus its encodings, made at most once per subprotocol however many
 /// connections it reaches (server frames are unmasked, so the bytes are shareable).
@@ -63,19 +71,25 @@ impl Event {
         Arc::new(Event { kind, submitted, encoded: [OnceLock::new(), OnceLock::new()] })
     }
 
-    /// The broadcast form (`message` frame), as a complete WebSocket frame.
+    /// The broadcast form (a `message` or `typing` frame), as a complete WebSocket frame.
     pub fn broadcast_frame(&self, proto: Subprotocol) -> Option<Bytes> {
-        let EventKind::Message { message, .. } = &self.kind else { return None };
+        if !matches!(self.kind, EventKind::Message { .. } | EventKind::Typing { .. }) {
+            return None;
+        }
         let slot = &self.encoded[proto as usize];
         Some(
             slot.get_or_init(|| {
-                crate::frame::ws_frame(
-                    proto,
-                    &proto.encode_server(&ServerFrame {
-                        id: 0,
-                        body: ServerMsg::Message { message: message.clone() },
-                    }),
-                )
+                let body = match &self.kind {
+                    EventKind::Message { message, .. } => ServerMsg::Message { message: message.clone() },
+                    &EventKind::Typing { conversation_id, user, typing } => ServerMsg::Typing {
+                        conversation_id,
+                        user_id: user,
+                        typing,
+                        expires_ms: TYPING_EXPIRES_MS,
+                    },
+                    _ => unreachable!("checked above"),
+                };
+                crate::frame::ws_frame(proto, &proto.encode_server(&ServerFrame { id: 0, body }))
             })
             .clone(),
         )

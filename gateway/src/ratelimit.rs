@@ -22,6 +22,7 @@ pub enum Verdict {
 
 pub struct ConnLimits {
     send: DefaultDirectRateLimiter,
+    typing: DefaultDirectRateLimiter,
     abuse: DefaultDirectRateLimiter,
 }
 
@@ -29,13 +30,23 @@ impl ConnLimits {
     pub fn new(l: &Limits) -> ConnLimits {
         ConnLimits {
             send: RateLimiter::direct(Quota::per_second(l.send_per_sec).allow_burst(l.send_burst)),
+            typing: RateLimiter::direct(Quota::per_second(l.typing_per_sec).allow_burst(l.typing_burst)),
             abuse: RateLimiter::direct(Quota::per_second(l.send_per_sec).allow_burst(l.abuse_budget)),
         }
     }
 
     /// Runs on: the owning shard.
     pub fn send(&self) -> Verdict {
-        if self.send.check().is_ok() {
+        self.verdict(&self.send)
+    }
+
+    /// Runs on: the owning shard.
+    pub fn typing(&self) -> Verdict {
+        self.verdict(&self.typing)
+    }
+
+    fn verdict(&self, limit: &DefaultDirectRateLimiter) -> Verdict {
+        if limit.check().is_ok() {
             Verdict::Allow
         } else if self.abuse.check().is_ok() {
             Verdict::Refuse

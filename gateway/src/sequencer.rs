@@ -31,6 +31,14 @@ pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
 #[derive(Debug)]
 pub enum Command {
     Send(SendCmd),
+    /// A typing start or stop: checked and relayed in order with the batch, never stored.
+    Typing {
+        conversation: ConversationId,
+        user: UserId,
+        typing: bool,
+        origin: ConnId,
+        request_id: u64,
+    },
     CreateDirect {
         user: UserId,
         peer: UserId,
@@ -309,6 +317,17 @@ impl Worker {
                     )),
                 }
             }
+            Command::Typing { conversation, user, typing, origin, request_id } => {
+                let effect = match self.load(conversation) {
+                    Ok(st) if st.members.contains_key(&user) => Effect::Event(
+                        Event::new(EventKind::Typing { conversation_id: conversation, user, typing }),
+                        st.recipients.clone(),
+                    ),
+                    Ok(_) => Self::refused(origin, request_id, ErrorCode::NotMember, user),
+                    Err(code) => Self::refused(origin, request_id, code, user),
+                };
+                batch.effects.push(effect);
+            }
             Command::CreateDirect { user, peer, reply } => {
                 let r = self.create_direct(user, peer, batch);
                 batch.effects.push(Effect::Conv(reply, r));
@@ -339,6 +358,10 @@ impl Worker {
                 batch.effects.push(Effect::Conv(reply, r));
             }
         }
+    }
+
+    fn refused(origin: ConnId, request_id: u64, code: ErrorCode, user: UserId) -> Effect {
+        Effect::Event(Event::new(EventKind::Refused { origin, request_id, code }), Arc::from([user]))
     }
 
     fn send(&mut self, cmd: SendCmd, batch: &mut Batch) -> Result<(), Fail> {

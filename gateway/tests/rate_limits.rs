@@ -76,3 +76,43 @@ fn sends_over_the_limit_are_refused_and_persisting_closes_only_that_connection()
         bob.wait_ack(&format!("{p:?}-bob-after"));
     }
 }
+
+#[test]
+fn typing_over_its_limit_is_refused_without_closing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = TestGateway::start_in(tmp.path(), "[limits]\ntyping_per_sec = 1\ntyping_burst = 2\n");
+    let (_, ta) = g.user("alice");
+    let (b, tb) = g.user("bob");
+    for p in both() {
+        let mut alice = g.connect(&ta, p);
+        let mut bob = g.connect(&tb, p);
+        alice.sync(vec![]);
+        bob.sync(vec![]);
+        let conv = conversation_id(&alice.request(ClientMsg::CreateDirect { user_id: b }));
+        let ids: Vec<u64> = (0..6)
+            .map(|i| alice.send(ClientMsg::Typing { conversation_id: conv, typing: i % 2 == 0 }))
+            .collect();
+        // The answer to a typing request is silence (relayed) or an error; a ping after them
+        // is answered after all of them, since a connection handles its requests in order.
+        let ping = alice.send(ClientMsg::Ping);
+        let mut refused = Vec::new();
+        loop {
+            let f = alice.recv();
+            match f.body {
+                ServerMsg::Pong if f.id == ping => break,
+                ServerMsg::Error { code: 1021, .. } => refused.push(f.id),
+                _ => {}
+            }
+        }
+        assert!(refused.len() >= 3, "refused {refused:?} of {ids:?}");
+        assert!(refused.iter().all(|id| ids[2..].contains(id)), "the burst of 2 passes: {refused:?}");
+        // Bob saw the first two, in order.
+        let got: Vec<bool> = (0..2)
+            .map(|_| match bob.wait_for(|m| matches!(m, ServerMsg::Typing { .. })) {
+                ServerMsg::Typing { typing, .. } => typing,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(got, [true, false]);
+    }
+}

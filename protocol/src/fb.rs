@@ -170,6 +170,13 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             let o = fb::PingReq::create(&mut b, &fb::PingReqArgs {});
             (fb::ClientBody::PingReq, o.as_union_value())
         }
+        ClientMsg::Typing { conversation_id, typing } => {
+            let o = fb::TypingReq::create(
+                &mut b,
+                &fb::TypingReqArgs { conversation_id: *conversation_id, typing: *typing },
+            );
+            (fb::ClientBody::TypingReq, o.as_union_value())
+        }
     };
     let root = fb::ClientFrame::create(
         &mut b,
@@ -253,6 +260,10 @@ pub fn decode_client(buf: &[u8]) -> Result<ClientFrame, DecodeError> {
             ClientMsg::ListConversations { limit: r.limit(), cursor: r.cursor().map(str::to_owned) }
         }
         fb::ClientBody::PingReq => ClientMsg::Ping,
+        fb::ClientBody::TypingReq => {
+            let r = f.body_as_typing_req().ok_or_else(missing_body)?;
+            ClientMsg::Typing { conversation_id: r.conversation_id(), typing: r.typing() }
+        }
         _ => return Err(DecodeError::UnknownType),
     };
     Ok(ClientFrame { id, body })
@@ -405,6 +416,18 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
             let o = fb::Pong::create(&mut b, &fb::PongArgs {});
             (fb::ServerBody::Pong, o.as_union_value())
         }
+        ServerMsg::Typing { conversation_id, user_id, typing, expires_ms } => {
+            let o = fb::Typing::create(
+                &mut b,
+                &fb::TypingArgs {
+                    conversation_id: *conversation_id,
+                    user_id: *user_id,
+                    typing: *typing,
+                    expires_ms: *expires_ms,
+                },
+            );
+            (fb::ServerBody::Typing, o.as_union_value())
+        }
     };
     let root = fb::ServerFrame::create(
         &mut b,
@@ -509,6 +532,15 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerFrame, DecodeError> {
         }
         fb::ServerBody::Ok => ServerMsg::Ok,
         fb::ServerBody::Pong => ServerMsg::Pong,
+        fb::ServerBody::Typing => {
+            let r = f.body_as_typing().ok_or_else(missing_body)?;
+            ServerMsg::Typing {
+                conversation_id: r.conversation_id(),
+                user_id: r.user_id(),
+                typing: r.typing(),
+                expires_ms: r.expires_ms(),
+            }
+        }
         _ => return Err(DecodeError::UnknownType),
     };
     Ok(ServerFrame { id, body })

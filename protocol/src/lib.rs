@@ -73,6 +73,7 @@ const CLIENT_TYPES: &[&str] = &[
     "history",
     "list_conversations",
     "ping",
+    "typing",
 ];
 
 impl Subprotocol {
@@ -167,6 +168,8 @@ mod tests {
             ClientMsg::History { conversation_id: 5, before: None, after: None, limit: None },
             ClientMsg::ListConversations { limit: Some(20), cursor: Some("abc".into()) },
             ClientMsg::Ping,
+            ClientMsg::Typing { conversation_id: 5, typing: true },
+            ClientMsg::Typing { conversation_id: 5, typing: false },
         ];
         msgs.into_iter().enumerate().map(|(i, body)| ClientFrame { id: i as u64, body }).collect()
     }
@@ -218,6 +221,7 @@ mod tests {
             },
             ServerMsg::Ok,
             ServerMsg::Pong,
+            ServerMsg::Typing { conversation_id: 5, user_id: 6, typing: true, expires_ms: 5000 },
         ];
         msgs.into_iter().enumerate().map(|(i, body)| ServerFrame { id: i as u64, body }).collect()
     }

@@ -192,6 +192,12 @@ pub enum ClientMsg {
         cursor: Option<String>,
     },
     Ping,
+    /// I am (`typing: true`) or stopped (`false`) typing in this conversation. Not stored.
+    Typing {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        typing: bool,
+    },
 }
 
 /// A stored message (or membership event) as clients see it.
@@ -306,6 +312,16 @@ pub enum ServerMsg {
     },
     Ok,
     Pong,
+    /// `user_id` is typing in `conversation_id` (or stopped). Show it for at most
+    /// `expires_ms` unless refreshed; a message from that user ends it too.
+    Typing {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        #[serde(with = "id_str")]
+        user_id: UserId,
+        typing: bool,
+        expires_ms: u32,
+    },
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -285,10 +285,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for MessageKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CLIENT_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CLIENT_BODY: u8 = 12;
+pub const ENUM_MAX_CLIENT_BODY: u8 = 13;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 13] = [
+pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 14] = [
   ClientBody::NONE,
   ClientBody::SyncReq,
   ClientBody::SendReq,
@@ -302,6 +302,7 @@ pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 13] = [
   ClientBody::HistoryReq,
   ClientBody::ListConversationsReq,
   ClientBody::PingReq,
+  ClientBody::TypingReq,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -322,9 +323,10 @@ impl ClientBody {
   pub const HistoryReq: Self = Self(10);
   pub const ListConversationsReq: Self = Self(11);
   pub const PingReq: Self = Self(12);
+  pub const TypingReq: Self = Self(13);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 12;
+  pub const ENUM_MAX: u8 = 13;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::SyncReq,
@@ -339,6 +341,7 @@ impl ClientBody {
     Self::HistoryReq,
     Self::ListConversationsReq,
     Self::PingReq,
+    Self::TypingReq,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -356,6 +359,7 @@ impl ClientBody {
       Self::HistoryReq => Some("HistoryReq"),
       Self::ListConversationsReq => Some("ListConversationsReq"),
       Self::PingReq => Some("PingReq"),
+      Self::TypingReq => Some("TypingReq"),
       _ => None,
     }
   }
@@ -415,10 +419,10 @@ pub struct ClientBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_SERVER_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_SERVER_BODY: u8 = 10;
+pub const ENUM_MAX_SERVER_BODY: u8 = 11;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 11] = [
+pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 12] = [
   ServerBody::NONE,
   ServerBody::Welcome,
   ServerBody::Ack,
@@ -430,6 +434,7 @@ pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 11] = [
   ServerBody::Error,
   ServerBody::Ok,
   ServerBody::Pong,
+  ServerBody::Typing,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -448,9 +453,10 @@ impl ServerBody {
   pub const Error: Self = Self(8);
   pub const Ok: Self = Self(9);
   pub const Pong: Self = Self(10);
+  pub const Typing: Self = Self(11);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 10;
+  pub const ENUM_MAX: u8 = 11;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Welcome,
@@ -463,6 +469,7 @@ impl ServerBody {
     Self::Error,
     Self::Ok,
     Self::Pong,
+    Self::Typing,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -478,6 +485,7 @@ impl ServerBody {
       Self::Error => Some("Error"),
       Self::Ok => Some("Ok"),
       Self::Pong => Some("Pong"),
+      Self::Typing => Some("Typing"),
       _ => None,
     }
   }
@@ -1968,6 +1976,119 @@ impl ::core::fmt::Debug for PingReq<'_> {
       ds.finish()
   }
 }
+pub enum TypingReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct TypingReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for TypingReq<'a> {
+  type Inner = TypingReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> TypingReq<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TYPING: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    TypingReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TypingReqArgs
+  ) -> ::flatbuffers::WIPOffset<TypingReq<'bldr>> {
+    let mut builder = TypingReqBuilder::new(_fbb);
+    builder.add_conversation_id(args.conversation_id);
+    builder.add_typing(args.typing);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TypingReq::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn typing(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(TypingReq::VT_TYPING, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for TypingReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<bool>("typing", Self::VT_TYPING, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TypingReqArgs {
+    pub conversation_id: u64,
+    pub typing: bool,
+}
+impl<'a> Default for TypingReqArgs {
+  #[inline]
+  fn default() -> Self {
+    TypingReqArgs {
+      conversation_id: 0,
+      typing: false,
+    }
+  }
+}
+
+pub struct TypingReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TypingReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(TypingReq::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_typing(&mut self, typing: bool) {
+    self.fbb_.push_slot::<bool>(TypingReq::VT_TYPING, typing, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TypingReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TypingReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<TypingReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for TypingReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("TypingReq");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("typing", &self.typing());
+      ds.finish()
+  }
+}
 pub enum ClientFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2206,6 +2327,21 @@ impl<'a> ClientFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_typing_req(&self) -> Option<TypingReq<'a>> {
+    if self.body_type() == ClientBody::TypingReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { TypingReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ClientFrame<'_> {
@@ -2229,6 +2365,7 @@ impl ::flatbuffers::Verifiable for ClientFrame<'_> {
           ClientBody::HistoryReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<HistoryReq>>("ClientBody::HistoryReq", pos),
           ClientBody::ListConversationsReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListConversationsReq>>("ClientBody::ListConversationsReq", pos),
           ClientBody::PingReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PingReq>>("ClientBody::PingReq", pos),
+          ClientBody::TypingReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TypingReq>>("ClientBody::TypingReq", pos),
           _ => Ok(()),
         }
      })?
@@ -2369,6 +2506,13 @@ impl ::core::fmt::Debug for ClientFrame<'_> {
         },
         ClientBody::PingReq => {
           if let Some(x) = self.body_as_ping_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::TypingReq => {
+          if let Some(x) = self.body_as_typing_req() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -4042,6 +4186,153 @@ impl ::core::fmt::Debug for Pong<'_> {
       ds.finish()
   }
 }
+pub enum TypingOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Typing<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Typing<'a> {
+  type Inner = Typing<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Typing<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_USER_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TYPING: ::flatbuffers::VOffsetT = 8;
+  pub const VT_EXPIRES_MS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Typing { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TypingArgs
+  ) -> ::flatbuffers::WIPOffset<Typing<'bldr>> {
+    let mut builder = TypingBuilder::new(_fbb);
+    builder.add_user_id(args.user_id);
+    builder.add_conversation_id(args.conversation_id);
+    builder.add_expires_ms(args.expires_ms);
+    builder.add_typing(args.typing);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Typing::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn user_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Typing::VT_USER_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn typing(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Typing::VT_TYPING, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn expires_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Typing::VT_EXPIRES_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Typing<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<u64>("user_id", Self::VT_USER_ID, false)?
+     .visit_field::<bool>("typing", Self::VT_TYPING, false)?
+     .visit_field::<u32>("expires_ms", Self::VT_EXPIRES_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TypingArgs {
+    pub conversation_id: u64,
+    pub user_id: u64,
+    pub typing: bool,
+    pub expires_ms: u32,
+}
+impl<'a> Default for TypingArgs {
+  #[inline]
+  fn default() -> Self {
+    TypingArgs {
+      conversation_id: 0,
+      user_id: 0,
+      typing: false,
+      expires_ms: 0,
+    }
+  }
+}
+
+pub struct TypingBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TypingBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(Typing::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_user_id(&mut self, user_id: u64) {
+    self.fbb_.push_slot::<u64>(Typing::VT_USER_ID, user_id, 0);
+  }
+  #[inline]
+  pub fn add_typing(&mut self, typing: bool) {
+    self.fbb_.push_slot::<bool>(Typing::VT_TYPING, typing, false);
+  }
+  #[inline]
+  pub fn add_expires_ms(&mut self, expires_ms: u32) {
+    self.fbb_.push_slot::<u32>(Typing::VT_EXPIRES_MS, expires_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TypingBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TypingBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Typing<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Typing<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Typing");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("user_id", &self.user_id());
+      ds.field("typing", &self.typing());
+      ds.field("expires_ms", &self.expires_ms());
+      ds.finish()
+  }
+}
 pub enum ServerFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -4250,6 +4541,21 @@ impl<'a> ServerFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_typing(&self) -> Option<Typing<'a>> {
+    if self.body_type() == ServerBody::Typing {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Typing::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ServerFrame<'_> {
@@ -4271,6 +4577,7 @@ impl ::flatbuffers::Verifiable for ServerFrame<'_> {
           ServerBody::Error => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Error>>("ServerBody::Error", pos),
           ServerBody::Ok => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Ok>>("ServerBody::Ok", pos),
           ServerBody::Pong => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pong>>("ServerBody::Pong", pos),
+          ServerBody::Typing => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Typing>>("ServerBody::Typing", pos),
           _ => Ok(()),
         }
      })?
@@ -4397,6 +4704,13 @@ impl ::core::fmt::Debug for ServerFrame<'_> {
         },
         ServerBody::Pong => {
           if let Some(x) = self.body_as_pong() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ServerBody::Typing => {
+          if let Some(x) = self.body_as_typing() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -62,6 +62,10 @@ pub struct Limits {
     pub typing_per_sec: NonZeroU32,
     /// Typing updates one connection may send at once before `typing_per_sec` applies.
     pub typing_burst: NonZeroU32,
+    /// Delivered/read receipts one connection may send per second, sustained. Beyond it: error 1021.
+    pub receipts_per_sec: NonZeroU32,
+    /// Receipts one connection may send at once before `receipts_per_sec` applies.
+    pub receipts_burst: NonZeroU32,
     /// Rate-limited requests a connection may make (refilled at its limits' own
     /// rates) before it is closed with 1008: a client that keeps hammering after
     /// being told to slow down is cut off; one that overshoots briefly is not.
@@ -139,6 +143,8 @@ impl Default for Limits {
             send_burst: nz32(100),
             typing_per_sec: nz32(2),
             typing_burst: nz32(10),
+            receipts_per_sec: nz32(10),
+            receipts_burst: nz32(50),
             abuse_budget: nz32(500),
         }
     }

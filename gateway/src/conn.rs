@@ -385,6 +385,16 @@ impl Conn {
                     self.error(*request_id, *code, None);
                 }
             }
+            EventKind::Receipt { .. } => {
+                // State, not history: a connection that syncs later reads it with
+                // `list_conversations` / `get_receipts`.
+                if !self.sync.borrow().synced {
+                    return;
+                }
+                if let Some(f) = ev.broadcast_frame(self.proto) {
+                    self.enqueue(f);
+                }
+            }
             EventKind::Typing { user, .. } => {
                 // Not to the typist's own devices; not held for an unsynced connection
                 // (it would be stale by the time the sync is done).
@@ -653,6 +663,14 @@ fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) -> Option<Pin<Bo
             typing_request(conn, id, conversation_id, typing);
             None
         }
+        Ok(ClientFrame { id, body: ClientMsg::MarkDelivered { conversation_id, seq } }) => {
+            mark(conn, id, conversation_id, seq, false);
+            None
+        }
+        Ok(ClientFrame { id, body: ClientMsg::MarkRead { conversation_id, seq } }) => {
+            mark(conn, id, conversation_id, seq, true);
+            None
+        }
         Ok(ClientFrame { id, body }) => {
             let conn = conn.clone();
             Some(Box::pin(async move { handle(&conn, id, body).await }))
@@ -757,12 +775,59 @@ fn typing_request(conn: &Conn, id: u64, conversation_id: ConversationId, typing:
     }
 }
 
+/// Moves the user's delivered (or read) position forward, through the sequencer.
+/// No reply: every member's connections, the user's included, get the `receipt`.
+fn mark(conn: &Conn, id: u64, conversation_id: ConversationId, seq: Seq, read: bool) {
+    if !conn.within_limit(id, None, ConnLimits::receipt) {
+        return;
+    }
+    let cmd = Command::Mark {
+        conversation: conversation_id,
+        user: conn.user,
+        seq,
+        read,
+        origin: conn.id,
+        request_id: id,
+    };
+    if conn.shard.shared.sequencer.submit(cmd).is_err() {
+        conn.error(id, ErrorCode::Overloaded, None);
+    }
+}
+
 async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
     let user = conn.user;
     let seq = &conn.shard.shared.sequencer;
     match msg {
         ClientMsg::Ping => conn.reply(id, ServerMsg::Pong),
         ClientMsg::Typing { conversation_id, typing } => typing_request(conn, id, conversation_id, typing),
+        ClientMsg::MarkDelivered { conversation_id, seq } => mark(conn, id, conversation_id, seq, false),
+        ClientMsg::MarkRead { conversation_id, seq } => mark(conn, id, conversation_id, seq, true),
+        ClientMsg::GetReceipts { conversation_id } => {
+            let r = read(conn, move |s| {
+                let mut members = s.members(conversation_id).map_err(internal)?;
+                if members.is_empty() && s.conversation(conversation_id).map_err(internal)?.is_none() {
+                    return Err(ErrorCode::NotFound);
+                }
+                if !members.iter().any(|(u, _)| *u == user) {
+                    return Err(ErrorCode::NotMember);
+                }
+                let stored: HashMap<_, _> =
+                    s.all_positions(conversation_id).map_err(internal)?.into_iter().collect();
+                members.sort_by_key(|(u, _)| *u);
+                Ok(members
+                    .into_iter()
+                    .map(|(user_id, _)| {
+                        let p = stored.get(&user_id).copied().unwrap_or_default();
+                        protocol::MemberPositions { user_id, delivered_seq: p.delivered, read_seq: p.read }
+                    })
+                    .collect())
+            })
+            .await;
+            match r {
+                Ok(members) => conn.reply(id, ServerMsg::Receipts { conversation_id, members }),
+                Err(code) => conn.error(id, code, None),
+            }
+        }
         ClientMsg::Send { conversation_id, client_msg_id, body } => {
             send(conn, id, conversation_id, client_msg_id, body)
         }
@@ -913,10 +978,10 @@ fn list_conversations(
     let mut recs = Vec::new();
     for c in s.user_conversations(user).map_err(internal)? {
         if let Some(r) = s.conversation(c).map_err(internal)? {
-            recs.push(r);
+            recs.push((r, s.positions(c, user).map_err(internal)?.read));
         }
     }
-    let key = |r: &storage::ConversationRecord| (r.last_ts_ms, r.id);
+    let key = |r: &(storage::ConversationRecord, Seq)| (r.0.last_ts_ms, r.0.id);
     recs.sort_by_key(|r| std::cmp::Reverse(key(r)));
     let items: Vec<_> =
         recs.into_iter().filter(|r| after.is_none_or(|a| key(r) < a)).take(limit + 1).collect();
@@ -924,12 +989,14 @@ fn list_conversations(
     let items: Vec<_> = items
         .into_iter()
         .take(limit)
-        .map(|r| ConversationSummary {
+        .map(|(r, read)| ConversationSummary {
             conversation_id: r.id,
             kind: r.kind,
             title: r.title,
             last_seq: r.last_seq,
             last_ts_ms: r.last_ts_ms,
+            read_seq: read,
+            unread: r.last_seq.saturating_sub(read),
         })
         .collect();
     let next =

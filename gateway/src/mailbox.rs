@@ -47,6 +47,9 @@ pub enum EventKind {
     /// `user` started or stopped typing. Ephemeral: shown to synced connections of
     /// the other members, never stored, never held for a connection that has not synced.
     Typing { conversation_id: ConversationId, user: UserId, typing: bool },
+    /// `user`'s delivered/read positions moved forward (stored before this is sent).
+    /// Shown to every member's synced connections, the user's own included.
+    Receipt { conversation_id: ConversationId, user: UserId, positions: storage::Positions },
 }
 
 /// How long a typing indicator lasts without a refresh, milliseconds (sent with each one).
@@ -73,7 +76,10 @@ impl Event {
 
     /// The broadcast form (a `message` or `typing` frame), as a complete WebSocket frame.
     pub fn broadcast_frame(&self, proto: Subprotocol) -> Option<Bytes> {
-        if !matches!(self.kind, EventKind::Message { .. } | EventKind::Typing { .. }) {
+        if !matches!(
+            self.kind,
+            EventKind::Message { .. } | EventKind::Typing { .. } | EventKind::Receipt { .. }
+        ) {
             return None;
         }
         let slot = &self.encoded[proto as usize];
@@ -86,6 +92,12 @@ impl Event {
                         user_id: user,
                         typing,
                         expires_ms: TYPING_EXPIRES_MS,
+                    },
+                    &EventKind::Receipt { conversation_id, user, positions } => ServerMsg::Receipt {
+                        conversation_id,
+                        user_id: user,
+                        delivered_seq: positions.delivered,
+                        read_seq: positions.read,
                     },
                     _ => unreachable!("checked above"),
                 };

@@ -23,6 +23,7 @@ pub enum Verdict {
 pub struct ConnLimits {
     send: DefaultDirectRateLimiter,
     typing: DefaultDirectRateLimiter,
+    receipt: DefaultDirectRateLimiter,
     abuse: DefaultDirectRateLimiter,
 }
 
@@ -31,6 +32,7 @@ impl ConnLimits {
         ConnLimits {
             send: RateLimiter::direct(Quota::per_second(l.send_per_sec).allow_burst(l.send_burst)),
             typing: RateLimiter::direct(Quota::per_second(l.typing_per_sec).allow_burst(l.typing_burst)),
+            receipt: RateLimiter::direct(Quota::per_second(l.receipts_per_sec).allow_burst(l.receipts_burst)),
             abuse: RateLimiter::direct(Quota::per_second(l.send_per_sec).allow_burst(l.abuse_budget)),
         }
     }
@@ -43,6 +45,11 @@ impl ConnLimits {
     /// Runs on: the owning shard.
     pub fn typing(&self) -> Verdict {
         self.verdict(&self.typing)
+    }
+
+    /// Runs on: the owning shard.
+    pub fn receipt(&self) -> Verdict {
+        self.verdict(&self.receipt)
     }
 
     fn verdict(&self, limit: &DefaultDirectRateLimiter) -> Verdict {

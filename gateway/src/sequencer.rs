@@ -19,18 +19,28 @@ use crate::mailbox::{ConnId, Event, EventKind, Registry};
 use crate::metrics::Metrics;
 use futures_channel::oneshot;
 use protocol::{
-    Conversation, ConversationId, ConversationKind, ErrorCode, Member, Message, MessageKind, Role, UserId,
+    Conversation, ConversationId, ConversationKind, ErrorCode, Member, Message, MessageKind, Role, Seq,
+    UserId,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
-use storage::{BucketRef, ConversationRecord, Mutation, Store, bucket_of, pair};
+use storage::{BucketRef, ConversationRecord, Mutation, Positions, Store, bucket_of, pair};
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
 
 #[derive(Debug)]
 pub enum Command {
     Send(SendCmd),
+    /// A member's device received (or the member read) everything up to `seq`.
+    Mark {
+        conversation: ConversationId,
+        user: UserId,
+        seq: Seq,
+        read: bool,
+        origin: ConnId,
+        request_id: u64,
+    },
     /// A typing start or stop: checked and relayed in order with the batch, never stored.
     Typing {
         conversation: ConversationId,
@@ -144,9 +154,28 @@ struct ConvState {
     /// `members`' keys, shared by every event of a batch.
     recipients: Arc<[UserId]>,
     bucket: Option<u32>,
+    /// Members' delivered and read positions (absent: zeros).
+    positions: HashMap<UserId, Positions>,
 }
 
 impl ConvState {
+    /// Moves `user`'s positions forward to `seq` (delivered, and read if `read`).
+    /// Returns the new positions if anything moved.
+    fn advance(&mut self, batch: &mut Batch, user: UserId, seq: Seq, read: bool) -> Option<Positions> {
+        let cur = self.positions.get(&user).copied().unwrap_or_default();
+        let mut new = cur;
+        new.delivered = new.delivered.max(seq);
+        if read {
+            new.read = new.read.max(seq);
+        }
+        if new == cur {
+            return None;
+        }
+        self.positions.insert(user, new);
+        batch.positions.insert((self.rec.id, user));
+        Some(new)
+    }
+
     fn set_members(&mut self) {
         self.recipients = self.members.keys().copied().collect();
     }
@@ -176,6 +205,8 @@ struct Batch {
     muts: Vec<Mutation>,
     effects: Vec<Effect>,
     touched: HashSet<ConversationId>,
+    /// Members whose positions this batch moved.
+    positions: HashSet<(ConversationId, UserId)>,
     idem: HashMap<(ConversationId, UserId, String), Message>,
     directs: HashMap<(UserId, UserId), ConversationId>,
 }
@@ -208,6 +239,10 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            // Only between batches: a batch's uncommitted changes live in the cache.
+            if self.convs.len() >= CACHE_MAX {
+                self.convs.clear();
+            }
             let mut batch = Batch::default();
             self.metrics.commit_batch.observe(cmds.len() as f64);
             for cmd in cmds.drain(..) {
@@ -222,10 +257,8 @@ impl Worker {
             let rec = self.store.conversation(id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
             let members: BTreeMap<_, _> = self.store.members(id).map_err(internal)?.into_iter().collect();
             let bucket = self.store.buckets(id).map_err(internal)?.last().map(|b| b.bucket);
-            if self.convs.len() >= CACHE_MAX {
-                self.convs.clear();
-            }
-            let mut st = ConvState { rec, members, recipients: Arc::from([]), bucket };
+            let positions = self.store.all_positions(id).map_err(internal)?.into_iter().collect();
+            let mut st = ConvState { rec, members, recipients: Arc::from([]), bucket, positions };
             st.set_members();
             self.convs.insert(id, st);
         }
@@ -328,6 +361,28 @@ impl Worker {
                 };
                 batch.effects.push(effect);
             }
+            Command::Mark { conversation, user, seq, read, origin, request_id } => {
+                let effect = match self.load(conversation) {
+                    Ok(st) if !st.members.contains_key(&user) => {
+                        Some(Self::refused(origin, request_id, ErrorCode::NotMember, user))
+                    }
+                    Ok(st) if seq > st.rec.last_seq => {
+                        Some(Self::refused(origin, request_id, ErrorCode::BadCursor, user))
+                    }
+                    Ok(st) => st.advance(batch, user, seq, read).map(|p| {
+                        Effect::Event(
+                            Event::new(EventKind::Receipt {
+                                conversation_id: conversation,
+                                user,
+                                positions: p,
+                            }),
+                            st.recipients.clone(),
+                        )
+                    }),
+                    Err(code) => Some(Self::refused(origin, request_id, code, user)),
+                };
+                batch.effects.extend(effect);
+            }
             Command::CreateDirect { user, peer, reply } => {
                 let r = self.create_direct(user, peer, batch);
                 batch.effects.push(Effect::Conv(reply, r));
@@ -392,6 +447,8 @@ impl Worker {
             return Ok(());
         }
         let m = Self::append(st, batch, sender, MessageKind::Text, body, key.2.clone(), None);
+        // Your own messages are read: they never count as unread for you.
+        st.advance(batch, sender, m.seq, true);
         batch.muts.push(Mutation::PutIdempotency {
             conversation,
             sender,
@@ -436,6 +493,7 @@ impl Worker {
             members,
             recipients: Arc::from([]),
             bucket: None,
+            positions: HashMap::new(),
         };
         st.set_members();
         self.convs.insert(id, st);
@@ -626,6 +684,11 @@ impl Worker {
                 batch.muts.push(Mutation::PutConversation(st.rec.clone()));
             }
         }
+        for &(conversation, user) in &batch.positions {
+            if let Some(&positions) = self.convs.get(&conversation).and_then(|st| st.positions.get(&user)) {
+                batch.muts.push(Mutation::PutPositions { conversation, user, positions });
+            }
+        }
         let started = Instant::now();
         let committed = match self.store.commit(&batch.muts) {
             Ok(()) => {
@@ -636,7 +699,7 @@ impl Worker {
                 self.metrics.errors.with_label_values(&["commit_failed"]).inc();
                 tracing::error!(error = %e, writes = batch.muts.len(), "commit failed; the batch is refused");
                 // The cache holds this batch's uncommitted changes: forget them.
-                for id in &batch.touched {
+                for id in batch.touched.iter().chain(batch.positions.iter().map(|(c, _)| c)) {
                     self.convs.remove(id);
                 }
                 false

@@ -177,6 +177,27 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             );
             (fb::ClientBody::TypingReq, o.as_union_value())
         }
+        ClientMsg::MarkDelivered { conversation_id, seq } => {
+            let o = fb::MarkDeliveredReq::create(
+                &mut b,
+                &fb::MarkDeliveredReqArgs { conversation_id: *conversation_id, seq: *seq },
+            );
+            (fb::ClientBody::MarkDeliveredReq, o.as_union_value())
+        }
+        ClientMsg::MarkRead { conversation_id, seq } => {
+            let o = fb::MarkReadReq::create(
+                &mut b,
+                &fb::MarkReadReqArgs { conversation_id: *conversation_id, seq: *seq },
+            );
+            (fb::ClientBody::MarkReadReq, o.as_union_value())
+        }
+        ClientMsg::GetReceipts { conversation_id } => {
+            let o = fb::GetReceiptsReq::create(
+                &mut b,
+                &fb::GetReceiptsReqArgs { conversation_id: *conversation_id },
+            );
+            (fb::ClientBody::GetReceiptsReq, o.as_union_value())
+        }
     };
     let root = fb::ClientFrame::create(
         &mut b,
@@ -263,6 +284,18 @@ pub fn decode_client(buf: &[u8]) -> Result<ClientFrame, DecodeError> {
         fb::ClientBody::TypingReq => {
             let r = f.body_as_typing_req().ok_or_else(missing_body)?;
             ClientMsg::Typing { conversation_id: r.conversation_id(), typing: r.typing() }
+        }
+        fb::ClientBody::MarkDeliveredReq => {
+            let r = f.body_as_mark_delivered_req().ok_or_else(missing_body)?;
+            ClientMsg::MarkDelivered { conversation_id: r.conversation_id(), seq: r.seq() }
+        }
+        fb::ClientBody::MarkReadReq => {
+            let r = f.body_as_mark_read_req().ok_or_else(missing_body)?;
+            ClientMsg::MarkRead { conversation_id: r.conversation_id(), seq: r.seq() }
+        }
+        fb::ClientBody::GetReceiptsReq => {
+            let r = f.body_as_get_receipts_req().ok_or_else(missing_body)?;
+            ClientMsg::GetReceipts { conversation_id: r.conversation_id() }
         }
         _ => return Err(DecodeError::UnknownType),
     };
@@ -385,6 +418,8 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
                             title,
                             last_seq: s.last_seq,
                             last_ts_ms: s.last_ts_ms,
+                            read_seq: s.read_seq,
+                            unread: s.unread,
                         },
                     )
                 })
@@ -427,6 +462,39 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
                 },
             );
             (fb::ServerBody::Typing, o.as_union_value())
+        }
+        ServerMsg::Receipt { conversation_id, user_id, delivered_seq, read_seq } => {
+            let o = fb::Receipt::create(
+                &mut b,
+                &fb::ReceiptArgs {
+                    conversation_id: *conversation_id,
+                    user_id: *user_id,
+                    delivered_seq: *delivered_seq,
+                    read_seq: *read_seq,
+                },
+            );
+            (fb::ServerBody::Receipt, o.as_union_value())
+        }
+        ServerMsg::Receipts { conversation_id, members } => {
+            let ms: Vec<_> = members
+                .iter()
+                .map(|m| {
+                    fb::MemberPositions::create(
+                        &mut b,
+                        &fb::MemberPositionsArgs {
+                            user_id: m.user_id,
+                            delivered_seq: m.delivered_seq,
+                            read_seq: m.read_seq,
+                        },
+                    )
+                })
+                .collect();
+            let members = Some(b.create_vector(&ms));
+            let o = fb::Receipts::create(
+                &mut b,
+                &fb::ReceiptsArgs { conversation_id: *conversation_id, members },
+            );
+            (fb::ServerBody::Receipts, o.as_union_value())
         }
     };
     let root = fb::ServerFrame::create(
@@ -509,6 +577,8 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerFrame, DecodeError> {
                                 title: s.title().unwrap_or_default().to_owned(),
                                 last_seq: s.last_seq(),
                                 last_ts_ms: s.last_ts_ms(),
+                                read_seq: s.read_seq(),
+                                unread: s.unread(),
                             })
                         })
                         .collect::<Result<Vec<_>, DecodeError>>()
@@ -540,6 +610,31 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerFrame, DecodeError> {
                 typing: r.typing(),
                 expires_ms: r.expires_ms(),
             }
+        }
+        fb::ServerBody::Receipt => {
+            let r = f.body_as_receipt().ok_or_else(missing_body)?;
+            ServerMsg::Receipt {
+                conversation_id: r.conversation_id(),
+                user_id: r.user_id(),
+                delivered_seq: r.delivered_seq(),
+                read_seq: r.read_seq(),
+            }
+        }
+        fb::ServerBody::Receipts => {
+            let r = f.body_as_receipts().ok_or_else(missing_body)?;
+            let members = r
+                .members()
+                .map(|v| {
+                    v.iter()
+                        .map(|m| MemberPositions {
+                            user_id: m.user_id(),
+                            delivered_seq: m.delivered_seq(),
+                            read_seq: m.read_seq(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            ServerMsg::Receipts { conversation_id: r.conversation_id(), members }
         }
         _ => return Err(DecodeError::UnknownType),
     };

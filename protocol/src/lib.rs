@@ -74,6 +74,9 @@ const CLIENT_TYPES: &[&str] = &[
     "list_conversations",
     "ping",
     "typing",
+    "mark_delivered",
+    "mark_read",
+    "get_receipts",
 ];
 
 impl Subprotocol {
@@ -170,6 +173,9 @@ mod tests {
             ClientMsg::Ping,
             ClientMsg::Typing { conversation_id: 5, typing: true },
             ClientMsg::Typing { conversation_id: 5, typing: false },
+            ClientMsg::MarkDelivered { conversation_id: 5, seq: 9 },
+            ClientMsg::MarkRead { conversation_id: 5, seq: 8 },
+            ClientMsg::GetReceipts { conversation_id: 5 },
         ];
         msgs.into_iter().enumerate().map(|(i, body)| ClientFrame { id: i as u64, body }).collect()
     }
@@ -209,6 +215,8 @@ mod tests {
                     title: String::new(),
                     last_seq: 1,
                     last_ts_ms: 2,
+                    read_seq: 1,
+                    unread: 0,
                 }],
                 next_cursor: Some("n".into()),
             },
@@ -222,6 +230,14 @@ mod tests {
             ServerMsg::Ok,
             ServerMsg::Pong,
             ServerMsg::Typing { conversation_id: 5, user_id: 6, typing: true, expires_ms: 5000 },
+            ServerMsg::Receipt { conversation_id: 5, user_id: 6, delivered_seq: 9, read_seq: 7 },
+            ServerMsg::Receipts {
+                conversation_id: 5,
+                members: vec![
+                    MemberPositions { user_id: 6, delivered_seq: 9, read_seq: 7 },
+                    MemberPositions { user_id: 7, delivered_seq: 0, read_seq: 0 },
+                ],
+            },
         ];
         msgs.into_iter().enumerate().map(|(i, body)| ServerFrame { id: i as u64, body }).collect()
     }

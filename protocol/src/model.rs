@@ -192,6 +192,23 @@ pub enum ClientMsg {
         cursor: Option<String>,
     },
     Ping,
+    /// One of my devices has received everything up to `seq`.
+    MarkDelivered {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        seq: Seq,
+    },
+    /// I have seen everything up to `seq`.
+    MarkRead {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        seq: Seq,
+    },
+    /// Every member's delivered and read positions.
+    GetReceipts {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+    },
     /// I am (`typing: true`) or stopped (`false`) typing in this conversation. Not stored.
     Typing {
         #[serde(with = "id_str")]
@@ -250,6 +267,21 @@ pub struct ConversationSummary {
     pub title: String,
     pub last_seq: Seq,
     pub last_ts_ms: u64,
+    /// How far you have read.
+    #[serde(default)]
+    pub read_seq: Seq,
+    /// `last_seq - read_seq`: your own messages count as read.
+    #[serde(default)]
+    pub unread: u64,
+}
+
+/// One member's delivered and read positions in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberPositions {
+    #[serde(with = "id_str")]
+    pub user_id: UserId,
+    pub delivered_seq: Seq,
+    pub read_seq: Seq,
 }
 
 /// One frame from server to client.
@@ -321,6 +353,21 @@ pub enum ServerMsg {
         user_id: UserId,
         typing: bool,
         expires_ms: u32,
+    },
+    /// `user_id`'s positions in `conversation_id` moved forward.
+    Receipt {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        #[serde(with = "id_str")]
+        user_id: UserId,
+        delivered_seq: Seq,
+        read_seq: Seq,
+    },
+    /// The answer to `get_receipts`.
+    Receipts {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        members: Vec<MemberPositions>,
     },
 }
 

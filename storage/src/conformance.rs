@@ -15,6 +15,7 @@ pub fn run_all(open: Open<'_>) {
     conversations_and_members(open);
     pages_cross_buckets_both_ways(open);
     idempotency_keys(open);
+    member_positions(open);
     survives_restart(open);
 }
 
@@ -149,6 +150,26 @@ pub fn idempotency_keys(open: Open<'_>) {
     assert_eq!(s.idempotent_seq(4001, 5, "x").unwrap(), Some(9));
     assert_eq!(s.idempotent_seq(4001, 6, "x").unwrap(), None, "keys are per sender");
     assert_eq!(s.idempotent_seq(4001, 5, "y").unwrap(), None);
+}
+
+pub fn member_positions(open: Open<'_>) {
+    let s = open();
+    assert_eq!(s.positions(4101, 5).unwrap(), Positions::default(), "none stored: zeros");
+    let p = |delivered, read| Positions { delivered, read };
+    s.commit(&[
+        Mutation::PutPositions { conversation: 4101, user: 6, positions: p(9, 4) },
+        Mutation::PutPositions { conversation: 4101, user: 5, positions: p(3, 3) },
+        Mutation::PutPositions { conversation: 4102, user: 5, positions: p(1, 0) },
+    ])
+    .unwrap();
+    s.commit(&[Mutation::PutPositions { conversation: 4101, user: 5, positions: p(7, 5) }]).unwrap();
+    assert_eq!(s.positions(4101, 5).unwrap(), p(7, 5), "the later write wins");
+    assert_eq!(
+        s.all_positions(4101).unwrap(),
+        vec![(5, p(7, 5)), (6, p(9, 4))],
+        "by user, this conversation only"
+    );
+    assert_eq!(s.all_positions(4103).unwrap(), vec![]);
 }
 
 pub fn survives_restart(open: Open<'_>) {

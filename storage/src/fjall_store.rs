@@ -7,8 +7,8 @@
 
 use crate::codec::{self, corrupt, key2, u64_at};
 use crate::{
-    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, Mutation, OrErr, Order, Result, Role,
-    Seq, StorageError, Store, UserId, UserRecord, pair,
+    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, Mutation, OrErr, Order, Positions,
+    Result, Role, Seq, StorageError, Store, UserId, UserRecord, pair,
 };
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::Path;
@@ -25,6 +25,7 @@ pub struct FjallStore {
     messages: Keyspace,
     buckets: Keyspace,
     idem: Keyspace,
+    positions: Keyspace,
     /// Serialises username uniqueness checks (registration is rare; fjall has no CAS).
     register: Mutex<()>,
 }
@@ -55,6 +56,7 @@ impl FjallStore {
             messages: ks("messages")?,
             buckets: ks("message_buckets")?,
             idem: ks("idempotency")?,
+            positions: ks("positions")?,
             register: Mutex::new(()),
             db,
         })
@@ -73,6 +75,17 @@ impl FjallStore {
             None => Ok(None),
         }
     }
+}
+
+fn encode_positions(p: &Positions) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&p.delivered.to_be_bytes());
+    v.extend_from_slice(&p.read.to_be_bytes());
+    v
+}
+
+fn decode_positions(v: &[u8]) -> Result<Positions> {
+    Ok(Positions { delivered: u64_at(v, 0)?, read: u64_at(v, 8)? })
 }
 
 impl Store for FjallStore {
@@ -115,6 +128,11 @@ impl Store for FjallStore {
                     b.remove(&self.members, key2(*conversation, *user).to_vec());
                     b.remove(&self.user_convs, key2(*user, *conversation).to_vec());
                 }
+                Mutation::PutPositions { conversation, user, positions } => b.insert(
+                    &self.positions,
+                    key2(*conversation, *user).to_vec(),
+                    encode_positions(positions),
+                ),
                 Mutation::PutDirect { a, b: other, conversation } => {
                     let (x, y) = pair(*a, *other);
                     b.insert(&self.direct, key2(x, y).to_vec(), conversation.to_be_bytes().to_vec());
@@ -161,6 +179,23 @@ impl Store for FjallStore {
             .map(|kv| {
                 let (k, v) = kv.into_inner().map_err(io("scanning members"))?;
                 Ok((u64_at(&k, 8)?, codec::role_from_u8(*v.first().ok_or_else(|| corrupt("empty role"))?)?))
+            })
+            .collect()
+    }
+
+    fn positions(&self, conv: ConversationId, user: UserId) -> Result<Positions> {
+        match self.positions.get(key2(conv, user)).map_err(io("reading positions"))? {
+            Some(v) => decode_positions(&v),
+            None => Ok(Positions::default()),
+        }
+    }
+
+    fn all_positions(&self, conv: ConversationId) -> Result<Vec<(UserId, Positions)>> {
+        self.positions
+            .prefix(conv.to_be_bytes())
+            .map(|kv| {
+                let (k, v) = kv.into_inner().map_err(io("scanning positions"))?;
+                Ok((u64_at(&k, 8)?, decode_positions(&v)?))
             })
             .collect()
     }

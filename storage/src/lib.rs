@@ -69,6 +69,16 @@ pub struct BucketRef {
     pub first_seq: Seq,
 }
 
+/// How far one member has got in one conversation. Both only move forward, and
+/// `read <= delivered` is kept by the writer (reading implies having received).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// Highest position any of the member's devices has received.
+    pub delivered: Seq,
+    /// Highest position the member has seen.
+    pub read: Seq,
+}
+
 /// One write. A batch of them is applied atomically and durably by [`Store::commit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
@@ -98,6 +108,12 @@ pub enum Mutation {
         a: UserId,
         b: UserId,
         conversation: ConversationId,
+    },
+    /// Sets a member's delivered and read positions (the sequencer keeps them monotonic).
+    PutPositions {
+        conversation: ConversationId,
+        user: UserId,
+        positions: Positions,
     },
 }
 
@@ -184,6 +200,11 @@ pub trait Store: Send + Sync + 'static {
         sender: UserId,
         client_msg_id: &str,
     ) -> Result<Option<Seq>>;
+
+    /// A member's positions in a conversation (zeros when none were stored).
+    fn positions(&self, conv: ConversationId, user: UserId) -> Result<Positions>;
+    /// Every stored member position of a conversation, by user id.
+    fn all_positions(&self, conv: ConversationId) -> Result<Vec<(UserId, Positions)>>;
 
     /// The conversation's buckets, oldest first.
     fn buckets(&self, conv: ConversationId) -> Result<Vec<BucketRef>>;

@@ -285,10 +285,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for MessageKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CLIENT_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CLIENT_BODY: u8 = 13;
+pub const ENUM_MAX_CLIENT_BODY: u8 = 16;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 14] = [
+pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 17] = [
   ClientBody::NONE,
   ClientBody::SyncReq,
   ClientBody::SendReq,
@@ -303,6 +303,9 @@ pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 14] = [
   ClientBody::ListConversationsReq,
   ClientBody::PingReq,
   ClientBody::TypingReq,
+  ClientBody::MarkDeliveredReq,
+  ClientBody::MarkReadReq,
+  ClientBody::GetReceiptsReq,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -324,9 +327,12 @@ impl ClientBody {
   pub const ListConversationsReq: Self = Self(11);
   pub const PingReq: Self = Self(12);
   pub const TypingReq: Self = Self(13);
+  pub const MarkDeliveredReq: Self = Self(14);
+  pub const MarkReadReq: Self = Self(15);
+  pub const GetReceiptsReq: Self = Self(16);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 13;
+  pub const ENUM_MAX: u8 = 16;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::SyncReq,
@@ -342,6 +348,9 @@ impl ClientBody {
     Self::ListConversationsReq,
     Self::PingReq,
     Self::TypingReq,
+    Self::MarkDeliveredReq,
+    Self::MarkReadReq,
+    Self::GetReceiptsReq,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -360,6 +369,9 @@ impl ClientBody {
       Self::ListConversationsReq => Some("ListConversationsReq"),
       Self::PingReq => Some("PingReq"),
       Self::TypingReq => Some("TypingReq"),
+      Self::MarkDeliveredReq => Some("MarkDeliveredReq"),
+      Self::MarkReadReq => Some("MarkReadReq"),
+      Self::GetReceiptsReq => Some("GetReceiptsReq"),
       _ => None,
     }
   }
@@ -419,10 +431,10 @@ pub struct ClientBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_SERVER_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_SERVER_BODY: u8 = 11;
+pub const ENUM_MAX_SERVER_BODY: u8 = 13;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 12] = [
+pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 14] = [
   ServerBody::NONE,
   ServerBody::Welcome,
   ServerBody::Ack,
@@ -435,6 +447,8 @@ pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 12] = [
   ServerBody::Ok,
   ServerBody::Pong,
   ServerBody::Typing,
+  ServerBody::Receipt,
+  ServerBody::Receipts,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -454,9 +468,11 @@ impl ServerBody {
   pub const Ok: Self = Self(9);
   pub const Pong: Self = Self(10);
   pub const Typing: Self = Self(11);
+  pub const Receipt: Self = Self(12);
+  pub const Receipts: Self = Self(13);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 11;
+  pub const ENUM_MAX: u8 = 13;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Welcome,
@@ -470,6 +486,8 @@ impl ServerBody {
     Self::Ok,
     Self::Pong,
     Self::Typing,
+    Self::Receipt,
+    Self::Receipts,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -486,6 +504,8 @@ impl ServerBody {
       Self::Ok => Some("Ok"),
       Self::Pong => Some("Pong"),
       Self::Typing => Some("Typing"),
+      Self::Receipt => Some("Receipt"),
+      Self::Receipts => Some("Receipts"),
       _ => None,
     }
   }
@@ -2089,6 +2109,328 @@ impl ::core::fmt::Debug for TypingReq<'_> {
       ds.finish()
   }
 }
+pub enum MarkDeliveredReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MarkDeliveredReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MarkDeliveredReq<'a> {
+  type Inner = MarkDeliveredReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MarkDeliveredReq<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MarkDeliveredReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MarkDeliveredReqArgs
+  ) -> ::flatbuffers::WIPOffset<MarkDeliveredReq<'bldr>> {
+    let mut builder = MarkDeliveredReqBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    builder.add_conversation_id(args.conversation_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MarkDeliveredReq::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MarkDeliveredReq::VT_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MarkDeliveredReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MarkDeliveredReqArgs {
+    pub conversation_id: u64,
+    pub seq: u64,
+}
+impl<'a> Default for MarkDeliveredReqArgs {
+  #[inline]
+  fn default() -> Self {
+    MarkDeliveredReqArgs {
+      conversation_id: 0,
+      seq: 0,
+    }
+  }
+}
+
+pub struct MarkDeliveredReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MarkDeliveredReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(MarkDeliveredReq::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(MarkDeliveredReq::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MarkDeliveredReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MarkDeliveredReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MarkDeliveredReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MarkDeliveredReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MarkDeliveredReq");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("seq", &self.seq());
+      ds.finish()
+  }
+}
+pub enum MarkReadReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MarkReadReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MarkReadReq<'a> {
+  type Inner = MarkReadReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MarkReadReq<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MarkReadReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MarkReadReqArgs
+  ) -> ::flatbuffers::WIPOffset<MarkReadReq<'bldr>> {
+    let mut builder = MarkReadReqBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    builder.add_conversation_id(args.conversation_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MarkReadReq::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MarkReadReq::VT_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MarkReadReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MarkReadReqArgs {
+    pub conversation_id: u64,
+    pub seq: u64,
+}
+impl<'a> Default for MarkReadReqArgs {
+  #[inline]
+  fn default() -> Self {
+    MarkReadReqArgs {
+      conversation_id: 0,
+      seq: 0,
+    }
+  }
+}
+
+pub struct MarkReadReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MarkReadReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(MarkReadReq::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(MarkReadReq::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MarkReadReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MarkReadReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MarkReadReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MarkReadReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MarkReadReq");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("seq", &self.seq());
+      ds.finish()
+  }
+}
+pub enum GetReceiptsReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GetReceiptsReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GetReceiptsReq<'a> {
+  type Inner = GetReceiptsReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GetReceiptsReq<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GetReceiptsReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GetReceiptsReqArgs
+  ) -> ::flatbuffers::WIPOffset<GetReceiptsReq<'bldr>> {
+    let mut builder = GetReceiptsReqBuilder::new(_fbb);
+    builder.add_conversation_id(args.conversation_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GetReceiptsReq::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GetReceiptsReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GetReceiptsReqArgs {
+    pub conversation_id: u64,
+}
+impl<'a> Default for GetReceiptsReqArgs {
+  #[inline]
+  fn default() -> Self {
+    GetReceiptsReqArgs {
+      conversation_id: 0,
+    }
+  }
+}
+
+pub struct GetReceiptsReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GetReceiptsReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(GetReceiptsReq::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GetReceiptsReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GetReceiptsReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GetReceiptsReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GetReceiptsReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GetReceiptsReq");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.finish()
+  }
+}
 pub enum ClientFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2342,6 +2684,51 @@ impl<'a> ClientFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_mark_delivered_req(&self) -> Option<MarkDeliveredReq<'a>> {
+    if self.body_type() == ClientBody::MarkDeliveredReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { MarkDeliveredReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_mark_read_req(&self) -> Option<MarkReadReq<'a>> {
+    if self.body_type() == ClientBody::MarkReadReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { MarkReadReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_get_receipts_req(&self) -> Option<GetReceiptsReq<'a>> {
+    if self.body_type() == ClientBody::GetReceiptsReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GetReceiptsReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ClientFrame<'_> {
@@ -2366,6 +2753,9 @@ impl ::flatbuffers::Verifiable for ClientFrame<'_> {
           ClientBody::ListConversationsReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListConversationsReq>>("ClientBody::ListConversationsReq", pos),
           ClientBody::PingReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PingReq>>("ClientBody::PingReq", pos),
           ClientBody::TypingReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TypingReq>>("ClientBody::TypingReq", pos),
+          ClientBody::MarkDeliveredReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MarkDeliveredReq>>("ClientBody::MarkDeliveredReq", pos),
+          ClientBody::MarkReadReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MarkReadReq>>("ClientBody::MarkReadReq", pos),
+          ClientBody::GetReceiptsReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetReceiptsReq>>("ClientBody::GetReceiptsReq", pos),
           _ => Ok(()),
         }
      })?
@@ -2513,6 +2903,27 @@ impl ::core::fmt::Debug for ClientFrame<'_> {
         },
         ClientBody::TypingReq => {
           if let Some(x) = self.body_as_typing_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::MarkDeliveredReq => {
+          if let Some(x) = self.body_as_mark_delivered_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::MarkReadReq => {
+          if let Some(x) = self.body_as_mark_read_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::GetReceiptsReq => {
+          if let Some(x) = self.body_as_get_receipts_req() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3514,6 +3925,8 @@ impl<'a> ConversationSummary<'a> {
   pub const VT_TITLE: ::flatbuffers::VOffsetT = 8;
   pub const VT_LAST_SEQ: ::flatbuffers::VOffsetT = 10;
   pub const VT_LAST_TS_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_READ_SEQ: ::flatbuffers::VOffsetT = 14;
+  pub const VT_UNREAD: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3525,6 +3938,8 @@ impl<'a> ConversationSummary<'a> {
     args: &'args ConversationSummaryArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ConversationSummary<'bldr>> {
     let mut builder = ConversationSummaryBuilder::new(_fbb);
+    builder.add_unread(args.unread);
+    builder.add_read_seq(args.read_seq);
     builder.add_last_ts_ms(args.last_ts_ms);
     builder.add_last_seq(args.last_seq);
     builder.add_conversation_id(args.conversation_id);
@@ -3569,6 +3984,20 @@ impl<'a> ConversationSummary<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ConversationSummary::VT_LAST_TS_MS, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn read_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConversationSummary::VT_READ_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn unread(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConversationSummary::VT_UNREAD, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ConversationSummary<'_> {
@@ -3582,6 +4011,8 @@ impl ::flatbuffers::Verifiable for ConversationSummary<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("title", Self::VT_TITLE, false)?
      .visit_field::<u64>("last_seq", Self::VT_LAST_SEQ, false)?
      .visit_field::<u64>("last_ts_ms", Self::VT_LAST_TS_MS, false)?
+     .visit_field::<u64>("read_seq", Self::VT_READ_SEQ, false)?
+     .visit_field::<u64>("unread", Self::VT_UNREAD, false)?
      .finish();
     Ok(())
   }
@@ -3592,6 +4023,8 @@ pub struct ConversationSummaryArgs<'a> {
     pub title: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub last_seq: u64,
     pub last_ts_ms: u64,
+    pub read_seq: u64,
+    pub unread: u64,
 }
 impl<'a> Default for ConversationSummaryArgs<'a> {
   #[inline]
@@ -3602,6 +4035,8 @@ impl<'a> Default for ConversationSummaryArgs<'a> {
       title: None,
       last_seq: 0,
       last_ts_ms: 0,
+      read_seq: 0,
+      unread: 0,
     }
   }
 }
@@ -3632,6 +4067,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationSummaryBuilder<'a
     self.fbb_.push_slot::<u64>(ConversationSummary::VT_LAST_TS_MS, last_ts_ms, 0);
   }
   #[inline]
+  pub fn add_read_seq(&mut self, read_seq: u64) {
+    self.fbb_.push_slot::<u64>(ConversationSummary::VT_READ_SEQ, read_seq, 0);
+  }
+  #[inline]
+  pub fn add_unread(&mut self, unread: u64) {
+    self.fbb_.push_slot::<u64>(ConversationSummary::VT_UNREAD, unread, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationSummaryBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConversationSummaryBuilder {
@@ -3654,6 +4097,8 @@ impl ::core::fmt::Debug for ConversationSummary<'_> {
       ds.field("title", &self.title());
       ds.field("last_seq", &self.last_seq());
       ds.field("last_ts_ms", &self.last_ts_ms());
+      ds.field("read_seq", &self.read_seq());
+      ds.field("unread", &self.unread());
       ds.finish()
   }
 }
@@ -4333,6 +4778,396 @@ impl ::core::fmt::Debug for Typing<'_> {
       ds.finish()
   }
 }
+pub enum ReceiptOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Receipt<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Receipt<'a> {
+  type Inner = Receipt<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Receipt<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_USER_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DELIVERED_SEQ: ::flatbuffers::VOffsetT = 8;
+  pub const VT_READ_SEQ: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Receipt { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReceiptArgs
+  ) -> ::flatbuffers::WIPOffset<Receipt<'bldr>> {
+    let mut builder = ReceiptBuilder::new(_fbb);
+    builder.add_read_seq(args.read_seq);
+    builder.add_delivered_seq(args.delivered_seq);
+    builder.add_user_id(args.user_id);
+    builder.add_conversation_id(args.conversation_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Receipt::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn user_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Receipt::VT_USER_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn delivered_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Receipt::VT_DELIVERED_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn read_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Receipt::VT_READ_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Receipt<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<u64>("user_id", Self::VT_USER_ID, false)?
+     .visit_field::<u64>("delivered_seq", Self::VT_DELIVERED_SEQ, false)?
+     .visit_field::<u64>("read_seq", Self::VT_READ_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReceiptArgs {
+    pub conversation_id: u64,
+    pub user_id: u64,
+    pub delivered_seq: u64,
+    pub read_seq: u64,
+}
+impl<'a> Default for ReceiptArgs {
+  #[inline]
+  fn default() -> Self {
+    ReceiptArgs {
+      conversation_id: 0,
+      user_id: 0,
+      delivered_seq: 0,
+      read_seq: 0,
+    }
+  }
+}
+
+pub struct ReceiptBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReceiptBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(Receipt::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_user_id(&mut self, user_id: u64) {
+    self.fbb_.push_slot::<u64>(Receipt::VT_USER_ID, user_id, 0);
+  }
+  #[inline]
+  pub fn add_delivered_seq(&mut self, delivered_seq: u64) {
+    self.fbb_.push_slot::<u64>(Receipt::VT_DELIVERED_SEQ, delivered_seq, 0);
+  }
+  #[inline]
+  pub fn add_read_seq(&mut self, read_seq: u64) {
+    self.fbb_.push_slot::<u64>(Receipt::VT_READ_SEQ, read_seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReceiptBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReceiptBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Receipt<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Receipt<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Receipt");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("user_id", &self.user_id());
+      ds.field("delivered_seq", &self.delivered_seq());
+      ds.field("read_seq", &self.read_seq());
+      ds.finish()
+  }
+}
+pub enum MemberPositionsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MemberPositions<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MemberPositions<'a> {
+  type Inner = MemberPositions<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MemberPositions<'a> {
+  pub const VT_USER_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_DELIVERED_SEQ: ::flatbuffers::VOffsetT = 6;
+  pub const VT_READ_SEQ: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MemberPositions { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MemberPositionsArgs
+  ) -> ::flatbuffers::WIPOffset<MemberPositions<'bldr>> {
+    let mut builder = MemberPositionsBuilder::new(_fbb);
+    builder.add_read_seq(args.read_seq);
+    builder.add_delivered_seq(args.delivered_seq);
+    builder.add_user_id(args.user_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn user_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MemberPositions::VT_USER_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn delivered_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MemberPositions::VT_DELIVERED_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn read_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MemberPositions::VT_READ_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MemberPositions<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("user_id", Self::VT_USER_ID, false)?
+     .visit_field::<u64>("delivered_seq", Self::VT_DELIVERED_SEQ, false)?
+     .visit_field::<u64>("read_seq", Self::VT_READ_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MemberPositionsArgs {
+    pub user_id: u64,
+    pub delivered_seq: u64,
+    pub read_seq: u64,
+}
+impl<'a> Default for MemberPositionsArgs {
+  #[inline]
+  fn default() -> Self {
+    MemberPositionsArgs {
+      user_id: 0,
+      delivered_seq: 0,
+      read_seq: 0,
+    }
+  }
+}
+
+pub struct MemberPositionsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MemberPositionsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_user_id(&mut self, user_id: u64) {
+    self.fbb_.push_slot::<u64>(MemberPositions::VT_USER_ID, user_id, 0);
+  }
+  #[inline]
+  pub fn add_delivered_seq(&mut self, delivered_seq: u64) {
+    self.fbb_.push_slot::<u64>(MemberPositions::VT_DELIVERED_SEQ, delivered_seq, 0);
+  }
+  #[inline]
+  pub fn add_read_seq(&mut self, read_seq: u64) {
+    self.fbb_.push_slot::<u64>(MemberPositions::VT_READ_SEQ, read_seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MemberPositionsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MemberPositionsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MemberPositions<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MemberPositions<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MemberPositions");
+      ds.field("user_id", &self.user_id());
+      ds.field("delivered_seq", &self.delivered_seq());
+      ds.field("read_seq", &self.read_seq());
+      ds.finish()
+  }
+}
+pub enum ReceiptsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Receipts<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Receipts<'a> {
+  type Inner = Receipts<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Receipts<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MEMBERS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Receipts { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReceiptsArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Receipts<'bldr>> {
+    let mut builder = ReceiptsBuilder::new(_fbb);
+    builder.add_conversation_id(args.conversation_id);
+    if let Some(x) = args.members { builder.add_members(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Receipts::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn members(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<MemberPositions<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<MemberPositions>>>>(Receipts::VT_MEMBERS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Receipts<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<MemberPositions>>>>("members", Self::VT_MEMBERS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReceiptsArgs<'a> {
+    pub conversation_id: u64,
+    pub members: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<MemberPositions<'a>>>>>,
+}
+impl<'a> Default for ReceiptsArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReceiptsArgs {
+      conversation_id: 0,
+      members: None,
+    }
+  }
+}
+
+pub struct ReceiptsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReceiptsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(Receipts::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_members(&mut self, members: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<MemberPositions<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Receipts::VT_MEMBERS, members);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReceiptsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReceiptsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Receipts<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Receipts<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Receipts");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("members", &self.members());
+      ds.finish()
+  }
+}
 pub enum ServerFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -4556,6 +5391,36 @@ impl<'a> ServerFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_receipt(&self) -> Option<Receipt<'a>> {
+    if self.body_type() == ServerBody::Receipt {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Receipt::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_receipts(&self) -> Option<Receipts<'a>> {
+    if self.body_type() == ServerBody::Receipts {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Receipts::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ServerFrame<'_> {
@@ -4578,6 +5443,8 @@ impl ::flatbuffers::Verifiable for ServerFrame<'_> {
           ServerBody::Ok => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Ok>>("ServerBody::Ok", pos),
           ServerBody::Pong => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pong>>("ServerBody::Pong", pos),
           ServerBody::Typing => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Typing>>("ServerBody::Typing", pos),
+          ServerBody::Receipt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Receipt>>("ServerBody::Receipt", pos),
+          ServerBody::Receipts => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Receipts>>("ServerBody::Receipts", pos),
           _ => Ok(()),
         }
      })?
@@ -4711,6 +5578,20 @@ impl ::core::fmt::Debug for ServerFrame<'_> {
         },
         ServerBody::Typing => {
           if let Some(x) = self.body_as_typing() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ServerBody::Receipt => {
+          if let Some(x) = self.body_as_receipt() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ServerBody::Receipts => {
+          if let Some(x) = self.body_as_receipts() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -760,9 +760,6 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
 /// Relays a typing start or stop to the conversation's other members, through the
 /// sequencer (which knows the members) but without storing anything.
 fn typing_request(conn: &Conn, id: u64, conversation_id: ConversationId, typing: bool) {
-    if !conn.within_limit(id, None, ConnLimits::typing) {
-        return;
-    }
     let cmd = Command::Typing {
         conversation: conversation_id,
         user: conn.user,
@@ -770,17 +767,12 @@ fn typing_request(conn: &Conn, id: u64, conversation_id: ConversationId, typing:
         origin: conn.id,
         request_id: id,
     };
-    if conn.shard.shared.sequencer.submit(cmd).is_err() {
-        conn.error(id, ErrorCode::Overloaded, None);
-    }
+    limited_command(conn, id, ConnLimits::typing, cmd);
 }
 
 /// Moves the user's delivered (or read) position forward, through the sequencer.
 /// No reply: every member's connections, the user's included, get the `receipt`.
 fn mark(conn: &Conn, id: u64, conversation_id: ConversationId, seq: Seq, read: bool) {
-    if !conn.within_limit(id, None, ConnLimits::receipt) {
-        return;
-    }
     let cmd = Command::Mark {
         conversation: conversation_id,
         user: conn.user,
@@ -789,7 +781,13 @@ fn mark(conn: &Conn, id: u64, conversation_id: ConversationId, seq: Seq, read: b
         origin: conn.id,
         request_id: id,
     };
-    if conn.shard.shared.sequencer.submit(cmd).is_err() {
+    limited_command(conn, id, ConnLimits::receipt, cmd);
+}
+
+/// Submits a fire-and-forget command under one of the connection's rate limits;
+/// refusals come back as errors with the request's id.
+fn limited_command(conn: &Conn, id: u64, limit: fn(&ConnLimits) -> Verdict, cmd: Command) {
+    if conn.within_limit(id, None, limit) && conn.shard.shared.sequencer.submit(cmd).is_err() {
         conn.error(id, ErrorCode::Overloaded, None);
     }
 }

@@ -6,20 +6,32 @@ use protocol::{ClientMsg, ServerMsg};
 use support::*;
 use tungstenite::Message;
 
+type User = (u64, String);
+
+/// Alice and Bob, connected and synced, and their direct chat.
+fn alice_and_bob(
+    g: &TestGateway,
+    p: protocol::Subprotocol,
+    (alice, bob): &(User, User),
+) -> (Client, Client, u64) {
+    let b = bob.0;
+    let mut alice = g.connect(&alice.1, p);
+    let mut bob = g.connect(&bob.1, p);
+    alice.sync(vec![]);
+    bob.sync(vec![]);
+    let conv = conversation_id(&alice.request(ClientMsg::CreateDirect { user_id: b }));
+    (alice, bob, conv)
+}
+
 #[test]
 fn sends_over_the_limit_are_refused_and_persisting_closes_only_that_connection() {
     let tmp = tempfile::tempdir().unwrap();
     // A burst of 5, then one send a second; 20 refusals (refilled at the same rate) before the cut.
     let g =
         TestGateway::start_in(tmp.path(), "[limits]\nsend_per_sec = 1\nsend_burst = 5\nabuse_budget = 20\n");
-    let (_, ta) = g.user("alice");
-    let (b, tb) = g.user("bob");
+    let users = (g.user("alice"), g.user("bob"));
     for p in both() {
-        let mut alice = g.connect(&ta, p);
-        let mut bob = g.connect(&tb, p);
-        alice.sync(vec![]);
-        bob.sync(vec![]);
-        let conv = conversation_id(&alice.request(ClientMsg::CreateDirect { user_id: b }));
+        let (mut alice, mut bob, conv) = alice_and_bob(&g, p, &users);
 
         let ids: Vec<String> = (0..10).map(|i| format!("{p:?}-{i}")).collect();
         for id in &ids {
@@ -60,7 +72,14 @@ fn sends_over_the_limit_are_refused_and_persisting_closes_only_that_connection()
 
         // Hammering on: once the abuse budget is spent the connection is closed with 1008.
         for i in 0..60 {
-            alice.send_text(conv, &format!("{p:?}-flood-{i}"), "x");
+            let flood = ClientMsg::Send {
+                conversation_id: conv,
+                client_msg_id: format!("{p:?}-flood-{i}"),
+                body: "x".into(),
+            };
+            if !alice.try_send(flood) {
+                break; // already cut off
+            }
         }
         let code = loop {
             match alice.ws.read() {
@@ -81,14 +100,9 @@ fn sends_over_the_limit_are_refused_and_persisting_closes_only_that_connection()
 fn typing_over_its_limit_is_refused_without_closing() {
     let tmp = tempfile::tempdir().unwrap();
     let g = TestGateway::start_in(tmp.path(), "[limits]\ntyping_per_sec = 1\ntyping_burst = 2\n");
-    let (_, ta) = g.user("alice");
-    let (b, tb) = g.user("bob");
+    let users = (g.user("alice"), g.user("bob"));
     for p in both() {
-        let mut alice = g.connect(&ta, p);
-        let mut bob = g.connect(&tb, p);
-        alice.sync(vec![]);
-        bob.sync(vec![]);
-        let conv = conversation_id(&alice.request(ClientMsg::CreateDirect { user_id: b }));
+        let (mut alice, mut bob, conv) = alice_and_bob(&g, p, &users);
         let ids: Vec<u64> = (0..6)
             .map(|i| alice.send(ClientMsg::Typing { conversation_id: conv, typing: i % 2 == 0 }))
             .collect();

@@ -213,19 +213,23 @@ impl Client {
     }
 
     /// Sends a frame with a fresh request id; returns the id.
-    pub fn send(&mut self, body: ClientMsg) -> u64 {
-        let id = self.next_id;
+    /// Like `send`, but reports a failed write (the server closed) instead of panicking.
+    pub fn try_send(&mut self, body: ClientMsg) -> bool {
+        let bytes = self.proto.encode_client(&ClientFrame { id: self.next_id, body });
         self.next_id += 1;
-        let bytes = self.proto.encode_client(&ClientFrame { id, body });
         let msg = match self.proto {
             Subprotocol::Json => Message::text(String::from_utf8(bytes).unwrap()),
             Subprotocol::FlatBuffers => Message::binary(bytes),
         };
-        self.ws.send(msg).unwrap();
+        self.ws.send(msg).is_ok()
+    }
+
+    pub fn send(&mut self, body: ClientMsg) -> u64 {
+        let id = self.next_id;
+        assert!(self.try_send(body), "write to gateway failed");
         id
     }
 
-    /// The next frame from the server (backlog first).
     pub fn recv(&mut self) -> ServerFrame {
         if let Some(f) = self.backlog.pop_front() {
             return f;

@@ -18,6 +18,8 @@ fn message(seq: u64, body_len: usize) -> Message {
         body: "x".repeat(body_len),
         target_user_id: None,
         role: None,
+        target_seq: None,
+        edited_ms: None,
     }
 }
 

@@ -700,6 +700,23 @@ async fn conversation_command(
     }
 }
 
+/// Sends a command that answers with nothing but success, and relays the answer (`ok` or an error).
+async fn done_command(
+    conn: &Conn,
+    id: u64,
+    make: impl FnOnce(oneshot::Sender<Result<(), ErrorCode>>) -> Command,
+) {
+    let (tx, rx) = oneshot::channel();
+    if conn.shard.shared.sequencer.submit(make(tx)).is_err() {
+        return conn.error(id, ErrorCode::Overloaded, None);
+    }
+    match rx.await {
+        Ok(Ok(())) => conn.reply(id, ServerMsg::Ok),
+        Ok(Err(code)) => conn.error(id, code, None),
+        Err(_) => conn.error(id, ErrorCode::Internal, None),
+    }
+}
+
 /// Runs a store read on a reader thread, mapping storage failures to `Internal`.
 async fn read<T: Send + 'static>(
     conn: &Conn,
@@ -794,7 +811,6 @@ fn limited_command(conn: &Conn, id: u64, limit: fn(&ConnLimits) -> Verdict, cmd:
 
 async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
     let user = conn.user;
-    let seq = &conn.shard.shared.sequencer;
     match msg {
         ClientMsg::Ping => conn.reply(id, ServerMsg::Pong),
         ClientMsg::Typing { conversation_id, typing } => typing_request(conn, id, conversation_id, typing),
@@ -870,15 +886,37 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             .await
         }
         ClientMsg::Leave { conversation_id } => {
-            let (tx, rx) = oneshot::channel();
-            if seq.submit(Command::Leave { actor: user, conversation: conversation_id, reply: tx }).is_err() {
-                return conn.error(id, ErrorCode::Overloaded, None);
+            done_command(conn, id, |reply| Command::Leave {
+                actor: user,
+                conversation: conversation_id,
+                reply,
+            })
+            .await
+        }
+        ClientMsg::Edit { conversation_id, seq, body } => {
+            if body.is_empty() {
+                return conn.error(id, ErrorCode::InvalidField, None);
             }
-            match rx.await {
-                Ok(Ok(())) => conn.reply(id, ServerMsg::Ok),
-                Ok(Err(code)) => conn.error(id, code, None),
-                Err(_) => conn.error(id, ErrorCode::Internal, None),
+            if body.len() > conn.limits().max_body_bytes.get() as usize {
+                return conn.error(id, ErrorCode::BodyTooLarge, None);
             }
+            done_command(conn, id, |reply| Command::Edit {
+                actor: user,
+                conversation: conversation_id,
+                seq,
+                body,
+                reply,
+            })
+            .await
+        }
+        ClientMsg::Delete { conversation_id, seq } => {
+            done_command(conn, id, |reply| Command::Delete {
+                actor: user,
+                conversation: conversation_id,
+                seq,
+                reply,
+            })
+            .await
         }
         ClientMsg::GetConversation { conversation_id } => {
             let r = read(conn, move |s| {

@@ -341,6 +341,8 @@ mod tests {
                 body: String::new(),
                 target_user_id: None,
                 role: None,
+                target_seq: None,
+                edited_ms: None,
             },
             origin: None,
             to_others: true,

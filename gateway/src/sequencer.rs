@@ -32,6 +32,21 @@ pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
 #[derive(Debug)]
 pub enum Command {
     Send(SendCmd),
+    /// Replaces the text of message `seq` (its sender only).
+    Edit {
+        actor: UserId,
+        conversation: ConversationId,
+        seq: Seq,
+        body: String,
+        reply: Reply<()>,
+    },
+    /// Tombstones message `seq` (its sender; in groups also admins and the owner).
+    Delete {
+        actor: UserId,
+        conversation: ConversationId,
+        seq: Seq,
+        reply: Reply<()>,
+    },
     /// A member's device received (or the member read) everything up to `seq`.
     Mark {
         conversation: ConversationId,
@@ -193,6 +208,16 @@ impl ConvState {
     }
 }
 
+/// What a stored event is about, besides its body.
+#[derive(Clone, Copy)]
+enum About {
+    Nothing,
+    /// A member (membership events), with the new role for role changes.
+    Member(UserId, Option<Role>),
+    /// Another message (edits and deletions).
+    Message(Seq),
+}
+
 enum Effect {
     Event(Arc<Event>, Arc<[UserId]>),
     Conv(Reply<Conversation>, Result<Conversation, ErrorCode>),
@@ -273,7 +298,7 @@ impl Worker {
         kind: MessageKind,
         body: String,
         client_msg_id: String,
-        target: Option<(UserId, Option<Role>)>,
+        about: About,
     ) -> Message {
         let ts = now_ms().max(st.rec.last_ts_ms);
         let seq = st.rec.last_seq + 1;
@@ -296,8 +321,10 @@ impl Worker {
             client_msg_id,
             kind,
             body,
-            target_user_id: target.map(|t| t.0),
-            role: target.and_then(|t| t.1),
+            target_user_id: if let About::Member(u, _) = about { Some(u) } else { None },
+            role: if let About::Member(_, r) = about { r } else { None },
+            target_seq: if let About::Message(s) = about { Some(s) } else { None },
+            edited_ms: None,
         };
         batch.muts.push(Mutation::PutMessage(m.clone()));
         m
@@ -319,7 +346,7 @@ impl Worker {
         target: UserId,
         role: Option<Role>,
     ) -> Message {
-        Self::append(st, batch, actor, kind, String::new(), String::new(), Some((target, role)))
+        Self::append(st, batch, actor, kind, String::new(), String::new(), About::Member(target, role))
     }
 
     /// Removes `user` and tells everyone who was a member, `user` included.
@@ -360,6 +387,14 @@ impl Worker {
                     Err(code) => Self::refused(origin, request_id, code, user),
                 };
                 batch.effects.push(effect);
+            }
+            Command::Edit { actor, conversation, seq, body, reply } => {
+                let r = self.change(actor, conversation, seq, Some(body), batch);
+                batch.effects.push(Effect::Done(reply, r));
+            }
+            Command::Delete { actor, conversation, seq, reply } => {
+                let r = self.change(actor, conversation, seq, None, batch);
+                batch.effects.push(Effect::Done(reply, r));
             }
             Command::Mark { conversation, user, seq, read, origin, request_id } => {
                 let effect = match self.load(conversation) {
@@ -415,6 +450,60 @@ impl Worker {
         }
     }
 
+    /// Edits (`Some(body)`) or deletes (`None`) message `seq`: rewrites the stored
+    /// message (new body, or a tombstone without one) and appends an `edit` or
+    /// `delete` event in the conversation's order.
+    fn change(
+        &mut self,
+        actor: UserId,
+        conversation: ConversationId,
+        seq: Seq,
+        edit: Option<String>,
+        batch: &mut Batch,
+    ) -> Result<(), Fail> {
+        let store = self.store.clone();
+        let st = self.load(conversation)?;
+        let role = *st.members.get(&actor).ok_or(ErrorCode::NotMember)?;
+        if seq == 0 || seq > st.rec.last_seq {
+            return Err(ErrorCode::NotFound);
+        }
+        // The newest version: this batch's own write if it has one, else the store's.
+        let pending = batch.muts.iter().rev().find_map(|m| match m {
+            Mutation::PutMessage(m) if m.conversation_id == conversation && m.seq == seq => Some(m.clone()),
+            _ => None,
+        });
+        let original = match pending {
+            Some(m) => m,
+            None => storage::message_at(&*store, conversation, seq)
+                .map_err(internal)?
+                .ok_or(ErrorCode::NotFound)?,
+        };
+        match original.kind {
+            MessageKind::Text => {}
+            MessageKind::Deleted => return Err(ErrorCode::NotFound),
+            _ => return Err(ErrorCode::InvalidField),
+        }
+        let moderator = st.rec.kind == ConversationKind::Group && role != Role::Member;
+        if original.sender_id != actor && !(edit.is_none() && moderator) {
+            return Err(ErrorCode::Forbidden);
+        }
+        let (updated, kind, body) = match edit {
+            Some(body) => {
+                let edited_ms = Some(now_ms().max(original.ts_ms));
+                (Message { body: body.clone(), edited_ms, ..original }, MessageKind::Edit, body)
+            }
+            None => {
+                let tombstone =
+                    Message { kind: MessageKind::Deleted, body: String::new(), edited_ms: None, ..original };
+                (tombstone, MessageKind::Delete, String::new())
+            }
+        };
+        batch.muts.push(Mutation::PutMessage(updated));
+        let m = Self::append(st, batch, actor, kind, body, String::new(), About::Message(seq));
+        Self::event(batch, m, st.recipients.clone());
+        Ok(())
+    }
+
     fn refused(origin: ConnId, request_id: u64, code: ErrorCode, user: UserId) -> Effect {
         Effect::Event(Event::new(EventKind::Refused { origin, request_id, code }), Arc::from([user]))
     }
@@ -446,7 +535,7 @@ impl Worker {
             ));
             return Ok(());
         }
-        let m = Self::append(st, batch, sender, MessageKind::Text, body, key.2.clone(), None);
+        let m = Self::append(st, batch, sender, MessageKind::Text, body, key.2.clone(), About::Nothing);
         // Your own messages are read: they never count as unread for you.
         st.advance(batch, sender, m.seq, true);
         batch.muts.push(Mutation::PutIdempotency {
@@ -556,7 +645,8 @@ impl Worker {
             batch.muts.push(Mutation::PutMember { conversation: id, user: u, role });
         }
         let st = self.convs.get_mut(&id).expect("just created");
-        let m = Self::append(st, batch, owner, MessageKind::GroupCreated, title, String::new(), None);
+        let m =
+            Self::append(st, batch, owner, MessageKind::GroupCreated, title, String::new(), About::Nothing);
         let (recipients, snap) = (st.recipients.clone(), st.snapshot());
         Self::event(batch, m, recipients);
         Ok(snap)

@@ -34,13 +34,6 @@ fn summary(c: &mut Client, conv: u64) -> ConversationSummary {
     }
 }
 
-fn error_code(m: ServerMsg) -> u16 {
-    match m {
-        ServerMsg::Error { code, .. } => code,
-        other => panic!("expected an error, got {other:?}"),
-    }
-}
-
 #[test]
 fn receipts_move_forward_reach_every_member_and_drive_unread_counts() {
     let tmp = tempfile::tempdir().unwrap();

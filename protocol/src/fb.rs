@@ -33,6 +33,9 @@ fn kind_to_fb(k: MessageKind) -> fb::MessageKind {
         MessageKind::MemberRemoved => fb::MessageKind::MemberRemoved,
         MessageKind::MemberLeft => fb::MessageKind::MemberLeft,
         MessageKind::RoleChanged => fb::MessageKind::RoleChanged,
+        MessageKind::Edit => fb::MessageKind::Edit,
+        MessageKind::Delete => fb::MessageKind::Delete,
+        MessageKind::Deleted => fb::MessageKind::Deleted,
     }
 }
 
@@ -44,6 +47,9 @@ fn kind_from_fb(k: fb::MessageKind) -> Result<MessageKind, DecodeError> {
         fb::MessageKind::MemberRemoved => MessageKind::MemberRemoved,
         fb::MessageKind::MemberLeft => MessageKind::MemberLeft,
         fb::MessageKind::RoleChanged => MessageKind::RoleChanged,
+        fb::MessageKind::Edit => MessageKind::Edit,
+        fb::MessageKind::Delete => MessageKind::Delete,
+        fb::MessageKind::Deleted => MessageKind::Deleted,
         _ => return Err(DecodeError::malformed("unknown message kind")),
     })
 }
@@ -191,6 +197,21 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             );
             (fb::ClientBody::MarkReadReq, o.as_union_value())
         }
+        ClientMsg::Edit { conversation_id, seq, body } => {
+            let body = Some(b.create_string(body));
+            let o = fb::EditReq::create(
+                &mut b,
+                &fb::EditReqArgs { conversation_id: *conversation_id, seq: *seq, body },
+            );
+            (fb::ClientBody::EditReq, o.as_union_value())
+        }
+        ClientMsg::Delete { conversation_id, seq } => {
+            let o = fb::DeleteReq::create(
+                &mut b,
+                &fb::DeleteReqArgs { conversation_id: *conversation_id, seq: *seq },
+            );
+            (fb::ClientBody::DeleteReq, o.as_union_value())
+        }
         ClientMsg::GetReceipts { conversation_id } => {
             let o = fb::GetReceiptsReq::create(
                 &mut b,
@@ -293,6 +314,18 @@ pub fn decode_client(buf: &[u8]) -> Result<ClientFrame, DecodeError> {
             let r = f.body_as_mark_read_req().ok_or_else(missing_body)?;
             ClientMsg::MarkRead { conversation_id: r.conversation_id(), seq: r.seq() }
         }
+        fb::ClientBody::EditReq => {
+            let r = f.body_as_edit_req().ok_or_else(missing_body)?;
+            ClientMsg::Edit {
+                conversation_id: r.conversation_id(),
+                seq: r.seq(),
+                body: r.body().unwrap_or_default().to_owned(),
+            }
+        }
+        fb::ClientBody::DeleteReq => {
+            let r = f.body_as_delete_req().ok_or_else(missing_body)?;
+            ClientMsg::Delete { conversation_id: r.conversation_id(), seq: r.seq() }
+        }
         fb::ClientBody::GetReceiptsReq => {
             let r = f.body_as_get_receipts_req().ok_or_else(missing_body)?;
             ClientMsg::GetReceipts { conversation_id: r.conversation_id() }
@@ -323,6 +356,8 @@ fn message_fb<'b>(b: &mut FlatBufferBuilder<'b>, m: &Message) -> WIPOffset<fb::M
             body,
             target_user_id: m.target_user_id,
             role: m.role.map(role_to_fb),
+            target_seq: m.target_seq,
+            edited_ms: m.edited_ms,
         },
     )
 }
@@ -338,6 +373,8 @@ fn message_from_fb(m: fb::Message<'_>) -> Result<Message, DecodeError> {
         body: m.body().unwrap_or_default().to_owned(),
         target_user_id: m.target_user_id(),
         role: m.role().map(role_from_fb).transpose()?,
+        target_seq: m.target_seq(),
+        edited_ms: m.edited_ms(),
     })
 }
 

@@ -77,6 +77,8 @@ const CLIENT_TYPES: &[&str] = &[
     "mark_delivered",
     "mark_read",
     "get_receipts",
+    "edit",
+    "delete",
 ];
 
 impl Subprotocol {
@@ -176,6 +178,8 @@ mod tests {
             ClientMsg::MarkDelivered { conversation_id: 5, seq: 9 },
             ClientMsg::MarkRead { conversation_id: 5, seq: 8 },
             ClientMsg::GetReceipts { conversation_id: 5 },
+            ClientMsg::Edit { conversation_id: 5, seq: 3, body: "fixed ✓".into() },
+            ClientMsg::Delete { conversation_id: 5, seq: 3 },
         ];
         msgs.into_iter().enumerate().map(|(i, body)| ClientFrame { id: i as u64, body }).collect()
     }
@@ -191,11 +195,23 @@ mod tests {
             body: String::new(),
             target_user_id: Some(78),
             role: Some(Role::Admin),
+            target_seq: None,
+            edited_ms: None,
         };
         let msgs = vec![
             ServerMsg::Welcome { user_id: 1, connection_id: 2, server_time_ms: 3, max_frame_bytes: 65536 },
             ServerMsg::Ack { conversation_id: 1, client_msg_id: "c".into(), seq: 2, ts_ms: 3 },
             ServerMsg::Message { message: m.clone() },
+            ServerMsg::Message {
+                message: Message {
+                    kind: MessageKind::Edit,
+                    target_seq: Some(2),
+                    edited_ms: Some(1_700_000_000_001),
+                    target_user_id: None,
+                    role: None,
+                    ..m.clone()
+                },
+            },
             ServerMsg::Conversation {
                 conversation: Conversation {
                     conversation_id: 4,

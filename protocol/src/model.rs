@@ -45,6 +45,12 @@ pub enum MessageKind {
     MemberRemoved,
     MemberLeft,
     RoleChanged,
+    /// An edit of message `target_seq`; `body` is the new text.
+    Edit,
+    /// A deletion of message `target_seq`.
+    Delete,
+    /// A deleted message's tombstone (in history and replays; its body is gone).
+    Deleted,
 }
 
 /// Serde helpers: 64-bit ids as JSON strings, accepting numbers too.
@@ -204,6 +210,19 @@ pub enum ClientMsg {
         conversation_id: ConversationId,
         seq: Seq,
     },
+    /// Replaces the text of my message `seq`.
+    Edit {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        seq: Seq,
+        body: String,
+    },
+    /// Deletes message `seq` (mine; in groups, admins and the owner may delete anyone's).
+    Delete {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        seq: Seq,
+    },
     /// Every member's delivered and read positions.
     GetReceipts {
         #[serde(with = "id_str")]
@@ -236,6 +255,12 @@ pub struct Message {
     pub target_user_id: Option<UserId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
+    /// For `edit` and `delete` events: the message concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_seq: Option<Seq>,
+    /// On an edited message (in history and replays): when it was last edited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

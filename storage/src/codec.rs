@@ -71,6 +71,9 @@ fn kind_to_u8(k: MessageKind) -> u8 {
         MessageKind::MemberRemoved => 3,
         MessageKind::MemberLeft => 4,
         MessageKind::RoleChanged => 5,
+        MessageKind::Edit => 6,
+        MessageKind::Delete => 7,
+        MessageKind::Deleted => 8,
     }
 }
 
@@ -82,6 +85,9 @@ fn kind_from_u8(v: u8) -> Result<MessageKind, StorageError> {
         3 => MessageKind::MemberRemoved,
         4 => MessageKind::MemberLeft,
         5 => MessageKind::RoleChanged,
+        6 => MessageKind::Edit,
+        7 => MessageKind::Delete,
+        8 => MessageKind::Deleted,
         _ => return Err(corrupt("unknown message kind")),
     })
 }
@@ -94,12 +100,20 @@ pub fn encode_message(m: &Message) -> Vec<u8> {
     v.extend_from_slice(&m.ts_ms.to_be_bytes());
     v.extend_from_slice(&m.sender_id.to_be_bytes());
     v.push(kind_to_u8(m.kind));
-    v.push(u8::from(m.target_user_id.is_some()) | (u8::from(m.role.is_some()) << 1));
+    v.push(
+        u8::from(m.target_user_id.is_some())
+            | (u8::from(m.role.is_some()) << 1)
+            | (u8::from(m.target_seq.is_some()) << 2)
+            | (u8::from(m.edited_ms.is_some()) << 3),
+    );
     if let Some(t) = m.target_user_id {
         v.extend_from_slice(&t.to_be_bytes());
     }
     if let Some(r) = m.role {
         v.push(role_to_u8(r));
+    }
+    for x in [m.target_seq, m.edited_ms].into_iter().flatten() {
+        v.extend_from_slice(&x.to_be_bytes());
     }
     for s in [&m.client_msg_id, &m.body] {
         v.extend_from_slice(&(s.len() as u32).to_be_bytes());
@@ -129,6 +143,15 @@ pub fn decode_message(conv: u64, seq: u64, b: &[u8]) -> Result<Message, StorageE
     } else {
         None
     };
+    let mut optional_u64 = |bit: u8| -> Result<Option<u64>, StorageError> {
+        if flags & bit == 0 {
+            return Ok(None);
+        }
+        at += 8;
+        Ok(Some(u64_at(b, at - 8)?))
+    };
+    let target_seq = optional_u64(4)?;
+    let edited_ms = optional_u64(8)?;
     let mut strs = [String::new(), String::new()];
     for s in &mut strs {
         let len = u32_at(b, at)? as usize;
@@ -148,6 +171,8 @@ pub fn decode_message(conv: u64, seq: u64, b: &[u8]) -> Result<Message, StorageE
         body,
         target_user_id,
         role,
+        target_seq,
+        edited_ms,
     })
 }
 
@@ -167,8 +192,17 @@ mod tests {
             body: "héllo".into(),
             target_user_id: None,
             role: None,
+            target_seq: None,
+            edited_ms: None,
         };
         assert_eq!(decode_message(5, 9, &encode_message(&m)).unwrap(), m);
+        m.edited_ms = Some(456);
+        assert_eq!(decode_message(5, 9, &encode_message(&m)).unwrap(), m);
+        m.kind = MessageKind::Delete;
+        m.target_seq = Some(3);
+        assert_eq!(decode_message(5, 9, &encode_message(&m)).unwrap(), m);
+        m.target_seq = None;
+        m.edited_ms = None;
         m.kind = MessageKind::RoleChanged;
         m.target_user_id = Some(u64::MAX);
         m.role = Some(Role::Admin);

@@ -30,6 +30,8 @@ fn msg(conv: ConversationId, seq: Seq, ts_ms: u64, sender: UserId) -> Message {
         body: format!("message {seq}"),
         target_user_id: None,
         role: None,
+        target_seq: None,
+        edited_ms: None,
     }
 }
 

@@ -331,6 +331,14 @@ impl Client {
     }
 }
 
+/// The code of an `error` reply (panics on anything else).
+pub fn error_code(m: ServerMsg) -> u16 {
+    match m {
+        ServerMsg::Error { code, .. } => code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
 pub fn conversation_id(m: &ServerMsg) -> u64 {
     match m {
         ServerMsg::Conversation { conversation } => conversation.conversation_id,

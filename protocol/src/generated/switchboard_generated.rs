@@ -185,16 +185,19 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ConversationKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE_KIND: u8 = 5;
+pub const ENUM_MAX_MESSAGE_KIND: u8 = 8;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE_KIND: [MessageKind; 6] = [
+pub const ENUM_VALUES_MESSAGE_KIND: [MessageKind; 9] = [
   MessageKind::Text,
   MessageKind::GroupCreated,
   MessageKind::MemberAdded,
   MessageKind::MemberRemoved,
   MessageKind::MemberLeft,
   MessageKind::RoleChanged,
+  MessageKind::Edit,
+  MessageKind::Delete,
+  MessageKind::Deleted,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -208,9 +211,12 @@ impl MessageKind {
   pub const MemberRemoved: Self = Self(3);
   pub const MemberLeft: Self = Self(4);
   pub const RoleChanged: Self = Self(5);
+  pub const Edit: Self = Self(6);
+  pub const Delete: Self = Self(7);
+  pub const Deleted: Self = Self(8);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 5;
+  pub const ENUM_MAX: u8 = 8;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Text,
     Self::GroupCreated,
@@ -218,6 +224,9 @@ impl MessageKind {
     Self::MemberRemoved,
     Self::MemberLeft,
     Self::RoleChanged,
+    Self::Edit,
+    Self::Delete,
+    Self::Deleted,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -228,6 +237,9 @@ impl MessageKind {
       Self::MemberRemoved => Some("MemberRemoved"),
       Self::MemberLeft => Some("MemberLeft"),
       Self::RoleChanged => Some("RoleChanged"),
+      Self::Edit => Some("Edit"),
+      Self::Delete => Some("Delete"),
+      Self::Deleted => Some("Deleted"),
       _ => None,
     }
   }
@@ -285,10 +297,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for MessageKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CLIENT_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CLIENT_BODY: u8 = 16;
+pub const ENUM_MAX_CLIENT_BODY: u8 = 18;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 17] = [
+pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 19] = [
   ClientBody::NONE,
   ClientBody::SyncReq,
   ClientBody::SendReq,
@@ -306,6 +318,8 @@ pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 17] = [
   ClientBody::MarkDeliveredReq,
   ClientBody::MarkReadReq,
   ClientBody::GetReceiptsReq,
+  ClientBody::EditReq,
+  ClientBody::DeleteReq,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -330,9 +344,11 @@ impl ClientBody {
   pub const MarkDeliveredReq: Self = Self(14);
   pub const MarkReadReq: Self = Self(15);
   pub const GetReceiptsReq: Self = Self(16);
+  pub const EditReq: Self = Self(17);
+  pub const DeleteReq: Self = Self(18);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 16;
+  pub const ENUM_MAX: u8 = 18;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::SyncReq,
@@ -351,6 +367,8 @@ impl ClientBody {
     Self::MarkDeliveredReq,
     Self::MarkReadReq,
     Self::GetReceiptsReq,
+    Self::EditReq,
+    Self::DeleteReq,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -372,6 +390,8 @@ impl ClientBody {
       Self::MarkDeliveredReq => Some("MarkDeliveredReq"),
       Self::MarkReadReq => Some("MarkReadReq"),
       Self::GetReceiptsReq => Some("GetReceiptsReq"),
+      Self::EditReq => Some("EditReq"),
+      Self::DeleteReq => Some("DeleteReq"),
       _ => None,
     }
   }
@@ -2431,6 +2451,249 @@ impl ::core::fmt::Debug for GetReceiptsReq<'_> {
       ds.finish()
   }
 }
+pub enum EditReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct EditReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for EditReq<'a> {
+  type Inner = EditReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> EditReq<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BODY: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    EditReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args EditReqArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<EditReq<'bldr>> {
+    let mut builder = EditReqBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    builder.add_conversation_id(args.conversation_id);
+    if let Some(x) = args.body { builder.add_body(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EditReq::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EditReq::VT_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn body(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(EditReq::VT_BODY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for EditReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("body", Self::VT_BODY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct EditReqArgs<'a> {
+    pub conversation_id: u64,
+    pub seq: u64,
+    pub body: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for EditReqArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    EditReqArgs {
+      conversation_id: 0,
+      seq: 0,
+      body: None,
+    }
+  }
+}
+
+pub struct EditReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EditReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(EditReq::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(EditReq::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn add_body(&mut self, body: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EditReq::VT_BODY, body);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EditReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    EditReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<EditReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for EditReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("EditReq");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("seq", &self.seq());
+      ds.field("body", &self.body());
+      ds.finish()
+  }
+}
+pub enum DeleteReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct DeleteReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeleteReq<'a> {
+  type Inner = DeleteReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeleteReq<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeleteReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeleteReqArgs
+  ) -> ::flatbuffers::WIPOffset<DeleteReq<'bldr>> {
+    let mut builder = DeleteReqBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    builder.add_conversation_id(args.conversation_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeleteReq::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeleteReq::VT_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DeleteReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeleteReqArgs {
+    pub conversation_id: u64,
+    pub seq: u64,
+}
+impl<'a> Default for DeleteReqArgs {
+  #[inline]
+  fn default() -> Self {
+    DeleteReqArgs {
+      conversation_id: 0,
+      seq: 0,
+    }
+  }
+}
+
+pub struct DeleteReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeleteReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(DeleteReq::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(DeleteReq::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeleteReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeleteReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeleteReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeleteReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeleteReq");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("seq", &self.seq());
+      ds.finish()
+  }
+}
 pub enum ClientFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2729,6 +2992,36 @@ impl<'a> ClientFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_edit_req(&self) -> Option<EditReq<'a>> {
+    if self.body_type() == ClientBody::EditReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { EditReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_delete_req(&self) -> Option<DeleteReq<'a>> {
+    if self.body_type() == ClientBody::DeleteReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeleteReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ClientFrame<'_> {
@@ -2756,6 +3049,8 @@ impl ::flatbuffers::Verifiable for ClientFrame<'_> {
           ClientBody::MarkDeliveredReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MarkDeliveredReq>>("ClientBody::MarkDeliveredReq", pos),
           ClientBody::MarkReadReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MarkReadReq>>("ClientBody::MarkReadReq", pos),
           ClientBody::GetReceiptsReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetReceiptsReq>>("ClientBody::GetReceiptsReq", pos),
+          ClientBody::EditReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<EditReq>>("ClientBody::EditReq", pos),
+          ClientBody::DeleteReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteReq>>("ClientBody::DeleteReq", pos),
           _ => Ok(()),
         }
      })?
@@ -2924,6 +3219,20 @@ impl ::core::fmt::Debug for ClientFrame<'_> {
         },
         ClientBody::GetReceiptsReq => {
           if let Some(x) = self.body_as_get_receipts_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::EditReq => {
+          if let Some(x) = self.body_as_edit_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::DeleteReq => {
+          if let Some(x) = self.body_as_delete_req() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3256,6 +3565,8 @@ impl<'a> Message<'a> {
   pub const VT_BODY: ::flatbuffers::VOffsetT = 16;
   pub const VT_TARGET_USER_ID: ::flatbuffers::VOffsetT = 18;
   pub const VT_ROLE: ::flatbuffers::VOffsetT = 20;
+  pub const VT_TARGET_SEQ: ::flatbuffers::VOffsetT = 22;
+  pub const VT_EDITED_MS: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3267,6 +3578,8 @@ impl<'a> Message<'a> {
     args: &'args MessageArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Message<'bldr>> {
     let mut builder = MessageBuilder::new(_fbb);
+    if let Some(x) = args.edited_ms { builder.add_edited_ms(x); }
+    if let Some(x) = args.target_seq { builder.add_target_seq(x); }
     if let Some(x) = args.target_user_id { builder.add_target_user_id(x); }
     builder.add_sender_id(args.sender_id);
     builder.add_ts_ms(args.ts_ms);
@@ -3343,6 +3656,20 @@ impl<'a> Message<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<Role>(Message::VT_ROLE, None)}
   }
+  #[inline]
+  pub fn target_seq(&self) -> Option<u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Message::VT_TARGET_SEQ, None)}
+  }
+  #[inline]
+  pub fn edited_ms(&self) -> Option<u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Message::VT_EDITED_MS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Message<'_> {
@@ -3360,6 +3687,8 @@ impl ::flatbuffers::Verifiable for Message<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("body", Self::VT_BODY, false)?
      .visit_field::<u64>("target_user_id", Self::VT_TARGET_USER_ID, false)?
      .visit_field::<Role>("role", Self::VT_ROLE, false)?
+     .visit_field::<u64>("target_seq", Self::VT_TARGET_SEQ, false)?
+     .visit_field::<u64>("edited_ms", Self::VT_EDITED_MS, false)?
      .finish();
     Ok(())
   }
@@ -3374,6 +3703,8 @@ pub struct MessageArgs<'a> {
     pub body: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub target_user_id: Option<u64>,
     pub role: Option<Role>,
+    pub target_seq: Option<u64>,
+    pub edited_ms: Option<u64>,
 }
 impl<'a> Default for MessageArgs<'a> {
   #[inline]
@@ -3388,6 +3719,8 @@ impl<'a> Default for MessageArgs<'a> {
       body: None,
       target_user_id: None,
       role: None,
+      target_seq: None,
+      edited_ms: None,
     }
   }
 }
@@ -3434,6 +3767,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MessageBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<Role>(Message::VT_ROLE, role);
   }
   #[inline]
+  pub fn add_target_seq(&mut self, target_seq: u64) {
+    self.fbb_.push_slot_always::<u64>(Message::VT_TARGET_SEQ, target_seq);
+  }
+  #[inline]
+  pub fn add_edited_ms(&mut self, edited_ms: u64) {
+    self.fbb_.push_slot_always::<u64>(Message::VT_EDITED_MS, edited_ms);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MessageBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     MessageBuilder {
@@ -3460,6 +3801,8 @@ impl ::core::fmt::Debug for Message<'_> {
       ds.field("body", &self.body());
       ds.field("target_user_id", &self.target_user_id());
       ds.field("role", &self.role());
+      ds.field("target_seq", &self.target_seq());
+      ds.field("edited_ms", &self.edited_ms());
       ds.finish()
   }
 }

@@ -909,6 +909,15 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             })
             .await
         }
+        ClientMsg::Mute { conversation_id, muted } => {
+            done_command(conn, id, |reply| Command::Mute {
+                actor: user,
+                conversation: conversation_id,
+                muted,
+                reply,
+            })
+            .await
+        }
         ClientMsg::Delete { conversation_id, seq } => {
             done_command(conn, id, |reply| Command::Delete {
                 actor: user,
@@ -1004,7 +1013,8 @@ type ListPage = (Vec<ConversationSummary>, Option<String>);
 
 /// The user's conversations by last activity, newest first.
 ///
-/// Cost: one index read plus one point read per conversation the user is in.
+/// Cost: one index read plus two point reads (head, positions) per conversation the
+/// user is in, and two more (mute, newest message) per conversation listed.
 fn list_conversations(
     s: &dyn storage::Store,
     user: UserId,
@@ -1022,10 +1032,13 @@ fn list_conversations(
     let items: Vec<_> =
         recs.into_iter().filter(|r| after.is_none_or(|a| key(r) < a)).take(limit + 1).collect();
     let more = items.len() > limit;
-    let items: Vec<_> = items
-        .into_iter()
-        .take(limit)
-        .map(|(r, read)| ConversationSummary {
+    let mut out = Vec::with_capacity(limit);
+    for (r, read) in items.into_iter().take(limit) {
+        let last_message = match r.last_seq {
+            0 => None,
+            seq => storage::message_at(s, r.id, seq).map_err(internal)?,
+        };
+        out.push(ConversationSummary {
             conversation_id: r.id,
             kind: r.kind,
             title: r.title,
@@ -1033,8 +1046,11 @@ fn list_conversations(
             last_ts_ms: r.last_ts_ms,
             read_seq: read,
             unread: r.last_seq.saturating_sub(read),
-        })
-        .collect();
+            muted: s.muted(r.id, user).map_err(internal)?,
+            last_message,
+        });
+    }
+    let items = out;
     let next =
         if more { items.last().map(|l| format!("{}.{}", l.last_ts_ms, l.conversation_id)) } else { None };
     Ok((items, next))

@@ -47,6 +47,13 @@ pub enum Command {
         seq: Seq,
         reply: Reply<()>,
     },
+    /// Mutes or unmutes a conversation for one member.
+    Mute {
+        actor: UserId,
+        conversation: ConversationId,
+        muted: bool,
+        reply: Reply<()>,
+    },
     /// A member's device received (or the member read) everything up to `seq`.
     Mark {
         conversation: ConversationId,
@@ -387,6 +394,17 @@ impl Worker {
                     Err(code) => Self::refused(origin, request_id, code, user),
                 };
                 batch.effects.push(effect);
+            }
+            Command::Mute { actor, conversation, muted, reply } => {
+                let r = match self.load(conversation) {
+                    Ok(st) if st.members.contains_key(&actor) => {
+                        batch.muts.push(Mutation::SetMuted { conversation, user: actor, muted });
+                        Ok(())
+                    }
+                    Ok(_) => Err(ErrorCode::NotMember),
+                    Err(code) => Err(code),
+                };
+                batch.effects.push(Effect::Done(reply, r));
             }
             Command::Edit { actor, conversation, seq, body, reply } => {
                 let r = self.change(actor, conversation, seq, Some(body), batch);

@@ -130,3 +130,38 @@ fn receipts_move_forward_reach_every_member_and_drive_unread_counts() {
         assert_eq!(receipts(&mut alice, conv), want);
     }
 }
+
+#[test]
+fn the_conversation_list_previews_the_newest_message_and_shows_mutes() {
+    let g = TestGateway::start();
+    let (_, ta) = g.user("alice");
+    let (b, tb) = g.user("bob");
+    let (_, tc) = g.user("carol");
+    for p in both() {
+        let mut alice = g.connect(&ta, p);
+        let mut bob = g.connect(&tb, p);
+        let mut carol = g.connect(&tc, p);
+        for cl in [&mut alice, &mut bob, &mut carol] {
+            cl.sync(vec![]);
+        }
+        let conv = conversation_id(&alice.request(ClientMsg::CreateDirect { user_id: b }));
+        for body in ["first", "newest"] {
+            alice.send_text(conv, &format!("{p:?}-{body}"), body);
+            alice.wait_ack(&format!("{p:?}-{body}"));
+        }
+        let s = summary(&mut bob, conv);
+        let preview = s.last_message.expect("a preview");
+        assert_eq!((preview.seq, preview.body.as_str()), (s.last_seq, "newest"));
+        assert!(!s.muted);
+
+        assert!(matches!(bob.request(ClientMsg::Mute { conversation_id: conv, muted: true }), ServerMsg::Ok));
+        assert!(summary(&mut bob, conv).muted);
+        assert!(!summary(&mut alice, conv).muted, "a mute is per member");
+        assert!(matches!(
+            bob.request(ClientMsg::Mute { conversation_id: conv, muted: false }),
+            ServerMsg::Ok
+        ));
+        assert!(!summary(&mut bob, conv).muted);
+        assert_eq!(error_code(carol.request(ClientMsg::Mute { conversation_id: conv, muted: true })), 1011);
+    }
+}

@@ -205,6 +205,13 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             );
             (fb::ClientBody::EditReq, o.as_union_value())
         }
+        ClientMsg::Mute { conversation_id, muted } => {
+            let o = fb::MuteReq::create(
+                &mut b,
+                &fb::MuteReqArgs { conversation_id: *conversation_id, muted: *muted },
+            );
+            (fb::ClientBody::MuteReq, o.as_union_value())
+        }
         ClientMsg::Delete { conversation_id, seq } => {
             let o = fb::DeleteReq::create(
                 &mut b,
@@ -321,6 +328,10 @@ pub fn decode_client(buf: &[u8]) -> Result<ClientFrame, DecodeError> {
                 seq: r.seq(),
                 body: r.body().unwrap_or_default().to_owned(),
             }
+        }
+        fb::ClientBody::MuteReq => {
+            let r = f.body_as_mute_req().ok_or_else(missing_body)?;
+            ClientMsg::Mute { conversation_id: r.conversation_id(), muted: r.muted() }
         }
         fb::ClientBody::DeleteReq => {
             let r = f.body_as_delete_req().ok_or_else(missing_body)?;
@@ -447,6 +458,7 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
                 .iter()
                 .map(|s| {
                     let title = Some(b.create_string(&s.title));
+                    let last_message = s.last_message.as_ref().map(|m| message_fb(&mut b, m));
                     fb::ConversationSummary::create(
                         &mut b,
                         &fb::ConversationSummaryArgs {
@@ -457,6 +469,8 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
                             last_ts_ms: s.last_ts_ms,
                             read_seq: s.read_seq,
                             unread: s.unread,
+                            muted: s.muted,
+                            last_message,
                         },
                     )
                 })
@@ -616,6 +630,8 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerFrame, DecodeError> {
                                 last_ts_ms: s.last_ts_ms(),
                                 read_seq: s.read_seq(),
                                 unread: s.unread(),
+                                muted: s.muted(),
+                                last_message: s.last_message().map(message_from_fb).transpose()?,
                             })
                         })
                         .collect::<Result<Vec<_>, DecodeError>>()

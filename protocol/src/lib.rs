@@ -79,6 +79,7 @@ const CLIENT_TYPES: &[&str] = &[
     "get_receipts",
     "edit",
     "delete",
+    "mute",
 ];
 
 impl Subprotocol {
@@ -180,6 +181,7 @@ mod tests {
             ClientMsg::GetReceipts { conversation_id: 5 },
             ClientMsg::Edit { conversation_id: 5, seq: 3, body: "fixed ✓".into() },
             ClientMsg::Delete { conversation_id: 5, seq: 3 },
+            ClientMsg::Mute { conversation_id: 5, muted: true },
         ];
         msgs.into_iter().enumerate().map(|(i, body)| ClientFrame { id: i as u64, body }).collect()
     }
@@ -223,7 +225,7 @@ mod tests {
                     created_ms: 11,
                 },
             },
-            ServerMsg::History { conversation_id: 4, messages: vec![m.clone(), m], has_more: true },
+            ServerMsg::History { conversation_id: 4, messages: vec![m.clone(), m.clone()], has_more: true },
             ServerMsg::Conversations {
                 items: vec![ConversationSummary {
                     conversation_id: 4,
@@ -233,6 +235,8 @@ mod tests {
                     last_ts_ms: 2,
                     read_seq: 1,
                     unread: 0,
+                    muted: true,
+                    last_message: Some(m.clone()),
                 }],
                 next_cursor: Some("n".into()),
             },

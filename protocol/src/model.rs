@@ -223,6 +223,12 @@ pub enum ClientMsg {
         conversation_id: ConversationId,
         seq: Seq,
     },
+    /// Mutes (`true`) or unmutes a conversation for me: no push notifications for it.
+    Mute {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        muted: bool,
+    },
     /// Every member's delivered and read positions.
     GetReceipts {
         #[serde(with = "id_str")]
@@ -298,6 +304,12 @@ pub struct ConversationSummary {
     /// `last_seq - read_seq`: your own messages count as read.
     #[serde(default)]
     pub unread: u64,
+    /// You muted it (no push notifications).
+    #[serde(default)]
+    pub muted: bool,
+    /// The message at `last_seq`, for the list's preview line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<Message>,
 }
 
 /// One member's delivered and read positions in a conversation.

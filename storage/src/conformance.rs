@@ -16,6 +16,7 @@ pub fn run_all(open: Open<'_>) {
     pages_cross_buckets_both_ways(open);
     idempotency_keys(open);
     member_positions(open);
+    mutes(open);
     survives_restart(open);
 }
 
@@ -172,6 +173,17 @@ pub fn member_positions(open: Open<'_>) {
         "by user, this conversation only"
     );
     assert_eq!(s.all_positions(4103).unwrap(), vec![]);
+}
+
+pub fn mutes(open: Open<'_>) {
+    let s = open();
+    assert!(!s.muted(4201, 5).unwrap());
+    s.commit(&[Mutation::SetMuted { conversation: 4201, user: 5, muted: true }]).unwrap();
+    assert!(s.muted(4201, 5).unwrap());
+    assert!(!s.muted(4201, 6).unwrap(), "per member");
+    assert!(!s.muted(4202, 5).unwrap(), "per conversation");
+    s.commit(&[Mutation::SetMuted { conversation: 4201, user: 5, muted: false }]).unwrap();
+    assert!(!s.muted(4201, 5).unwrap());
 }
 
 pub fn survives_restart(open: Open<'_>) {

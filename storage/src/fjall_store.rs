@@ -26,6 +26,7 @@ pub struct FjallStore {
     buckets: Keyspace,
     idem: Keyspace,
     positions: Keyspace,
+    mutes: Keyspace,
     /// Serialises username uniqueness checks (registration is rare; fjall has no CAS).
     register: Mutex<()>,
 }
@@ -57,6 +58,7 @@ impl FjallStore {
             buckets: ks("message_buckets")?,
             idem: ks("idempotency")?,
             positions: ks("positions")?,
+            mutes: ks("mutes")?,
             register: Mutex::new(()),
             db,
         })
@@ -128,6 +130,12 @@ impl Store for FjallStore {
                     b.remove(&self.members, key2(*conversation, *user).to_vec());
                     b.remove(&self.user_convs, key2(*user, *conversation).to_vec());
                 }
+                Mutation::SetMuted { conversation, user, muted: true } => {
+                    b.insert(&self.mutes, key2(*conversation, *user).to_vec(), Vec::new())
+                }
+                Mutation::SetMuted { conversation, user, muted: false } => {
+                    b.remove(&self.mutes, key2(*conversation, *user).to_vec())
+                }
                 Mutation::PutPositions { conversation, user, positions } => b.insert(
                     &self.positions,
                     key2(*conversation, *user).to_vec(),
@@ -181,6 +189,10 @@ impl Store for FjallStore {
                 Ok((u64_at(&k, 8)?, codec::role_from_u8(*v.first().ok_or_else(|| corrupt("empty role"))?)?))
             })
             .collect()
+    }
+
+    fn muted(&self, conv: ConversationId, user: UserId) -> Result<bool> {
+        self.mutes.contains_key(key2(conv, user)).map_err(io("reading a mute"))
     }
 
     fn positions(&self, conv: ConversationId, user: UserId) -> Result<Positions> {

@@ -109,6 +109,12 @@ pub enum Mutation {
         b: UserId,
         conversation: ConversationId,
     },
+    /// Mutes (or unmutes) a conversation for one member: no push notifications for it.
+    SetMuted {
+        conversation: ConversationId,
+        user: UserId,
+        muted: bool,
+    },
     /// Sets a member's delivered and read positions (the sequencer keeps them monotonic).
     PutPositions {
         conversation: ConversationId,
@@ -201,6 +207,8 @@ pub trait Store: Send + Sync + 'static {
         client_msg_id: &str,
     ) -> Result<Option<Seq>>;
 
+    /// Whether `user` muted the conversation.
+    fn muted(&self, conv: ConversationId, user: UserId) -> Result<bool>;
     /// A member's positions in a conversation (zeros when none were stored).
     fn positions(&self, conv: ConversationId, user: UserId) -> Result<Positions>;
     /// Every stored member position of a conversation, by user id.

@@ -297,10 +297,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for MessageKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CLIENT_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CLIENT_BODY: u8 = 18;
+pub const ENUM_MAX_CLIENT_BODY: u8 = 19;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 19] = [
+pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 20] = [
   ClientBody::NONE,
   ClientBody::SyncReq,
   ClientBody::SendReq,
@@ -320,6 +320,7 @@ pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 19] = [
   ClientBody::GetReceiptsReq,
   ClientBody::EditReq,
   ClientBody::DeleteReq,
+  ClientBody::MuteReq,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -346,9 +347,10 @@ impl ClientBody {
   pub const GetReceiptsReq: Self = Self(16);
   pub const EditReq: Self = Self(17);
   pub const DeleteReq: Self = Self(18);
+  pub const MuteReq: Self = Self(19);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 18;
+  pub const ENUM_MAX: u8 = 19;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::SyncReq,
@@ -369,6 +371,7 @@ impl ClientBody {
     Self::GetReceiptsReq,
     Self::EditReq,
     Self::DeleteReq,
+    Self::MuteReq,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -392,6 +395,7 @@ impl ClientBody {
       Self::GetReceiptsReq => Some("GetReceiptsReq"),
       Self::EditReq => Some("EditReq"),
       Self::DeleteReq => Some("DeleteReq"),
+      Self::MuteReq => Some("MuteReq"),
       _ => None,
     }
   }
@@ -2694,6 +2698,119 @@ impl ::core::fmt::Debug for DeleteReq<'_> {
       ds.finish()
   }
 }
+pub enum MuteReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MuteReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MuteReq<'a> {
+  type Inner = MuteReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MuteReq<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MUTED: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MuteReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MuteReqArgs
+  ) -> ::flatbuffers::WIPOffset<MuteReq<'bldr>> {
+    let mut builder = MuteReqBuilder::new(_fbb);
+    builder.add_conversation_id(args.conversation_id);
+    builder.add_muted(args.muted);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MuteReq::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn muted(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(MuteReq::VT_MUTED, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MuteReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<bool>("muted", Self::VT_MUTED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MuteReqArgs {
+    pub conversation_id: u64,
+    pub muted: bool,
+}
+impl<'a> Default for MuteReqArgs {
+  #[inline]
+  fn default() -> Self {
+    MuteReqArgs {
+      conversation_id: 0,
+      muted: false,
+    }
+  }
+}
+
+pub struct MuteReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MuteReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(MuteReq::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_muted(&mut self, muted: bool) {
+    self.fbb_.push_slot::<bool>(MuteReq::VT_MUTED, muted, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MuteReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MuteReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MuteReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MuteReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MuteReq");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("muted", &self.muted());
+      ds.finish()
+  }
+}
 pub enum ClientFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3022,6 +3139,21 @@ impl<'a> ClientFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_mute_req(&self) -> Option<MuteReq<'a>> {
+    if self.body_type() == ClientBody::MuteReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { MuteReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ClientFrame<'_> {
@@ -3051,6 +3183,7 @@ impl ::flatbuffers::Verifiable for ClientFrame<'_> {
           ClientBody::GetReceiptsReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetReceiptsReq>>("ClientBody::GetReceiptsReq", pos),
           ClientBody::EditReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<EditReq>>("ClientBody::EditReq", pos),
           ClientBody::DeleteReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteReq>>("ClientBody::DeleteReq", pos),
+          ClientBody::MuteReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MuteReq>>("ClientBody::MuteReq", pos),
           _ => Ok(()),
         }
      })?
@@ -3233,6 +3366,13 @@ impl ::core::fmt::Debug for ClientFrame<'_> {
         },
         ClientBody::DeleteReq => {
           if let Some(x) = self.body_as_delete_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::MuteReq => {
+          if let Some(x) = self.body_as_mute_req() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -4270,6 +4410,8 @@ impl<'a> ConversationSummary<'a> {
   pub const VT_LAST_TS_MS: ::flatbuffers::VOffsetT = 12;
   pub const VT_READ_SEQ: ::flatbuffers::VOffsetT = 14;
   pub const VT_UNREAD: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MUTED: ::flatbuffers::VOffsetT = 18;
+  pub const VT_LAST_MESSAGE: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4286,7 +4428,9 @@ impl<'a> ConversationSummary<'a> {
     builder.add_last_ts_ms(args.last_ts_ms);
     builder.add_last_seq(args.last_seq);
     builder.add_conversation_id(args.conversation_id);
+    if let Some(x) = args.last_message { builder.add_last_message(x); }
     if let Some(x) = args.title { builder.add_title(x); }
+    builder.add_muted(args.muted);
     builder.add_kind(args.kind);
     builder.finish()
   }
@@ -4341,6 +4485,20 @@ impl<'a> ConversationSummary<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ConversationSummary::VT_UNREAD, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn muted(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ConversationSummary::VT_MUTED, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn last_message(&self) -> Option<Message<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Message>>(ConversationSummary::VT_LAST_MESSAGE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ConversationSummary<'_> {
@@ -4356,6 +4514,8 @@ impl ::flatbuffers::Verifiable for ConversationSummary<'_> {
      .visit_field::<u64>("last_ts_ms", Self::VT_LAST_TS_MS, false)?
      .visit_field::<u64>("read_seq", Self::VT_READ_SEQ, false)?
      .visit_field::<u64>("unread", Self::VT_UNREAD, false)?
+     .visit_field::<bool>("muted", Self::VT_MUTED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Message>>("last_message", Self::VT_LAST_MESSAGE, false)?
      .finish();
     Ok(())
   }
@@ -4368,6 +4528,8 @@ pub struct ConversationSummaryArgs<'a> {
     pub last_ts_ms: u64,
     pub read_seq: u64,
     pub unread: u64,
+    pub muted: bool,
+    pub last_message: Option<::flatbuffers::WIPOffset<Message<'a>>>,
 }
 impl<'a> Default for ConversationSummaryArgs<'a> {
   #[inline]
@@ -4380,6 +4542,8 @@ impl<'a> Default for ConversationSummaryArgs<'a> {
       last_ts_ms: 0,
       read_seq: 0,
       unread: 0,
+      muted: false,
+      last_message: None,
     }
   }
 }
@@ -4418,6 +4582,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationSummaryBuilder<'a
     self.fbb_.push_slot::<u64>(ConversationSummary::VT_UNREAD, unread, 0);
   }
   #[inline]
+  pub fn add_muted(&mut self, muted: bool) {
+    self.fbb_.push_slot::<bool>(ConversationSummary::VT_MUTED, muted, false);
+  }
+  #[inline]
+  pub fn add_last_message(&mut self, last_message: ::flatbuffers::WIPOffset<Message<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Message>>(ConversationSummary::VT_LAST_MESSAGE, last_message);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationSummaryBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConversationSummaryBuilder {
@@ -4442,6 +4614,8 @@ impl ::core::fmt::Debug for ConversationSummary<'_> {
       ds.field("last_ts_ms", &self.last_ts_ms());
       ds.field("read_seq", &self.read_seq());
       ds.field("unread", &self.unread());
+      ds.field("muted", &self.muted());
+      ds.field("last_message", &self.last_message());
       ds.finish()
   }
 }

@@ -385,20 +385,12 @@ impl Conn {
                     self.error(*request_id, *code, None);
                 }
             }
-            EventKind::Receipt { .. } => {
-                // State, not history: a connection that syncs later reads it with
-                // `list_conversations` / `get_receipts`.
-                if !self.sync.borrow().synced {
-                    return;
-                }
-                if let Some(f) = ev.broadcast_frame(self.proto) {
-                    self.enqueue(f);
-                }
-            }
-            EventKind::Typing { user, .. } => {
-                // Not to the typist's own devices; not held for an unsynced connection
-                // (it would be stale by the time the sync is done).
-                if *user == self.user || !self.sync.borrow().synced {
+            EventKind::Receipt { .. } | EventKind::Typing { .. } => {
+                // State, not history: never held for an unsynced connection (it would be
+                // stale by the time the sync is done; `list_conversations` and
+                // `get_receipts` give the current state). Typing skips the typist's devices.
+                let own_typing = matches!(ev.kind, EventKind::Typing { user, .. } if user == self.user);
+                if own_typing || !self.sync.borrow().synced {
                     return;
                 }
                 if let Some(f) = ev.broadcast_frame(self.proto) {
@@ -477,13 +469,18 @@ impl Conn {
                     self.out_drained.notify();
                 }
                 Err(_) => {
-                    self.out.borrow_mut().clear();
-                    self.out_bytes.set(0);
-                    self.close(None);
+                    self.socket_failed();
                     return Progress::Drained;
                 }
             }
         }
+    }
+
+    /// The socket is gone: drop what was queued and close.
+    fn socket_failed(&self) {
+        self.out.borrow_mut().clear();
+        self.out_bytes.set(0);
+        self.close(None);
     }
 
     /// After the queue is written: if the connection is closing, sends its close
@@ -522,9 +519,7 @@ impl Conn {
 async fn blocked_writer(conn: Rc<Conn>) {
     loop {
         if conn.stream.writable(false).await.is_err() {
-            conn.out.borrow_mut().clear();
-            conn.out_bytes.set(0);
-            conn.close(None);
+            conn.socket_failed();
             conn.drained();
             return;
         }

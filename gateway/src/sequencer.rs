@@ -297,6 +297,12 @@ impl Worker {
         Ok(self.convs.get_mut(&id).expect("just inserted"))
     }
 
+    /// The conversation, if `user` is a member of it.
+    fn member(&mut self, id: ConversationId, user: UserId) -> Result<&mut ConvState, Fail> {
+        let st = self.load(id)?;
+        if st.members.contains_key(&user) { Ok(st) } else { Err(ErrorCode::NotMember) }
+    }
+
     /// Appends a message at the conversation's next position.
     fn append(
         st: &mut ConvState,
@@ -385,25 +391,19 @@ impl Worker {
                 }
             }
             Command::Typing { conversation, user, typing, origin, request_id } => {
-                let effect = match self.load(conversation) {
-                    Ok(st) if st.members.contains_key(&user) => Effect::Event(
+                let effect = match self.member(conversation, user) {
+                    Ok(st) => Effect::Event(
                         Event::new(EventKind::Typing { conversation_id: conversation, user, typing }),
                         st.recipients.clone(),
                     ),
-                    Ok(_) => Self::refused(origin, request_id, ErrorCode::NotMember, user),
                     Err(code) => Self::refused(origin, request_id, code, user),
                 };
                 batch.effects.push(effect);
             }
             Command::Mute { actor, conversation, muted, reply } => {
-                let r = match self.load(conversation) {
-                    Ok(st) if st.members.contains_key(&actor) => {
-                        batch.muts.push(Mutation::SetMuted { conversation, user: actor, muted });
-                        Ok(())
-                    }
-                    Ok(_) => Err(ErrorCode::NotMember),
-                    Err(code) => Err(code),
-                };
+                let r = self.member(conversation, actor).map(|_| {
+                    batch.muts.push(Mutation::SetMuted { conversation, user: actor, muted });
+                });
                 batch.effects.push(Effect::Done(reply, r));
             }
             Command::Edit { actor, conversation, seq, body, reply } => {
@@ -415,10 +415,7 @@ impl Worker {
                 batch.effects.push(Effect::Done(reply, r));
             }
             Command::Mark { conversation, user, seq, read, origin, request_id } => {
-                let effect = match self.load(conversation) {
-                    Ok(st) if !st.members.contains_key(&user) => {
-                        Some(Self::refused(origin, request_id, ErrorCode::NotMember, user))
-                    }
+                let effect = match self.member(conversation, user) {
                     Ok(st) if seq > st.rec.last_seq => {
                         Some(Self::refused(origin, request_id, ErrorCode::BadCursor, user))
                     }
@@ -529,10 +526,7 @@ impl Worker {
     fn send(&mut self, cmd: SendCmd, batch: &mut Batch) -> Result<(), Fail> {
         let SendCmd { conversation, sender, client_msg_id, body, origin, submitted } = cmd;
         let store = self.store.clone();
-        let st = self.load(conversation)?;
-        if !st.members.contains_key(&sender) {
-            return Err(ErrorCode::NotMember);
-        }
+        let st = self.member(conversation, sender)?;
         let key = (conversation, sender, client_msg_id);
         let earlier = match batch.idem.get(&key) {
             Some(m) => Some(m.clone()),

@@ -4,6 +4,7 @@ mod support;
 
 use protocol::{ClientMsg, Subprotocol};
 use std::io::Read;
+use std::sync::{Arc, Condvar, Mutex};
 use support::*;
 
 #[test]
@@ -27,8 +28,16 @@ fn slow_consumer_is_closed_and_others_are_unaffected() {
     let n = 12_000u64;
     // 24 MB: more than the slow socket's kernel buffers plus its 4 MiB queue.
     let body = "x".repeat(2000);
+    // The writer stays at most WINDOW messages (1 MB) ahead of the fast reader,
+    // so `fast` is a reader that keeps up however slow this test client is; only
+    // `slow` falls behind, by the whole 24 MB.
+    const WINDOW: u64 = 500;
+    let read = Arc::new((Mutex::new(0u64), Condvar::new()));
+    let seen = read.clone();
     let pump = std::thread::spawn(move || {
         for i in 0..n {
+            let (lock, cv) = &*seen;
+            let _g = cv.wait_while(lock.lock().unwrap(), |r| i >= *r + WINDOW).unwrap();
             writer.send_text(gid, &format!("f{i}"), &body);
         }
         writer.wait_ack(&format!("f{}", n - 1))
@@ -38,6 +47,9 @@ fn slow_consumer_is_closed_and_others_are_unaffected() {
         let m = fast.next_message();
         assert_eq!(m.seq, expect, "the fast reader gets everything, in order");
         expect += 1;
+        let (lock, cv) = &*read;
+        *lock.lock().unwrap() += 1;
+        cv.notify_one();
     }
     assert_eq!(pump.join().unwrap(), n + 1, "the sender was never held up");
 

@@ -20,6 +20,8 @@ fn message(seq: u64, body_len: usize) -> Message {
         role: None,
         target_seq: None,
         edited_ms: None,
+        reactions: Vec::new(),
+        my_reaction: None,
     }
 }
 

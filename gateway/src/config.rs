@@ -34,6 +34,70 @@ pub struct Config {
     pub limits: Limits,
     pub auth: AuthConfig,
     pub storage: StorageConfig,
+    pub presence: PresenceSettings,
+    pub push: PushConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceSettings {
+    /// How long a user with no device connected still counts as online, milliseconds
+    /// (a phone that reconnects within it does not flap offline).
+    pub grace_ms: NonZeroU64,
+    /// Groups larger than this do not hear their members' presence changes (direct conversations always do).
+    pub max_group_size: NonZeroUsize,
+    /// Presence notices and requests waiting for the presence thread; beyond: notices dropped, requests 1020.
+    pub queue: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushBackend {
+    /// One log line per notification.
+    Log,
+    /// HTTP POST of each notification as JSON to `webhook_url`.
+    Webhook,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    pub backend: PushBackend,
+    /// Where the webhook backend POSTs (http:// or https://). Required with `backend = "webhook"`.
+    pub webhook_url: Option<String>,
+    /// A user's notifications within this window become one, milliseconds.
+    pub coalesce_ms: NonZeroU64,
+    /// Jobs (and, for the webhook, notifications) queued; beyond: dropped and counted.
+    pub queue: NonZeroUsize,
+    /// Webhook tries per notification (retrying transport errors, 429 and 5xx).
+    pub max_attempts: NonZeroU32,
+    /// Webhook wait before the first retry, milliseconds; doubles with each retry (at most 60 s).
+    pub backoff_ms: NonZeroU64,
+    /// Webhook request timeout, milliseconds.
+    pub timeout_ms: NonZeroU64,
+    /// Webhook sending threads.
+    pub workers: NonZeroUsize,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        PresenceSettings { grace_ms: nz64(10_000), max_group_size: nzu(256), queue: nzu(65536) }
+    }
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            backend: PushBackend::Log,
+            webhook_url: None,
+            coalesce_ms: nz64(3000),
+            queue: nzu(65536),
+            max_attempts: nz32(6),
+            backoff_ms: nz64(200),
+            timeout_ms: nz64(5000),
+            workers: nzu(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +189,8 @@ impl Default for Config {
             limits: Limits::default(),
             auth: AuthConfig::default(),
             storage: StorageConfig::default(),
+            presence: PresenceSettings::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -197,6 +263,13 @@ impl Config {
         }
         if self.limits.max_out_bytes.get() < 4 * self.limits.max_frame_bytes.get() as usize {
             bail!("limits.max_out_bytes must be at least 4 x limits.max_frame_bytes");
+        }
+        match (&self.push.backend, &self.push.webhook_url) {
+            (PushBackend::Webhook, None) => bail!("push.backend = \"webhook\" needs push.webhook_url"),
+            (PushBackend::Webhook, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                bail!("push.webhook_url must be an http:// or https:// URL, got {u:?}")
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -385,10 +385,14 @@ impl Conn {
                     self.error(*request_id, *code, None);
                 }
             }
-            EventKind::Receipt { .. } | EventKind::Typing { .. } => {
+            EventKind::Receipt { .. }
+            | EventKind::Typing { .. }
+            | EventKind::Reaction { .. }
+            | EventKind::Presence(_) => {
                 // State, not history: never held for an unsynced connection (it would be
-                // stale by the time the sync is done; `list_conversations` and
-                // `get_receipts` give the current state). Typing skips the typist's devices.
+                // stale by the time the sync is done; `list_conversations`, `get_receipts`,
+                // history and `get_presence` give the current state). Typing skips the
+                // typist's devices.
                 let own_typing = matches!(ev.kind, EventKind::Typing { user, .. } if user == self.user);
                 if own_typing || !self.sync.borrow().synced {
                     return;
@@ -840,6 +844,37 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
         ClientMsg::Send { conversation_id, client_msg_id, body } => {
             send(conn, id, conversation_id, client_msg_id, body)
         }
+        ClientMsg::React { conversation_id, seq, emoji } => {
+            if !valid_emoji(&emoji) {
+                return conn.error(id, ErrorCode::InvalidField, None);
+            }
+            if !conn.within_limit(id, None, ConnLimits::send) {
+                return;
+            }
+            done_command(conn, id, |reply| Command::React {
+                actor: user,
+                conversation: conversation_id,
+                seq,
+                emoji,
+                reply,
+            })
+            .await
+        }
+        ClientMsg::GetPresence { user_ids } => {
+            if user_ids.len() > crate::presence::MAX_QUERY {
+                return conn.error(id, ErrorCode::InvalidField, None);
+            }
+            match conn.shard.shared.presence.query(user_ids).await {
+                Ok(users) => conn.reply(id, ServerMsg::PresenceList { users }),
+                Err(code) => conn.error(id, code, None),
+            }
+        }
+        ClientMsg::SetPrivacy { hide_last_seen } => {
+            match conn.shard.shared.presence.set_hide(user, hide_last_seen).await {
+                Ok(()) => conn.reply(id, ServerMsg::Ok),
+                Err(code) => conn.error(id, code, None),
+            }
+        }
         ClientMsg::CreateDirect { user_id } => {
             conversation_command(conn, id, |reply| Command::CreateDirect { user, peer: user_id, reply }).await
         }
@@ -967,7 +1002,9 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
                     storage::Anchor::After(a) if a > head => return Err(ErrorCode::BadCursor),
                     _ => {}
                 }
-                storage::page(s, conversation_id, anchor, limit as usize).map_err(internal)
+                let mut p = storage::page(s, conversation_id, anchor, limit as usize).map_err(internal)?;
+                storage::add_reactions(s, conversation_id, user, &mut p.messages).map_err(internal)?;
+                Ok(p)
             })
             .await;
             match r {
@@ -996,6 +1033,15 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
         }
         ClientMsg::Sync { positions } => sync(conn, id, positions).await,
     }
+}
+
+/// Longest reaction, in bytes (an emoji with skin tone and joiners fits).
+const MAX_EMOJI_BYTES: usize = 32;
+
+/// A reaction: empty (removal), or short with no whitespace or control characters.
+/// Which emoji a client shows is its business; the server only bounds it.
+fn valid_emoji(e: &str) -> bool {
+    e.len() <= MAX_EMOJI_BYTES && !e.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// List cursors are `<last_ts_ms>.<conversation_id>` of the last item returned.
@@ -1029,10 +1075,13 @@ fn list_conversations(
     let more = items.len() > limit;
     let mut out = Vec::with_capacity(limit);
     for (r, read) in items.into_iter().take(limit) {
-        let last_message = match r.last_seq {
+        let mut last_message = match r.last_seq {
             0 => None,
             seq => storage::message_at(s, r.id, seq).map_err(internal)?,
         };
+        if let Some(m) = &mut last_message {
+            storage::add_reactions(s, r.id, user, std::slice::from_mut(m)).map_err(internal)?;
+        }
         out.push(ConversationSummary {
             conversation_id: r.id,
             kind: r.kind,
@@ -1089,7 +1138,10 @@ async fn sync(conn: &Rc<Conn>, id: u64, positions: Vec<Position>) {
                 return;
             }
             let page = read(conn, move |s| {
-                storage::page(s, c, storage::Anchor::After(after), SYNC_PAGE).map_err(internal)
+                let mut p =
+                    storage::page(s, c, storage::Anchor::After(after), SYNC_PAGE).map_err(internal)?;
+                storage::add_reactions(s, c, user, &mut p.messages).map_err(internal)?;
+                Ok(p)
             })
             .await;
             let page = match page {

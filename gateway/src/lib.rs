@@ -27,6 +27,8 @@ pub mod mailbox;
 pub mod metrics;
 pub mod netio;
 pub mod pool;
+pub mod presence;
+pub mod push;
 pub mod ratelimit;
 pub mod sequencer;
 pub mod server;

@@ -50,6 +50,18 @@ pub enum EventKind {
     /// `user`'s delivered/read positions moved forward (stored before this is sent).
     /// Shown to every member's synced connections, the user's own included.
     Receipt { conversation_id: ConversationId, user: UserId, positions: storage::Positions },
+    /// `user` set (or, with an empty emoji, removed) its reaction to message `seq`
+    /// (stored before this is sent); `reactions` are the message's new totals.
+    /// Shown to every member's synced connections.
+    Reaction {
+        conversation_id: ConversationId,
+        seq: protocol::Seq,
+        user: UserId,
+        emoji: String,
+        reactions: Vec<protocol::ReactionCount>,
+    },
+    /// A contact came online or went offline. Shown to synced connections.
+    Presence(protocol::PresenceInfo),
 }
 
 /// How long a typing indicator lasts without a refresh, milliseconds (sent with each one).
@@ -74,12 +86,10 @@ impl Event {
         Arc::new(Event { kind, submitted, encoded: [OnceLock::new(), OnceLock::new()] })
     }
 
-    /// The broadcast form (a `message` or `typing` frame), as a complete WebSocket frame.
+    /// The broadcast form (the same frame for every connection it reaches), as a
+    /// complete WebSocket frame; `None` for replies meant for one connection.
     pub fn broadcast_frame(&self, proto: Subprotocol) -> Option<Bytes> {
-        if !matches!(
-            self.kind,
-            EventKind::Message { .. } | EventKind::Typing { .. } | EventKind::Receipt { .. }
-        ) {
+        if matches!(self.kind, EventKind::SendFailed { .. } | EventKind::Refused { .. }) {
             return None;
         }
         let slot = &self.encoded[proto as usize];
@@ -99,7 +109,17 @@ impl Event {
                         delivered_seq: positions.delivered,
                         read_seq: positions.read,
                     },
-                    _ => unreachable!("checked above"),
+                    EventKind::Reaction { conversation_id, seq, user, emoji, reactions } => {
+                        ServerMsg::Reaction {
+                            conversation_id: *conversation_id,
+                            seq: *seq,
+                            user_id: *user,
+                            emoji: emoji.clone(),
+                            reactions: reactions.clone(),
+                        }
+                    }
+                    EventKind::Presence(p) => ServerMsg::Presence { presence: p.clone() },
+                    EventKind::SendFailed { .. } | EventKind::Refused { .. } => unreachable!("checked above"),
                 };
                 crate::frame::ws_frame(proto, &proto.encode_server(&ServerFrame { id: 0, body }))
             })
@@ -269,6 +289,14 @@ impl Registry {
         self.map.pin().remove(&(user, shard));
     }
 
+    /// Whether `user` has a mailbox (so a connected device) on any shard.
+    ///
+    /// Runs on: any thread.
+    pub fn is_connected(&self, user: UserId) -> bool {
+        let map = self.map.pin();
+        (0..self.inboxes.len() as u16).any(|s| map.contains_key(&(user, s)))
+    }
+
     /// Starts a round of pushes; the shards it reached are woken when it is dropped.
     pub fn delivery(&self) -> Delivery<'_> {
         Delivery { registry: self, touched: vec![false; self.inboxes.len()] }
@@ -343,6 +371,8 @@ mod tests {
                 role: None,
                 target_seq: None,
                 edited_ms: None,
+                reactions: Vec::new(),
+                my_reaction: None,
             },
             origin: None,
             to_others: true,

@@ -38,6 +38,13 @@ pub struct Metrics {
     pub sync_backlogs: IntCounter,
     pub mailbox_overflows: IntCounter,
     pub rejected: IntCounterVec,
+    /// Notifications handed to the push backend.
+    pub push_notifications: IntCounter,
+    /// Notifications not sent because the user came back within the window.
+    pub push_suppressed: IntCounter,
+    pub push_sent: IntCounter,
+    pub push_retries: IntCounter,
+    pub push_failed: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -105,6 +112,19 @@ impl Metrics {
             sync_backlogs: counter(&r, "sync_backlogs_total", "Connections closed with 4009"),
             mailbox_overflows: counter(&r, "mailbox_overflows_total", "Events dropped by a full mailbox"),
             rejected,
+            push_notifications: counter(
+                &r,
+                "push_notifications_total",
+                "Notifications handed to the push backend",
+            ),
+            push_suppressed: counter(
+                &r,
+                "push_suppressed_total",
+                "Notifications dropped: the user came back",
+            ),
+            push_sent: counter(&r, "push_webhook_sent_total", "Notifications the webhook accepted"),
+            push_retries: counter(&r, "push_webhook_retries_total", "Webhook attempts retried"),
+            push_failed: counter(&r, "push_webhook_failed_total", "Notifications dropped after failing"),
             registry: r,
         }
     }

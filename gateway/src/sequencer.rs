@@ -17,6 +17,7 @@ use crate::auth::now_ms;
 use crate::ids::IdGen;
 use crate::mailbox::{ConnId, Event, EventKind, Registry};
 use crate::metrics::Metrics;
+use crate::push::Push;
 use futures_channel::oneshot;
 use protocol::{
     Conversation, ConversationId, ConversationKind, ErrorCode, Member, Message, MessageKind, Role, Seq,
@@ -45,6 +46,14 @@ pub enum Command {
         actor: UserId,
         conversation: ConversationId,
         seq: Seq,
+        reply: Reply<()>,
+    },
+    /// Sets (or, with an empty emoji, removes) a member's reaction to message `seq`.
+    React {
+        actor: UserId,
+        conversation: ConversationId,
+        seq: Seq,
+        emoji: String,
         reply: Reply<()>,
     },
     /// Mutes or unmutes a conversation for one member.
@@ -139,11 +148,12 @@ impl Sequencer {
         registry: Arc<Registry>,
         ids: Arc<IdGen>,
         metrics: Arc<Metrics>,
+        push: Arc<Push>,
     ) -> Sequencer {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
         let rejected = metrics.rejected.with_label_values(&["sequencer"]);
         let mut worker =
-            Worker { store, registry, ids, metrics, member_cap: cfg.member_cap, convs: HashMap::new() };
+            Worker { store, registry, ids, metrics, push, member_cap: cfg.member_cap, convs: HashMap::new() };
         let batch_max = cfg.batch_max;
         std::thread::Builder::new()
             .name("sequencer".into())
@@ -178,6 +188,8 @@ struct ConvState {
     bucket: Option<u32>,
     /// Members' delivered and read positions (absent: zeros).
     positions: HashMap<UserId, Positions>,
+    /// Members' mute flags, read from the store on first need.
+    mutes: HashMap<UserId, bool>,
 }
 
 impl ConvState {
@@ -241,6 +253,8 @@ struct Batch {
     positions: HashSet<(ConversationId, UserId)>,
     idem: HashMap<(ConversationId, UserId, String), Message>,
     directs: HashMap<(UserId, UserId), ConversationId>,
+    /// Reactions of the messages this batch touched, by user, as they stand in the batch.
+    reactions: HashMap<(ConversationId, Seq), BTreeMap<UserId, String>>,
 }
 
 struct Worker {
@@ -248,6 +262,7 @@ struct Worker {
     registry: Arc<Registry>,
     ids: Arc<IdGen>,
     metrics: Arc<Metrics>,
+    push: Arc<Push>,
     member_cap: usize,
     convs: HashMap<ConversationId, ConvState>,
 }
@@ -290,7 +305,14 @@ impl Worker {
             let members: BTreeMap<_, _> = self.store.members(id).map_err(internal)?.into_iter().collect();
             let bucket = self.store.buckets(id).map_err(internal)?.last().map(|b| b.bucket);
             let positions = self.store.all_positions(id).map_err(internal)?.into_iter().collect();
-            let mut st = ConvState { rec, members, recipients: Arc::from([]), bucket, positions };
+            let mut st = ConvState {
+                rec,
+                members,
+                recipients: Arc::from([]),
+                bucket,
+                positions,
+                mutes: HashMap::new(),
+            };
             st.set_members();
             self.convs.insert(id, st);
         }
@@ -338,6 +360,8 @@ impl Worker {
             role: if let About::Member(_, r) = about { r } else { None },
             target_seq: if let About::Message(s) = about { Some(s) } else { None },
             edited_ms: None,
+            reactions: Vec::new(),
+            my_reaction: None,
         };
         batch.muts.push(Mutation::PutMessage(m.clone()));
         m
@@ -401,9 +425,15 @@ impl Worker {
                 batch.effects.push(effect);
             }
             Command::Mute { actor, conversation, muted, reply } => {
-                let r = self.member(conversation, actor).map(|_| {
+                let r = self.member(conversation, actor).map(|st| {
+                    st.mutes.insert(actor, muted);
+                    batch.touched.insert(conversation);
                     batch.muts.push(Mutation::SetMuted { conversation, user: actor, muted });
                 });
+                batch.effects.push(Effect::Done(reply, r));
+            }
+            Command::React { actor, conversation, seq, emoji, reply } => {
+                let r = self.react(actor, conversation, seq, emoji, batch);
                 batch.effects.push(Effect::Done(reply, r));
             }
             Command::Edit { actor, conversation, seq, body, reply } => {
@@ -476,28 +506,10 @@ impl Worker {
         edit: Option<String>,
         batch: &mut Batch,
     ) -> Result<(), Fail> {
-        let store = self.store.clone();
-        let st = self.load(conversation)?;
-        let role = *st.members.get(&actor).ok_or(ErrorCode::NotMember)?;
-        if seq == 0 || seq > st.rec.last_seq {
-            return Err(ErrorCode::NotFound);
-        }
-        // The newest version: this batch's own write if it has one, else the store's.
-        let pending = batch.muts.iter().rev().find_map(|m| match m {
-            Mutation::PutMessage(m) if m.conversation_id == conversation && m.seq == seq => Some(m.clone()),
-            _ => None,
-        });
-        let original = match pending {
-            Some(m) => m,
-            None => storage::message_at(&*store, conversation, seq)
-                .map_err(internal)?
-                .ok_or(ErrorCode::NotFound)?,
-        };
-        match original.kind {
-            MessageKind::Text => {}
-            MessageKind::Deleted => return Err(ErrorCode::NotFound),
-            _ => return Err(ErrorCode::InvalidField),
-        }
+        self.member(conversation, actor)?;
+        let original = self.text_message(conversation, seq, batch)?;
+        let st = self.convs.get_mut(&conversation).expect("loaded");
+        let role = st.members[&actor];
         let moderator = st.rec.kind == ConversationKind::Group && role != Role::Member;
         if original.sender_id != actor && !(edit.is_none() && moderator) {
             return Err(ErrorCode::Forbidden);
@@ -516,6 +528,80 @@ impl Worker {
         batch.muts.push(Mutation::PutMessage(updated));
         let m = Self::append(st, batch, actor, kind, body, String::new(), About::Message(seq));
         Self::event(batch, m, st.recipients.clone());
+        Ok(())
+    }
+
+    /// The newest version of text message `seq` (this batch's own write if it has
+    /// one, else the store's): `NotFound` if absent or deleted, `InvalidField` if
+    /// it is not a text message.
+    fn text_message(
+        &mut self,
+        conversation: ConversationId,
+        seq: Seq,
+        batch: &Batch,
+    ) -> Result<Message, Fail> {
+        let last = self.load(conversation)?.rec.last_seq;
+        if seq == 0 || seq > last {
+            return Err(ErrorCode::NotFound);
+        }
+        let pending = batch.muts.iter().rev().find_map(|m| match m {
+            Mutation::PutMessage(m) if m.conversation_id == conversation && m.seq == seq => Some(m.clone()),
+            _ => None,
+        });
+        let m = match pending {
+            Some(m) => m,
+            None => storage::message_at(&*self.store, conversation, seq)
+                .map_err(internal)?
+                .ok_or(ErrorCode::NotFound)?,
+        };
+        match m.kind {
+            MessageKind::Text => Ok(m),
+            MessageKind::Deleted => Err(ErrorCode::NotFound),
+            _ => Err(ErrorCode::InvalidField),
+        }
+    }
+
+    /// Sets or removes `actor`'s reaction to text message `seq` and tells every
+    /// member the message's new totals. Setting what is already set changes nothing.
+    fn react(
+        &mut self,
+        actor: UserId,
+        conversation: ConversationId,
+        seq: Seq,
+        emoji: String,
+        batch: &mut Batch,
+    ) -> Result<(), Fail> {
+        self.member(conversation, actor)?;
+        self.text_message(conversation, seq, batch)?;
+        let key = (conversation, seq);
+        let current = match batch.reactions.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let stored = self.store.reactions(conversation, seq, seq).map_err(internal)?;
+                e.insert(stored.into_iter().map(|(_, u, e)| (u, e)).collect())
+            }
+        };
+        let changed = if emoji.is_empty() {
+            current.remove(&actor).is_some()
+        } else {
+            current.insert(actor, emoji.clone()).as_ref() != Some(&emoji)
+        };
+        if !changed {
+            return Ok(());
+        }
+        let reactions = storage::reaction_counts(current.values().map(String::as_str));
+        batch.muts.push(Mutation::PutReaction { conversation, seq, user: actor, emoji: emoji.clone() });
+        let recipients = self.convs[&conversation].recipients.clone();
+        batch.effects.push(Effect::Event(
+            Event::new(EventKind::Reaction {
+                conversation_id: conversation,
+                seq,
+                user: actor,
+                emoji,
+                reactions,
+            }),
+            recipients,
+        ));
         Ok(())
     }
 
@@ -595,6 +681,7 @@ impl Worker {
             recipients: Arc::from([]),
             bucket: None,
             positions: HashMap::new(),
+            mutes: HashMap::new(),
         };
         st.set_members();
         self.convs.insert(id, st);
@@ -779,6 +866,18 @@ impl Worker {
         Ok(st.snapshot())
     }
 
+    /// Whether `user` muted `conversation` (cached with the conversation).
+    fn muted(&mut self, conversation: ConversationId, user: UserId) -> bool {
+        let store = self.store.clone();
+        let Some(st) = self.convs.get_mut(&conversation) else { return false };
+        *st.mutes.entry(user).or_insert_with(|| {
+            store.muted(conversation, user).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading a mute failed; treating as not muted");
+                false
+            })
+        })
+    }
+
     /// Commits the batch durably, then delivers its effects in order.
     fn finish(&mut self, mut batch: Batch) {
         for id in &batch.touched {
@@ -808,7 +907,8 @@ impl Worker {
             }
         };
         let mut messages = 0;
-        let mut delivery = self.registry.delivery();
+        let registry = self.registry.clone();
+        let mut delivery = registry.delivery();
         for effect in batch.effects {
             match effect {
                 Effect::Event(ev, recipients) => {
@@ -828,12 +928,30 @@ impl Worker {
                                 }),
                                 Arc::from([message.sender_id]),
                             ),
-                            EventKind::Message { to_others: true, .. } => continue,
+                            // Not stored, so not true: never shown.
+                            EventKind::Message { to_others: true, .. }
+                            | EventKind::Receipt { .. }
+                            | EventKind::Reaction { .. } => continue,
                             _ => (ev, recipients),
                         }
                     };
+                    let pushable = match &ev.kind {
+                        EventKind::Message { message, to_others: true, .. }
+                            if committed && message.kind == MessageKind::Text =>
+                        {
+                            Some(message)
+                        }
+                        _ => None,
+                    };
                     for &u in recipients.iter() {
-                        delivery.deliver(u, &ev);
+                        let reached = delivery.deliver(u, &ev);
+                        if let Some(m) = pushable
+                            && reached == 0
+                            && u != m.sender_id
+                            && !self.muted(m.conversation_id, u)
+                        {
+                            self.push.submit(u, m);
+                        }
                     }
                 }
                 Effect::Conv(reply, r) => {

@@ -7,6 +7,8 @@ use crate::ids::IdGen;
 use crate::mailbox::Registry;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::presence::{Presence, PresenceConfig};
+use crate::push::Push;
 use crate::sequencer::{Sequencer, SequencerConfig};
 use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -21,6 +23,7 @@ pub struct Shared {
     pub auth: Auth,
     pub store: Arc<dyn Store>,
     pub sequencer: Sequencer,
+    pub presence: Presence,
     pub registry: Arc<Registry>,
     pub readers: Arc<Pool>,
     pub hashers: Arc<Pool>,
@@ -63,6 +66,17 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(shards, metrics.mailbox_overflows.clone()));
     let ids = Arc::new(IdGen::new(cfg.node_id));
+    let push = Push::start(&cfg.push, registry.clone(), metrics.clone());
+    let presence = Presence::start(
+        PresenceConfig {
+            grace: std::time::Duration::from_millis(cfg.presence.grace_ms.get()),
+            queue: cfg.presence.queue.get(),
+            max_group_size: cfg.presence.max_group_size.get(),
+        },
+        store.clone(),
+        registry.clone(),
+        metrics.rejected.with_label_values(&["presence"]),
+    );
     let sequencer = Sequencer::start(
         SequencerConfig {
             queue: cfg.storage.sequencer_queue.get(),
@@ -73,6 +87,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         registry.clone(),
         ids.clone(),
         metrics.clone(),
+        push,
     );
     let readers = Pool::new(
         "reader",
@@ -101,6 +116,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         auth,
         store,
         sequencer,
+        presence,
         registry,
         readers,
         hashers,

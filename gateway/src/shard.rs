@@ -51,6 +51,7 @@ impl ShardCtx {
                 let slot =
                     Rc::new(UserSlot { user, drain: RefCell::new(drain), conns: RefCell::new(Vec::new()) });
                 self.shared.registry.insert(user, self.id, mailbox);
+                self.shared.presence.changed(user);
                 slot
             })
             .clone();
@@ -66,6 +67,7 @@ impl ShardCtx {
             // dispatcher only drains mailboxes that are still their user's slot's.
             self.shared.registry.remove(conn.user, self.id);
             users.remove(&conn.user);
+            self.shared.presence.changed(conn.user);
         }
     }
 }

@@ -219,6 +219,24 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             );
             (fb::ClientBody::DeleteReq, o.as_union_value())
         }
+        ClientMsg::React { conversation_id, seq, emoji } => {
+            let emoji = Some(b.create_string(emoji));
+            let o = fb::ReactReq::create(
+                &mut b,
+                &fb::ReactReqArgs { conversation_id: *conversation_id, seq: *seq, emoji },
+            );
+            (fb::ClientBody::ReactReq, o.as_union_value())
+        }
+        ClientMsg::GetPresence { user_ids } => {
+            let user_ids = Some(b.create_vector(user_ids));
+            let o = fb::GetPresenceReq::create(&mut b, &fb::GetPresenceReqArgs { user_ids });
+            (fb::ClientBody::GetPresenceReq, o.as_union_value())
+        }
+        ClientMsg::SetPrivacy { hide_last_seen } => {
+            let o =
+                fb::SetPrivacyReq::create(&mut b, &fb::SetPrivacyReqArgs { hide_last_seen: *hide_last_seen });
+            (fb::ClientBody::SetPrivacyReq, o.as_union_value())
+        }
         ClientMsg::GetReceipts { conversation_id } => {
             let o = fb::GetReceiptsReq::create(
                 &mut b,
@@ -337,6 +355,22 @@ pub fn decode_client(buf: &[u8]) -> Result<ClientFrame, DecodeError> {
             let r = f.body_as_delete_req().ok_or_else(missing_body)?;
             ClientMsg::Delete { conversation_id: r.conversation_id(), seq: r.seq() }
         }
+        fb::ClientBody::ReactReq => {
+            let r = f.body_as_react_req().ok_or_else(missing_body)?;
+            ClientMsg::React {
+                conversation_id: r.conversation_id(),
+                seq: r.seq(),
+                emoji: r.emoji().unwrap_or_default().to_owned(),
+            }
+        }
+        fb::ClientBody::GetPresenceReq => {
+            let r = f.body_as_get_presence_req().ok_or_else(missing_body)?;
+            ClientMsg::GetPresence { user_ids: ids(r.user_ids()) }
+        }
+        fb::ClientBody::SetPrivacyReq => {
+            let r = f.body_as_set_privacy_req().ok_or_else(missing_body)?;
+            ClientMsg::SetPrivacy { hide_last_seen: r.hide_last_seen() }
+        }
         fb::ClientBody::GetReceiptsReq => {
             let r = f.body_as_get_receipts_req().ok_or_else(missing_body)?;
             ClientMsg::GetReceipts { conversation_id: r.conversation_id() }
@@ -352,9 +386,50 @@ fn missing_body() -> DecodeError {
 
 // ---------------------------------------------------------------- server frames
 
+fn reactions_fb<'b>(
+    b: &mut FlatBufferBuilder<'b>,
+    rs: &[ReactionCount],
+) -> Option<WIPOffset<flatbuffers::Vector<'b, flatbuffers::ForwardsUOffset<fb::ReactionCount<'b>>>>> {
+    if rs.is_empty() {
+        return None;
+    }
+    let v: Vec<_> = rs
+        .iter()
+        .map(|r| {
+            let emoji = Some(b.create_string(&r.emoji));
+            fb::ReactionCount::create(b, &fb::ReactionCountArgs { emoji, count: r.count })
+        })
+        .collect();
+    Some(b.create_vector(&v))
+}
+
+fn reactions_from_fb(
+    v: Option<flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<fb::ReactionCount<'_>>>>,
+) -> Vec<ReactionCount> {
+    v.map(|v| {
+        v.iter()
+            .map(|r| ReactionCount { emoji: r.emoji().unwrap_or_default().to_owned(), count: r.count() })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn presence_fb<'b>(b: &mut FlatBufferBuilder<'b>, p: &PresenceInfo) -> WIPOffset<fb::PresenceInfo<'b>> {
+    fb::PresenceInfo::create(
+        b,
+        &fb::PresenceInfoArgs { user_id: p.user_id, online: p.online, last_seen_ms: p.last_seen_ms },
+    )
+}
+
+fn presence_from_fb(p: fb::PresenceInfo<'_>) -> PresenceInfo {
+    PresenceInfo { user_id: p.user_id(), online: p.online(), last_seen_ms: p.last_seen_ms() }
+}
+
 fn message_fb<'b>(b: &mut FlatBufferBuilder<'b>, m: &Message) -> WIPOffset<fb::Message<'b>> {
     let client_msg_id = Some(b.create_string(&m.client_msg_id));
     let body = Some(b.create_string(&m.body));
+    let reactions = reactions_fb(b, &m.reactions);
+    let my_reaction = m.my_reaction.as_deref().map(|r| b.create_string(r));
     fb::Message::create(
         b,
         &fb::MessageArgs {
@@ -369,6 +444,8 @@ fn message_fb<'b>(b: &mut FlatBufferBuilder<'b>, m: &Message) -> WIPOffset<fb::M
             role: m.role.map(role_to_fb),
             target_seq: m.target_seq,
             edited_ms: m.edited_ms,
+            reactions,
+            my_reaction,
         },
     )
 }
@@ -386,6 +463,8 @@ fn message_from_fb(m: fb::Message<'_>) -> Result<Message, DecodeError> {
         role: m.role().map(role_from_fb).transpose()?,
         target_seq: m.target_seq(),
         edited_ms: m.edited_ms(),
+        reactions: reactions_from_fb(m.reactions()),
+        my_reaction: m.my_reaction().map(str::to_owned),
     })
 }
 
@@ -547,6 +626,32 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
             );
             (fb::ServerBody::Receipts, o.as_union_value())
         }
+        ServerMsg::Presence { presence } => {
+            let presence = Some(presence_fb(&mut b, presence));
+            let o = fb::Presence::create(&mut b, &fb::PresenceArgs { presence });
+            (fb::ServerBody::Presence, o.as_union_value())
+        }
+        ServerMsg::PresenceList { users } => {
+            let v: Vec<_> = users.iter().map(|p| presence_fb(&mut b, p)).collect();
+            let users = Some(b.create_vector(&v));
+            let o = fb::PresenceList::create(&mut b, &fb::PresenceListArgs { users });
+            (fb::ServerBody::PresenceList, o.as_union_value())
+        }
+        ServerMsg::Reaction { conversation_id, seq, user_id, emoji, reactions } => {
+            let emoji = Some(b.create_string(emoji));
+            let reactions = reactions_fb(&mut b, reactions);
+            let o = fb::Reaction::create(
+                &mut b,
+                &fb::ReactionArgs {
+                    conversation_id: *conversation_id,
+                    seq: *seq,
+                    user_id: *user_id,
+                    emoji,
+                    reactions,
+                },
+            );
+            (fb::ServerBody::Reaction, o.as_union_value())
+        }
     };
     let root = fb::ServerFrame::create(
         &mut b,
@@ -688,6 +793,26 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerFrame, DecodeError> {
                 })
                 .unwrap_or_default();
             ServerMsg::Receipts { conversation_id: r.conversation_id(), members }
+        }
+        fb::ServerBody::Presence => {
+            let r = f.body_as_presence().ok_or_else(missing_body)?;
+            let p = r.presence().ok_or_else(|| DecodeError::malformed("missing field `presence`"))?;
+            ServerMsg::Presence { presence: presence_from_fb(p) }
+        }
+        fb::ServerBody::PresenceList => {
+            let r = f.body_as_presence_list().ok_or_else(missing_body)?;
+            let users = r.users().map(|v| v.iter().map(presence_from_fb).collect()).unwrap_or_default();
+            ServerMsg::PresenceList { users }
+        }
+        fb::ServerBody::Reaction => {
+            let r = f.body_as_reaction().ok_or_else(missing_body)?;
+            ServerMsg::Reaction {
+                conversation_id: r.conversation_id(),
+                seq: r.seq(),
+                user_id: r.user_id(),
+                emoji: r.emoji().unwrap_or_default().to_owned(),
+                reactions: reactions_from_fb(r.reactions()),
+            }
         }
         _ => return Err(DecodeError::UnknownType),
     };

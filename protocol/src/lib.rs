@@ -80,6 +80,9 @@ const CLIENT_TYPES: &[&str] = &[
     "edit",
     "delete",
     "mute",
+    "react",
+    "get_presence",
+    "set_privacy",
 ];
 
 impl Subprotocol {
@@ -182,6 +185,10 @@ mod tests {
             ClientMsg::Edit { conversation_id: 5, seq: 3, body: "fixed ✓".into() },
             ClientMsg::Delete { conversation_id: 5, seq: 3 },
             ClientMsg::Mute { conversation_id: 5, muted: true },
+            ClientMsg::React { conversation_id: 5, seq: 3, emoji: "👍🏽".into() },
+            ClientMsg::React { conversation_id: 5, seq: 3, emoji: String::new() },
+            ClientMsg::GetPresence { user_ids: vec![1, u64::MAX] },
+            ClientMsg::SetPrivacy { hide_last_seen: true },
         ];
         msgs.into_iter().enumerate().map(|(i, body)| ClientFrame { id: i as u64, body }).collect()
     }
@@ -199,7 +206,13 @@ mod tests {
             role: Some(Role::Admin),
             target_seq: None,
             edited_ms: None,
+            reactions: vec![],
+            my_reaction: None,
         };
+        let reactions = vec![
+            ReactionCount { emoji: "❤️".into(), count: 3 },
+            ReactionCount { emoji: "👍".into(), count: 1 },
+        ];
         let msgs = vec![
             ServerMsg::Welcome { user_id: 1, connection_id: 2, server_time_ms: 3, max_frame_bytes: 65536 },
             ServerMsg::Ack { conversation_id: 1, client_msg_id: "c".into(), seq: 2, ts_ms: 3 },
@@ -211,6 +224,14 @@ mod tests {
                     edited_ms: Some(1_700_000_000_001),
                     target_user_id: None,
                     role: None,
+                    ..m.clone()
+                },
+            },
+            ServerMsg::Message {
+                message: Message {
+                    kind: MessageKind::Text,
+                    reactions: reactions.clone(),
+                    my_reaction: Some("👍".into()),
                     ..m.clone()
                 },
             },
@@ -257,6 +278,21 @@ mod tests {
                     MemberPositions { user_id: 6, delivered_seq: 9, read_seq: 7 },
                     MemberPositions { user_id: 7, delivered_seq: 0, read_seq: 0 },
                 ],
+            },
+            ServerMsg::Presence { presence: PresenceInfo { user_id: 6, online: true, last_seen_ms: None } },
+            ServerMsg::PresenceList {
+                users: vec![
+                    PresenceInfo { user_id: 6, online: false, last_seen_ms: Some(1_700_000_000_000) },
+                    PresenceInfo { user_id: 7, online: false, last_seen_ms: None },
+                ],
+            },
+            ServerMsg::Reaction { conversation_id: 5, seq: 3, user_id: 6, emoji: "👍".into(), reactions },
+            ServerMsg::Reaction {
+                conversation_id: 5,
+                seq: 3,
+                user_id: 6,
+                emoji: String::new(),
+                reactions: vec![],
             },
         ];
         msgs.into_iter().enumerate().map(|(i, body)| ServerFrame { id: i as u64, body }).collect()

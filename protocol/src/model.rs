@@ -240,6 +240,24 @@ pub enum ClientMsg {
         conversation_id: ConversationId,
         typing: bool,
     },
+    /// Sets my reaction to message `seq`, replacing any earlier one of mine;
+    /// `emoji: ""` removes it.
+    React {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        seq: Seq,
+        #[serde(default)]
+        emoji: String,
+    },
+    /// The current presence of up to 100 users.
+    GetPresence {
+        #[serde(with = "id_str::vec")]
+        user_ids: Vec<UserId>,
+    },
+    /// Hides (`true`) or shows my `last_seen` time to everyone.
+    SetPrivacy {
+        hide_last_seen: bool,
+    },
 }
 
 /// A stored message (or membership event) as clients see it.
@@ -267,6 +285,30 @@ pub struct Message {
     /// On an edited message (in history and replays): when it was last edited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edited_ms: Option<u64>,
+    /// In history and replays: the reactions to this message, most used first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<ReactionCount>,
+    /// In history and replays: the reader's own reaction to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub my_reaction: Option<String>,
+}
+
+/// How many members reacted to a message with one emoji.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactionCount {
+    pub emoji: String,
+    pub count: u32,
+}
+
+/// One user's presence. `last_seen_ms` is absent while online, and always when
+/// the user hides it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceInfo {
+    #[serde(with = "id_str")]
+    pub user_id: UserId,
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -405,6 +447,26 @@ pub enum ServerMsg {
         #[serde(with = "id_str")]
         conversation_id: ConversationId,
         members: Vec<MemberPositions>,
+    },
+    /// A user who shares a conversation with you came online or went offline.
+    Presence {
+        presence: PresenceInfo,
+    },
+    /// The answer to `get_presence`, in the order asked.
+    PresenceList {
+        users: Vec<PresenceInfo>,
+    },
+    /// `user_id` set (`emoji` non-empty) or removed its reaction to message `seq`;
+    /// `reactions` are the message's new totals.
+    Reaction {
+        #[serde(with = "id_str")]
+        conversation_id: ConversationId,
+        seq: Seq,
+        #[serde(with = "id_str")]
+        user_id: UserId,
+        #[serde(default)]
+        emoji: String,
+        reactions: Vec<ReactionCount>,
     },
 }
 

@@ -23,6 +23,15 @@ pub fn message_key(conv: u64, bucket: u32, seq: u64) -> [u8; 20] {
     k
 }
 
+/// `(conversation, seq, user)`: a reaction row, clustered by message then user.
+pub fn reaction_key(conv: u64, seq: u64, user: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&conv.to_be_bytes());
+    k[8..16].copy_from_slice(&seq.to_be_bytes());
+    k[16..].copy_from_slice(&user.to_be_bytes());
+    k
+}
+
 pub fn bucket_key(conv: u64, bucket: u32) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&conv.to_be_bytes());
@@ -173,6 +182,8 @@ pub fn decode_message(conv: u64, seq: u64, b: &[u8]) -> Result<Message, StorageE
         role,
         target_seq,
         edited_ms,
+        reactions: Vec::new(),
+        my_reaction: None,
     })
 }
 
@@ -194,6 +205,8 @@ mod tests {
             role: None,
             target_seq: None,
             edited_ms: None,
+            reactions: Vec::new(),
+            my_reaction: None,
         };
         assert_eq!(decode_message(5, 9, &encode_message(&m)).unwrap(), m);
         m.edited_ms = Some(456);

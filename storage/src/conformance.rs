@@ -17,6 +17,8 @@ pub fn run_all(open: Open<'_>) {
     idempotency_keys(open);
     member_positions(open);
     mutes(open);
+    reactions(open);
+    presence(open);
     survives_restart(open);
 }
 
@@ -33,6 +35,8 @@ fn msg(conv: ConversationId, seq: Seq, ts_ms: u64, sender: UserId) -> Message {
         role: None,
         target_seq: None,
         edited_ms: None,
+        reactions: Vec::new(),
+        my_reaction: None,
     }
 }
 
@@ -184,6 +188,54 @@ pub fn mutes(open: Open<'_>) {
     assert!(!s.muted(4202, 5).unwrap(), "per conversation");
     s.commit(&[Mutation::SetMuted { conversation: 4201, user: 5, muted: false }]).unwrap();
     assert!(!s.muted(4201, 5).unwrap());
+}
+
+pub fn reactions(open: Open<'_>) {
+    let s = open();
+    let c = 4301;
+    append(&*s, c, 5, 5);
+    let react =
+        |seq, user, emoji: &str| Mutation::PutReaction { conversation: c, seq, user, emoji: emoji.into() };
+    s.commit(&[react(2, 7, "👍"), react(2, 5, "❤️"), react(4, 5, "👍"), react(2, 6, "👍")]).unwrap();
+    s.commit(&[react(4, 5, "😂")]).unwrap();
+    assert_eq!(
+        s.reactions(c, 1, 5).unwrap(),
+        vec![(2, 5, "❤️".into()), (2, 6, "👍".into()), (2, 7, "👍".into()), (4, 5, "😂".into())],
+        "by seq then user; one per user and message, the later write wins"
+    );
+    assert_eq!(s.reactions(c, 3, 5).unwrap(), vec![(4, 5, "😂".into())], "range bounds hold");
+    s.commit(&[react(2, 6, "")]).unwrap();
+    assert_eq!(s.reactions(c, 2, 2).unwrap().len(), 2, "an empty emoji removes");
+    assert!(s.reactions(c + 1, 0, u64::MAX).unwrap().is_empty(), "per conversation");
+
+    let mut p = page(&*s, c, Anchor::Latest, 10).unwrap();
+    add_reactions(&*s, c, 5, &mut p.messages).unwrap();
+    let two = p.messages.iter().find(|m| m.seq == 2).unwrap();
+    assert_eq!(
+        two.reactions,
+        vec![
+            protocol::ReactionCount { emoji: "❤️".into(), count: 1 },
+            protocol::ReactionCount { emoji: "👍".into(), count: 1 }
+        ]
+    );
+    assert_eq!(two.my_reaction.as_deref(), Some("❤️"));
+    let one = p.messages.iter().find(|m| m.seq == 1).unwrap();
+    assert!(one.reactions.is_empty() && one.my_reaction.is_none());
+}
+
+pub fn presence(open: Open<'_>) {
+    let s = open();
+    assert_eq!(s.presence(4401).unwrap(), PresenceRecord::default(), "never seen, not hidden");
+    s.commit(&[
+        Mutation::PutLastSeen { user: 4401, ms: 10 },
+        Mutation::SetHideLastSeen { user: 4402, hide: true },
+    ])
+    .unwrap();
+    s.commit(&[Mutation::PutLastSeen { user: 4401, ms: 20 }]).unwrap();
+    assert_eq!(s.presence(4401).unwrap(), PresenceRecord { last_seen_ms: Some(20), hide_last_seen: false });
+    assert_eq!(s.presence(4402).unwrap(), PresenceRecord { last_seen_ms: None, hide_last_seen: true });
+    s.commit(&[Mutation::SetHideLastSeen { user: 4402, hide: false }]).unwrap();
+    assert!(!s.presence(4402).unwrap().hide_last_seen);
 }
 
 pub fn survives_restart(open: Open<'_>) {

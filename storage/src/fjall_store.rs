@@ -27,6 +27,8 @@ pub struct FjallStore {
     idem: Keyspace,
     positions: Keyspace,
     mutes: Keyspace,
+    reactions: Keyspace,
+    presence: Keyspace,
     /// Serialises username uniqueness checks (registration is rare; fjall has no CAS).
     register: Mutex<()>,
 }
@@ -59,6 +61,8 @@ impl FjallStore {
             idem: ks("idempotency")?,
             positions: ks("positions")?,
             mutes: ks("mutes")?,
+            reactions: ks("reactions")?,
+            presence: ks("presence")?,
             register: Mutex::new(()),
             db,
         })
@@ -78,6 +82,10 @@ impl FjallStore {
         }
     }
 }
+
+/// Column tags of the `presence` keyspace (`user | tag`).
+const PRESENCE_LAST_SEEN: u64 = 0;
+const PRESENCE_HIDE: u64 = 1;
 
 fn encode_positions(p: &Positions) -> Vec<u8> {
     let mut v = Vec::with_capacity(16);
@@ -141,6 +149,25 @@ impl Store for FjallStore {
                     key2(*conversation, *user).to_vec(),
                     encode_positions(positions),
                 ),
+                Mutation::PutReaction { conversation, seq, user, emoji } => {
+                    let k = codec::reaction_key(*conversation, *seq, *user).to_vec();
+                    if emoji.is_empty() {
+                        b.remove(&self.reactions, k)
+                    } else {
+                        b.insert(&self.reactions, k, emoji.as_bytes().to_vec())
+                    }
+                }
+                Mutation::PutLastSeen { user, ms } => b.insert(
+                    &self.presence,
+                    key2(*user, PRESENCE_LAST_SEEN).to_vec(),
+                    ms.to_be_bytes().to_vec(),
+                ),
+                Mutation::SetHideLastSeen { user, hide: true } => {
+                    b.insert(&self.presence, key2(*user, PRESENCE_HIDE).to_vec(), Vec::new())
+                }
+                Mutation::SetHideLastSeen { user, hide: false } => {
+                    b.remove(&self.presence, key2(*user, PRESENCE_HIDE).to_vec())
+                }
                 Mutation::PutDirect { a, b: other, conversation } => {
                     let (x, y) = pair(*a, *other);
                     b.insert(&self.direct, key2(x, y).to_vec(), conversation.to_be_bytes().to_vec());
@@ -210,6 +237,32 @@ impl Store for FjallStore {
                 Ok((u64_at(&k, 8)?, decode_positions(&v)?))
             })
             .collect()
+    }
+
+    fn reactions(&self, conv: ConversationId, lo: Seq, hi: Seq) -> Result<Vec<(Seq, UserId, String)>> {
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let range = codec::reaction_key(conv, lo, 0)..=codec::reaction_key(conv, hi, u64::MAX);
+        self.reactions
+            .range(range)
+            .map(|kv| {
+                let (k, v) = kv.into_inner().map_err(io("scanning reactions"))?;
+                let emoji = String::from_utf8(v.to_vec()).map_err(|_| corrupt("emoji not utf-8"))?;
+                Ok((u64_at(&k, 8)?, u64_at(&k, 16)?, emoji))
+            })
+            .collect()
+    }
+
+    fn presence(&self, user: UserId) -> Result<crate::PresenceRecord> {
+        let last_seen_ms =
+            match self.presence.get(key2(user, PRESENCE_LAST_SEEN)).map_err(io("reading presence"))? {
+                Some(v) => Some(u64_at(&v, 0)?),
+                None => None,
+            };
+        let hide_last_seen =
+            self.presence.contains_key(key2(user, PRESENCE_HIDE)).map_err(io("reading presence"))?;
+        Ok(crate::PresenceRecord { last_seen_ms, hide_last_seen })
     }
 
     fn member_role(&self, id: ConversationId, user: UserId) -> Result<Option<Role>> {

@@ -121,6 +121,33 @@ pub enum Mutation {
         user: UserId,
         positions: Positions,
     },
+    /// Sets `user`'s reaction to message `seq` (one per user and message); an empty
+    /// `emoji` removes it.
+    PutReaction {
+        conversation: ConversationId,
+        seq: Seq,
+        user: UserId,
+        emoji: String,
+    },
+    /// When `user`'s last device disconnected.
+    PutLastSeen {
+        user: UserId,
+        ms: u64,
+    },
+    /// Whether `user` hides their last-seen time.
+    SetHideLastSeen {
+        user: UserId,
+        hide: bool,
+    },
+}
+
+/// What is stored about a user's presence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PresenceRecord {
+    /// When the user's last device disconnected (absent: never seen).
+    pub last_seen_ms: Option<u64>,
+    /// The user hides `last_seen` from everyone.
+    pub hide_last_seen: bool,
 }
 
 /// Read direction within a conversation.
@@ -213,6 +240,11 @@ pub trait Store: Send + Sync + 'static {
     fn positions(&self, conv: ConversationId, user: UserId) -> Result<Positions>;
     /// Every stored member position of a conversation, by user id.
     fn all_positions(&self, conv: ConversationId) -> Result<Vec<(UserId, Positions)>>;
+
+    /// Reactions to messages `lo..=hi` as `(seq, user, emoji)`, by seq then user.
+    fn reactions(&self, conv: ConversationId, lo: Seq, hi: Seq) -> Result<Vec<(Seq, UserId, String)>>;
+    /// A user's last-seen time and privacy setting.
+    fn presence(&self, user: UserId) -> Result<PresenceRecord>;
 
     /// The conversation's buckets, oldest first.
     fn buckets(&self, conv: ConversationId) -> Result<Vec<BucketRef>>;
@@ -315,6 +347,45 @@ pub fn page(store: &dyn Store, conv: ConversationId, anchor: Anchor, limit: usiz
     let has_more = out.len() > limit;
     out.truncate(limit);
     Ok(Page { messages: out, has_more })
+}
+
+/// A message's reaction totals, most used first (ties by emoji), from `(user, emoji)` pairs.
+pub fn reaction_counts<'a>(of: impl IntoIterator<Item = &'a str>) -> Vec<protocol::ReactionCount> {
+    let mut counts: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+    for e in of {
+        *counts.entry(e).or_default() += 1;
+    }
+    let mut v: Vec<_> = counts
+        .into_iter()
+        .map(|(emoji, count)| protocol::ReactionCount { emoji: emoji.into(), count })
+        .collect();
+    v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.emoji.cmp(&b.emoji)));
+    v
+}
+
+/// Fills in `reactions` and `viewer`'s `my_reaction` on `messages` (all of one
+/// conversation). Cost: one range read over the messages' positions.
+pub fn add_reactions(
+    store: &dyn Store,
+    conv: ConversationId,
+    viewer: UserId,
+    messages: &mut [Message],
+) -> Result<()> {
+    let (Some(lo), Some(hi)) = (messages.iter().map(|m| m.seq).min(), messages.iter().map(|m| m.seq).max())
+    else {
+        return Ok(());
+    };
+    let all = store.reactions(conv, lo, hi)?;
+    if all.is_empty() {
+        return Ok(());
+    }
+    for m in messages.iter_mut().filter(|m| m.kind == MessageKind::Text) {
+        let start = all.partition_point(|r| r.0 < m.seq);
+        let mine = all[start..].iter().take_while(|r| r.0 == m.seq);
+        m.reactions = reaction_counts(mine.clone().map(|r| r.2.as_str()));
+        m.my_reaction = mine.clone().find(|r| r.1 == viewer).map(|r| r.2.clone());
+    }
+    Ok(())
 }
 
 /// Reads the single message at `seq`, if stored.

@@ -297,10 +297,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for MessageKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CLIENT_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CLIENT_BODY: u8 = 19;
+pub const ENUM_MAX_CLIENT_BODY: u8 = 22;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 20] = [
+pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 23] = [
   ClientBody::NONE,
   ClientBody::SyncReq,
   ClientBody::SendReq,
@@ -321,6 +321,9 @@ pub const ENUM_VALUES_CLIENT_BODY: [ClientBody; 20] = [
   ClientBody::EditReq,
   ClientBody::DeleteReq,
   ClientBody::MuteReq,
+  ClientBody::ReactReq,
+  ClientBody::GetPresenceReq,
+  ClientBody::SetPrivacyReq,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -348,9 +351,12 @@ impl ClientBody {
   pub const EditReq: Self = Self(17);
   pub const DeleteReq: Self = Self(18);
   pub const MuteReq: Self = Self(19);
+  pub const ReactReq: Self = Self(20);
+  pub const GetPresenceReq: Self = Self(21);
+  pub const SetPrivacyReq: Self = Self(22);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 19;
+  pub const ENUM_MAX: u8 = 22;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::SyncReq,
@@ -372,6 +378,9 @@ impl ClientBody {
     Self::EditReq,
     Self::DeleteReq,
     Self::MuteReq,
+    Self::ReactReq,
+    Self::GetPresenceReq,
+    Self::SetPrivacyReq,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -396,6 +405,9 @@ impl ClientBody {
       Self::EditReq => Some("EditReq"),
       Self::DeleteReq => Some("DeleteReq"),
       Self::MuteReq => Some("MuteReq"),
+      Self::ReactReq => Some("ReactReq"),
+      Self::GetPresenceReq => Some("GetPresenceReq"),
+      Self::SetPrivacyReq => Some("SetPrivacyReq"),
       _ => None,
     }
   }
@@ -455,10 +467,10 @@ pub struct ClientBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_SERVER_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_SERVER_BODY: u8 = 13;
+pub const ENUM_MAX_SERVER_BODY: u8 = 16;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 14] = [
+pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 17] = [
   ServerBody::NONE,
   ServerBody::Welcome,
   ServerBody::Ack,
@@ -473,6 +485,9 @@ pub const ENUM_VALUES_SERVER_BODY: [ServerBody; 14] = [
   ServerBody::Typing,
   ServerBody::Receipt,
   ServerBody::Receipts,
+  ServerBody::Presence,
+  ServerBody::PresenceList,
+  ServerBody::Reaction,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -494,9 +509,12 @@ impl ServerBody {
   pub const Typing: Self = Self(11);
   pub const Receipt: Self = Self(12);
   pub const Receipts: Self = Self(13);
+  pub const Presence: Self = Self(14);
+  pub const PresenceList: Self = Self(15);
+  pub const Reaction: Self = Self(16);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 13;
+  pub const ENUM_MAX: u8 = 16;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Welcome,
@@ -512,6 +530,9 @@ impl ServerBody {
     Self::Typing,
     Self::Receipt,
     Self::Receipts,
+    Self::Presence,
+    Self::PresenceList,
+    Self::Reaction,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -530,6 +551,9 @@ impl ServerBody {
       Self::Typing => Some("Typing"),
       Self::Receipt => Some("Receipt"),
       Self::Receipts => Some("Receipts"),
+      Self::Presence => Some("Presence"),
+      Self::PresenceList => Some("PresenceList"),
+      Self::Reaction => Some("Reaction"),
       _ => None,
     }
   }
@@ -2811,6 +2835,328 @@ impl ::core::fmt::Debug for MuteReq<'_> {
       ds.finish()
   }
 }
+pub enum ReactReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ReactReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReactReq<'a> {
+  type Inner = ReactReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReactReq<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+  pub const VT_EMOJI: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReactReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReactReqArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReactReq<'bldr>> {
+    let mut builder = ReactReqBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    builder.add_conversation_id(args.conversation_id);
+    if let Some(x) = args.emoji { builder.add_emoji(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReactReq::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReactReq::VT_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn emoji(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ReactReq::VT_EMOJI, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReactReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("emoji", Self::VT_EMOJI, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReactReqArgs<'a> {
+    pub conversation_id: u64,
+    pub seq: u64,
+    pub emoji: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for ReactReqArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReactReqArgs {
+      conversation_id: 0,
+      seq: 0,
+      emoji: None,
+    }
+  }
+}
+
+pub struct ReactReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReactReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(ReactReq::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(ReactReq::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn add_emoji(&mut self, emoji: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReactReq::VT_EMOJI, emoji);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReactReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReactReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReactReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReactReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReactReq");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("seq", &self.seq());
+      ds.field("emoji", &self.emoji());
+      ds.finish()
+  }
+}
+pub enum GetPresenceReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GetPresenceReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GetPresenceReq<'a> {
+  type Inner = GetPresenceReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GetPresenceReq<'a> {
+  pub const VT_USER_IDS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GetPresenceReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GetPresenceReqArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GetPresenceReq<'bldr>> {
+    let mut builder = GetPresenceReqBuilder::new(_fbb);
+    if let Some(x) = args.user_ids { builder.add_user_ids(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn user_ids(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(GetPresenceReq::VT_USER_IDS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GetPresenceReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("user_ids", Self::VT_USER_IDS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GetPresenceReqArgs<'a> {
+    pub user_ids: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+}
+impl<'a> Default for GetPresenceReqArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GetPresenceReqArgs {
+      user_ids: None,
+    }
+  }
+}
+
+pub struct GetPresenceReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GetPresenceReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_user_ids(&mut self, user_ids: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GetPresenceReq::VT_USER_IDS, user_ids);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GetPresenceReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GetPresenceReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GetPresenceReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GetPresenceReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GetPresenceReq");
+      ds.field("user_ids", &self.user_ids());
+      ds.finish()
+  }
+}
+pub enum SetPrivacyReqOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SetPrivacyReq<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SetPrivacyReq<'a> {
+  type Inner = SetPrivacyReq<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SetPrivacyReq<'a> {
+  pub const VT_HIDE_LAST_SEEN: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SetPrivacyReq { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SetPrivacyReqArgs
+  ) -> ::flatbuffers::WIPOffset<SetPrivacyReq<'bldr>> {
+    let mut builder = SetPrivacyReqBuilder::new(_fbb);
+    builder.add_hide_last_seen(args.hide_last_seen);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn hide_last_seen(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SetPrivacyReq::VT_HIDE_LAST_SEEN, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SetPrivacyReq<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<bool>("hide_last_seen", Self::VT_HIDE_LAST_SEEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SetPrivacyReqArgs {
+    pub hide_last_seen: bool,
+}
+impl<'a> Default for SetPrivacyReqArgs {
+  #[inline]
+  fn default() -> Self {
+    SetPrivacyReqArgs {
+      hide_last_seen: false,
+    }
+  }
+}
+
+pub struct SetPrivacyReqBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SetPrivacyReqBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_hide_last_seen(&mut self, hide_last_seen: bool) {
+    self.fbb_.push_slot::<bool>(SetPrivacyReq::VT_HIDE_LAST_SEEN, hide_last_seen, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SetPrivacyReqBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SetPrivacyReqBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SetPrivacyReq<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SetPrivacyReq<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SetPrivacyReq");
+      ds.field("hide_last_seen", &self.hide_last_seen());
+      ds.finish()
+  }
+}
 pub enum ClientFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3154,6 +3500,51 @@ impl<'a> ClientFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_react_req(&self) -> Option<ReactReq<'a>> {
+    if self.body_type() == ClientBody::ReactReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ReactReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_get_presence_req(&self) -> Option<GetPresenceReq<'a>> {
+    if self.body_type() == ClientBody::GetPresenceReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GetPresenceReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_set_privacy_req(&self) -> Option<SetPrivacyReq<'a>> {
+    if self.body_type() == ClientBody::SetPrivacyReq {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SetPrivacyReq::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ClientFrame<'_> {
@@ -3184,6 +3575,9 @@ impl ::flatbuffers::Verifiable for ClientFrame<'_> {
           ClientBody::EditReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<EditReq>>("ClientBody::EditReq", pos),
           ClientBody::DeleteReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteReq>>("ClientBody::DeleteReq", pos),
           ClientBody::MuteReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MuteReq>>("ClientBody::MuteReq", pos),
+          ClientBody::ReactReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReactReq>>("ClientBody::ReactReq", pos),
+          ClientBody::GetPresenceReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetPresenceReq>>("ClientBody::GetPresenceReq", pos),
+          ClientBody::SetPrivacyReq => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SetPrivacyReq>>("ClientBody::SetPrivacyReq", pos),
           _ => Ok(()),
         }
      })?
@@ -3373,6 +3767,27 @@ impl ::core::fmt::Debug for ClientFrame<'_> {
         },
         ClientBody::MuteReq => {
           if let Some(x) = self.body_as_mute_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::ReactReq => {
+          if let Some(x) = self.body_as_react_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::GetPresenceReq => {
+          if let Some(x) = self.body_as_get_presence_req() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ClientBody::SetPrivacyReq => {
+          if let Some(x) = self.body_as_set_privacy_req() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3707,6 +4122,8 @@ impl<'a> Message<'a> {
   pub const VT_ROLE: ::flatbuffers::VOffsetT = 20;
   pub const VT_TARGET_SEQ: ::flatbuffers::VOffsetT = 22;
   pub const VT_EDITED_MS: ::flatbuffers::VOffsetT = 24;
+  pub const VT_REACTIONS: ::flatbuffers::VOffsetT = 26;
+  pub const VT_MY_REACTION: ::flatbuffers::VOffsetT = 28;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3725,6 +4142,8 @@ impl<'a> Message<'a> {
     builder.add_ts_ms(args.ts_ms);
     builder.add_seq(args.seq);
     builder.add_conversation_id(args.conversation_id);
+    if let Some(x) = args.my_reaction { builder.add_my_reaction(x); }
+    if let Some(x) = args.reactions { builder.add_reactions(x); }
     if let Some(x) = args.body { builder.add_body(x); }
     if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
     if let Some(x) = args.role { builder.add_role(x); }
@@ -3810,6 +4229,20 @@ impl<'a> Message<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Message::VT_EDITED_MS, None)}
   }
+  #[inline]
+  pub fn reactions(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReactionCount<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReactionCount>>>>(Message::VT_REACTIONS, None)}
+  }
+  #[inline]
+  pub fn my_reaction(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Message::VT_MY_REACTION, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Message<'_> {
@@ -3829,6 +4262,8 @@ impl ::flatbuffers::Verifiable for Message<'_> {
      .visit_field::<Role>("role", Self::VT_ROLE, false)?
      .visit_field::<u64>("target_seq", Self::VT_TARGET_SEQ, false)?
      .visit_field::<u64>("edited_ms", Self::VT_EDITED_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ReactionCount>>>>("reactions", Self::VT_REACTIONS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("my_reaction", Self::VT_MY_REACTION, false)?
      .finish();
     Ok(())
   }
@@ -3845,6 +4280,8 @@ pub struct MessageArgs<'a> {
     pub role: Option<Role>,
     pub target_seq: Option<u64>,
     pub edited_ms: Option<u64>,
+    pub reactions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReactionCount<'a>>>>>,
+    pub my_reaction: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for MessageArgs<'a> {
   #[inline]
@@ -3861,6 +4298,8 @@ impl<'a> Default for MessageArgs<'a> {
       role: None,
       target_seq: None,
       edited_ms: None,
+      reactions: None,
+      my_reaction: None,
     }
   }
 }
@@ -3915,6 +4354,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MessageBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<u64>(Message::VT_EDITED_MS, edited_ms);
   }
   #[inline]
+  pub fn add_reactions(&mut self, reactions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ReactionCount<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Message::VT_REACTIONS, reactions);
+  }
+  #[inline]
+  pub fn add_my_reaction(&mut self, my_reaction: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Message::VT_MY_REACTION, my_reaction);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MessageBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     MessageBuilder {
@@ -3943,6 +4390,121 @@ impl ::core::fmt::Debug for Message<'_> {
       ds.field("role", &self.role());
       ds.field("target_seq", &self.target_seq());
       ds.field("edited_ms", &self.edited_ms());
+      ds.field("reactions", &self.reactions());
+      ds.field("my_reaction", &self.my_reaction());
+      ds.finish()
+  }
+}
+pub enum ReactionCountOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ReactionCount<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReactionCount<'a> {
+  type Inner = ReactionCount<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReactionCount<'a> {
+  pub const VT_EMOJI: ::flatbuffers::VOffsetT = 4;
+  pub const VT_COUNT: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReactionCount { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReactionCountArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReactionCount<'bldr>> {
+    let mut builder = ReactionCountBuilder::new(_fbb);
+    builder.add_count(args.count);
+    if let Some(x) = args.emoji { builder.add_emoji(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn emoji(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ReactionCount::VT_EMOJI, None)}
+  }
+  #[inline]
+  pub fn count(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReactionCount::VT_COUNT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReactionCount<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("emoji", Self::VT_EMOJI, false)?
+     .visit_field::<u32>("count", Self::VT_COUNT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReactionCountArgs<'a> {
+    pub emoji: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub count: u32,
+}
+impl<'a> Default for ReactionCountArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReactionCountArgs {
+      emoji: None,
+      count: 0,
+    }
+  }
+}
+
+pub struct ReactionCountBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReactionCountBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_emoji(&mut self, emoji: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReactionCount::VT_EMOJI, emoji);
+  }
+  #[inline]
+  pub fn add_count(&mut self, count: u32) {
+    self.fbb_.push_slot::<u32>(ReactionCount::VT_COUNT, count, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReactionCountBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReactionCountBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReactionCount<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReactionCount<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReactionCount");
+      ds.field("emoji", &self.emoji());
+      ds.field("count", &self.count());
       ds.finish()
   }
 }
@@ -5685,6 +6247,492 @@ impl ::core::fmt::Debug for Receipts<'_> {
       ds.finish()
   }
 }
+pub enum PresenceInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct PresenceInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PresenceInfo<'a> {
+  type Inner = PresenceInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PresenceInfo<'a> {
+  pub const VT_USER_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ONLINE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_LAST_SEEN_MS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PresenceInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PresenceInfoArgs
+  ) -> ::flatbuffers::WIPOffset<PresenceInfo<'bldr>> {
+    let mut builder = PresenceInfoBuilder::new(_fbb);
+    if let Some(x) = args.last_seen_ms { builder.add_last_seen_ms(x); }
+    builder.add_user_id(args.user_id);
+    builder.add_online(args.online);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn user_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PresenceInfo::VT_USER_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn online(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(PresenceInfo::VT_ONLINE, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn last_seen_ms(&self) -> Option<u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PresenceInfo::VT_LAST_SEEN_MS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PresenceInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("user_id", Self::VT_USER_ID, false)?
+     .visit_field::<bool>("online", Self::VT_ONLINE, false)?
+     .visit_field::<u64>("last_seen_ms", Self::VT_LAST_SEEN_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceInfoArgs {
+    pub user_id: u64,
+    pub online: bool,
+    pub last_seen_ms: Option<u64>,
+}
+impl<'a> Default for PresenceInfoArgs {
+  #[inline]
+  fn default() -> Self {
+    PresenceInfoArgs {
+      user_id: 0,
+      online: false,
+      last_seen_ms: None,
+    }
+  }
+}
+
+pub struct PresenceInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PresenceInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_user_id(&mut self, user_id: u64) {
+    self.fbb_.push_slot::<u64>(PresenceInfo::VT_USER_ID, user_id, 0);
+  }
+  #[inline]
+  pub fn add_online(&mut self, online: bool) {
+    self.fbb_.push_slot::<bool>(PresenceInfo::VT_ONLINE, online, false);
+  }
+  #[inline]
+  pub fn add_last_seen_ms(&mut self, last_seen_ms: u64) {
+    self.fbb_.push_slot_always::<u64>(PresenceInfo::VT_LAST_SEEN_MS, last_seen_ms);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PresenceInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PresenceInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PresenceInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PresenceInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PresenceInfo");
+      ds.field("user_id", &self.user_id());
+      ds.field("online", &self.online());
+      ds.field("last_seen_ms", &self.last_seen_ms());
+      ds.finish()
+  }
+}
+pub enum PresenceOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Presence<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Presence<'a> {
+  type Inner = Presence<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Presence<'a> {
+  pub const VT_PRESENCE: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Presence { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PresenceArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Presence<'bldr>> {
+    let mut builder = PresenceBuilder::new(_fbb);
+    if let Some(x) = args.presence { builder.add_presence(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn presence(&self) -> Option<PresenceInfo<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<PresenceInfo>>(Presence::VT_PRESENCE, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Presence<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<PresenceInfo>>("presence", Self::VT_PRESENCE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceArgs<'a> {
+    pub presence: Option<::flatbuffers::WIPOffset<PresenceInfo<'a>>>,
+}
+impl<'a> Default for PresenceArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PresenceArgs {
+      presence: None,
+    }
+  }
+}
+
+pub struct PresenceBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PresenceBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_presence(&mut self, presence: ::flatbuffers::WIPOffset<PresenceInfo<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<PresenceInfo>>(Presence::VT_PRESENCE, presence);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PresenceBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PresenceBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Presence<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Presence<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Presence");
+      ds.field("presence", &self.presence());
+      ds.finish()
+  }
+}
+pub enum PresenceListOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct PresenceList<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PresenceList<'a> {
+  type Inner = PresenceList<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PresenceList<'a> {
+  pub const VT_USERS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PresenceList { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PresenceListArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PresenceList<'bldr>> {
+    let mut builder = PresenceListBuilder::new(_fbb);
+    if let Some(x) = args.users { builder.add_users(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn users(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PresenceInfo<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PresenceInfo>>>>(PresenceList::VT_USERS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PresenceList<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<PresenceInfo>>>>("users", Self::VT_USERS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceListArgs<'a> {
+    pub users: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PresenceInfo<'a>>>>>,
+}
+impl<'a> Default for PresenceListArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PresenceListArgs {
+      users: None,
+    }
+  }
+}
+
+pub struct PresenceListBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PresenceListBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_users(&mut self, users: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<PresenceInfo<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceList::VT_USERS, users);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PresenceListBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PresenceListBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PresenceList<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PresenceList<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PresenceList");
+      ds.field("users", &self.users());
+      ds.finish()
+  }
+}
+pub enum ReactionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Reaction<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Reaction<'a> {
+  type Inner = Reaction<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Reaction<'a> {
+  pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+  pub const VT_USER_ID: ::flatbuffers::VOffsetT = 8;
+  pub const VT_EMOJI: ::flatbuffers::VOffsetT = 10;
+  pub const VT_REACTIONS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Reaction { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReactionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Reaction<'bldr>> {
+    let mut builder = ReactionBuilder::new(_fbb);
+    builder.add_user_id(args.user_id);
+    builder.add_seq(args.seq);
+    builder.add_conversation_id(args.conversation_id);
+    if let Some(x) = args.reactions { builder.add_reactions(x); }
+    if let Some(x) = args.emoji { builder.add_emoji(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Reaction::VT_CONVERSATION_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Reaction::VT_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn user_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Reaction::VT_USER_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn emoji(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Reaction::VT_EMOJI, None)}
+  }
+  #[inline]
+  pub fn reactions(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReactionCount<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReactionCount>>>>(Reaction::VT_REACTIONS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Reaction<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .visit_field::<u64>("user_id", Self::VT_USER_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("emoji", Self::VT_EMOJI, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ReactionCount>>>>("reactions", Self::VT_REACTIONS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReactionArgs<'a> {
+    pub conversation_id: u64,
+    pub seq: u64,
+    pub user_id: u64,
+    pub emoji: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub reactions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReactionCount<'a>>>>>,
+}
+impl<'a> Default for ReactionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReactionArgs {
+      conversation_id: 0,
+      seq: 0,
+      user_id: 0,
+      emoji: None,
+      reactions: None,
+    }
+  }
+}
+
+pub struct ReactionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReactionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation_id(&mut self, conversation_id: u64) {
+    self.fbb_.push_slot::<u64>(Reaction::VT_CONVERSATION_ID, conversation_id, 0);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(Reaction::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn add_user_id(&mut self, user_id: u64) {
+    self.fbb_.push_slot::<u64>(Reaction::VT_USER_ID, user_id, 0);
+  }
+  #[inline]
+  pub fn add_emoji(&mut self, emoji: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Reaction::VT_EMOJI, emoji);
+  }
+  #[inline]
+  pub fn add_reactions(&mut self, reactions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ReactionCount<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Reaction::VT_REACTIONS, reactions);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReactionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReactionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Reaction<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Reaction<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Reaction");
+      ds.field("conversation_id", &self.conversation_id());
+      ds.field("seq", &self.seq());
+      ds.field("user_id", &self.user_id());
+      ds.field("emoji", &self.emoji());
+      ds.field("reactions", &self.reactions());
+      ds.finish()
+  }
+}
 pub enum ServerFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -5938,6 +6986,51 @@ impl<'a> ServerFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_presence(&self) -> Option<Presence<'a>> {
+    if self.body_type() == ServerBody::Presence {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Presence::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_presence_list(&self) -> Option<PresenceList<'a>> {
+    if self.body_type() == ServerBody::PresenceList {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PresenceList::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_reaction(&self) -> Option<Reaction<'a>> {
+    if self.body_type() == ServerBody::Reaction {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Reaction::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ServerFrame<'_> {
@@ -5962,6 +7055,9 @@ impl ::flatbuffers::Verifiable for ServerFrame<'_> {
           ServerBody::Typing => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Typing>>("ServerBody::Typing", pos),
           ServerBody::Receipt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Receipt>>("ServerBody::Receipt", pos),
           ServerBody::Receipts => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Receipts>>("ServerBody::Receipts", pos),
+          ServerBody::Presence => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Presence>>("ServerBody::Presence", pos),
+          ServerBody::PresenceList => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PresenceList>>("ServerBody::PresenceList", pos),
+          ServerBody::Reaction => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Reaction>>("ServerBody::Reaction", pos),
           _ => Ok(()),
         }
      })?
@@ -6109,6 +7205,27 @@ impl ::core::fmt::Debug for ServerFrame<'_> {
         },
         ServerBody::Receipts => {
           if let Some(x) = self.body_as_receipts() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ServerBody::Presence => {
+          if let Some(x) = self.body_as_presence() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ServerBody::PresenceList => {
+          if let Some(x) = self.body_as_presence_list() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ServerBody::Reaction => {
+          if let Some(x) = self.body_as_reaction() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -151,17 +151,11 @@ fn failed_deliveries_are_retried_with_one_idempotency_key() {
     assert!(tries.iter().all(|t| t == &tries[0]), "the same notification, the same key: {tries:?}");
     assert_eq!(id(&tries[0].1["user_id"]), b);
     // The gateway counts the success once it has read the answer; wait for that.
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let (_, metrics) = http_raw(g.addr, "GET", "/metrics", &[], None);
-        if metrics.contains("switchboard_push_webhook_sent_total 1") {
-            assert!(metrics.contains("switchboard_push_webhook_retries_total 2"), "{metrics}");
-            assert!(metrics.contains("switchboard_push_webhook_failed_total 0"), "{metrics}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no success counted:\n{metrics}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let metrics = || http_raw(g.addr, "GET", "/metrics", &[], None).1;
+    eventually("the success to be counted", || metrics().contains("switchboard_push_webhook_sent_total 1"));
+    let m = metrics();
+    assert!(m.contains("switchboard_push_webhook_retries_total 2"), "{m}");
+    assert!(m.contains("switchboard_push_webhook_failed_total 0"), "{m}");
 }
 
 #[test]
@@ -177,11 +171,7 @@ fn the_default_log_backend_writes_one_line_per_notification() {
         alice.send_text(direct, &format!("x{i}"), "hello");
     }
     alice.wait_ack("x2");
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while !g.log().contains("push notification") {
-        assert!(std::time::Instant::now() < deadline, "no push line in the log:\n{}", g.log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    eventually("a push line in the log", || g.log().contains("push notification"));
     let log = g.log();
     let line = log.lines().find(|l| l.contains("push notification")).unwrap();
     assert!(line.contains(&format!("user={b}")) && line.contains("count=3"), "{line}");

@@ -346,6 +346,16 @@ pub fn conversation_id(m: &ServerMsg) -> u64 {
     }
 }
 
+/// Polls `check` until it holds, for state only visible from outside (a log file,
+/// a metric); fails after `TIMEOUT` with `what`.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn both() -> [Subprotocol; 2] {
     [Subprotocol::Json, Subprotocol::FlatBuffers]
 }

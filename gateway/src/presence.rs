@@ -230,9 +230,8 @@ impl Worker {
         let ev = Event::new(EventKind::Presence(PresenceInfo { user_id: u, online, last_seen_ms }));
         let mut delivery = self.registry.delivery();
         for c in contacts {
-            if self.registry.is_connected(c) {
-                delivery.deliver(c, &ev);
-            }
+            // Reaches only the mailboxes that exist: contacts who are connected.
+            delivery.deliver(c, &ev);
         }
     }
 

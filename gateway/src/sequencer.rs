@@ -188,7 +188,7 @@ struct ConvState {
     bucket: Option<u32>,
     /// Members' delivered and read positions (absent: zeros).
     positions: HashMap<UserId, Positions>,
-    /// Members' mute flags, read from the store on first need.
+    /// Members' mute flags, read from the store on first need after a commit.
     mutes: HashMap<UserId, bool>,
 }
 
@@ -426,8 +426,8 @@ impl Worker {
             }
             Command::Mute { actor, conversation, muted, reply } => {
                 let r = self.member(conversation, actor).map(|st| {
-                    st.mutes.insert(actor, muted);
-                    batch.touched.insert(conversation);
+                    // Read again after the commit: right whether or not the commit succeeds.
+                    st.mutes.remove(&actor);
                     batch.muts.push(Mutation::SetMuted { conversation, user: actor, muted });
                 });
                 batch.effects.push(Effect::Done(reply, r));

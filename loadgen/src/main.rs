@@ -6,6 +6,7 @@
 //!
 //! See README.md "Capacity tests" for a walkthrough.
 
+mod clock;
 mod coordinator;
 mod plan;
 mod provision;

@@ -106,6 +106,9 @@ pub struct WorkerResult {
     /// base64 HdrHistogram V2, microseconds.
     pub latency: String,
     pub ack_latency: String,
+    /// Scheduled send time to the moment the frame was written, microseconds.
+    #[serde(default)]
+    pub send_lag: String,
     /// Per second since `Go`: (sent, delivered).
     pub timeline: Vec<(u64, u64)>,
 }

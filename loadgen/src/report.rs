@@ -44,11 +44,15 @@ impl Summary {
         let mut c = Counters::default();
         let mut latency = histogram();
         let mut ack_latency = histogram();
+        let mut send_lag = histogram();
         let mut timeline: Vec<(u64, u64)> = Vec::new();
         for r in results {
             c.add(&r.counters);
             latency.add(decode_hist(&r.latency)?)?;
             ack_latency.add(decode_hist(&r.ack_latency)?)?;
+            if !r.send_lag.is_empty() {
+                send_lag.add(decode_hist(&r.send_lag)?)?;
+            }
             if timeline.len() < r.timeline.len() {
                 timeline.resize(r.timeline.len(), (0, 0));
             }
@@ -93,6 +97,7 @@ impl Summary {
             "delivered_per_s": (c.delivered as f64 / secs).round(),
             "latency_us": percentiles(&latency),
             "ack_latency_us": percentiles(&ack_latency),
+            "send_lag_us": percentiles(&send_lag),
             "gateway": {
                 "cpu_us_per_delivery": per(cpu.map(|v| v * 1e6), deliveries),
                 "cpu_us_per_message": per(cpu.map(|v| v * 1e6), stored),
@@ -120,7 +125,11 @@ pub fn print_table(s: &Summary) {
     println!("  out of order     {:>12}", j["out_of_order"]);
     println!();
     println!("  latency (ms)         p50       p95       p99     p99.9       max");
-    for (name, key) in [("  send→deliver   ", "latency_us"), ("  send→ack       ", "ack_latency_us")] {
+    for (name, key) in [
+        ("  send→deliver   ", "latency_us"),
+        ("  send→ack       ", "ack_latency_us"),
+        ("  send lag       ", "send_lag_us"),
+    ] {
         let p = &j[key];
         println!(
             "{name}{:>9} {:>9} {:>9} {:>9} {:>9}",

@@ -74,6 +74,9 @@ struct State {
     c: Counters,
     latency: Histogram<u64>,
     ack_latency: Histogram<u64>,
+    /// How late each send reached the socket after its scheduled time: loadgen's
+    /// own timing error, which every latency above includes.
+    send_lag: Histogram<u64>,
     convs: HashMap<u64, ConvTrack>,
     timeline: Vec<(u64, u64)>,
     start: Option<Instant>,
@@ -263,6 +266,7 @@ async fn work(
         c: Counters { connections: n as u64, ..Default::default() },
         latency: histogram(),
         ack_latency: histogram(),
+        send_lag: histogram(),
         convs: HashMap::new(),
         timeline: Vec::new(),
         start: None,
@@ -341,6 +345,7 @@ async fn work(
     let end = start + Duration::from_millis(a.duration_ms);
     state.borrow_mut().start = Some(start);
     let interval = if a.rate > 0.0 && senders > 0 { senders as f64 / a.rate } else { f64::INFINITY };
+    let timer = crate::clock::Timer::start().context("creating the send timer")?;
 
     // 4. Per connection: a reader, and (if in a conversation) an open-loop sender.
     let mut tasks = Vec::new();
@@ -412,6 +417,7 @@ async fn work(
         };
         let st = state.clone();
         let size = a.message_size;
+        let timer = timer.clone();
         tasks.push(tokio::task::spawn_local(async move {
             let phase = rand::random::<f64>() * interval;
             let mut k: u64 = 0;
@@ -422,7 +428,7 @@ async fn work(
                 if at >= end {
                     break;
                 }
-                tokio::time::sleep_until(at.into()).await;
+                timer.sleep_until(at).await;
                 let sched = start_unix_us + (offset * 1e6) as u64;
                 let mut body = format!("{sched}:{i}:{k}:");
                 if body.len() < size {
@@ -446,6 +452,7 @@ async fn work(
                 }
                 {
                     let mut s = st.borrow_mut();
+                    let _ = s.send_lag.record(now_us().saturating_sub(sched).max(1));
                     s.c.sent += 1;
                     if let Some(t) = s.tick() {
                         t.0 += 1;
@@ -490,6 +497,7 @@ async fn work(
             counters: s.c.clone(),
             latency: encode_hist(&s.latency),
             ack_latency: encode_hist(&s.ack_latency),
+            send_lag: encode_hist(&s.send_lag),
             timeline: s.timeline.clone(),
         }
     };

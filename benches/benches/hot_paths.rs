@@ -114,38 +114,77 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
+/// The stores under test: the embedded one, and PostgreSQL on a real local server
+/// (the same one the tests start; `./scripts/test` installs it).
+type Opened = (Box<dyn Store>, Option<tempfile::TempDir>);
+type Opener = Box<dyn Fn() -> Opened>;
+
+fn stores() -> Vec<(&'static str, Opener)> {
+    vec![
+        (
+            "embedded",
+            Box::new(|| {
+                let dir = tempfile::tempdir().unwrap();
+                (Box::new(FjallStore::open(dir.path()).unwrap()) as Box<dyn Store>, Some(dir))
+            }),
+        ),
+        (
+            "postgres",
+            Box::new(|| {
+                let url = storage::testkit::TestPostgres::shared().fresh_database();
+                let pg = storage::PostgresStore::connect(&storage::PostgresOptions {
+                    url,
+                    pool_size: 4,
+                    connect_timeout: std::time::Duration::from_secs(10),
+                    statement_timeout: std::time::Duration::from_secs(30),
+                })
+                .unwrap();
+                pg.migrate().unwrap();
+                (Box::new(pg) as Box<dyn Store>, None)
+            }),
+        ),
+    ]
+}
+
 fn store(c: &mut Criterion) {
     let mut g = c.benchmark_group("storage");
     g.sample_size(20);
-    for batch in [64usize, 512] {
-        let dir = tempfile::tempdir().unwrap();
-        let s = FjallStore::open(dir.path()).unwrap();
-        let mut seq = 0u64;
-        g.throughput(Throughput::Elements(batch as u64));
-        g.bench_function(BenchmarkId::new("durable_append_batch", batch), |b| {
-            b.iter_batched(
-                || {
-                    let mut muts = Vec::with_capacity(batch + 1);
-                    if seq == 0 {
-                        muts.push(Mutation::PutBucket {
-                            conversation: 1,
-                            bucket: BucketRef { bucket: storage::bucket_of(1_795_433_361_481), first_seq: 1 },
-                        });
-                    }
-                    for _ in 0..batch {
-                        seq += 1;
-                        muts.push(Mutation::PutMessage(Message { conversation_id: 1, ..message(seq, 100) }));
-                    }
-                    muts
-                },
-                |muts| s.commit(&muts).unwrap(),
-                BatchSize::SmallInput,
-            )
-        });
-        g.throughput(Throughput::Elements(50));
-        g.bench_function(BenchmarkId::new("newest_page_50", batch), |b| {
-            b.iter(|| storage::page(&s, 1, storage::Anchor::Latest, 50).unwrap())
-        });
+    for (name, open) in stores() {
+        for batch in [64usize, 512] {
+            let (s, _dir) = open();
+            let mut seq = 0u64;
+            g.throughput(Throughput::Elements(batch as u64));
+            g.bench_function(BenchmarkId::new(format!("durable_append_batch/{name}"), batch), |b| {
+                b.iter_batched(
+                    || {
+                        let mut muts = Vec::with_capacity(batch + 1);
+                        if seq == 0 {
+                            muts.push(Mutation::PutBucket {
+                                conversation: 1,
+                                bucket: BucketRef {
+                                    bucket: storage::bucket_of(1_795_433_361_481),
+                                    first_seq: 1,
+                                },
+                            });
+                        }
+                        for _ in 0..batch {
+                            seq += 1;
+                            muts.push(Mutation::PutMessage(Message {
+                                conversation_id: 1,
+                                ..message(seq, 100)
+                            }));
+                        }
+                        muts
+                    },
+                    |muts| s.commit(&muts).unwrap(),
+                    BatchSize::SmallInput,
+                )
+            });
+            g.throughput(Throughput::Elements(50));
+            g.bench_function(BenchmarkId::new(format!("newest_page_50/{name}"), batch), |b| {
+                b.iter(|| storage::page(&*s, 1, storage::Anchor::Latest, 50).unwrap())
+            });
+        }
     }
     g.finish();
 }

@@ -155,9 +155,37 @@ pub struct AuthConfig {
     pub hash_threads: NonZeroUsize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// fjall under `<data_dir>/store`: one node, no server to run.
+    Embedded,
+    /// PostgreSQL (`[storage.postgres]`): shared by every node of a small fleet.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/database`.
+    pub url: String,
+    /// Most connections this node opens.
+    pub pool_size: NonZeroUsize,
+    /// Connecting, and waiting for a free pooled connection, milliseconds.
+    pub connect_timeout_ms: NonZeroU64,
+    /// Server-side statement timeout, milliseconds; a statement past it fails as "try again".
+    pub statement_timeout_ms: NonZeroU64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// Which store holds history and chat state: `embedded` or `postgres`.
+    pub backend: StorageBackend,
+    /// Apply missing schema migrations at start-up (postgres). Off: start only if
+    /// `gateway migrate` has already brought the schema up to date.
+    pub migrate_on_start: bool,
+    pub postgres: PostgresSettings,
     /// Most writes sharing one durable commit (one fsync).
     pub commit_batch_max: NonZeroUsize,
     /// Commands waiting for the sequencer before new ones get error 1020 (overloaded).
@@ -232,10 +260,24 @@ impl Default for AuthConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
+            backend: StorageBackend::Embedded,
+            migrate_on_start: false,
+            postgres: PostgresSettings::default(),
             commit_batch_max: nzu(1024),
             sequencer_queue: nzu(65536),
             reader_threads: nzu(2),
             reader_queue: nzu(4096),
+        }
+    }
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        PostgresSettings {
+            url: "postgres://switchboard@127.0.0.1:5432/switchboard".into(),
+            pool_size: nzu(16),
+            connect_timeout_ms: nz64(5000),
+            statement_timeout_ms: nz64(5000),
         }
     }
 }
@@ -264,6 +306,10 @@ impl Config {
         if self.limits.max_out_bytes.get() < 4 * self.limits.max_frame_bytes.get() as usize {
             bail!("limits.max_out_bytes must be at least 4 x limits.max_frame_bytes");
         }
+        if self.storage.backend == StorageBackend::Postgres {
+            storage::PostgresOptions::check_url(&self.storage.postgres.url)
+                .map_err(|e| anyhow::anyhow!("storage.postgres.url is not a PostgreSQL URL: {e}"))?;
+        }
         match (&self.push.backend, &self.push.webhook_url) {
             (PushBackend::Webhook, None) => bail!("push.backend = \"webhook\" needs push.webhook_url"),
             (PushBackend::Webhook, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
@@ -285,23 +331,31 @@ impl Config {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML config file; flags override it.
-    #[arg(long, short = 'c')]
+    #[arg(long, short = 'c', global = true)]
     pub config: Option<PathBuf>,
     /// Listen address, e.g. 127.0.0.1:8080 (port 0: any free port).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub listen: Option<SocketAddr>,
     /// Data directory of the embedded store.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
     /// Number of shards (default: one per CPU).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub shards: Option<NonZeroUsize>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub io_driver: Option<IoDriver>,
     /// Validate the configuration, print it, and exit.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub check_config: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Apply the configured store's schema migrations, then exit.
+    Migrate,
 }
 
 impl Cli {

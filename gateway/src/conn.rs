@@ -1052,49 +1052,14 @@ fn decode_list_cursor(c: &str) -> Option<(u64, ConversationId)> {
 
 type ListPage = (Vec<ConversationSummary>, Option<String>);
 
-/// The user's conversations by last activity, newest first.
-///
-/// Cost: one index read plus two point reads (head, positions) per conversation the
-/// user is in, and two more (mute, newest message) per conversation listed.
+/// One page of the user's conversation list, with its cursor (see [`storage::conversation_list`]).
 fn list_conversations(
     s: &dyn storage::Store,
     user: UserId,
     limit: usize,
     after: Option<(u64, ConversationId)>,
 ) -> Result<ListPage, ErrorCode> {
-    let mut recs = Vec::new();
-    for c in s.user_conversations(user).map_err(internal)? {
-        if let Some(r) = s.conversation(c).map_err(internal)? {
-            recs.push((r, s.positions(c, user).map_err(internal)?.read));
-        }
-    }
-    let key = |r: &(storage::ConversationRecord, Seq)| (r.0.last_ts_ms, r.0.id);
-    recs.sort_by_key(|r| std::cmp::Reverse(key(r)));
-    let items: Vec<_> =
-        recs.into_iter().filter(|r| after.is_none_or(|a| key(r) < a)).take(limit + 1).collect();
-    let more = items.len() > limit;
-    let mut out = Vec::with_capacity(limit);
-    for (r, read) in items.into_iter().take(limit) {
-        let mut last_message = match r.last_seq {
-            0 => None,
-            seq => storage::message_at(s, r.id, seq).map_err(internal)?,
-        };
-        if let Some(m) = &mut last_message {
-            storage::add_reactions(s, r.id, user, std::slice::from_mut(m)).map_err(internal)?;
-        }
-        out.push(ConversationSummary {
-            conversation_id: r.id,
-            kind: r.kind,
-            title: r.title,
-            last_seq: r.last_seq,
-            last_ts_ms: r.last_ts_ms,
-            read_seq: read,
-            unread: r.last_seq.saturating_sub(read),
-            muted: s.muted(r.id, user).map_err(internal)?,
-            last_message,
-        });
-    }
-    let items = out;
+    let (items, more) = storage::conversation_list(s, user, limit, after).map_err(internal)?;
     let next =
         if more { items.last().map(|l| format!("{}.{}", l.last_ts_ms, l.conversation_id)) } else { None };
     Ok((items, next))

@@ -16,6 +16,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let cfg = cli.load()?;
+    if let Some(gateway::config::Command::Migrate) = cli.command {
+        println!("{}", gateway::server::migrate(&cfg)?);
+        return Ok(());
+    }
     if cli.check_config {
         print!("{}", toml::to_string(&cfg)?);
         eprintln!("configuration ok");

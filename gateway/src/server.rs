@@ -2,7 +2,7 @@
 //! per shard on the same port, start the shards, and report readiness.
 
 use crate::auth::Auth;
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::ids::IdGen;
 use crate::mailbox::Registry;
 use crate::metrics::Metrics;
@@ -15,7 +15,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use storage::{FjallStore, Store};
+use std::time::Duration;
+use storage::{FjallStore, PostgresOptions, PostgresStore, Store};
 
 /// What every shard shares (all `Send + Sync`).
 pub struct Shared {
@@ -58,10 +59,60 @@ fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+fn postgres_options(cfg: &Config) -> PostgresOptions {
+    let p = &cfg.storage.postgres;
+    PostgresOptions {
+        url: p.url.clone(),
+        pool_size: p.pool_size.get(),
+        connect_timeout: Duration::from_millis(p.connect_timeout_ms.get()),
+        statement_timeout: Duration::from_millis(p.statement_timeout_ms.get()),
+    }
+}
+
+/// Opens the configured store. PostgreSQL: applies missing migrations if `migrate`,
+/// else refuses a schema older than this build's.
+fn open_store(cfg: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match cfg.storage.backend {
+        StorageBackend::Embedded => {
+            Arc::new(FjallStore::open(&cfg.data_dir.join("store")).context("opening the embedded store")?)
+        }
+        StorageBackend::Postgres => {
+            let pg = PostgresStore::connect(&postgres_options(cfg)).context("connecting to PostgreSQL")?;
+            if migrate {
+                let applied = pg.migrate().context("applying PostgreSQL migrations")?;
+                tracing::info!(?applied, "postgres schema up to date");
+            }
+            let have = pg.schema_version().context("reading the PostgreSQL schema version")?;
+            let want = storage::POSTGRES_MIGRATIONS.last().map_or(0, |m| m.0);
+            if have != want {
+                anyhow::bail!(
+                    "the PostgreSQL schema is at version {have}, this build needs {want}: run `gateway migrate` \
+                     (or set storage.migrate_on_start = true)"
+                );
+            }
+            Arc::new(pg)
+        }
+    })
+}
+
+/// `gateway migrate`: brings the configured store's schema up to date.
+pub fn migrate(cfg: &Config) -> anyhow::Result<String> {
+    match cfg.storage.backend {
+        StorageBackend::Embedded => Ok("embedded store: no schema to migrate".into()),
+        StorageBackend::Postgres => {
+            let pg = PostgresStore::connect(&postgres_options(cfg)).context("connecting to PostgreSQL")?;
+            let applied = pg.migrate().context("applying PostgreSQL migrations")?;
+            Ok(format!(
+                "postgres: applied {applied:?}; schema at version {}",
+                pg.schema_version().context("reading the schema version")?
+            ))
+        }
+    }
+}
+
 pub fn start(cfg: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let store: Arc<dyn Store> =
-        Arc::new(FjallStore::open(&cfg.data_dir.join("store")).context("opening the embedded store")?);
+    let store = open_store(&cfg, cfg.storage.migrate_on_start)?;
     let shards = cfg.shard_count();
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(shards, metrics.mailbox_overflows.clone()));

@@ -72,7 +72,7 @@ pub fn role_from_u8(v: u8) -> Result<Role, StorageError> {
     })
 }
 
-fn kind_to_u8(k: MessageKind) -> u8 {
+pub(crate) fn kind_to_u8(k: MessageKind) -> u8 {
     match k {
         MessageKind::Text => 0,
         MessageKind::GroupCreated => 1,
@@ -86,7 +86,7 @@ fn kind_to_u8(k: MessageKind) -> u8 {
     }
 }
 
-fn kind_from_u8(v: u8) -> Result<MessageKind, StorageError> {
+pub(crate) fn kind_from_u8(v: u8) -> Result<MessageKind, StorageError> {
     Ok(match v {
         0 => MessageKind::Text,
         1 => MessageKind::GroupCreated,

@@ -14,8 +14,13 @@ pub fn run_all(open: Open<'_>) {
     users(open);
     conversations_and_members(open);
     pages_cross_buckets_both_ways(open);
+    idempotent_reappend(open);
+    positions_strictly_increase(open);
+    edits_and_deletes(open);
     idempotency_keys(open);
     member_positions(open);
+    unread_counts_and_list_order(open);
+    concurrent_writers_to_one_conversation(open);
     mutes(open);
     reactions(open);
     presence(open);
@@ -145,6 +150,92 @@ pub fn pages_cross_buckets_both_ways(open: Open<'_>) {
     assert_eq!(message_at(&*s, c, 251).unwrap(), None);
 }
 
+/// A retried commit (the same rows again) leaves one copy of each.
+pub fn idempotent_reappend(open: Open<'_>) {
+    let s = open();
+    let c = 3101;
+    append(&*s, c, 10, 4);
+    append(&*s, c, 10, 4);
+    let p = page(&*s, c, Anchor::After(0), 100).unwrap();
+    assert_eq!(p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    assert_eq!(s.buckets(c).unwrap().len(), 3);
+    assert_eq!(s.conversation(c).unwrap().unwrap().last_seq, 10);
+}
+
+/// Walking the whole history with small pages, both ways, yields every position
+/// once, strictly ordered, across bucket boundaries.
+pub fn positions_strictly_increase(open: Open<'_>) {
+    let s = open();
+    let c = 3201;
+    append(&*s, c, 97, 10);
+    let mut forward = Vec::new();
+    let mut anchor = Anchor::After(0);
+    loop {
+        let p = page(&*s, c, anchor, 7).unwrap();
+        forward.extend(p.messages.iter().map(|m| m.seq));
+        match p.messages.last() {
+            Some(m) if p.has_more => anchor = Anchor::After(m.seq),
+            _ => break,
+        }
+    }
+    assert_eq!(forward, (1..=97).collect::<Vec<_>>());
+    let mut backward = Vec::new();
+    let mut anchor = Anchor::Latest;
+    loop {
+        let p = page(&*s, c, anchor, 7).unwrap();
+        backward.extend(p.messages.iter().map(|m| m.seq));
+        match p.messages.last() {
+            Some(m) if p.has_more => anchor = Anchor::Before(m.seq),
+            _ => break,
+        }
+    }
+    assert_eq!(backward, (1..=97).rev().collect::<Vec<_>>());
+}
+
+/// Edits rewrite the original row and append an `edit` message; deletes leave a
+/// tombstone. The same row written twice in one batch keeps the later write.
+pub fn edits_and_deletes(open: Open<'_>) {
+    let s = open();
+    let c = 3301;
+    append(&*s, c, 3, 10);
+    let original = message_at(&*s, c, 2).unwrap().unwrap();
+    let first = Message { body: "edited once".into(), edited_ms: Some(50), ..original.clone() };
+    let second = Message { body: "edited twice".into(), edited_ms: Some(60), ..original.clone() };
+    let edit = |seq, target| Message {
+        seq,
+        kind: MessageKind::Edit,
+        target_seq: Some(target),
+        ..msg(c, seq, original.ts_ms + seq, 7)
+    };
+    s.commit(&[
+        Mutation::PutMessage(first),
+        Mutation::PutMessage(edit(4, 2)),
+        Mutation::PutMessage(second.clone()),
+        Mutation::PutMessage(edit(5, 2)),
+    ])
+    .unwrap();
+    assert_eq!(message_at(&*s, c, 2).unwrap().unwrap(), second, "the later write of one batch wins");
+    let three = message_at(&*s, c, 3).unwrap().unwrap();
+    let tombstone = Message { kind: MessageKind::Deleted, body: String::new(), edited_ms: None, ..three };
+    let delete = Message { kind: MessageKind::Delete, body: String::new(), ..edit(6, 3) };
+    s.commit(&[Mutation::PutMessage(tombstone.clone()), Mutation::PutMessage(delete)]).unwrap();
+    assert_eq!(message_at(&*s, c, 3).unwrap().unwrap(), tombstone);
+    let p = page(&*s, c, Anchor::Latest, 10).unwrap();
+    let kinds: Vec<_> = p.messages.iter().map(|m| (m.seq, m.kind)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (6, MessageKind::Delete),
+            (5, MessageKind::Edit),
+            (4, MessageKind::Edit),
+            (3, MessageKind::Deleted),
+            (2, MessageKind::Text),
+            (1, MessageKind::Text)
+        ]
+    );
+    assert_eq!(p.messages[0].target_seq, Some(3));
+}
+
 pub fn idempotency_keys(open: Open<'_>) {
     let s = open();
     s.commit(&[Mutation::PutIdempotency {
@@ -170,13 +261,111 @@ pub fn member_positions(open: Open<'_>) {
     ])
     .unwrap();
     s.commit(&[Mutation::PutPositions { conversation: 4101, user: 5, positions: p(7, 5) }]).unwrap();
-    assert_eq!(s.positions(4101, 5).unwrap(), p(7, 5), "the later write wins");
+    assert_eq!(s.positions(4101, 5).unwrap(), p(7, 5), "positions move forward");
+    s.commit(&[Mutation::PutPositions { conversation: 4101, user: 5, positions: p(6, 6) }]).unwrap();
+    assert_eq!(s.positions(4101, 5).unwrap(), p(7, 6), "each position only moves forward");
+    s.commit(&[
+        Mutation::PutPositions { conversation: 4101, user: 6, positions: p(12, 4) },
+        Mutation::PutPositions { conversation: 4101, user: 6, positions: p(10, 8) },
+    ])
+    .unwrap();
+    assert_eq!(s.positions(4101, 6).unwrap(), p(12, 8), "also within one batch");
     assert_eq!(
         s.all_positions(4101).unwrap(),
-        vec![(5, p(7, 5)), (6, p(9, 4))],
+        vec![(5, p(7, 6)), (6, p(12, 8))],
         "by user, this conversation only"
     );
     assert_eq!(s.all_positions(4103).unwrap(), vec![]);
+}
+
+/// The conversation list: newest activity first (ties by id), cursor paging, and
+/// each item's unread count from the member's read position.
+pub fn unread_counts_and_list_order(open: Open<'_>) {
+    let s = open();
+    let me = 4501;
+    let mut batch = Vec::new();
+    // Five conversations; activity times 30, 10, 50, 50, 20 (a tie at 50).
+    for (i, ts) in [30u64, 10, 50, 50, 20].into_iter().enumerate() {
+        let c = 4510 + i as u64;
+        batch.push(Mutation::PutConversation(conv_record(c, 0, ts)));
+        batch.push(Mutation::PutMember { conversation: c, user: me, role: Role::Member });
+    }
+    batch.push(Mutation::PutConversation(conv_record(4599, 0, 99)));
+    s.commit(&batch).unwrap();
+    append(&*s, 4512, 8, 100);
+    s.commit(&[
+        Mutation::PutConversation(conv_record(4512, 8, 50)),
+        Mutation::PutPositions {
+            conversation: 4512,
+            user: me,
+            positions: Positions { delivered: 8, read: 3 },
+        },
+        Mutation::SetMuted { conversation: 4510, user: me, muted: true },
+    ])
+    .unwrap();
+    let (first, more) = conversation_list(&*s, me, 3, None).unwrap();
+    let ids = |v: &[protocol::ConversationSummary]| v.iter().map(|c| c.conversation_id).collect::<Vec<_>>();
+    assert_eq!(ids(&first), vec![4513, 4512, 4510], "newest first, ties by id; non-members absent");
+    assert!(more);
+    let two = &first[1];
+    assert_eq!((two.last_seq, two.read_seq, two.unread), (8, 3, 5), "unread = last - read");
+    assert_eq!(two.last_message.as_ref().map(|m| m.seq), Some(8));
+    assert_eq!(first[0].unread, 0);
+    assert!(first[2].muted && !first[0].muted);
+    let last = first.last().unwrap();
+    let (rest, more) = conversation_list(&*s, me, 3, Some((last.last_ts_ms, last.conversation_id))).unwrap();
+    assert_eq!(ids(&rest), vec![4514, 4511]);
+    assert!(!more);
+}
+
+/// Several writers commit to one conversation at once (disjoint positions, and
+/// positions of one member): nothing is lost and positions end at the maximum.
+pub fn concurrent_writers_to_one_conversation(open: Open<'_>) {
+    let s = open();
+    let c = 4601;
+    let writers = 4u64;
+    let per = 50u64;
+    std::thread::scope(|scope| {
+        for w in 0..writers {
+            let s = s.clone();
+            scope.spawn(move || {
+                for k in 0..per {
+                    let seq = 1 + k * writers + w;
+                    let ts = 1_700_000_000_000 + seq;
+                    s.commit(&[
+                        Mutation::PutMessage(msg(c, seq, ts, 7)),
+                        Mutation::PutPositions {
+                            conversation: c,
+                            user: 9,
+                            positions: Positions { delivered: seq, read: seq },
+                        },
+                    ])
+                    .expect("concurrent commit");
+                }
+            });
+        }
+    });
+    let n = writers * per;
+    s.commit(&[
+        Mutation::PutBucket {
+            conversation: c,
+            bucket: BucketRef { bucket: bucket_of(1_700_000_000_001), first_seq: 1 },
+        },
+        Mutation::PutConversation(conv_record(c, n, 0)),
+    ])
+    .unwrap();
+    let mut all = Vec::new();
+    let mut anchor = Anchor::After(0);
+    loop {
+        let p = page(&*s, c, anchor, 100).unwrap();
+        all.extend(p.messages.iter().map(|m| m.seq));
+        match p.messages.last() {
+            Some(m) if p.has_more => anchor = Anchor::After(m.seq),
+            _ => break,
+        }
+    }
+    assert_eq!(all, (1..=n).collect::<Vec<_>>());
+    assert_eq!(s.positions(c, 9).unwrap(), Positions { delivered: n, read: n });
 }
 
 pub fn mutes(open: Open<'_>) {

@@ -31,6 +31,9 @@ pub struct FjallStore {
     presence: Keyspace,
     /// Serialises username uniqueness checks (registration is rare; fjall has no CAS).
     register: Mutex<()>,
+    /// Serialises commits that merge positions with stored ones (read, max, write).
+    /// The gateway has one writer (the sequencer), so it is never contended there.
+    merge: Mutex<()>,
 }
 
 impl std::fmt::Debug for FjallStore {
@@ -64,6 +67,7 @@ impl FjallStore {
             reactions: ks("reactions")?,
             presence: ks("presence")?,
             register: Mutex::new(()),
+            merge: Mutex::new(()),
             db,
         })
     }
@@ -104,6 +108,7 @@ impl Store for FjallStore {
             return Ok(());
         }
         let mut b = self.db.batch().durability(Some(PersistMode::SyncData));
+        let mut positions_in_batch = std::collections::BTreeMap::<[u8; 16], Positions>::new();
         for m in batch {
             match m {
                 Mutation::PutMessage(msg) => b.insert(
@@ -144,11 +149,11 @@ impl Store for FjallStore {
                 Mutation::SetMuted { conversation, user, muted: false } => {
                     b.remove(&self.mutes, key2(*conversation, *user).to_vec())
                 }
-                Mutation::PutPositions { conversation, user, positions } => b.insert(
-                    &self.positions,
-                    key2(*conversation, *user).to_vec(),
-                    encode_positions(positions),
-                ),
+                Mutation::PutPositions { conversation, user, positions } => {
+                    let p = positions_in_batch.entry(key2(*conversation, *user)).or_default();
+                    p.delivered = p.delivered.max(positions.delivered);
+                    p.read = p.read.max(positions.read);
+                }
                 Mutation::PutReaction { conversation, seq, user, emoji } => {
                     let k = codec::reaction_key(*conversation, *seq, *user).to_vec();
                     if emoji.is_empty() {
@@ -173,6 +178,17 @@ impl Store for FjallStore {
                     b.insert(&self.direct, key2(x, y).to_vec(), conversation.to_be_bytes().to_vec());
                 }
             }
+        }
+        // Positions only move forward, whoever writes them: merge with the stored row.
+        let _merging =
+            (!positions_in_batch.is_empty()).then(|| self.merge.lock().unwrap_or_else(|p| p.into_inner()));
+        for (k, mut p) in positions_in_batch {
+            if let Some(v) = self.positions.get(k).map_err(io("reading positions"))? {
+                let old = decode_positions(&v)?;
+                p.delivered = p.delivered.max(old.delivered);
+                p.read = p.read.max(old.read);
+            }
+            b.insert(&self.positions, k.to_vec(), encode_positions(&p));
         }
         b.commit().map_err(io("committing a batch"))
     }

@@ -4,6 +4,7 @@
 //!   a gateway shard. Writes arrive as one [`Mutation`] batch per group commit
 //!   and are durable when [`Store::commit`] returns.
 //! - [`FjallStore`]: the embedded single-node backend.
+//! - [`PostgresStore`]: PostgreSQL, for small fleets (schema in `migrations/postgres/`).
 //! - [`page`]: history paging over time buckets, shared by every backend.
 //! - [`StorageError`]: kind, retryability and context.
 //!
@@ -23,8 +24,12 @@
 mod codec;
 pub mod conformance;
 mod fjall_store;
+mod postgres_store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use fjall_store::FjallStore;
+pub use postgres_store::{MIGRATIONS as POSTGRES_MIGRATIONS, PostgresOptions, PostgresStore};
 pub use protocol::{ConversationId, ConversationKind, Message, MessageKind, Role, Seq, UserId};
 
 use serde::{Deserialize, Serialize};
@@ -167,6 +172,8 @@ pub enum ErrorKind {
     Corrupt,
     /// `create_user` with a username that exists.
     UsernameTaken,
+    /// The backend refused the request (schema mismatch, bad configuration). Not retryable.
+    Rejected,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -386,6 +393,54 @@ pub fn add_reactions(
         m.my_reaction = mine.clone().find(|r| r.1 == viewer).map(|r| r.2.clone());
     }
     Ok(())
+}
+
+/// One page of `user`'s conversations by last activity, newest first (ties by id),
+/// starting after `after` = `(last_ts_ms, id)` of the previous page's last item.
+/// Each carries the user's read position, unread count, mute flag and the newest
+/// message (with reactions). Returns the page and whether more follow.
+///
+/// Cost: one index read plus two point reads (head, positions) per conversation the
+/// user is in, and two more (mute, newest message) per conversation listed.
+pub fn conversation_list(
+    store: &dyn Store,
+    user: UserId,
+    limit: usize,
+    after: Option<(u64, ConversationId)>,
+) -> Result<(Vec<protocol::ConversationSummary>, bool)> {
+    let mut recs = Vec::new();
+    for c in store.user_conversations(user)? {
+        if let Some(r) = store.conversation(c)? {
+            recs.push((r, store.positions(c, user)?.read));
+        }
+    }
+    let key = |r: &(ConversationRecord, Seq)| (r.0.last_ts_ms, r.0.id);
+    recs.sort_by_key(|r| std::cmp::Reverse(key(r)));
+    let items: Vec<_> =
+        recs.into_iter().filter(|r| after.is_none_or(|a| key(r) < a)).take(limit + 1).collect();
+    let more = items.len() > limit;
+    let mut out = Vec::with_capacity(limit);
+    for (r, read) in items.into_iter().take(limit) {
+        let mut last_message = match r.last_seq {
+            0 => None,
+            seq => message_at(store, r.id, seq)?,
+        };
+        if let Some(m) = &mut last_message {
+            add_reactions(store, r.id, user, std::slice::from_mut(m))?;
+        }
+        out.push(protocol::ConversationSummary {
+            conversation_id: r.id,
+            kind: r.kind,
+            title: r.title,
+            last_seq: r.last_seq,
+            last_ts_ms: r.last_ts_ms,
+            read_seq: read,
+            unread: r.last_seq.saturating_sub(read),
+            muted: store.muted(r.id, user)?,
+            last_message,
+        });
+    }
+    Ok((out, more))
 }
 
 /// Reads the single message at `seq`, if stored.

@@ -18,6 +18,34 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 pub const ADMIN: &str = "admin-secret-admin-secret-admin-secret";
 
+/// With `SWITCHBOARD_TEST_STORE=postgres` every gateway runs on PostgreSQL: a
+/// real server (one per test process) and a fresh database per gateway directory,
+/// kept across restarts on that directory. Unset: the embedded store.
+fn test_store(dir: &Path) -> Option<toml::Table> {
+    match std::env::var("SWITCHBOARD_TEST_STORE").as_deref() {
+        Err(_) | Ok("") | Ok("embedded") => return None,
+        Ok("postgres") => {}
+        Ok(other) => panic!("SWITCHBOARD_TEST_STORE={other}: expected embedded or postgres"),
+    }
+    let marker = dir.join("postgres-url");
+    let url = match std::fs::read_to_string(&marker) {
+        Ok(url) => url,
+        Err(_) => {
+            let url = storage::testkit::TestPostgres::shared().fresh_database();
+            std::fs::write(&marker, &url).unwrap();
+            url
+        }
+    };
+    let mut pg = toml::Table::new();
+    pg.insert("url".into(), url.into());
+    pg.insert("pool_size".into(), 4.into());
+    let mut t = toml::Table::new();
+    t.insert("backend".into(), "postgres".into());
+    t.insert("migrate_on_start".into(), true.into());
+    t.insert("postgres".into(), toml::Value::Table(pg));
+    Some(t)
+}
+
 pub struct TestGateway {
     child: Child,
     pub addr: SocketAddr,
@@ -54,6 +82,12 @@ impl TestGateway {
                     config.insert(k, v);
                 }
             }
+        }
+        // A test that configures its own storage keeps it.
+        if !config.contains_key("storage")
+            && let Some(storage) = test_store(dir)
+        {
+            config.insert("storage".into(), toml::Value::Table(storage));
         }
         Self::start_with_config(dir, &toml::to_string(&config).unwrap(), args)
     }

@@ -150,6 +150,21 @@ pub fn pages_cross_buckets_both_ways(open: Open<'_>) {
     assert_eq!(message_at(&*s, c, 251).unwrap(), None);
 }
 
+/// Every position from `start` on, following each page's cursor in its direction.
+fn walk(s: &dyn Store, c: ConversationId, start: Anchor, limit: usize) -> Vec<Seq> {
+    let mut seqs = Vec::new();
+    let mut anchor = start;
+    loop {
+        let p = page(s, c, anchor, limit).unwrap();
+        seqs.extend(p.messages.iter().map(|m| m.seq));
+        match (p.messages.last(), anchor) {
+            (Some(m), Anchor::After(_)) if p.has_more => anchor = Anchor::After(m.seq),
+            (Some(m), _) if p.has_more => anchor = Anchor::Before(m.seq),
+            _ => return seqs,
+        }
+    }
+}
+
 /// A retried commit (the same rows again) leaves one copy of each.
 pub fn idempotent_reappend(open: Open<'_>) {
     let s = open();
@@ -168,28 +183,8 @@ pub fn positions_strictly_increase(open: Open<'_>) {
     let s = open();
     let c = 3201;
     append(&*s, c, 97, 10);
-    let mut forward = Vec::new();
-    let mut anchor = Anchor::After(0);
-    loop {
-        let p = page(&*s, c, anchor, 7).unwrap();
-        forward.extend(p.messages.iter().map(|m| m.seq));
-        match p.messages.last() {
-            Some(m) if p.has_more => anchor = Anchor::After(m.seq),
-            _ => break,
-        }
-    }
-    assert_eq!(forward, (1..=97).collect::<Vec<_>>());
-    let mut backward = Vec::new();
-    let mut anchor = Anchor::Latest;
-    loop {
-        let p = page(&*s, c, anchor, 7).unwrap();
-        backward.extend(p.messages.iter().map(|m| m.seq));
-        match p.messages.last() {
-            Some(m) if p.has_more => anchor = Anchor::Before(m.seq),
-            _ => break,
-        }
-    }
-    assert_eq!(backward, (1..=97).rev().collect::<Vec<_>>());
+    assert_eq!(walk(&*s, c, Anchor::After(0), 7), (1..=97).collect::<Vec<_>>());
+    assert_eq!(walk(&*s, c, Anchor::Latest, 7), (1..=97).rev().collect::<Vec<_>>());
 }
 
 /// Edits rewrite the original row and append an `edit` message; deletes leave a
@@ -354,17 +349,7 @@ pub fn concurrent_writers_to_one_conversation(open: Open<'_>) {
         Mutation::PutConversation(conv_record(c, n, 0)),
     ])
     .unwrap();
-    let mut all = Vec::new();
-    let mut anchor = Anchor::After(0);
-    loop {
-        let p = page(&*s, c, anchor, 100).unwrap();
-        all.extend(p.messages.iter().map(|m| m.seq));
-        match p.messages.last() {
-            Some(m) if p.has_more => anchor = Anchor::After(m.seq),
-            _ => break,
-        }
-    }
-    assert_eq!(all, (1..=n).collect::<Vec<_>>());
+    assert_eq!(walk(&*s, c, Anchor::After(0), 100), (1..=n).collect::<Vec<_>>());
     assert_eq!(s.positions(c, 9).unwrap(), Positions { delivered: n, read: n });
 }
 

@@ -116,8 +116,6 @@ fn small(v: i16) -> Result<u8> {
 }
 
 const USER_COLS: &str = "id, username, password_hash, created_ms";
-const MESSAGE_COLS: &str =
-    "seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms";
 
 fn user_row(r: &Row) -> UserRecord {
     UserRecord { id: u(r.get(0)), username: r.get(1), password_hash: r.get(2), created_ms: u(r.get(3)) }
@@ -754,17 +752,22 @@ impl Store for PostgresStore {
         if lo > hi || limit == 0 {
             return Ok(Vec::new());
         }
-        let dir = match order {
-            Order::Ascending => "ASC",
-            Order::Descending => "DESC",
+        // Two fixed statements, so each is prepared once per connection and no SQL is built per call.
+        let sql = match order {
+            Order::Ascending => {
+                "SELECT seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, \
+                 edited_ms FROM messages WHERE conversation_id = $1 AND bucket = $2 AND seq BETWEEN $3 AND $4 \
+                 ORDER BY seq ASC LIMIT $5"
+            }
+            Order::Descending => {
+                "SELECT seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, \
+                 edited_ms FROM messages WHERE conversation_id = $1 AND bucket = $2 AND seq BETWEEN $3 AND $4 \
+                 ORDER BY seq DESC LIMIT $5"
+            }
         };
-        let sql = format!(
-            "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = $1 AND bucket = $2 \
-             AND seq BETWEEN $3 AND $4 ORDER BY seq {dir} LIMIT $5"
-        );
         let bucket = i32::try_from(bucket).unwrap_or(i32::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.query("reading a bucket", &sql, &[&i(conv), &bucket, &i(lo), &i(hi), &limit])?
+        self.query("reading a bucket", sql, &[&i(conv), &bucket, &i(lo), &i(hi), &limit])?
             .iter()
             .map(|r| message_row(conv, r))
             .collect()

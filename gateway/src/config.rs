@@ -162,6 +162,64 @@ pub enum StorageBackend {
     Embedded,
     /// PostgreSQL (`[storage.postgres]`): shared by every node of a small fleet.
     Postgres,
+    /// Apache Cassandra or ScyllaDB (`[storage.cassandra]`): the store for large fleets.
+    Cassandra,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CassandraSettings {
+    /// `host:port` of a few nodes of the local datacenter; the driver finds the rest.
+    pub contact_points: Vec<String>,
+    pub keyspace: String,
+    /// This node's datacenter: requests go to its replicas only. Empty: any datacenter.
+    pub local_dc: String,
+    /// `local_quorum` (default), `quorum`, `each_quorum`, `local_one`, `one` or `all`.
+    pub consistency: String,
+    /// Replication factor per datacenter of the keyspace `gateway migrate` creates.
+    pub replication: std::collections::BTreeMap<String, u32>,
+    /// Password authentication (both or neither).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub connect_timeout_ms: NonZeroU64,
+    /// Client-side timeout of one request, retries included; past it the client is told "try again".
+    pub request_timeout_ms: NonZeroU64,
+    /// How long a client_msg_id is remembered for resend deduplication, seconds.
+    pub idempotency_ttl_s: NonZeroU64,
+}
+
+impl Default for CassandraSettings {
+    fn default() -> Self {
+        CassandraSettings {
+            contact_points: vec!["127.0.0.1:9042".into()],
+            keyspace: "switchboard".into(),
+            local_dc: "datacenter1".into(),
+            consistency: "local_quorum".into(),
+            replication: [("datacenter1".to_owned(), 3)].into(),
+            username: None,
+            password: None,
+            connect_timeout_ms: nz64(5000),
+            request_timeout_ms: nz64(5000),
+            idempotency_ttl_s: nz64(7 * 86_400),
+        }
+    }
+}
+
+impl CassandraSettings {
+    pub fn options(&self) -> storage::CassandraOptions {
+        storage::CassandraOptions {
+            contact_points: self.contact_points.clone(),
+            keyspace: self.keyspace.clone(),
+            local_dc: Some(self.local_dc.clone()).filter(|d| !d.is_empty()),
+            consistency: self.consistency.clone(),
+            replication: self.replication.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            connect_timeout: std::time::Duration::from_millis(self.connect_timeout_ms.get()),
+            request_timeout: std::time::Duration::from_millis(self.request_timeout_ms.get()),
+            idempotency_ttl: std::time::Duration::from_secs(self.idempotency_ttl_s.get()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,12 +238,13 @@ pub struct PostgresSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Which store holds history and chat state: `embedded` or `postgres`.
+    /// Which store holds history and chat state: `embedded`, `postgres` or `cassandra`.
     pub backend: StorageBackend,
-    /// Apply missing schema migrations at start-up (postgres). Off: start only if
+    /// Apply missing schema migrations at start-up (postgres, cassandra). Off: start only if
     /// `gateway migrate` has already brought the schema up to date.
     pub migrate_on_start: bool,
     pub postgres: PostgresSettings,
+    pub cassandra: CassandraSettings,
     /// Most writes sharing one durable commit (one fsync).
     pub commit_batch_max: NonZeroUsize,
     /// Commands waiting for the sequencer before new ones get error 1020 (overloaded).
@@ -263,6 +322,7 @@ impl Default for StorageConfig {
             backend: StorageBackend::Embedded,
             migrate_on_start: false,
             postgres: PostgresSettings::default(),
+            cassandra: CassandraSettings::default(),
             commit_batch_max: nzu(1024),
             sequencer_queue: nzu(65536),
             reader_threads: nzu(2),
@@ -309,6 +369,13 @@ impl Config {
         if self.storage.backend == StorageBackend::Postgres {
             storage::PostgresOptions::check_url(&self.storage.postgres.url)
                 .map_err(|e| anyhow::anyhow!("storage.postgres.url is not a PostgreSQL URL: {e}"))?;
+        }
+        if self.storage.backend == StorageBackend::Cassandra {
+            self.storage
+                .cassandra
+                .options()
+                .check()
+                .map_err(|e| anyhow::anyhow!("storage.cassandra: {e}"))?;
         }
         match (&self.push.backend, &self.push.webhook_url) {
             (PushBackend::Webhook, None) => bail!("push.backend = \"webhook\" needs push.webhook_url"),

@@ -1020,7 +1020,7 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             if !(1..=storage::MAX_PAGE as u32).contains(&limit) {
                 return conn.error(id, ErrorCode::InvalidField, None);
             }
-            let after = match cursor.as_deref().map(decode_list_cursor) {
+            let after = match cursor.as_deref().map(storage::decode_list_cursor) {
                 None => None,
                 Some(Some(c)) => Some(c),
                 Some(None) => return conn.error(id, ErrorCode::BadCursor, None),
@@ -1044,12 +1044,6 @@ fn valid_emoji(e: &str) -> bool {
     e.len() <= MAX_EMOJI_BYTES && !e.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-/// List cursors are `<last_ts_ms>.<conversation_id>` of the last item returned.
-fn decode_list_cursor(c: &str) -> Option<(u64, ConversationId)> {
-    let (ts, id) = c.split_once('.')?;
-    Some((ts.parse().ok()?, id.parse().ok()?))
-}
-
 type ListPage = (Vec<ConversationSummary>, Option<String>);
 
 /// One page of the user's conversation list, with its cursor (see [`storage::conversation_list`]).
@@ -1060,8 +1054,11 @@ fn list_conversations(
     after: Option<(u64, ConversationId)>,
 ) -> Result<ListPage, ErrorCode> {
     let (items, more) = storage::conversation_list(s, user, limit, after).map_err(internal)?;
-    let next =
-        if more { items.last().map(|l| format!("{}.{}", l.last_ts_ms, l.conversation_id)) } else { None };
+    let next = if more {
+        items.last().map(|l| storage::encode_list_cursor(l.last_ts_ms, l.conversation_id))
+    } else {
+        None
+    };
     Ok((items, next))
 }
 

@@ -26,7 +26,7 @@ use protocol::{
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
-use storage::{BucketRef, ConversationRecord, Mutation, Positions, Store, bucket_of, pair};
+use storage::{BucketRef, ConversationRecord, Mutation, Order, Positions, Store, bucket_of, pair};
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
 
@@ -301,9 +301,30 @@ impl Worker {
 
     fn load(&mut self, id: ConversationId) -> Result<&mut ConvState, Fail> {
         if !self.convs.contains_key(&id) {
-            let rec = self.store.conversation(id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
+            let mut rec = self.store.conversation(id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
             let members: BTreeMap<_, _> = self.store.members(id).map_err(internal)?.into_iter().collect();
-            let bucket = self.store.buckets(id).map_err(internal)?.last().map(|b| b.bucket);
+            let last = self.store.buckets(id).map_err(internal)?.last().copied();
+            // A store without cross-partition transactions (Cassandra) may keep a
+            // message whose commit failed after it landed but before the head moved.
+            // Its position is taken: continue after the newest stored message.
+            if let Some(b) = last
+                && let Some(newest) = self
+                    .store
+                    .read_bucket(id, b.bucket, b.first_seq, Seq::MAX, Order::Descending, 1)
+                    .map_err(internal)?
+                    .pop()
+                && newest.seq > rec.last_seq
+            {
+                tracing::warn!(
+                    conversation = id,
+                    head = rec.last_seq,
+                    newest = newest.seq,
+                    "head behind stored history"
+                );
+                rec.last_seq = newest.seq;
+                rec.last_ts_ms = rec.last_ts_ms.max(newest.ts_ms);
+            }
+            let bucket = last.map(|b| b.bucket);
             let positions = self.store.all_positions(id).map_err(internal)?.into_iter().collect();
             let mut st = ConvState {
                 rec,

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
-use storage::{FjallStore, PostgresOptions, PostgresStore, Store};
+use storage::{CassandraStore, FjallStore, PostgresOptions, PostgresStore, Store};
 
 /// What every shard shares (all `Send + Sync`).
 pub struct Shared {
@@ -92,6 +92,23 @@ fn open_store(cfg: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
             }
             Arc::new(pg)
         }
+        StorageBackend::Cassandra => {
+            let c = CassandraStore::connect(&cfg.storage.cassandra.options())
+                .context("connecting to Cassandra")?;
+            if migrate && c.migrate().context("applying the Cassandra schema")? {
+                tracing::info!(keyspace = %cfg.storage.cassandra.keyspace, "cassandra schema applied");
+            }
+            let have = c.schema_version().context("reading the Cassandra schema version")?;
+            let want = storage::CASSANDRA_SCHEMA_VERSION;
+            if have != want {
+                anyhow::bail!(
+                    "the Cassandra keyspace {:?} is at schema version {have}, this build needs {want}: run \
+                     `gateway migrate` (or set storage.migrate_on_start = true)",
+                    cfg.storage.cassandra.keyspace
+                );
+            }
+            Arc::new(c)
+        }
     })
 }
 
@@ -105,6 +122,17 @@ pub fn migrate(cfg: &Config) -> anyhow::Result<String> {
             Ok(format!(
                 "postgres: applied {applied:?}; schema at version {}",
                 pg.schema_version().context("reading the schema version")?
+            ))
+        }
+        StorageBackend::Cassandra => {
+            let c = CassandraStore::connect(&cfg.storage.cassandra.options())
+                .context("connecting to Cassandra")?;
+            let changed = c.migrate().context("applying the Cassandra schema")?;
+            Ok(format!(
+                "cassandra: keyspace {} {}; schema at version {}",
+                cfg.storage.cassandra.keyspace,
+                if changed { "created or updated" } else { "already up to date" },
+                c.schema_version().context("reading the schema version")?
             ))
         }
     }

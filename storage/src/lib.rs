@@ -5,6 +5,8 @@
 //!   and are durable when [`Store::commit`] returns.
 //! - [`FjallStore`]: the embedded single-node backend.
 //! - [`PostgresStore`]: PostgreSQL, for small fleets (schema in `migrations/postgres/`).
+//! - [`CassandraStore`]: Apache Cassandra or ScyllaDB, for large fleets (schema in
+//!   `deploy/cassandra/schema.cql`).
 //! - [`page`]: history paging over time buckets, shared by every backend.
 //! - [`StorageError`]: kind, retryability and context.
 //!
@@ -21,13 +23,20 @@
 //! hands the store finished rows. Cassandra has no cheap atomic counter, and a
 //! single writer per conversation is what makes positions gap-free and ordered.
 
+mod cassandra_store;
 mod codec;
 pub mod conformance;
 mod fjall_store;
 mod postgres_store;
+mod rows;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use cassandra_store::{
+    CassandraOptions, CassandraStore, REACTION_BLOCK, SCHEMA as CASSANDRA_SCHEMA,
+    SCHEMA_VERSION as CASSANDRA_SCHEMA_VERSION, keyspace_cql, parse_consistency, reaction_block,
+    schema_statements,
+};
 pub use fjall_store::FjallStore;
 pub use postgres_store::{MIGRATIONS as POSTGRES_MIGRATIONS, PostgresOptions, PostgresStore};
 pub use protocol::{ConversationId, ConversationKind, Message, MessageKind, Role, Seq, UserId};
@@ -443,6 +452,22 @@ pub fn conversation_list(
     Ok((out, more))
 }
 
+/// The cursor of a conversation-list page: `<last_ts_ms>.<conversation_id>` of
+/// its last item. Opaque to clients; the next page starts strictly after it.
+pub fn encode_list_cursor(last_ts_ms: u64, conversation: ConversationId) -> String {
+    format!("{last_ts_ms}.{conversation}")
+}
+
+/// Parses [`encode_list_cursor`]'s output; `None` for anything else.
+pub fn decode_list_cursor(c: &str) -> Option<(u64, ConversationId)> {
+    let (ts, id) = c.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(ts) || !digits(id) {
+        return None;
+    }
+    Some((ts.parse().ok()?, id.parse().ok()?))
+}
+
 /// Reads the single message at `seq`, if stored.
 pub fn message_at(store: &dyn Store, conv: ConversationId, seq: Seq) -> Result<Option<Message>> {
     let buckets = store.buckets(conv)?;
@@ -463,5 +488,120 @@ mod tests {
         assert_eq!(bucket_of(BUCKET_MS), 1);
         assert_eq!(bucket_of(1_700_000_000_000), 19675);
         assert_eq!(bucket_of(u64::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn list_cursors_round_trip_and_reject_garbage() {
+        for (ts, id) in [(0, 0), (1_700_000_000_123, 42), (u64::MAX, u64::MAX)] {
+            assert_eq!(decode_list_cursor(&encode_list_cursor(ts, id)), Some((ts, id)));
+        }
+        for bad in ["", ".", "1.", ".2", "1.2.3", "+1.2", "1.-2", "a.b", "1 .2", "18446744073709551616.1"] {
+            assert_eq!(decode_list_cursor(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_page_locates_its_bucket_across_boundaries() {
+        // Buckets starting at positions 1, 101 and 201; every anchor lands in the right one.
+        struct Three;
+        impl Store for Three {
+            fn commit(&self, _: &[Mutation]) -> Result<()> {
+                unreachable!()
+            }
+            fn create_user(&self, _: &UserRecord) -> Result<()> {
+                unreachable!()
+            }
+            fn user(&self, _: UserId) -> Result<Option<UserRecord>> {
+                unreachable!()
+            }
+            fn user_by_name(&self, _: &str) -> Result<Option<UserRecord>> {
+                unreachable!()
+            }
+            fn conversation(&self, _: ConversationId) -> Result<Option<ConversationRecord>> {
+                unreachable!()
+            }
+            fn members(&self, _: ConversationId) -> Result<Vec<(UserId, Role)>> {
+                unreachable!()
+            }
+            fn member_role(&self, _: ConversationId, _: UserId) -> Result<Option<Role>> {
+                unreachable!()
+            }
+            fn user_conversations(&self, _: UserId) -> Result<Vec<ConversationId>> {
+                unreachable!()
+            }
+            fn direct(&self, _: UserId, _: UserId) -> Result<Option<ConversationId>> {
+                unreachable!()
+            }
+            fn idempotent_seq(&self, _: ConversationId, _: UserId, _: &str) -> Result<Option<Seq>> {
+                unreachable!()
+            }
+            fn muted(&self, _: ConversationId, _: UserId) -> Result<bool> {
+                unreachable!()
+            }
+            fn positions(&self, _: ConversationId, _: UserId) -> Result<Positions> {
+                unreachable!()
+            }
+            fn all_positions(&self, _: ConversationId) -> Result<Vec<(UserId, Positions)>> {
+                unreachable!()
+            }
+            fn reactions(&self, _: ConversationId, _: Seq, _: Seq) -> Result<Vec<(Seq, UserId, String)>> {
+                unreachable!()
+            }
+            fn presence(&self, _: UserId) -> Result<PresenceRecord> {
+                unreachable!()
+            }
+            fn buckets(&self, _: ConversationId) -> Result<Vec<BucketRef>> {
+                Ok([1, 101, 201]
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &s)| BucketRef { bucket: b as u32 + 7, first_seq: s })
+                    .collect())
+            }
+            fn read_bucket(
+                &self,
+                conv: ConversationId,
+                bucket: u32,
+                lo: Seq,
+                hi: Seq,
+                order: Order,
+                limit: usize,
+            ) -> Result<Vec<Message>> {
+                let (first, last) = (u64::from(bucket - 7) * 100 + 1, u64::from(bucket - 7) * 100 + 100);
+                let mut seqs: Vec<Seq> = (first.max(lo)..=last.min(hi).min(250)).collect();
+                if order == Order::Descending {
+                    seqs.reverse();
+                }
+                Ok(seqs
+                    .into_iter()
+                    .take(limit)
+                    .map(|seq| Message {
+                        conversation_id: conv,
+                        seq,
+                        ts_ms: 0,
+                        sender_id: 1,
+                        client_msg_id: String::new(),
+                        kind: MessageKind::Text,
+                        body: String::new(),
+                        target_user_id: None,
+                        role: None,
+                        target_seq: None,
+                        edited_ms: None,
+                        reactions: vec![],
+                        my_reaction: None,
+                    })
+                    .collect())
+            }
+        }
+        let seqs = |a: Anchor, n: usize| {
+            let p = page(&Three, 1, a, n).unwrap();
+            (p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), p.has_more)
+        };
+        assert_eq!(seqs(Anchor::Latest, 3), (vec![250, 249, 248], true));
+        assert_eq!(seqs(Anchor::Before(103), 4), (vec![102, 101, 100, 99], true), "crosses back a boundary");
+        assert_eq!(seqs(Anchor::After(98), 4), (vec![99, 100, 101, 102], true), "crosses forward");
+        assert_eq!(seqs(Anchor::After(247), 10), (vec![248, 249, 250], false));
+        assert_eq!(seqs(Anchor::Before(3), 10), (vec![2, 1], false));
+        assert_eq!(seqs(Anchor::Before(1), 10), (vec![], false));
+        assert_eq!(seqs(Anchor::After(0), 100).0, (1..=100).collect::<Vec<_>>());
     }
 }

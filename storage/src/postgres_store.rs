@@ -13,12 +13,12 @@
 //! prepared once per connection.
 
 use crate::codec::{kind_from_u8, kind_to_u8, role_from_u8, role_to_u8};
+use crate::rows::Rows;
 use crate::{
     BucketRef, ConversationId, ConversationKind, ConversationRecord, ErrorKind, Message, Mutation, Order,
     Positions, PresenceRecord, Result, Seq, StorageError, Store, UserId, UserRecord, pair,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
-use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -137,73 +137,6 @@ fn message_row(conv: ConversationId, r: &Row) -> Result<Message> {
         reactions: Vec::new(),
         my_reaction: None,
     })
-}
-
-/// One commit's rows, reduced to each key's final state (a batch may write the
-/// same key twice, e.g. a message and then its edit, and one multi-row statement
-/// may not touch a row twice).
-#[derive(Default)]
-struct Rows<'a> {
-    messages: BTreeMap<(u64, u32, u64), &'a Message>,
-    idempotency: BTreeMap<(u64, u64, &'a str), u64>,
-    buckets: BTreeMap<(u64, u32), u64>,
-    conversations: BTreeMap<u64, &'a ConversationRecord>,
-    members: BTreeMap<(u64, u64), Option<i16>>,
-    direct: BTreeMap<(u64, u64), u64>,
-    mutes: BTreeMap<(u64, u64), bool>,
-    positions: BTreeMap<(u64, u64), Positions>,
-    reactions: BTreeMap<(u64, u64, u64), &'a str>,
-    last_seen: BTreeMap<u64, u64>,
-    hide: BTreeMap<u64, bool>,
-}
-
-impl<'a> Rows<'a> {
-    fn of(batch: &'a [Mutation]) -> Rows<'a> {
-        let mut r = Rows::default();
-        for m in batch {
-            match m {
-                Mutation::PutMessage(msg) => {
-                    r.messages.insert((msg.conversation_id, crate::bucket_of(msg.ts_ms), msg.seq), msg);
-                }
-                Mutation::PutIdempotency { conversation, sender, client_msg_id, seq } => {
-                    r.idempotency.insert((*conversation, *sender, client_msg_id), *seq);
-                }
-                Mutation::PutBucket { conversation, bucket } => {
-                    r.buckets.insert((*conversation, bucket.bucket), bucket.first_seq);
-                }
-                Mutation::PutConversation(c) => {
-                    r.conversations.insert(c.id, c);
-                }
-                Mutation::PutMember { conversation, user, role } => {
-                    r.members.insert((*conversation, *user), Some(i16::from(role_to_u8(*role))));
-                }
-                Mutation::RemoveMember { conversation, user } => {
-                    r.members.insert((*conversation, *user), None);
-                }
-                Mutation::PutDirect { a, b, conversation } => {
-                    r.direct.insert(pair(*a, *b), *conversation);
-                }
-                Mutation::SetMuted { conversation, user, muted } => {
-                    r.mutes.insert((*conversation, *user), *muted);
-                }
-                Mutation::PutPositions { conversation, user, positions } => {
-                    let p = r.positions.entry((*conversation, *user)).or_default();
-                    p.delivered = p.delivered.max(positions.delivered);
-                    p.read = p.read.max(positions.read);
-                }
-                Mutation::PutReaction { conversation, seq, user, emoji } => {
-                    r.reactions.insert((*conversation, *seq, *user), emoji);
-                }
-                Mutation::PutLastSeen { user, ms } => {
-                    r.last_seen.insert(*user, *ms);
-                }
-                Mutation::SetHideLastSeen { user, hide } => {
-                    r.hide.insert(*user, *hide);
-                }
-            }
-        }
-        r
-    }
 }
 
 /// A statement and its array parameters, one array per column.

@@ -20,30 +20,94 @@ pub const ADMIN: &str = "admin-secret-admin-secret-admin-secret";
 
 /// With `SWITCHBOARD_TEST_STORE=postgres` every gateway runs on PostgreSQL: a
 /// real server (one per test process) and a fresh database per gateway directory,
-/// kept across restarts on that directory. Unset: the embedded store.
+/// kept across restarts on that directory. With `SWITCHBOARD_TEST_STORE=cassandra`
+/// (and `SWITCHBOARD_CASSANDRA=host:port`, `SWITCHBOARD_CASSANDRA_DC`) the same on a
+/// fresh keyspace per directory. Unset: the embedded store.
 fn test_store(dir: &Path) -> Option<toml::Table> {
+    let mut t = toml::Table::new();
     match std::env::var("SWITCHBOARD_TEST_STORE").as_deref() {
         Err(_) | Ok("") | Ok("embedded") => return None,
-        Ok("postgres") => {}
-        Ok(other) => panic!("SWITCHBOARD_TEST_STORE={other}: expected embedded or postgres"),
-    }
-    let marker = dir.join("postgres-url");
-    let url = match std::fs::read_to_string(&marker) {
-        Ok(url) => url,
-        Err(_) => {
-            let url = storage::testkit::TestPostgres::shared().fresh_database();
-            std::fs::write(&marker, &url).unwrap();
-            url
+        Ok("postgres") => {
+            let marker = dir.join("postgres-url");
+            let url = std::fs::read_to_string(&marker).unwrap_or_else(|_| {
+                let url = storage::testkit::TestPostgres::shared().fresh_database();
+                std::fs::write(&marker, &url).unwrap();
+                url
+            });
+            let mut pg = toml::Table::new();
+            pg.insert("url".into(), url.into());
+            pg.insert("pool_size".into(), 4.into());
+            t.insert("backend".into(), "postgres".into());
+            t.insert("postgres".into(), toml::Value::Table(pg));
         }
-    };
-    let mut pg = toml::Table::new();
-    pg.insert("url".into(), url.into());
-    pg.insert("pool_size".into(), 4.into());
-    let mut t = toml::Table::new();
-    t.insert("backend".into(), "postgres".into());
+        Ok("cassandra") => {
+            let c =
+                cassandra_options(dir).expect("SWITCHBOARD_TEST_STORE=cassandra needs SWITCHBOARD_CASSANDRA");
+            let mut cs = toml::Table::new();
+            cs.insert("contact_points".into(), c.contact_points.into());
+            cs.insert("keyspace".into(), c.keyspace.into());
+            cs.insert("local_dc".into(), c.local_dc.unwrap_or_default().into());
+            let replication: toml::Table =
+                c.replication.into_iter().map(|(dc, rf)| (dc, i64::from(rf).into())).collect();
+            cs.insert("replication".into(), toml::Value::Table(replication));
+            t.insert("backend".into(), "cassandra".into());
+            t.insert("cassandra".into(), toml::Value::Table(cs));
+        }
+        Ok(other) => panic!("SWITCHBOARD_TEST_STORE={other}: expected embedded, postgres or cassandra"),
+    }
     t.insert("migrate_on_start".into(), true.into());
-    t.insert("postgres".into(), toml::Value::Table(pg));
     Some(t)
+}
+
+/// The test cluster's options with this directory's keyspace (from `SWITCHBOARD_CASSANDRA`).
+fn cassandra_options(dir: &Path) -> Option<storage::CassandraOptions> {
+    let nodes = std::env::var("SWITCHBOARD_CASSANDRA").ok().filter(|v| !v.trim().is_empty())?;
+    let dc = std::env::var("SWITCHBOARD_CASSANDRA_DC").unwrap_or_else(|_| "datacenter1".into());
+    let marker = dir.join("cassandra-keyspace");
+    let keyspace = std::fs::read_to_string(&marker).unwrap_or_else(|_| {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ks = format!("sb_e2e_{}_{n}", std::process::id());
+        std::fs::write(&marker, &ks).unwrap();
+        ks
+    });
+    Some(storage::CassandraOptions {
+        contact_points: nodes.split(',').map(|n| n.trim().to_owned()).collect(),
+        keyspace,
+        local_dc: Some(dc.clone()),
+        consistency: "local_quorum".into(),
+        replication: [(dc, 1)].into(),
+        username: None,
+        password: None,
+        connect_timeout: std::time::Duration::from_secs(10),
+        request_timeout: std::time::Duration::from_secs(10),
+        idempotency_ttl: std::time::Duration::from_secs(3600),
+    })
+}
+
+/// Opens the store a stopped gateway on `dir` used (embedded, or its PostgreSQL database).
+#[allow(dead_code)]
+pub fn open_store(dir: &Path) -> std::sync::Arc<dyn storage::Store> {
+    if dir.join("cassandra-keyspace").exists() {
+        let opts = cassandra_options(dir).expect("SWITCHBOARD_CASSANDRA is set");
+        return std::sync::Arc::new(
+            storage::CassandraStore::connect(&opts).expect("connect to the test cluster"),
+        );
+    }
+    match std::fs::read_to_string(dir.join("postgres-url")) {
+        Ok(url) => std::sync::Arc::new(
+            storage::PostgresStore::connect(&storage::PostgresOptions {
+                url,
+                pool_size: 2,
+                connect_timeout: std::time::Duration::from_secs(10),
+                statement_timeout: std::time::Duration::from_secs(10),
+            })
+            .expect("connect to the test database"),
+        ),
+        Err(_) => {
+            std::sync::Arc::new(storage::FjallStore::open(&dir.join("data/store")).expect("open the store"))
+        }
+    }
 }
 
 pub struct TestGateway {

@@ -1,0 +1,128 @@
+//! The Cassandra backend from an operator's side. Always: its settings are
+//! validated, and a node that cannot reach the cluster refuses to start and
+//! says why. With `SWITCHBOARD_CASSANDRA=host:port` (a real Apache Cassandra or
+//! ScyllaDB; none can be installed on this machine): `gateway migrate`, the
+//! schema check, and a second node serving the first node's history.
+
+mod support;
+
+use protocol::{ClientMsg, ServerMsg, Subprotocol};
+use std::path::Path;
+use std::process::Command;
+use support::*;
+
+fn storage_toml(nodes: &[String], dc: &str, keyspace: &str, migrate_on_start: bool, extra: &str) -> String {
+    let nodes: Vec<String> = nodes.iter().map(|n| format!("{n:?}")).collect();
+    format!(
+        "[storage]\nbackend = \"cassandra\"\nmigrate_on_start = {migrate_on_start}\n[storage.cassandra]\n\
+         contact_points = [{}]\nkeyspace = \"{keyspace}\"\nlocal_dc = \"{dc}\"\nreplication = {{ \"{dc}\" = 1 }}\n\
+         connect_timeout_ms = 3000\n{extra}",
+        nodes.join(", ")
+    )
+}
+
+/// Runs `gateway <args>` with `config`; returns (success, stdout, stderr).
+fn gateway_cmd(dir: &Path, config: &str, args: &[&str]) -> (bool, String, String) {
+    let path = dir.join("cmd.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), s(&out.stdout), s(&out.stderr))
+}
+
+#[test]
+fn bad_settings_are_config_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = ["127.0.0.1:9042".to_owned()];
+    let cases = [
+        (storage_toml(&nodes, "dc1", "chat-eu", false, ""), "keyspace"),
+        (storage_toml(&nodes, "dc1", "chat", false, "consistency = \"most\"\n"), "consistency"),
+        (
+            storage_toml(&nodes, "dc1", "chat", false, "")
+                .replace("local_dc = \"dc1\"", "local_dc = \"dc9\""),
+            "local_dc",
+        ),
+        (storage_toml(&[], "dc1", "chat", false, ""), "contact_points"),
+    ];
+    for (config, what) in cases {
+        let (ok, _, err) = gateway_cmd(tmp.path(), &config, &["--check-config"]);
+        assert!(!ok, "accepted bad {what}");
+        assert!(err.contains("storage.cassandra") && err.contains(what), "{what}: {err}");
+    }
+    let (ok, _, err) =
+        gateway_cmd(tmp.path(), &storage_toml(&nodes, "dc1", "chat", false, ""), &["--check-config"]);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn an_unreachable_cluster_stops_start_and_migrate_with_a_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A loopback port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = storage_toml(&[format!("127.0.0.1:{port}")], "dc1", "chat", true, "");
+    for args in [&["--listen", "127.0.0.1:0"][..], &["migrate"][..]] {
+        let (ok, _, err) = gateway_cmd(tmp.path(), &config, args);
+        assert!(!ok, "{args:?} succeeded without a cluster");
+        assert!(err.contains("connecting to Cassandra"), "{args:?}: {err}");
+    }
+}
+
+fn cluster() -> Option<(Vec<String>, String)> {
+    let nodes = std::env::var("SWITCHBOARD_CASSANDRA").ok().filter(|v| !v.trim().is_empty())?;
+    let dc = std::env::var("SWITCHBOARD_CASSANDRA_DC").unwrap_or_else(|_| "datacenter1".into());
+    Some((nodes.split(',').map(|n| n.trim().to_owned()).collect(), dc))
+}
+
+#[test]
+fn on_a_real_cluster_a_second_node_serves_the_shared_history() {
+    let Some((nodes, dc)) = cluster() else {
+        eprintln!("SKIPPED: needs a Cassandra or ScyllaDB server; set SWITCHBOARD_CASSANDRA=host:port");
+        return;
+    };
+    let ks = format!("sb_gateway_{}", std::process::id());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ok, _, err) =
+        gateway_cmd(dir_a.path(), &storage_toml(&nodes, &dc, &ks, false, ""), &["--listen", "127.0.0.1:0"]);
+    assert!(!ok && err.contains("schema version 0") && err.contains("gateway migrate"), "{err}");
+    let (ok, out, err) = gateway_cmd(dir_a.path(), &storage_toml(&nodes, &dc, &ks, false, ""), &["migrate"]);
+    assert!(ok && out.contains("version 1"), "{out} {err}");
+
+    let a = TestGateway::start_in(dir_a.path(), &storage_toml(&nodes, &dc, &ks, false, ""));
+    let (_, tz) = a.user("zoe");
+    let (y, _) = a.user("yuri");
+    assert_eq!(a.register("ZOE", "password123").0, 409, "usernames are unique, case-insensitively");
+    let mut c = a.connect(&tz, Subprotocol::FlatBuffers);
+    c.sync(vec![]);
+    let conv = conversation_id(&c.request(ClientMsg::CreateDirect { user_id: y }));
+    for i in 0..120 {
+        c.send_text(conv, &format!("m{i}"), &format!("body {i}"));
+    }
+    for i in 0..120 {
+        c.wait_ack(&format!("m{i}"));
+    }
+    a.kill9();
+
+    let b = TestGateway::start_in(dir_b.path(), &storage_toml(&nodes, &dc, &ks, false, ""));
+    let (status, l) = b.login("zoe", "password123");
+    assert_eq!(status, 200, "{l}");
+    let mut c = b.connect(l["token"].as_str().unwrap(), Subprotocol::Json);
+    c.sync(vec![protocol::Position { conversation_id: conv, seq: 120 }]);
+    let ServerMsg::History { messages, has_more, .. } =
+        c.request(ClientMsg::History { conversation_id: conv, before: None, after: None, limit: Some(100) })
+    else {
+        panic!("expected history")
+    };
+    assert!(has_more);
+    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (21..=120).rev().collect::<Vec<_>>());
+    c.send_text(conv, "m5", "body 5");
+    assert_eq!(c.wait_ack("m5"), 6, "idempotency keys are shared");
+    c.send_text(conv, "new", "after the move");
+    assert_eq!(c.wait_ack("new"), 121);
+}

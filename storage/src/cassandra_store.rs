@@ -1,0 +1,1690 @@
+//! The Cassandra backend (Apache Cassandra 3.11/4.x/5.x, ScyllaDB): the history
+//! store for large fleets.
+//!
+//! Schema: `deploy/cassandra/schema.cql`, applied by [`CassandraStore::migrate`]
+//! with the configured keyspace and replication. Why each table is shaped as it
+//! is and what every query costs: docs/design/why-cassandra-layout.md.
+//!
+//! The driver is `scylla` on a small tokio runtime this store owns (`cql-io`
+//! threads). [`Store`] methods block the calling storage thread on it; gateway
+//! shards never call them (they reach storage threads over bounded channels).
+//!
+//! - Every statement is prepared once ([`Stmt`]), routed token-aware to a replica
+//!   of its partition, at the configured consistency (LOCAL_QUORUM by default).
+//! - Every write is an idempotent upsert and marked so, which lets the driver
+//!   retry it; the one lightweight transaction (claiming a username) is not, and
+//!   is never retried blindly.
+//! - Writes carry client-side timestamps from one monotonic generator, so two
+//!   commits from this process apply in commit order. Read positions and the
+//!   conversation head are the exception: each is written `USING TIMESTAMP` equal
+//!   to its own value, so the higher position wins whatever the arrival order.
+//! - A commit is not one transaction (Cassandra has none across partitions). It
+//!   runs in three phases, each waiting for the one before ([`plan`]): the
+//!   messages and conversation records, then every index and state row that
+//!   refers to them, then the conversation heads. A commit that fails part-way
+//!   therefore never leaves a head or an idempotency key pointing at a message
+//!   that is not stored; the sequencer reloads the conversation, and the head it
+//!   derives covers whatever did land, so no position is handed out twice.
+
+use crate::codec::{corrupt, kind_from_u8, kind_to_u8, role_from_u8};
+use crate::rows::Rows;
+use crate::{
+    BucketRef, ConversationId, ConversationKind, ConversationRecord, ErrorKind, Message, MessageKind,
+    Mutation, Order, Positions, PresenceRecord, Result, Role, Seq, StorageError, Store, UserId, UserRecord,
+    pair,
+};
+use futures_util::{StreamExt, TryStreamExt};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::pager::{NextPageError, NextRowError};
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
+use scylla::errors::{
+    DbError, ExecutionError, PagerExecutionError, RequestAttemptError, RequestError, WriteType,
+};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency, SerialConsistency};
+use scylla::value::{CqlValue, MaybeUnset};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// The schema, as shipped in `deploy/cassandra/schema.cql`.
+pub const SCHEMA: &str = include_str!("../../deploy/cassandra/schema.cql");
+/// The schema version this build writes and needs.
+pub const SCHEMA_VERSION: i32 = 1;
+/// Positions per reactions partition (see the schema).
+pub const REACTION_BLOCK: u64 = 1024;
+/// Statements per unlogged batch, and their approximate size in bytes: well
+/// under Cassandra's default `batch_size_fail_threshold` (50 KiB).
+const BATCH_MAX_STATEMENTS: usize = 64;
+const BATCH_MAX_BYTES: usize = 32 * 1024;
+/// Requests one commit keeps in flight (per phase).
+const IN_FLIGHT: usize = 32;
+/// Rows per page when reading a whole partition (members, buckets, positions).
+const PAGE_ROWS: i32 = 1000;
+
+/// How to reach the cluster and how to write to it.
+#[derive(Debug, Clone)]
+pub struct CassandraOptions {
+    /// `host:port` of a few nodes; the driver discovers the rest.
+    pub contact_points: Vec<String>,
+    pub keyspace: String,
+    /// The datacenter this gateway runs in: requests go to its replicas only.
+    /// `None` routes to any datacenter (single-DC clusters).
+    pub local_dc: Option<String>,
+    /// `local_quorum` (default), `quorum`, `each_quorum`, `local_one`, `one` or `all`.
+    pub consistency: String,
+    /// Replication factor per datacenter, for the keyspace `migrate` creates.
+    pub replication: BTreeMap<String, u32>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+    /// Client-side timeout of one request (all its retries included).
+    pub request_timeout: Duration,
+    /// How long a `client_msg_id` is remembered for deduplication.
+    pub idempotency_ttl: Duration,
+}
+
+impl CassandraOptions {
+    /// Checks the options without connecting (for config validation).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.contact_points.is_empty() {
+            return Err("contact_points is empty".into());
+        }
+        if !is_identifier(&self.keyspace) {
+            return Err(format!(
+                "keyspace {:?} is not a CQL identifier (letters, digits, _; 1-48 chars, not starting with a digit)",
+                self.keyspace
+            ));
+        }
+        parse_consistency(&self.consistency)?;
+        if self.replication.is_empty() {
+            return Err("replication lists no datacenter".into());
+        }
+        for (dc, rf) in &self.replication {
+            if dc.is_empty() || !dc.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+                return Err(format!("replication: {dc:?} is not a datacenter name"));
+            }
+            if *rf == 0 {
+                return Err(format!("replication: {dc} has replication factor 0"));
+            }
+        }
+        if let Some(dc) = &self.local_dc
+            && !self.replication.contains_key(dc)
+        {
+            return Err(format!(
+                "local_dc {dc:?} is not in replication (which lists {:?})",
+                self.replication.keys()
+            ));
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return Err("username and password go together".into());
+        }
+        let ttl = self.idempotency_ttl.as_secs();
+        if ttl == 0 || ttl > i32::MAX as u64 {
+            return Err("idempotency_ttl must be between 1 s and 68 years".into());
+        }
+        Ok(())
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    (1..=48).contains(&s.len())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// Parses a consistency level as written in the config.
+pub fn parse_consistency(s: &str) -> std::result::Result<Consistency, String> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "one" => Consistency::One,
+        "local_one" => Consistency::LocalOne,
+        "quorum" => Consistency::Quorum,
+        "local_quorum" => Consistency::LocalQuorum,
+        "each_quorum" => Consistency::EachQuorum,
+        "all" => Consistency::All,
+        _ => {
+            return Err(format!(
+                "unknown consistency {s:?} (one of local_quorum, quorum, each_quorum, local_one, one, all)"
+            ));
+        }
+    })
+}
+
+/// The keyspace statement `migrate` runs, with the configured replication.
+pub fn keyspace_cql(opts: &CassandraOptions) -> String {
+    let dcs: Vec<String> = opts.replication.iter().map(|(dc, rf)| format!("'{dc}': {rf}")).collect();
+    format!(
+        "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {{'class': 'NetworkTopologyStrategy', {}}} \
+         AND durable_writes = true",
+        opts.keyspace,
+        dcs.join(", ")
+    )
+}
+
+/// The schema file's statements, in order, for `opts`: comments dropped, the
+/// keyspace statement replaced by [`keyspace_cql`], tables in `opts.keyspace`.
+pub fn schema_statements(opts: &CassandraOptions) -> Vec<String> {
+    let text: String =
+        SCHEMA.lines().map(|l| l.split_once("--").map_or(l, |(code, _)| code)).collect::<Vec<_>>().join("\n");
+    text.split(';')
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.starts_with("CREATE KEYSPACE") {
+                keyspace_cql(opts)
+            } else {
+                s.replace("switchboard.", &format!("{}.", opts.keyspace))
+            }
+        })
+        .collect()
+}
+
+/// Every statement the store runs. `{ks}` stands for the keyspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Stmt {
+    InsertMessage,
+    InsertBucket,
+    InsertIdempotency,
+    InsertConversation,
+    UpdateHead,
+    InsertMember,
+    DeleteMember,
+    InsertUserConversation,
+    DeleteUserConversation,
+    InsertDirect,
+    InsertMute,
+    DeleteMute,
+    UpdateDelivered,
+    UpdateRead,
+    InsertReaction,
+    DeleteReaction,
+    UpdateLastSeen,
+    UpdateHideLastSeen,
+    InsertUser,
+    ClaimUsername,
+    SelectUser,
+    SelectUsername,
+    SelectUsernameSerial,
+    SelectConversation,
+    SelectMembers,
+    SelectMemberRole,
+    SelectUserConversations,
+    SelectDirect,
+    SelectIdempotency,
+    SelectMute,
+    SelectPositions,
+    SelectAllPositions,
+    SelectReactions,
+    SelectPresence,
+    SelectBuckets,
+    SelectMessagesAsc,
+    SelectMessagesDesc,
+}
+
+const MESSAGE_COLS: &str =
+    "seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms";
+
+impl Stmt {
+    pub(crate) const ALL: [Stmt; 37] = [
+        Stmt::InsertMessage,
+        Stmt::InsertBucket,
+        Stmt::InsertIdempotency,
+        Stmt::InsertConversation,
+        Stmt::UpdateHead,
+        Stmt::InsertMember,
+        Stmt::DeleteMember,
+        Stmt::InsertUserConversation,
+        Stmt::DeleteUserConversation,
+        Stmt::InsertDirect,
+        Stmt::InsertMute,
+        Stmt::DeleteMute,
+        Stmt::UpdateDelivered,
+        Stmt::UpdateRead,
+        Stmt::InsertReaction,
+        Stmt::DeleteReaction,
+        Stmt::UpdateLastSeen,
+        Stmt::UpdateHideLastSeen,
+        Stmt::InsertUser,
+        Stmt::ClaimUsername,
+        Stmt::SelectUser,
+        Stmt::SelectUsername,
+        Stmt::SelectUsernameSerial,
+        Stmt::SelectConversation,
+        Stmt::SelectMembers,
+        Stmt::SelectMemberRole,
+        Stmt::SelectUserConversations,
+        Stmt::SelectDirect,
+        Stmt::SelectIdempotency,
+        Stmt::SelectMute,
+        Stmt::SelectPositions,
+        Stmt::SelectAllPositions,
+        Stmt::SelectReactions,
+        Stmt::SelectPresence,
+        Stmt::SelectBuckets,
+        Stmt::SelectMessagesAsc,
+        Stmt::SelectMessagesDesc,
+    ];
+
+    pub(crate) fn template(self) -> String {
+        match self {
+            Stmt::InsertMessage => "INSERT INTO {ks}.messages (conversation_id, bucket, seq, ts_ms, sender_id, \
+                 client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                .into(),
+            Stmt::InsertBucket => {
+                "INSERT INTO {ks}.message_buckets (conversation_id, bucket, first_seq) VALUES (?, ?, ?)".into()
+            }
+            Stmt::InsertIdempotency => "INSERT INTO {ks}.idempotency (conversation_id, sender_id, client_msg_id, seq) \
+                 VALUES (?, ?, ?, ?) USING TTL ?"
+                .into(),
+            Stmt::InsertConversation => {
+                "INSERT INTO {ks}.conversations (id, kind, title, created_ms, created_by) VALUES (?, ?, ?, ?, ?)"
+                    .into()
+            }
+            Stmt::UpdateHead => {
+                "UPDATE {ks}.conversations USING TIMESTAMP ? SET last_seq = ?, last_ts_ms = ? WHERE id = ?".into()
+            }
+            Stmt::InsertMember => {
+                "INSERT INTO {ks}.members (conversation_id, user_id, role) VALUES (?, ?, ?)".into()
+            }
+            Stmt::DeleteMember => "DELETE FROM {ks}.members WHERE conversation_id = ? AND user_id = ?".into(),
+            Stmt::InsertUserConversation => {
+                "INSERT INTO {ks}.user_conversations (user_id, conversation_id) VALUES (?, ?)".into()
+            }
+            Stmt::DeleteUserConversation => {
+                "DELETE FROM {ks}.user_conversations WHERE user_id = ? AND conversation_id = ?".into()
+            }
+            Stmt::InsertDirect => {
+                "INSERT INTO {ks}.direct_pairs (user_lo, user_hi, conversation_id) VALUES (?, ?, ?)".into()
+            }
+            Stmt::InsertMute => "INSERT INTO {ks}.mutes (conversation_id, user_id) VALUES (?, ?)".into(),
+            Stmt::DeleteMute => "DELETE FROM {ks}.mutes WHERE conversation_id = ? AND user_id = ?".into(),
+            Stmt::UpdateDelivered => "UPDATE {ks}.positions USING TIMESTAMP ? SET delivered = ? \
+                 WHERE conversation_id = ? AND user_id = ?"
+                .into(),
+            Stmt::UpdateRead => {
+                "UPDATE {ks}.positions USING TIMESTAMP ? SET read = ? WHERE conversation_id = ? AND user_id = ?"
+                    .into()
+            }
+            Stmt::InsertReaction => "INSERT INTO {ks}.reactions (conversation_id, block, seq, user_id, emoji) \
+                 VALUES (?, ?, ?, ?, ?)"
+                .into(),
+            Stmt::DeleteReaction => "DELETE FROM {ks}.reactions \
+                 WHERE conversation_id = ? AND block = ? AND seq = ? AND user_id = ?"
+                .into(),
+            Stmt::UpdateLastSeen => "UPDATE {ks}.presence SET last_seen_ms = ? WHERE user_id = ?".into(),
+            Stmt::UpdateHideLastSeen => "UPDATE {ks}.presence SET hide_last_seen = ? WHERE user_id = ?".into(),
+            Stmt::InsertUser => {
+                "INSERT INTO {ks}.users (id, username, password_hash, created_ms) VALUES (?, ?, ?, ?)".into()
+            }
+            Stmt::ClaimUsername => {
+                "INSERT INTO {ks}.usernames (username_lower, user_id) VALUES (?, ?) IF NOT EXISTS".into()
+            }
+            Stmt::SelectUser => {
+                "SELECT id, username, password_hash, created_ms FROM {ks}.users WHERE id = ?".into()
+            }
+            Stmt::SelectUsername | Stmt::SelectUsernameSerial => {
+                "SELECT user_id FROM {ks}.usernames WHERE username_lower = ?".into()
+            }
+            Stmt::SelectConversation => "SELECT id, kind, title, created_ms, created_by, last_seq, last_ts_ms \
+                 FROM {ks}.conversations WHERE id = ?"
+                .into(),
+            Stmt::SelectMembers => "SELECT user_id, role FROM {ks}.members WHERE conversation_id = ?".into(),
+            Stmt::SelectMemberRole => {
+                "SELECT role FROM {ks}.members WHERE conversation_id = ? AND user_id = ?".into()
+            }
+            Stmt::SelectUserConversations => {
+                "SELECT conversation_id FROM {ks}.user_conversations WHERE user_id = ?".into()
+            }
+            Stmt::SelectDirect => {
+                "SELECT conversation_id FROM {ks}.direct_pairs WHERE user_lo = ? AND user_hi = ?".into()
+            }
+            Stmt::SelectIdempotency => "SELECT seq FROM {ks}.idempotency \
+                 WHERE conversation_id = ? AND sender_id = ? AND client_msg_id = ?"
+                .into(),
+            Stmt::SelectMute => {
+                "SELECT user_id FROM {ks}.mutes WHERE conversation_id = ? AND user_id = ?".into()
+            }
+            Stmt::SelectPositions => {
+                "SELECT delivered, read FROM {ks}.positions WHERE conversation_id = ? AND user_id = ?".into()
+            }
+            Stmt::SelectAllPositions => {
+                "SELECT user_id, delivered, read FROM {ks}.positions WHERE conversation_id = ?".into()
+            }
+            Stmt::SelectReactions => "SELECT seq, user_id, emoji FROM {ks}.reactions \
+                 WHERE conversation_id = ? AND block = ? AND seq >= ? AND seq <= ?"
+                .into(),
+            Stmt::SelectPresence => {
+                "SELECT last_seen_ms, hide_last_seen FROM {ks}.presence WHERE user_id = ?".into()
+            }
+            Stmt::SelectBuckets => {
+                "SELECT bucket, first_seq FROM {ks}.message_buckets WHERE conversation_id = ?".into()
+            }
+            Stmt::SelectMessagesAsc => format!(
+                "SELECT {MESSAGE_COLS} FROM {{ks}}.messages WHERE conversation_id = ? AND bucket = ? \
+                 AND seq >= ? AND seq <= ? ORDER BY seq ASC LIMIT ?"
+            ),
+            Stmt::SelectMessagesDesc => format!(
+                "SELECT {MESSAGE_COLS} FROM {{ks}}.messages WHERE conversation_id = ? AND bucket = ? \
+                 AND seq >= ? AND seq <= ? ORDER BY seq DESC LIMIT ?"
+            ),
+        }
+    }
+
+    pub(crate) fn cql(self, keyspace: &str) -> String {
+        self.template().replace("{ks}", keyspace)
+    }
+
+    /// Whether running the statement twice has the effect of running it once.
+    /// Only the username claim (a lightweight transaction) is not.
+    pub(crate) fn idempotent(self) -> bool {
+        self != Stmt::ClaimUsername
+    }
+
+    /// Consistency overrides; everything else uses the configured level.
+    fn consistency(self) -> Option<Consistency> {
+        match self {
+            // Reads the claim's Paxos state, to learn whether a timed-out claim landed.
+            Stmt::SelectUsernameSerial => Some(Consistency::LocalSerial),
+            _ => None,
+        }
+    }
+
+    /// Whole-partition reads, fetched in driver pages.
+    fn paged(self) -> bool {
+        matches!(
+            self,
+            Stmt::SelectMembers
+                | Stmt::SelectUserConversations
+                | Stmt::SelectAllPositions
+                | Stmt::SelectBuckets
+                | Stmt::SelectReactions
+        )
+    }
+}
+
+/// A bound value: unset leaves a column as stored (and writes no tombstone),
+/// `Set(None)` writes null.
+pub(crate) type Value = MaybeUnset<Option<CqlValue>>;
+
+fn big(v: u64) -> Value {
+    MaybeUnset::Set(Some(CqlValue::BigInt(i(v))))
+}
+
+fn int(v: i32) -> Value {
+    MaybeUnset::Set(Some(CqlValue::Int(v)))
+}
+
+fn small(v: i16) -> Value {
+    MaybeUnset::Set(Some(CqlValue::SmallInt(v)))
+}
+
+fn text(v: &str) -> Value {
+    MaybeUnset::Set(Some(CqlValue::Text(v.to_owned())))
+}
+
+fn boolean(v: bool) -> Value {
+    MaybeUnset::Set(Some(CqlValue::Boolean(v)))
+}
+
+fn big_or_unset(v: Option<u64>) -> Value {
+    v.map_or(MaybeUnset::Unset, big)
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn bucket_i32(b: u32) -> i32 {
+    i32::try_from(b).unwrap_or(i32::MAX)
+}
+
+/// The reactions partition holding position `seq`.
+pub fn reaction_block(seq: Seq) -> u64 {
+    seq / REACTION_BLOCK
+}
+
+/// One statement of a commit, and the partition it writes.
+#[derive(Debug, Clone)]
+pub(crate) struct Write {
+    pub stmt: Stmt,
+    pub values: Vec<Value>,
+    pub partition: String,
+}
+
+impl Write {
+    fn new(stmt: Stmt, partition: String, values: Vec<Value>) -> Write {
+        Write { stmt, values, partition }
+    }
+
+    /// Approximate serialized size, for keeping batches small.
+    fn size(&self) -> usize {
+        self.values
+            .iter()
+            .map(|v| match v {
+                MaybeUnset::Set(Some(CqlValue::Text(s))) => 4 + s.len(),
+                _ => 12,
+            })
+            .sum()
+    }
+}
+
+/// A commit as three phases of writes; each phase starts when the one before
+/// has been acknowledged (see the module docs for why).
+pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32) -> [Vec<Write>; 3] {
+    let rows = Rows::of(batch);
+    let (mut first, mut second, mut third) = (Vec::new(), Vec::new(), Vec::new());
+    for (&(conv, bucket, seq), m) in &rows.messages {
+        // Deleting clears an edit time; otherwise an absent field is left unset
+        // (no tombstone per message): fields are never cleared after creation.
+        let edited = match (m.edited_ms, m.kind) {
+            (None, MessageKind::Deleted) => MaybeUnset::Set(None),
+            (e, _) => big_or_unset(e),
+        };
+        first.push(Write::new(
+            Stmt::InsertMessage,
+            format!("messages/{conv}/{bucket}"),
+            vec![
+                big(conv),
+                int(bucket_i32(bucket)),
+                big(seq),
+                big(m.ts_ms),
+                big(m.sender_id),
+                text(&m.client_msg_id),
+                small(i16::from(kind_to_u8(m.kind))),
+                text(&m.body),
+                big_or_unset(m.target_user_id),
+                m.role.map_or(MaybeUnset::Unset, |r| small(i16::from(crate::codec::role_to_u8(r)))),
+                big_or_unset(m.target_seq),
+                edited,
+            ],
+        ));
+    }
+    for (&(conv, bucket), &first_seq) in &rows.buckets {
+        first.push(Write::new(
+            Stmt::InsertBucket,
+            format!("message_buckets/{conv}"),
+            vec![big(conv), int(bucket_i32(bucket)), big(first_seq)],
+        ));
+    }
+    for c in rows.conversations.values() {
+        first.push(Write::new(
+            Stmt::InsertConversation,
+            format!("conversations/{}", c.id),
+            vec![
+                big(c.id),
+                small(conv_kind_to_i16(c.kind)),
+                text(&c.title),
+                big(c.created_ms),
+                big(c.created_by),
+            ],
+        ));
+        // The head is written USING TIMESTAMP last_seq: it never moves back.
+        third.push(Write::new(
+            Stmt::UpdateHead,
+            format!("conversations/{}", c.id),
+            vec![big(c.last_seq), big(c.last_seq), big(c.last_ts_ms), big(c.id)],
+        ));
+    }
+    for (&(conv, sender, cmid), &seq) in &rows.idempotency {
+        second.push(Write::new(
+            Stmt::InsertIdempotency,
+            format!("idempotency/{conv}/{sender}/{cmid}"),
+            vec![big(conv), big(sender), text(cmid), big(seq), int(idempotency_ttl_s)],
+        ));
+    }
+    for (&(conv, user), role) in &rows.members {
+        match role {
+            Some(role) => {
+                second.push(Write::new(
+                    Stmt::InsertMember,
+                    format!("members/{conv}"),
+                    vec![big(conv), big(user), small(*role)],
+                ));
+                second.push(Write::new(
+                    Stmt::InsertUserConversation,
+                    format!("user_conversations/{user}"),
+                    vec![big(user), big(conv)],
+                ));
+            }
+            None => {
+                second.push(Write::new(
+                    Stmt::DeleteMember,
+                    format!("members/{conv}"),
+                    vec![big(conv), big(user)],
+                ));
+                second.push(Write::new(
+                    Stmt::DeleteUserConversation,
+                    format!("user_conversations/{user}"),
+                    vec![big(user), big(conv)],
+                ));
+            }
+        }
+    }
+    for (&(lo, hi), &conv) in &rows.direct {
+        second.push(Write::new(
+            Stmt::InsertDirect,
+            format!("direct_pairs/{lo}/{hi}"),
+            vec![big(lo), big(hi), big(conv)],
+        ));
+    }
+    for (&(conv, user), &muted) in &rows.mutes {
+        let stmt = if muted { Stmt::InsertMute } else { Stmt::DeleteMute };
+        second.push(Write::new(stmt, format!("mutes/{conv}"), vec![big(conv), big(user)]));
+    }
+    for (&(conv, user), p) in &rows.positions {
+        // USING TIMESTAMP <position>: the higher position wins, in any order.
+        for (stmt, v) in [(Stmt::UpdateDelivered, p.delivered), (Stmt::UpdateRead, p.read)] {
+            second.push(Write::new(
+                stmt,
+                format!("positions/{conv}"),
+                vec![big(v), big(v), big(conv), big(user)],
+            ));
+        }
+    }
+    for (&(conv, seq, user), &emoji) in &rows.reactions {
+        let block = reaction_block(seq);
+        let partition = format!("reactions/{conv}/{block}");
+        if emoji.is_empty() {
+            second.push(Write::new(
+                Stmt::DeleteReaction,
+                partition,
+                vec![big(conv), big(block), big(seq), big(user)],
+            ));
+        } else {
+            second.push(Write::new(
+                Stmt::InsertReaction,
+                partition,
+                vec![big(conv), big(block), big(seq), big(user), text(emoji)],
+            ));
+        }
+    }
+    for (&user, &ms) in &rows.last_seen {
+        second.push(Write::new(Stmt::UpdateLastSeen, format!("presence/{user}"), vec![big(ms), big(user)]));
+    }
+    for (&user, &hide) in &rows.hide {
+        second.push(Write::new(
+            Stmt::UpdateHideLastSeen,
+            format!("presence/{user}"),
+            vec![boolean(hide), big(user)],
+        ));
+    }
+    [first, second, third]
+}
+
+/// Groups one phase's writes by partition (first-seen order) and splits each
+/// group into unlogged batches of bounded size. A single-partition unlogged
+/// batch is applied atomically by the replica and costs one round trip.
+pub(crate) fn batches(writes: Vec<Write>) -> Vec<Vec<Write>> {
+    let mut by_partition: Vec<(String, Vec<Write>)> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for w in writes {
+        let at = *index.entry(w.partition.clone()).or_insert_with(|| {
+            by_partition.push((w.partition.clone(), Vec::new()));
+            by_partition.len() - 1
+        });
+        by_partition[at].1.push(w);
+    }
+    let mut out = Vec::new();
+    for (_, group) in by_partition {
+        let mut cur: Vec<Write> = Vec::new();
+        let mut bytes = 0;
+        for w in group {
+            let size = w.size();
+            if !cur.is_empty() && (cur.len() == BATCH_MAX_STATEMENTS || bytes + size > BATCH_MAX_BYTES) {
+                out.push(std::mem::take(&mut cur));
+                bytes = 0;
+            }
+            bytes += size;
+            cur.push(w);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+    }
+    out
+}
+
+fn conv_kind_to_i16(k: ConversationKind) -> i16 {
+    match k {
+        ConversationKind::Direct => 0,
+        ConversationKind::Group => 1,
+    }
+}
+
+fn conv_kind_from_i16(v: i16) -> Result<ConversationKind> {
+    match v {
+        0 => Ok(ConversationKind::Direct),
+        1 => Ok(ConversationKind::Group),
+        _ => Err(corrupt("unknown conversation kind")),
+    }
+}
+
+fn small_u8(v: i16) -> Result<u8> {
+    u8::try_from(v).map_err(|_| corrupt("small integer out of range"))
+}
+
+// ---- errors ----
+
+/// What a server error means for the caller: overload, unavailability and
+/// timeouts are retryable; a refused statement (schema, auth, syntax) is not.
+fn db_kind(e: &DbError) -> ErrorKind {
+    match e {
+        DbError::ReadTimeout { .. } | DbError::WriteTimeout { .. } => ErrorKind::Timeout,
+        DbError::Unavailable { .. }
+        | DbError::Overloaded
+        | DbError::IsBootstrapping
+        | DbError::ReadFailure { .. }
+        | DbError::WriteFailure { .. }
+        | DbError::ServerError
+        | DbError::RateLimitReached { .. }
+        | DbError::TruncateError
+        | DbError::Unprepared { .. }
+        | DbError::Other(_) => ErrorKind::Io,
+        DbError::SyntaxError
+        | DbError::Invalid
+        | DbError::AlreadyExists { .. }
+        | DbError::FunctionFailure { .. }
+        | DbError::AuthenticationError
+        | DbError::Unauthorized
+        | DbError::ConfigError
+        | DbError::ProtocolError => ErrorKind::Rejected,
+        _ => ErrorKind::Io,
+    }
+}
+
+fn attempt_kind(e: &RequestAttemptError) -> ErrorKind {
+    match e {
+        RequestAttemptError::DbError(db, _) => db_kind(db),
+        RequestAttemptError::SerializationError(_) | RequestAttemptError::CqlRequestSerialization(_) => {
+            ErrorKind::Rejected
+        }
+        _ => ErrorKind::Io,
+    }
+}
+
+pub(crate) fn execution_kind(e: &ExecutionError) -> ErrorKind {
+    match e {
+        ExecutionError::RequestTimeout(_) => ErrorKind::Timeout,
+        ExecutionError::LastAttemptError(a) => attempt_kind(a),
+        ExecutionError::BadQuery(_) => ErrorKind::Rejected,
+        _ => ErrorKind::Io,
+    }
+}
+
+fn request_kind(e: &RequestError) -> ErrorKind {
+    match e {
+        RequestError::RequestTimeout(_) => ErrorKind::Timeout,
+        RequestError::LastAttemptError(a) => attempt_kind(a),
+        _ => ErrorKind::Io,
+    }
+}
+
+fn page_kind(e: &NextPageError) -> ErrorKind {
+    match e {
+        NextPageError::RequestFailure(r) => request_kind(r),
+        NextPageError::TypeCheckError(_) => ErrorKind::Corrupt,
+        _ => ErrorKind::Io,
+    }
+}
+
+fn cql(context: &'static str) -> impl FnOnce(ExecutionError) -> StorageError {
+    move |e| StorageError::new(execution_kind(&e), context, e)
+}
+
+fn pager(context: &'static str) -> impl FnOnce(PagerExecutionError) -> StorageError {
+    move |e| {
+        let kind = match &e {
+            PagerExecutionError::NextPageError(p) => page_kind(p),
+            PagerExecutionError::SerializationError(_) => ErrorKind::Rejected,
+            _ => ErrorKind::Io,
+        };
+        StorageError::new(kind, context, e)
+    }
+}
+
+fn next_row(context: &'static str) -> impl Fn(NextRowError) -> StorageError {
+    move |e| {
+        let kind = match &e {
+            NextRowError::NextPageError(p) => page_kind(p),
+            _ => ErrorKind::Corrupt,
+        };
+        StorageError::new(kind, context, e)
+    }
+}
+
+fn decode<E: std::error::Error + Send + Sync + 'static>(
+    context: &'static str,
+) -> impl FnOnce(E) -> StorageError {
+    move |e| StorageError::new(ErrorKind::Corrupt, context, e)
+}
+
+/// Whether `e` is the server saying the keyspace or table does not exist.
+fn is_missing_schema(e: &ExecutionError) -> bool {
+    matches!(e, ExecutionError::LastAttemptError(RequestAttemptError::DbError(DbError::Invalid, _)))
+}
+
+/// Whether a failed username claim may nevertheless have been applied.
+fn claim_outcome_unknown(e: &ExecutionError) -> bool {
+    match e {
+        ExecutionError::RequestTimeout(_) => true,
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::WriteTimeout { write_type, .. },
+            _,
+        )) => {
+            matches!(write_type, WriteType::Cas)
+        }
+        ExecutionError::LastAttemptError(RequestAttemptError::BrokenConnectionError(_)) => true,
+        _ => false,
+    }
+}
+
+// ---- the store ----
+
+pub struct CassandraStore {
+    rt: tokio::runtime::Runtime,
+    session: Session,
+    opts: CassandraOptions,
+    ttl_s: i32,
+    prepared: OnceLock<Vec<PreparedStatement>>,
+    preparing: Mutex<()>,
+}
+
+impl std::fmt::Debug for CassandraStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CassandraStore").field("keyspace", &self.opts.keyspace).finish_non_exhaustive()
+    }
+}
+
+impl CassandraStore {
+    /// Connects to the cluster (the keyspace need not exist yet: see [`Self::migrate`]).
+    pub fn connect(opts: &CassandraOptions) -> Result<CassandraStore> {
+        opts.check().map_err(|e| StorageError::new(ErrorKind::Rejected, "checking Cassandra options", e))?;
+        let consistency = parse_consistency(&opts.consistency)
+            .map_err(|e| StorageError::new(ErrorKind::Rejected, "checking Cassandra options", e))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cql-io")
+            .enable_all()
+            .build()
+            .map_err(|e| StorageError::new(ErrorKind::Io, "starting the Cassandra runtime", e))?;
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        if let Some(dc) = &opts.local_dc {
+            policy = policy.prefer_datacenter(dc.clone()).permit_dc_failover(false);
+        }
+        let profile = ExecutionProfile::builder()
+            .consistency(consistency)
+            .serial_consistency(Some(SerialConsistency::LocalSerial))
+            .request_timeout(Some(opts.request_timeout))
+            .load_balancing_policy(policy.build())
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&opts.contact_points)
+            .connection_timeout(opts.connect_timeout)
+            .default_execution_profile_handle(profile.into_handle())
+            .timestamp_generator(Arc::new(MonotonicTimestampGenerator::new()));
+        if let (Some(user), Some(password)) = (&opts.username, &opts.password) {
+            builder = builder.user(user, password);
+        }
+        let session = rt.block_on(async {
+            match tokio::time::timeout(opts.connect_timeout * 2, builder.build()).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(StorageError::new(ErrorKind::Io, "connecting to Cassandra", e)),
+                Err(e) => Err(StorageError::new(ErrorKind::Timeout, "connecting to Cassandra", e)),
+            }
+        })?;
+        Ok(CassandraStore {
+            rt,
+            session,
+            ttl_s: i32::try_from(opts.idempotency_ttl.as_secs()).unwrap_or(i32::MAX),
+            opts: opts.clone(),
+            prepared: OnceLock::new(),
+            preparing: Mutex::new(()),
+        })
+    }
+
+    /// Creates the keyspace and tables if missing (`deploy/cassandra/schema.cql`),
+    /// waits for schema agreement and records the version. Returns whether it
+    /// changed anything. Never alters an existing keyspace's replication (that
+    /// needs `ALTER KEYSPACE` and a repair, by an operator).
+    pub fn migrate(&self) -> Result<bool> {
+        if self.schema_version()? >= SCHEMA_VERSION {
+            return Ok(false);
+        }
+        self.rt.block_on(async {
+            for stmt in schema_statements(&self.opts) {
+                self.session.query_unpaged(stmt, ()).await.map_err(cql("applying the Cassandra schema"))?;
+            }
+            self.session
+                .await_schema_agreement()
+                .await
+                .map_err(|e| StorageError::new(ErrorKind::Io, "waiting for schema agreement", e))?;
+            let ks = &self.opts.keyspace;
+            self.session
+                .query_unpaged(
+                    format!("INSERT INTO {ks}.schema_version (id, version) VALUES (0, {SCHEMA_VERSION})"),
+                    (),
+                )
+                .await
+                .map_err(cql("recording the schema version"))?;
+            Ok(true)
+        })
+    }
+
+    /// The schema version of the keyspace (0: keyspace or tables missing).
+    pub fn schema_version(&self) -> Result<i32> {
+        let ks = &self.opts.keyspace;
+        self.rt.block_on(async {
+            let r = self
+                .session
+                .query_unpaged(format!("SELECT version FROM {ks}.schema_version WHERE id = 0"), ())
+                .await;
+            match r {
+                Err(e) if is_missing_schema(&e) => Ok(0),
+                Err(e) => Err(cql("reading the schema version")(e)),
+                Ok(r) => {
+                    let rows = r.into_rows_result().map_err(decode("reading the schema version"))?;
+                    let v: Option<(Option<i32>,)> =
+                        rows.maybe_first_row().map_err(decode("reading the schema version"))?;
+                    Ok(v.and_then(|v| v.0).unwrap_or(0))
+                }
+            }
+        })
+    }
+
+    /// Drops the keyspace (tests only: each conformance run uses its own).
+    #[doc(hidden)]
+    pub fn drop_keyspace(&self) -> Result<()> {
+        let ks = &self.opts.keyspace;
+        self.rt.block_on(async {
+            self.session
+                .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
+                .await
+                .map(drop)
+                .map_err(cql("dropping the keyspace"))
+        })
+    }
+
+    /// The prepared statements, prepared on first use (after `migrate`).
+    fn prepared(&self) -> Result<&[PreparedStatement]> {
+        if let Some(p) = self.prepared.get() {
+            return Ok(p);
+        }
+        let _one = self.preparing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = self.prepared.get() {
+            return Ok(p);
+        }
+        let all = self.rt.block_on(async {
+            let mut out = Vec::with_capacity(Stmt::ALL.len());
+            for s in Stmt::ALL {
+                let mut p = self
+                    .session
+                    .prepare(s.cql(&self.opts.keyspace))
+                    .await
+                    .map_err(|e| StorageError::new(ErrorKind::Io, "preparing statements", e))?;
+                p.set_is_idempotent(s.idempotent());
+                if let Some(c) = s.consistency() {
+                    p.set_consistency(c);
+                }
+                if s.paged() {
+                    p.set_page_size(PAGE_ROWS);
+                }
+                out.push(p);
+            }
+            Ok::<_, StorageError>(out)
+        })?;
+        Ok(self.prepared.get_or_init(|| all))
+    }
+
+    fn stmt(&self, s: Stmt) -> Result<&PreparedStatement> {
+        Ok(&self.prepared()?[s as usize])
+    }
+
+    /// At most one row of a single-partition read.
+    fn one<T>(&self, context: &'static str, s: Stmt, values: impl SerializeRow) -> Result<Option<T>>
+    where
+        T: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
+        let stmt = self.stmt(s)?;
+        self.rt.block_on(async {
+            let r = self.session.execute_unpaged(stmt, values).await.map_err(cql(context))?;
+            let rows = r.into_rows_result().map_err(decode(context))?;
+            rows.maybe_first_row::<T>().map_err(decode(context))
+        })
+    }
+
+    /// Every row of a read, fetched page by page.
+    fn all<T>(&self, context: &'static str, s: Stmt, values: impl SerializeRow) -> Result<Vec<T>>
+    where
+        T: for<'f, 'm> DeserializeRow<'f, 'm> + 'static,
+    {
+        let stmt = self.stmt(s)?.clone();
+        self.rt.block_on(async {
+            let pager = self.session.execute_iter(stmt, values).await.map_err(pager(context))?;
+            pager.rows_stream::<T>().map_err(decode(context))?.map_err(next_row(context)).try_collect().await
+        })
+    }
+
+    /// Runs one batch of same-partition writes.
+    async fn write(&self, prepared: &[PreparedStatement], group: Vec<Write>) -> Result<()> {
+        if let [w] = group.as_slice() {
+            return self
+                .session
+                .execute_unpaged(&prepared[w.stmt as usize], &w.values)
+                .await
+                .map(drop)
+                .map_err(cql("writing a commit"));
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for w in &group {
+            batch.append_statement(prepared[w.stmt as usize].clone());
+        }
+        batch.set_is_idempotent(group.iter().all(|w| w.stmt.idempotent()));
+        let values: Vec<Vec<Value>> = group.into_iter().map(|w| w.values).collect();
+        self.session.batch(&batch, values).await.map(drop).map_err(cql("writing a commit"))
+    }
+}
+
+impl Store for CassandraStore {
+    fn commit(&self, batch: &[Mutation]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let prepared = self.prepared()?;
+        let phases = plan(batch, self.ttl_s);
+        self.rt.block_on(async {
+            for writes in phases {
+                futures_util::stream::iter(batches(writes))
+                    .map(|group| self.write(prepared, group))
+                    .buffer_unordered(IN_FLIGHT)
+                    .try_collect::<Vec<()>>()
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes the user row, then claims the lowercase name with a lightweight
+    /// transaction. A claim that timed out is settled by reading the name back
+    /// at LOCAL_SERIAL. A lost race leaves an unreachable user row (its id is
+    /// never handed out).
+    fn create_user(&self, user: &UserRecord) -> Result<()> {
+        let prepared = self.prepared()?;
+        let lower = user.username.to_lowercase();
+        self.rt.block_on(async {
+            self.session
+                .execute_unpaged(
+                    &prepared[Stmt::InsertUser as usize],
+                    (i(user.id), &user.username, &user.password_hash, i(user.created_ms)),
+                )
+                .await
+                .map_err(cql("registering"))?;
+            let claim = self
+                .session
+                .execute_unpaged(&prepared[Stmt::ClaimUsername as usize], (&lower, i(user.id)))
+                .await;
+            let owner = match claim {
+                Ok(r) => {
+                    // An LWT answers `[applied]`, plus the existing row when not applied.
+                    let rows = r.into_rows_result().map_err(decode("registering"))?;
+                    let row: Option<scylla::value::Row> =
+                        rows.maybe_first_row().map_err(decode("registering"))?;
+                    let cols = row.map(|r| r.columns).unwrap_or_default();
+                    match cols.as_slice() {
+                        [Some(CqlValue::Boolean(true)), ..] => return Ok(()),
+                        [Some(CqlValue::Boolean(false)), .., Some(CqlValue::BigInt(id))] => Some(u(*id)),
+                        _ => return Err(corrupt("unexpected answer to a username claim")),
+                    }
+                }
+                Err(e) if claim_outcome_unknown(&e) => {
+                    let serial = &prepared[Stmt::SelectUsernameSerial as usize];
+                    let r =
+                        self.session.execute_unpaged(serial, (&lower,)).await.map_err(cql("registering"))?;
+                    let rows = r.into_rows_result().map_err(decode("registering"))?;
+                    match rows.maybe_first_row::<(i64,)>().map_err(decode("registering"))? {
+                        Some((id,)) => Some(u(id)),
+                        None => return Err(StorageError::new(ErrorKind::Timeout, "registering", e)),
+                    }
+                }
+                Err(e) => return Err(cql("registering")(e)),
+            };
+            match owner {
+                Some(id) if id == user.id => Ok(()),
+                _ => Err(StorageError::new(ErrorKind::UsernameTaken, "registering", "username taken")),
+            }
+        })
+    }
+
+    fn user(&self, id: UserId) -> Result<Option<UserRecord>> {
+        Ok(self.one::<(i64, String, String, i64)>("reading a user", Stmt::SelectUser, (i(id),))?.map(
+            |(id, username, password_hash, created_ms)| UserRecord {
+                id: u(id),
+                username,
+                password_hash,
+                created_ms: u(created_ms),
+            },
+        ))
+    }
+
+    fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>> {
+        let lower = username.to_lowercase();
+        match self.one::<(i64,)>("reading a username", Stmt::SelectUsername, (&lower,))? {
+            Some((id,)) => self.user(u(id)),
+            None => Ok(None),
+        }
+    }
+
+    fn conversation(&self, id: ConversationId) -> Result<Option<ConversationRecord>> {
+        type Head = (i64, Option<i16>, Option<String>, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+        let Some(r) = self.one::<Head>("reading a conversation", Stmt::SelectConversation, (i(id),))? else {
+            return Ok(None);
+        };
+        // A head written before its record (a half-applied commit) is not a conversation.
+        let Some(kind) = r.1 else { return Ok(None) };
+        Ok(Some(ConversationRecord {
+            id: u(r.0),
+            kind: conv_kind_from_i16(kind)?,
+            title: r.2.unwrap_or_default(),
+            created_ms: u(r.3.unwrap_or(0)),
+            created_by: u(r.4.unwrap_or(0)),
+            last_seq: u(r.5.unwrap_or(0)),
+            last_ts_ms: u(r.6.unwrap_or(0)),
+        }))
+    }
+
+    fn members(&self, id: ConversationId) -> Result<Vec<(UserId, Role)>> {
+        self.all::<(i64, i16)>("reading members", Stmt::SelectMembers, (i(id),))?
+            .into_iter()
+            .map(|(user, role)| Ok((u(user), role_from_u8(small_u8(role)?)?)))
+            .collect()
+    }
+
+    fn member_role(&self, id: ConversationId, user: UserId) -> Result<Option<Role>> {
+        self.one::<(i16,)>("reading a member", Stmt::SelectMemberRole, (i(id), i(user)))?
+            .map(|(r,)| role_from_u8(small_u8(r)?))
+            .transpose()
+    }
+
+    fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationId>> {
+        Ok(self
+            .all::<(i64,)>("reading a user's conversations", Stmt::SelectUserConversations, (i(user),))?
+            .into_iter()
+            .map(|(c,)| u(c))
+            .collect())
+    }
+
+    fn direct(&self, a: UserId, b: UserId) -> Result<Option<ConversationId>> {
+        let (x, y) = pair(a, b);
+        Ok(self.one::<(i64,)>("reading a direct pair", Stmt::SelectDirect, (i(x), i(y)))?.map(|(c,)| u(c)))
+    }
+
+    fn idempotent_seq(
+        &self,
+        conv: ConversationId,
+        sender: UserId,
+        client_msg_id: &str,
+    ) -> Result<Option<Seq>> {
+        Ok(self
+            .one::<(i64,)>(
+                "reading an idempotency key",
+                Stmt::SelectIdempotency,
+                (i(conv), i(sender), client_msg_id),
+            )?
+            .map(|(s,)| u(s)))
+    }
+
+    fn muted(&self, conv: ConversationId, user: UserId) -> Result<bool> {
+        Ok(self.one::<(i64,)>("reading a mute", Stmt::SelectMute, (i(conv), i(user)))?.is_some())
+    }
+
+    fn positions(&self, conv: ConversationId, user: UserId) -> Result<Positions> {
+        Ok(self
+            .one::<(Option<i64>, Option<i64>)>(
+                "reading positions",
+                Stmt::SelectPositions,
+                (i(conv), i(user)),
+            )?
+            .map(|(d, r)| Positions { delivered: u(d.unwrap_or(0)), read: u(r.unwrap_or(0)) })
+            .unwrap_or_default())
+    }
+
+    fn all_positions(&self, conv: ConversationId) -> Result<Vec<(UserId, Positions)>> {
+        Ok(self
+            .all::<(i64, Option<i64>, Option<i64>)>(
+                "reading positions",
+                Stmt::SelectAllPositions,
+                (i(conv),),
+            )?
+            .into_iter()
+            .map(|(user, d, r)| {
+                (u(user), Positions { delivered: u(d.unwrap_or(0)), read: u(r.unwrap_or(0)) })
+            })
+            .collect())
+    }
+
+    fn reactions(&self, conv: ConversationId, lo: Seq, hi: Seq) -> Result<Vec<(Seq, UserId, String)>> {
+        let mut out = Vec::new();
+        if lo > hi {
+            return Ok(out);
+        }
+        for block in reaction_block(lo)..=reaction_block(hi) {
+            out.extend(
+                self.all::<(i64, i64, String)>(
+                    "reading reactions",
+                    Stmt::SelectReactions,
+                    (i(conv), i(block), i(lo), i(hi)),
+                )?
+                .into_iter()
+                .map(|(s, user, emoji)| (u(s), u(user), emoji)),
+            );
+        }
+        Ok(out)
+    }
+
+    fn presence(&self, user: UserId) -> Result<PresenceRecord> {
+        Ok(self
+            .one::<(Option<i64>, Option<bool>)>("reading presence", Stmt::SelectPresence, (i(user),))?
+            .map(|(seen, hide)| PresenceRecord {
+                last_seen_ms: seen.map(u),
+                hide_last_seen: hide.unwrap_or(false),
+            })
+            .unwrap_or_default())
+    }
+
+    fn buckets(&self, conv: ConversationId) -> Result<Vec<BucketRef>> {
+        self.all::<(i32, i64)>("reading buckets", Stmt::SelectBuckets, (i(conv),))?
+            .into_iter()
+            .map(|(bucket, first)| {
+                Ok(BucketRef {
+                    bucket: u32::try_from(bucket).map_err(|_| corrupt("negative bucket"))?,
+                    first_seq: u(first),
+                })
+            })
+            .collect()
+    }
+
+    fn read_bucket(
+        &self,
+        conv: ConversationId,
+        bucket: u32,
+        lo: Seq,
+        hi: Seq,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        if lo > hi || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let s = match order {
+            Order::Ascending => Stmt::SelectMessagesAsc,
+            Order::Descending => Stmt::SelectMessagesDesc,
+        };
+        let stmt = self.stmt(s)?;
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        type MessageRow =
+            (i64, i64, i64, String, i16, String, Option<i64>, Option<i16>, Option<i64>, Option<i64>);
+        let rows: Vec<MessageRow> = self.rt.block_on(async {
+            // LIMIT is at most a page (101 rows): one request, one partition.
+            let r = self
+                .session
+                .execute_unpaged(stmt, (i(conv), bucket_i32(bucket), i(lo), i(hi), limit))
+                .await
+                .map_err(cql("reading a bucket"))?;
+            let rows = r.into_rows_result().map_err(decode("reading a bucket"))?;
+            rows.rows::<MessageRow>()
+                .map_err(decode("reading a bucket"))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(decode("reading a bucket"))
+        })?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Message {
+                    conversation_id: conv,
+                    seq: u(r.0),
+                    ts_ms: u(r.1),
+                    sender_id: u(r.2),
+                    client_msg_id: r.3,
+                    kind: kind_from_u8(small_u8(r.4)?)?,
+                    body: r.5,
+                    target_user_id: r.6.map(u),
+                    role: r.7.map(|v| small_u8(v).and_then(role_from_u8)).transpose()?,
+                    target_seq: r.8.map(u),
+                    edited_ms: r.9.map(u),
+                    reactions: Vec::new(),
+                    my_reaction: None,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeSet, HashMap};
+
+    fn opts() -> CassandraOptions {
+        CassandraOptions {
+            contact_points: vec!["127.0.0.1:9042".into()],
+            keyspace: "chat_eu".into(),
+            local_dc: Some("eu-west".into()),
+            consistency: "local_quorum".into(),
+            replication: BTreeMap::from([("eu-west".into(), 3), ("us-east".into(), 2)]),
+            username: None,
+            password: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            idempotency_ttl: Duration::from_secs(604_800),
+        }
+    }
+
+    /// A table of the schema file: columns, partition key, clustering columns, options.
+    #[derive(Debug)]
+    struct Table {
+        columns: BTreeSet<String>,
+        partition: Vec<String>,
+        clustering: Vec<String>,
+        options: String,
+    }
+
+    fn tables() -> HashMap<String, Table> {
+        let mut out = HashMap::new();
+        for stmt in schema_statements(&opts()) {
+            let Some(rest) = stmt.strip_prefix("CREATE TABLE IF NOT EXISTS chat_eu.") else { continue };
+            let (name, rest) = rest.split_once(" (").expect("table body");
+            // The parenthesis closing the table body (options may hold more).
+            let mut depth = 1;
+            let close = rest
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += i32::from(c == '(') - i32::from(c == ')');
+                    depth == 0
+                })
+                .expect("closing parenthesis")
+                .0;
+            let (body, options) = (&rest[..close], &rest[close + 1..]);
+            let mut columns = BTreeSet::new();
+            let (mut partition, mut clustering) = (Vec::new(), Vec::new());
+            let pk = body.find("PRIMARY KEY (");
+            for col in body[..pk.unwrap_or(body.len())].split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                let mut words = col.split_whitespace();
+                let c = words.next().unwrap().to_owned();
+                if col.ends_with("PRIMARY KEY") {
+                    partition.push(c.clone());
+                }
+                columns.insert(c);
+            }
+            if let Some(at) = pk {
+                let key = &body[at + "PRIMARY KEY (".len()..];
+                let key = key.trim_end().strip_suffix(')').expect("key closes");
+                let (part, clus) = match key.strip_prefix('(') {
+                    Some(k) => {
+                        let (p, c) = k.split_once(')').unwrap();
+                        (p.to_owned(), c.trim_start_matches(',').to_owned())
+                    }
+                    None => match key.split_once(',') {
+                        Some((p, c)) => (p.to_owned(), c.to_owned()),
+                        None => (key.to_owned(), String::new()),
+                    },
+                };
+                let names =
+                    |s: &str| s.split(',').map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect();
+                partition = names(&part);
+                clustering = names(&clus);
+            }
+            out.insert(
+                name.to_owned(),
+                Table { columns, partition, clustering, options: options.to_owned() },
+            );
+        }
+        out
+    }
+
+    /// The table a statement touches.
+    fn table_of(cql: &str) -> String {
+        let after = ["FROM chat_eu.", "INTO chat_eu.", "UPDATE chat_eu."]
+            .iter()
+            .find_map(|k| cql.split_once(k).map(|(_, r)| r))
+            .expect("statement names a table");
+        after.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').next().unwrap().to_owned()
+    }
+
+    /// Columns bound by equality in a WHERE clause, or listed in an INSERT.
+    fn keyed_columns(cql: &str) -> BTreeSet<String> {
+        if let Some((_, rest)) = cql.split_once(" (")
+            && cql.starts_with("INSERT")
+        {
+            return rest.split(')').next().unwrap().split(',').map(|c| c.trim().to_owned()).collect();
+        }
+        let (_, wh) = cql.split_once(" WHERE ").expect("a WHERE clause");
+        wh.split(" AND ").filter_map(|c| c.split_once(" = ?").map(|(col, _)| col.trim().to_owned())).collect()
+    }
+
+    #[test]
+    fn statement_table_matches_the_enum() {
+        for (n, s) in Stmt::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, n, "Stmt::ALL is in declaration order");
+        }
+        let distinct: BTreeSet<_> = Stmt::ALL.iter().collect();
+        assert_eq!(distinct.len(), Stmt::ALL.len());
+    }
+
+    #[test]
+    fn schema_has_the_promised_shape() {
+        let t = tables();
+        let m = &t["messages"];
+        assert_eq!(m.partition, ["conversation_id", "bucket"], "messages by (conversation, time bucket)");
+        assert_eq!(m.clustering, ["seq"]);
+        assert!(m.options.contains("CLUSTERING ORDER BY (seq DESC)"), "newest first: {}", m.options);
+        assert!(m.options.contains("LeveledCompactionStrategy"));
+        assert_eq!(t["user_conversations"].partition, ["user_id"], "the per-user conversation index");
+        assert_eq!(t["positions"].partition, ["conversation_id"]);
+        assert!(t["positions"].columns.contains("read") && t["positions"].columns.contains("delivered"));
+        assert_eq!(t["usernames"].partition, ["username_lower"], "unique usernames");
+        assert_eq!(t["users"].partition, ["id"]);
+        let idem = &t["idempotency"];
+        assert_eq!(idem.partition, ["conversation_id", "sender_id", "client_msg_id"]);
+        let ttl: u64 = idem
+            .options
+            .split("default_time_to_live = ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("idempotency keys expire");
+        assert!(ttl >= 86_400, "kept at least a day: {ttl}");
+        assert!(idem.options.contains("TimeWindowCompactionStrategy"));
+        assert_eq!(t["reactions"].partition, ["conversation_id", "block"], "reactions are bounded too");
+        for (name, table) in &t {
+            assert!(!table.partition.is_empty(), "{name} has a partition key");
+            for c in table.partition.iter().chain(&table.clustering) {
+                assert!(table.columns.contains(c), "{name}: key column {c} is declared");
+            }
+        }
+        let all = schema_statements(&opts()).join(";").to_ascii_uppercase();
+        for banned in ["ALLOW FILTERING", "CREATE INDEX", "MATERIALIZED VIEW", "SIMPLESTRATEGY"] {
+            assert!(!all.contains(banned), "the schema uses no {banned}");
+        }
+    }
+
+    #[test]
+    fn schema_statements_take_the_configured_keyspace_and_replication() {
+        let s = schema_statements(&opts());
+        assert_eq!(
+            s[0],
+            "CREATE KEYSPACE IF NOT EXISTS chat_eu WITH replication = {'class': 'NetworkTopologyStrategy', \
+             'eu-west': 3, 'us-east': 2} AND durable_writes = true"
+        );
+        assert_eq!(s.len(), 1 + tables().len());
+        for stmt in &s[1..] {
+            assert!(stmt.starts_with("CREATE TABLE IF NOT EXISTS chat_eu."), "{stmt}");
+            assert!(!stmt.contains("switchboard."), "{stmt}");
+            assert!(!stmt.contains("--"), "comments are stripped: {stmt}");
+        }
+    }
+
+    #[test]
+    fn every_statement_reads_or_writes_one_partition_by_its_full_key() {
+        let t = tables();
+        for s in Stmt::ALL {
+            let cql = s.cql("chat_eu");
+            assert!(!cql.contains("{ks}"), "{cql}");
+            assert!(!cql.to_ascii_uppercase().contains("ALLOW FILTERING"), "{cql}");
+            let table = &t[&table_of(&cql)];
+            let keyed = keyed_columns(&cql);
+            for pk in &table.partition {
+                assert!(keyed.contains(pk), "{s:?} binds partition key column {pk}: {cql}");
+            }
+            if cql.starts_with("SELECT") {
+                let cols = cql["SELECT ".len()..cql.find(" FROM ").unwrap()].split(',').map(str::trim);
+                for c in cols {
+                    assert!(table.columns.contains(c), "{s:?} reads a declared column {c}");
+                }
+                let full_key = table.partition.iter().chain(&table.clustering).all(|c| keyed.contains(c));
+                assert!(
+                    full_key || s.paged() || cql.contains("LIMIT ?"),
+                    "{s:?}: a multi-row read is paged or limited: {cql}"
+                );
+            }
+            if cql.contains("ORDER BY") {
+                assert!(cql.contains("ORDER BY seq"), "ordering only by the clustering column: {cql}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_username_claim_is_not_idempotent() {
+        for s in Stmt::ALL {
+            let lwt = s.cql("ks").contains(" IF NOT EXISTS");
+            assert_eq!(s.idempotent(), !lwt, "{s:?}");
+        }
+        assert_eq!(Stmt::SelectUsernameSerial.consistency(), Some(Consistency::LocalSerial));
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert_eq!(opts().check(), Ok(()));
+        let bad = |f: fn(&mut CassandraOptions)| {
+            let mut o = opts();
+            f(&mut o);
+            o.check().unwrap_err()
+        };
+        assert!(bad(|o| o.keyspace = "chat-eu".into()).contains("identifier"));
+        assert!(bad(|o| o.keyspace = "1chat".into()).contains("identifier"));
+        assert!(bad(|o| o.keyspace = "a; DROP KEYSPACE x".into()).contains("identifier"));
+        assert!(bad(|o| o.replication.clear()).contains("no datacenter"));
+        assert!(
+            bad(|o| {
+                o.replication.insert("eu-west".into(), 0);
+            })
+            .contains("factor 0")
+        );
+        assert!(
+            bad(|o| {
+                o.replication.insert("x'y".into(), 1);
+            })
+            .contains("datacenter name")
+        );
+        assert!(bad(|o| o.local_dc = Some("ap".into())).contains("not in replication"));
+        assert!(bad(|o| o.consistency = "twoish".into()).contains("unknown consistency"));
+        assert!(bad(|o| o.contact_points.clear()).contains("empty"));
+        assert!(bad(|o| o.username = Some("u".into())).contains("together"));
+        assert!(bad(|o| o.idempotency_ttl = Duration::ZERO).contains("idempotency_ttl"));
+        assert_eq!(parse_consistency("LOCAL_QUORUM"), Ok(Consistency::LocalQuorum));
+        assert_eq!(parse_consistency("each_quorum"), Ok(Consistency::EachQuorum));
+    }
+
+    fn message(conv: u64, seq: u64, ts_ms: u64) -> Message {
+        Message {
+            conversation_id: conv,
+            seq,
+            ts_ms,
+            sender_id: 7,
+            client_msg_id: format!("c{seq}"),
+            kind: MessageKind::Text,
+            body: format!("hello {seq}"),
+            target_user_id: None,
+            role: None,
+            target_seq: None,
+            edited_ms: None,
+            reactions: vec![],
+            my_reaction: None,
+        }
+    }
+
+    fn big_at(w: &Write, n: usize) -> i64 {
+        match &w.values[n] {
+            MaybeUnset::Set(Some(CqlValue::BigInt(v))) => *v,
+            v => panic!("{:?} value {n} is {v:?}", w.stmt),
+        }
+    }
+
+    #[test]
+    fn a_send_commits_in_three_ordered_phases() {
+        let day = crate::BUCKET_MS;
+        let conv = ConversationRecord {
+            id: 5,
+            kind: ConversationKind::Group,
+            title: "t".into(),
+            created_ms: 1,
+            created_by: 7,
+            last_seq: 3,
+            last_ts_ms: day + 10,
+        };
+        let batch = vec![
+            Mutation::PutMessage(message(5, 1, day - 1)),
+            Mutation::PutMessage(message(5, 2, day)),
+            Mutation::PutMessage(message(5, 3, day + 10)),
+            Mutation::PutBucket { conversation: 5, bucket: BucketRef { bucket: 1, first_seq: 2 } },
+            Mutation::PutIdempotency { conversation: 5, sender: 7, client_msg_id: "c3".into(), seq: 3 },
+            Mutation::PutPositions {
+                conversation: 5,
+                user: 7,
+                positions: Positions { delivered: 3, read: 2 },
+            },
+            Mutation::PutConversation(conv),
+        ];
+        let [first, second, third] = plan(&batch, 600);
+        let stmts = |p: &[Write]| p.iter().map(|w| w.stmt).collect::<Vec<_>>();
+        assert_eq!(
+            stmts(&first),
+            [
+                Stmt::InsertMessage,
+                Stmt::InsertMessage,
+                Stmt::InsertMessage,
+                Stmt::InsertBucket,
+                Stmt::InsertConversation
+            ],
+            "messages and records first"
+        );
+        assert_eq!(stmts(&second), [Stmt::InsertIdempotency, Stmt::UpdateDelivered, Stmt::UpdateRead]);
+        assert_eq!(stmts(&third), [Stmt::UpdateHead], "the head last");
+        // Messages land in their day's partition.
+        assert_eq!(first[0].partition, "messages/5/0");
+        assert_eq!(first[1].partition, "messages/5/1");
+        assert_eq!(first[2].partition, first[1].partition);
+        // Optional fields are left unset: no tombstone per message.
+        assert!(first[0].values[8..].iter().all(|v| matches!(v, MaybeUnset::Unset)));
+        // The idempotency key carries the configured TTL.
+        assert!(matches!(second[0].values[4], MaybeUnset::Set(Some(CqlValue::Int(600)))));
+        // Positions and the head are written USING TIMESTAMP <their value>.
+        assert_eq!((big_at(&second[1], 0), big_at(&second[1], 1)), (3, 3));
+        assert_eq!((big_at(&second[2], 0), big_at(&second[2], 1)), (2, 2));
+        assert_eq!(
+            (big_at(&third[0], 0), big_at(&third[0], 1), big_at(&third[0], 2)),
+            (3, 3, (day + 10) as i64)
+        );
+        // Each phase's writes group into one batch per partition.
+        let groups = batches(first);
+        assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), [1, 2, 1, 1]);
+    }
+
+    #[test]
+    fn a_delete_clears_the_edit_time_and_reactions_and_members_use_deletes() {
+        let mut deleted = message(5, 2, 1000);
+        deleted.kind = MessageKind::Deleted;
+        deleted.body.clear();
+        let batch = vec![
+            Mutation::PutMessage(deleted),
+            Mutation::PutReaction { conversation: 5, seq: 2047, user: 8, emoji: "👍".into() },
+            Mutation::PutReaction { conversation: 5, seq: 2048, user: 8, emoji: String::new() },
+            Mutation::RemoveMember { conversation: 5, user: 9 },
+            Mutation::SetMuted { conversation: 5, user: 8, muted: false },
+        ];
+        let [first, second, _] = plan(&batch, 600);
+        assert!(matches!(first[0].values[11], MaybeUnset::Set(None)), "edited_ms written as null");
+        let stmts: Vec<_> = second.iter().map(|w| (w.stmt, w.partition.as_str())).collect();
+        assert_eq!(
+            stmts,
+            [
+                (Stmt::DeleteMember, "members/5"),
+                (Stmt::DeleteUserConversation, "user_conversations/9"),
+                (Stmt::DeleteMute, "mutes/5"),
+                (Stmt::InsertReaction, "reactions/5/1"),
+                (Stmt::DeleteReaction, "reactions/5/2"),
+            ]
+        );
+    }
+
+    #[test]
+    fn batches_stay_within_one_partition_and_under_the_size_limits() {
+        let mut batch: Vec<Mutation> = (1..=200).map(|s| Mutation::PutMessage(message(5, s, 1000))).collect();
+        let mut long = message(6, 1, 1000);
+        long.body = "x".repeat(20_000);
+        batch.push(Mutation::PutMessage(long.clone()));
+        long.seq = 2;
+        batch.push(Mutation::PutMessage(long.clone()));
+        long.seq = 3;
+        batch.push(Mutation::PutMessage(long));
+        let [first, ..] = plan(&batch, 600);
+        let groups = batches(first);
+        for g in &groups {
+            assert!(g.iter().all(|w| w.partition == g[0].partition), "one partition per batch");
+            assert!(g.len() <= BATCH_MAX_STATEMENTS);
+            assert!(g.len() == 1 || g.iter().map(Write::size).sum::<usize>() <= BATCH_MAX_BYTES);
+        }
+        let count = |p: &str| groups.iter().filter(|g| g[0].partition == p).map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(count("messages/5/0"), [64, 64, 64, 8]);
+        assert_eq!(count("messages/6/0"), [1, 1, 1], "20 KB bodies go one per batch");
+    }
+
+    #[test]
+    fn reaction_blocks_bound_a_page_to_two_partitions() {
+        assert_eq!(reaction_block(0), 0);
+        assert_eq!(reaction_block(REACTION_BLOCK - 1), 0);
+        assert_eq!(reaction_block(REACTION_BLOCK), 1);
+        for lo in 0..3 * REACTION_BLOCK {
+            let hi = lo + crate::MAX_PAGE as u64;
+            assert!(reaction_block(hi) - reaction_block(lo) <= 1, "{lo}..={hi}");
+        }
+    }
+
+    #[test]
+    fn errors_map_to_retryable_or_not() {
+        use scylla::statement::Consistency as C;
+        let db = |e: DbError| ExecutionError::LastAttemptError(RequestAttemptError::DbError(e, "x".into()));
+        let timeout = |w: WriteType| {
+            db(DbError::WriteTimeout { consistency: C::LocalQuorum, received: 1, required: 2, write_type: w })
+        };
+        assert_eq!(
+            execution_kind(&ExecutionError::RequestTimeout(Duration::from_secs(5))),
+            ErrorKind::Timeout
+        );
+        assert_eq!(execution_kind(&timeout(WriteType::UnloggedBatch)), ErrorKind::Timeout);
+        assert_eq!(
+            execution_kind(&db(DbError::Unavailable { consistency: C::LocalQuorum, required: 2, alive: 1 })),
+            ErrorKind::Io
+        );
+        assert_eq!(execution_kind(&db(DbError::Overloaded)), ErrorKind::Io);
+        assert_eq!(execution_kind(&db(DbError::Invalid)), ErrorKind::Rejected);
+        assert_eq!(execution_kind(&db(DbError::Unauthorized)), ErrorKind::Rejected);
+        assert_eq!(execution_kind(&ExecutionError::EmptyPlan), ErrorKind::Io);
+        assert!(is_missing_schema(&db(DbError::Invalid)));
+        assert!(!is_missing_schema(&db(DbError::Overloaded)));
+        assert!(claim_outcome_unknown(&timeout(WriteType::Cas)), "a CAS timeout may have applied");
+        assert!(!claim_outcome_unknown(&db(DbError::Invalid)));
+        let e = cql("writing a commit")(timeout(WriteType::Simple));
+        assert!(e.retryable() && e.kind == ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn keyspace_cql_lists_every_datacenter() {
+        let mut o = opts();
+        o.replication = BTreeMap::from([("dc1".into(), 3)]);
+        o.keyspace = "switchboard".into();
+        assert_eq!(
+            keyspace_cql(&o),
+            "CREATE KEYSPACE IF NOT EXISTS switchboard WITH replication = \
+             {'class': 'NetworkTopologyStrategy', 'dc1': 3} AND durable_writes = true"
+        );
+    }
+}

@@ -26,12 +26,13 @@
 //!   that is not stored; the sequencer reloads the conversation, and the head it
 //!   derives covers whatever did land, so no position is handed out twice.
 
-use crate::codec::{corrupt, kind_from_u8, kind_to_u8, role_from_u8};
+use crate::codec::{
+    conv_kind_from_i16, conv_kind_to_i16, corrupt, i, kind_from_u8, kind_to_u8, role_from_u8, small, u,
+};
 use crate::rows::Rows;
 use crate::{
-    BucketRef, ConversationId, ConversationKind, ConversationRecord, ErrorKind, Message, MessageKind,
-    Mutation, Order, Positions, PresenceRecord, Result, Role, Seq, StorageError, Store, UserId, UserRecord,
-    pair,
+    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, MessageKind, Mutation, Order,
+    Positions, PresenceRecord, Result, Role, Seq, StorageError, Store, UserId, UserRecord, pair,
 };
 use futures_util::{StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
@@ -421,7 +422,7 @@ fn int(v: i32) -> Value {
     MaybeUnset::Set(Some(CqlValue::Int(v)))
 }
 
-fn small(v: i16) -> Value {
+fn smallint(v: i16) -> Value {
     MaybeUnset::Set(Some(CqlValue::SmallInt(v)))
 }
 
@@ -435,14 +436,6 @@ fn boolean(v: bool) -> Value {
 
 fn big_or_unset(v: Option<u64>) -> Value {
     v.map_or(MaybeUnset::Unset, big)
-}
-
-fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u(v: i64) -> u64 {
-    v.max(0) as u64
 }
 
 fn bucket_i32(b: u32) -> i32 {
@@ -501,10 +494,10 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32) -> [Vec<Write>; 3
                 big(m.ts_ms),
                 big(m.sender_id),
                 text(&m.client_msg_id),
-                small(i16::from(kind_to_u8(m.kind))),
+                smallint(i16::from(kind_to_u8(m.kind))),
                 text(&m.body),
                 big_or_unset(m.target_user_id),
-                m.role.map_or(MaybeUnset::Unset, |r| small(i16::from(crate::codec::role_to_u8(r)))),
+                m.role.map_or(MaybeUnset::Unset, |r| smallint(i16::from(crate::codec::role_to_u8(r)))),
                 big_or_unset(m.target_seq),
                 edited,
             ],
@@ -523,7 +516,7 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32) -> [Vec<Write>; 3
             format!("conversations/{}", c.id),
             vec![
                 big(c.id),
-                small(conv_kind_to_i16(c.kind)),
+                smallint(conv_kind_to_i16(c.kind)),
                 text(&c.title),
                 big(c.created_ms),
                 big(c.created_by),
@@ -549,7 +542,7 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32) -> [Vec<Write>; 3
                 second.push(Write::new(
                     Stmt::InsertMember,
                     format!("members/{conv}"),
-                    vec![big(conv), big(user), small(*role)],
+                    vec![big(conv), big(user), smallint(*role)],
                 ));
                 second.push(Write::new(
                     Stmt::InsertUserConversation,
@@ -653,25 +646,6 @@ pub(crate) fn batches(writes: Vec<Write>) -> Vec<Vec<Write>> {
         }
     }
     out
-}
-
-fn conv_kind_to_i16(k: ConversationKind) -> i16 {
-    match k {
-        ConversationKind::Direct => 0,
-        ConversationKind::Group => 1,
-    }
-}
-
-fn conv_kind_from_i16(v: i16) -> Result<ConversationKind> {
-    match v {
-        0 => Ok(ConversationKind::Direct),
-        1 => Ok(ConversationKind::Group),
-        _ => Err(corrupt("unknown conversation kind")),
-    }
-}
-
-fn small_u8(v: i16) -> Result<u8> {
-    u8::try_from(v).map_err(|_| corrupt("small integer out of range"))
 }
 
 // ---- errors ----
@@ -1105,13 +1079,13 @@ impl Store for CassandraStore {
     fn members(&self, id: ConversationId) -> Result<Vec<(UserId, Role)>> {
         self.all::<(i64, i16)>("reading members", Stmt::SelectMembers, (i(id),))?
             .into_iter()
-            .map(|(user, role)| Ok((u(user), role_from_u8(small_u8(role)?)?)))
+            .map(|(user, role)| Ok((u(user), role_from_u8(small(role)?)?)))
             .collect()
     }
 
     fn member_role(&self, id: ConversationId, user: UserId) -> Result<Option<Role>> {
         self.one::<(i16,)>("reading a member", Stmt::SelectMemberRole, (i(id), i(user)))?
-            .map(|(r,)| role_from_u8(small_u8(r)?))
+            .map(|(r,)| role_from_u8(small(r)?))
             .transpose()
     }
 
@@ -1254,10 +1228,10 @@ impl Store for CassandraStore {
                     ts_ms: u(r.1),
                     sender_id: u(r.2),
                     client_msg_id: r.3,
-                    kind: kind_from_u8(small_u8(r.4)?)?,
+                    kind: kind_from_u8(small(r.4)?)?,
                     body: r.5,
                     target_user_id: r.6.map(u),
-                    role: r.7.map(|v| small_u8(v).and_then(role_from_u8)).transpose()?,
+                    role: r.7.map(|v| small(v).and_then(role_from_u8)).transpose()?,
                     target_seq: r.8.map(u),
                     edited_ms: r.9.map(u),
                     reactions: Vec::new(),
@@ -1271,6 +1245,7 @@ impl Store for CassandraStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ConversationKind;
     use std::collections::{BTreeSet, HashMap};
 
     fn opts() -> CassandraOptions {

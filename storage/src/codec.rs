@@ -1,10 +1,11 @@
-//! On-disk encodings shared by the byte-oriented backends.
+//! Encodings shared by the backends: byte keys and rows for the embedded store,
+//! integer conversions for the SQL and CQL ones.
 //!
 //! Keys are big-endian so that lexicographic order is numeric order. Message
 //! rows have a hand-written, versioned encoding: they are the hottest value and
 //! the wire model's serde attributes (string ids) are not meant for disk.
 
-use crate::{ErrorKind, Message, MessageKind, Role, StorageError};
+use crate::{ConversationKind, ErrorKind, Message, MessageKind, Role, StorageError};
 
 const MESSAGE_V1: u8 = 1;
 
@@ -185,6 +186,35 @@ pub fn decode_message(conv: u64, seq: u64, b: &[u8]) -> Result<Message, StorageE
         reactions: Vec::new(),
         my_reaction: None,
     })
+}
+
+/// Ids and positions are u64 in Rust and BIGINT in SQL and CQL. Real ones fit (63-bit
+/// snowflakes, positions far below 2^63); open range bounds saturate.
+pub(crate) fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn u(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+pub(crate) fn conv_kind_to_i16(k: ConversationKind) -> i16 {
+    match k {
+        ConversationKind::Direct => 0,
+        ConversationKind::Group => 1,
+    }
+}
+
+pub(crate) fn conv_kind_from_i16(v: i16) -> Result<ConversationKind, StorageError> {
+    match v {
+        0 => Ok(ConversationKind::Direct),
+        1 => Ok(ConversationKind::Group),
+        _ => Err(corrupt("unknown conversation kind")),
+    }
+}
+
+pub(crate) fn small(v: i16) -> Result<u8, StorageError> {
+    u8::try_from(v).map_err(|_| corrupt("small integer out of range"))
 }
 
 #[cfg(test)]

@@ -12,11 +12,13 @@
 //! (`synchronous_commit` is left at its default, `on`). Every statement is
 //! prepared once per connection.
 
-use crate::codec::{kind_from_u8, kind_to_u8, role_from_u8, role_to_u8};
+use crate::codec::{
+    conv_kind_from_i16, conv_kind_to_i16, i, kind_from_u8, kind_to_u8, role_from_u8, role_to_u8, small, u,
+};
 use crate::rows::Rows;
 use crate::{
-    BucketRef, ConversationId, ConversationKind, ConversationRecord, ErrorKind, Message, Mutation, Order,
-    Positions, PresenceRecord, Result, Seq, StorageError, Store, UserId, UserRecord, pair,
+    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, Mutation, Order, Positions,
+    PresenceRecord, Result, Seq, StorageError, Store, UserId, UserRecord, pair,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use std::time::Duration;
@@ -84,35 +86,6 @@ fn pool_err(e: PoolError) -> StorageError {
         PoolError::Backend(e) => pg("connecting to the database")(e),
         e => StorageError::new(ErrorKind::Io, "getting a database connection", e),
     }
-}
-
-/// Ids and positions are u64 in Rust and BIGINT in SQL. Real ones fit (63-bit
-/// snowflakes, positions far below 2^63); open range bounds saturate.
-fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u(v: i64) -> u64 {
-    v.max(0) as u64
-}
-
-fn conv_kind_to_i16(k: ConversationKind) -> i16 {
-    match k {
-        ConversationKind::Direct => 0,
-        ConversationKind::Group => 1,
-    }
-}
-
-fn conv_kind_from_i16(v: i16) -> Result<ConversationKind> {
-    match v {
-        0 => Ok(ConversationKind::Direct),
-        1 => Ok(ConversationKind::Group),
-        _ => Err(crate::codec::corrupt("unknown conversation kind")),
-    }
-}
-
-fn small(v: i16) -> Result<u8> {
-    u8::try_from(v).map_err(|_| crate::codec::corrupt("small integer out of range"))
 }
 
 const USER_COLS: &str = "id, username, password_hash, created_ms";

@@ -7,8 +7,6 @@
 mod support;
 
 use protocol::{ClientMsg, ServerMsg, Subprotocol};
-use std::path::Path;
-use std::process::Command;
 use support::*;
 
 fn storage_toml(nodes: &[String], dc: &str, keyspace: &str, migrate_on_start: bool, extra: &str) -> String {
@@ -19,22 +17,6 @@ fn storage_toml(nodes: &[String], dc: &str, keyspace: &str, migrate_on_start: bo
          connect_timeout_ms = 3000\n{extra}",
         nodes.join(", ")
     )
-}
-
-/// Runs `gateway <args>` with `config`; returns (success, stdout, stderr).
-fn gateway_cmd(dir: &Path, config: &str, args: &[&str]) -> (bool, String, String) {
-    let path = dir.join("cmd.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(args)
-        .arg("--config")
-        .arg(&path)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .output()
-        .unwrap();
-    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), s(&out.stdout), s(&out.stderr))
 }
 
 #[test]

@@ -6,8 +6,6 @@
 mod support;
 
 use protocol::{ClientMsg, ServerMsg, Subprotocol};
-use std::path::Path;
-use std::process::Command;
 use storage::testkit::TestPostgres;
 use support::*;
 
@@ -15,22 +13,6 @@ fn storage_toml(url: &str, migrate_on_start: bool) -> String {
     format!(
         "[storage]\nbackend = \"postgres\"\nmigrate_on_start = {migrate_on_start}\n[storage.postgres]\nurl = \"{url}\"\n"
     )
-}
-
-/// Runs `gateway <args> --config <dir>/migrate.toml`; returns (success, stdout, stderr).
-fn gateway_cmd(dir: &Path, config: &str, args: &[&str]) -> (bool, String, String) {
-    let path = dir.join("cmd.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(args)
-        .arg("--config")
-        .arg(&path)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .output()
-        .unwrap();
-    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), s(&out.stdout), s(&out.stderr))
 }
 
 #[test]

@@ -85,6 +85,24 @@ fn cassandra_options(dir: &Path) -> Option<storage::CassandraOptions> {
     })
 }
 
+/// Runs `gateway <args>` (e.g. `migrate`, `--check-config`) with `config` on `dir`;
+/// returns (success, stdout, stderr).
+#[allow(dead_code)]
+pub fn gateway_cmd(dir: &Path, config: &str, args: &[&str]) -> (bool, String, String) {
+    let path = dir.join("cmd.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), s(&out.stdout), s(&out.stderr))
+}
+
 /// Opens the store a stopped gateway on `dir` used (embedded, or its PostgreSQL database).
 #[allow(dead_code)]
 pub fn open_store(dir: &Path) -> std::sync::Arc<dyn storage::Store> {

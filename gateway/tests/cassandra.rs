@@ -6,7 +6,6 @@
 
 mod support;
 
-use protocol::{ClientMsg, ServerMsg, Subprotocol};
 use support::*;
 
 fn storage_toml(nodes: &[String], dc: &str, keyspace: &str, migrate_on_start: bool, extra: &str) -> String {
@@ -57,9 +56,8 @@ fn an_unreachable_cluster_stops_start_and_migrate_with_a_reason() {
 }
 
 fn cluster() -> Option<(Vec<String>, String)> {
-    let nodes = std::env::var("SWITCHBOARD_CASSANDRA").ok().filter(|v| !v.trim().is_empty())?;
-    let dc = std::env::var("SWITCHBOARD_CASSANDRA_DC").unwrap_or_else(|_| "datacenter1".into());
-    Some((nodes.split(',').map(|n| n.trim().to_owned()).collect(), dc))
+    let opts = storage::testkit::cassandra_from_env("unused")?;
+    Some((opts.contact_points, opts.local_dc.unwrap_or_default()))
 }
 
 #[test]
@@ -69,42 +67,13 @@ fn on_a_real_cluster_a_second_node_serves_the_shared_history() {
         return;
     };
     let ks = format!("sb_gateway_{}", std::process::id());
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dir_a = tempfile::tempdir().unwrap();
     let (ok, _, err) =
         gateway_cmd(dir_a.path(), &storage_toml(&nodes, &dc, &ks, false, ""), &["--listen", "127.0.0.1:0"]);
     assert!(!ok && err.contains("schema version 0") && err.contains("gateway migrate"), "{err}");
     let (ok, out, err) = gateway_cmd(dir_a.path(), &storage_toml(&nodes, &dc, &ks, false, ""), &["migrate"]);
     assert!(ok && out.contains("version 1"), "{out} {err}");
 
-    let a = TestGateway::start_in(dir_a.path(), &storage_toml(&nodes, &dc, &ks, false, ""));
-    let (_, tz) = a.user("zoe");
-    let (y, _) = a.user("yuri");
-    assert_eq!(a.register("ZOE", "password123").0, 409, "usernames are unique, case-insensitively");
-    let mut c = a.connect(&tz, Subprotocol::FlatBuffers);
-    c.sync(vec![]);
-    let conv = conversation_id(&c.request(ClientMsg::CreateDirect { user_id: y }));
-    for i in 0..120 {
-        c.send_text(conv, &format!("m{i}"), &format!("body {i}"));
-    }
-    for i in 0..120 {
-        c.wait_ack(&format!("m{i}"));
-    }
-    a.kill9();
-
-    let b = TestGateway::start_in(dir_b.path(), &storage_toml(&nodes, &dc, &ks, false, ""));
-    let (status, l) = b.login("zoe", "password123");
-    assert_eq!(status, 200, "{l}");
-    let mut c = b.connect(l["token"].as_str().unwrap(), Subprotocol::Json);
-    c.sync(vec![protocol::Position { conversation_id: conv, seq: 120 }]);
-    let ServerMsg::History { messages, has_more, .. } =
-        c.request(ClientMsg::History { conversation_id: conv, before: None, after: None, limit: Some(100) })
-    else {
-        panic!("expected history")
-    };
-    assert!(has_more);
-    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (21..=120).rev().collect::<Vec<_>>());
-    c.send_text(conv, "m5", "body 5");
-    assert_eq!(c.wait_ack("m5"), 6, "idempotency keys are shared");
-    c.send_text(conv, "new", "after the move");
-    assert_eq!(c.wait_ack("new"), 121);
+    let b = second_node_serves_the_history(&storage_toml(&nodes, &dc, &ks, false, ""));
+    assert_eq!(b.register("ZOE", "password123").0, 409, "usernames are unique, case-insensitively");
 }

@@ -5,7 +5,6 @@
 
 mod support;
 
-use protocol::{ClientMsg, ServerMsg, Subprotocol};
 use storage::testkit::TestPostgres;
 use support::*;
 
@@ -47,38 +46,5 @@ fn migrate_applies_the_schema_once_and_start_requires_it() {
 #[test]
 fn a_second_node_serves_the_shared_history() {
     let url = TestPostgres::shared().fresh_database();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = TestGateway::start_in(dir_a.path(), &storage_toml(&url, true));
-    let (_, tz) = a.user("zoe");
-    let (y, _) = a.user("yuri");
-    let mut c = a.connect(&tz, Subprotocol::FlatBuffers);
-    c.sync(vec![]);
-    let conv = conversation_id(&c.request(ClientMsg::CreateDirect { user_id: y }));
-    for i in 0..120 {
-        c.send_text(conv, &format!("m{i}"), &format!("body {i}"));
-    }
-    for i in 0..120 {
-        c.wait_ack(&format!("m{i}"));
-    }
-    a.kill9();
-
-    let b = TestGateway::start_in(dir_b.path(), &storage_toml(&url, true));
-    let (status, l) = b.login("zoe", "password123");
-    assert_eq!(status, 200, "accounts are shared: {l}");
-    let mut c = b.connect(l["token"].as_str().unwrap(), Subprotocol::Json);
-    c.sync(vec![protocol::Position { conversation_id: conv, seq: 120 }]);
-    let ServerMsg::History { messages, has_more, .. } =
-        c.request(ClientMsg::History { conversation_id: conv, before: None, after: None, limit: Some(100) })
-    else {
-        panic!("expected history")
-    };
-    assert!(has_more);
-    let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, (21..=120).rev().collect::<Vec<_>>());
-    assert_eq!(messages[0].body, "body 119");
-    // Idempotency keys are shared too: a resend of m5 is acked with its old position.
-    c.send_text(conv, "m5", "body 5");
-    assert_eq!(c.wait_ack("m5"), 6);
-    c.send_text(conv, "new", "after the move");
-    assert_eq!(c.wait_ack("new"), 121, "positions continue where node A stopped");
+    second_node_serves_the_history(&storage_toml(&url, true));
 }

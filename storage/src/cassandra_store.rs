@@ -27,7 +27,8 @@
 //!   derives covers whatever did land, so no position is handed out twice.
 
 use crate::codec::{
-    conv_kind_from_i16, conv_kind_to_i16, corrupt, i, kind_from_u8, kind_to_u8, role_from_u8, small, u,
+    MessageColumns, conv_kind_from_i16, conv_kind_to_i16, corrupt, i, kind_to_u8, message_from_columns,
+    role_from_u8, small, u,
 };
 use crate::rows::Rows;
 use crate::{
@@ -1205,9 +1206,8 @@ impl Store for CassandraStore {
         };
         let stmt = self.stmt(s)?;
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        type MessageRow =
-            (i64, i64, i64, String, i16, String, Option<i64>, Option<i16>, Option<i64>, Option<i64>);
-        let rows: Vec<MessageRow> = self.rt.block_on(async {
+
+        let rows: Vec<MessageColumns> = self.rt.block_on(async {
             // LIMIT is at most a page (101 rows): one request, one partition.
             let r = self
                 .session
@@ -1215,30 +1215,12 @@ impl Store for CassandraStore {
                 .await
                 .map_err(cql("reading a bucket"))?;
             let rows = r.into_rows_result().map_err(decode("reading a bucket"))?;
-            rows.rows::<MessageRow>()
+            rows.rows::<MessageColumns>()
                 .map_err(decode("reading a bucket"))?
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(decode("reading a bucket"))
         })?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(Message {
-                    conversation_id: conv,
-                    seq: u(r.0),
-                    ts_ms: u(r.1),
-                    sender_id: u(r.2),
-                    client_msg_id: r.3,
-                    kind: kind_from_u8(small(r.4)?)?,
-                    body: r.5,
-                    target_user_id: r.6.map(u),
-                    role: r.7.map(|v| small(v).and_then(role_from_u8)).transpose()?,
-                    target_seq: r.8.map(u),
-                    edited_ms: r.9.map(u),
-                    reactions: Vec::new(),
-                    my_reaction: None,
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| message_from_columns(conv, r)).collect()
     }
 }
 

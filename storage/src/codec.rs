@@ -217,6 +217,29 @@ pub(crate) fn small(v: i16) -> Result<u8, StorageError> {
     u8::try_from(v).map_err(|_| corrupt("small integer out of range"))
 }
 
+/// A message row as the SQL and CQL stores select it (`seq, ts_ms, sender_id,
+/// client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms`).
+pub(crate) type MessageColumns =
+    (i64, i64, i64, String, i16, String, Option<i64>, Option<i16>, Option<i64>, Option<i64>);
+
+pub(crate) fn message_from_columns(conv: u64, c: MessageColumns) -> Result<Message, StorageError> {
+    Ok(Message {
+        conversation_id: conv,
+        seq: u(c.0),
+        ts_ms: u(c.1),
+        sender_id: u(c.2),
+        client_msg_id: c.3,
+        kind: kind_from_u8(small(c.4)?)?,
+        body: c.5,
+        target_user_id: c.6.map(u),
+        role: c.7.map(|v| small(v).and_then(role_from_u8)).transpose()?,
+        target_seq: c.8.map(u),
+        edited_ms: c.9.map(u),
+        reactions: Vec::new(),
+        my_reaction: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,8 @@
 //! prepared once per connection.
 
 use crate::codec::{
-    conv_kind_from_i16, conv_kind_to_i16, i, kind_from_u8, kind_to_u8, role_from_u8, role_to_u8, small, u,
+    conv_kind_from_i16, conv_kind_to_i16, i, kind_to_u8, message_from_columns, role_from_u8, role_to_u8,
+    small, u,
 };
 use crate::rows::Rows;
 use crate::{
@@ -95,21 +96,9 @@ fn user_row(r: &Row) -> UserRecord {
 }
 
 fn message_row(conv: ConversationId, r: &Row) -> Result<Message> {
-    Ok(Message {
-        conversation_id: conv,
-        seq: u(r.get(0)),
-        ts_ms: u(r.get(1)),
-        sender_id: u(r.get(2)),
-        client_msg_id: r.get(3),
-        kind: kind_from_u8(small(r.get(4))?)?,
-        body: r.get(5),
-        target_user_id: r.get::<_, Option<i64>>(6).map(u),
-        role: r.get::<_, Option<i16>>(7).map(|v| small(v).and_then(role_from_u8)).transpose()?,
-        target_seq: r.get::<_, Option<i64>>(8).map(u),
-        edited_ms: r.get::<_, Option<i64>>(9).map(u),
-        reactions: Vec::new(),
-        my_reaction: None,
-    })
+    let columns =
+        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8), r.get(9));
+    message_from_columns(conv, columns)
 }
 
 /// A statement and its array parameters, one array per column.

@@ -1,5 +1,6 @@
-//! Test support: a real PostgreSQL server from Debian's `postgresql` package,
-//! on a free loopback port in a temporary directory (feature `testkit`).
+//! Test support (feature `testkit`): a real PostgreSQL server from Debian's
+//! `postgresql` package, on a free loopback port in a temporary directory; and
+//! the Cassandra cluster the environment names, if any ([`cassandra_from_env`]).
 //!
 //! One server per test process ([`TestPostgres::shared`]); each test takes a
 //! fresh database from it ([`TestPostgres::fresh_database`]). The server runs as
@@ -207,4 +208,27 @@ impl TestPostgres {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Options for the Cassandra or ScyllaDB cluster in `SWITCHBOARD_CASSANDRA`
+/// (`host:port[,host:port...]`), with its local datacenter from
+/// `SWITCHBOARD_CASSANDRA_DC` (default `datacenter1`, a stock Cassandra's) and
+/// optional `SWITCHBOARD_CASSANDRA_USER`/`_PASSWORD`, for a test keyspace
+/// (replication factor 1). `None` when no cluster is configured: none can be
+/// installed on the machines this repo is built on.
+pub fn cassandra_from_env(keyspace: &str) -> Option<crate::CassandraOptions> {
+    let nodes = std::env::var("SWITCHBOARD_CASSANDRA").ok().filter(|v| !v.trim().is_empty())?;
+    let dc = std::env::var("SWITCHBOARD_CASSANDRA_DC").unwrap_or_else(|_| "datacenter1".into());
+    Some(crate::CassandraOptions {
+        contact_points: nodes.split(',').map(|n| n.trim().to_owned()).collect(),
+        keyspace: keyspace.to_owned(),
+        local_dc: Some(dc.clone()),
+        consistency: "local_quorum".into(),
+        replication: [(dc, 1)].into(),
+        username: std::env::var("SWITCHBOARD_CASSANDRA_USER").ok(),
+        password: std::env::var("SWITCHBOARD_CASSANDRA_PASSWORD").ok(),
+        connect_timeout: std::time::Duration::from_secs(10),
+        request_timeout: std::time::Duration::from_secs(10),
+        idempotency_ttl: std::time::Duration::from_secs(3600),
+    })
 }

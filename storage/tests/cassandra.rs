@@ -6,27 +6,12 @@
 //! test says so and checks nothing; `scripts/test` prints the same.
 //! Each run creates its own keyspace (replication factor 1) and drops it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 use storage::{CassandraOptions, CassandraStore, Store, conformance};
 
 fn options() -> Option<CassandraOptions> {
-    let nodes = std::env::var("SWITCHBOARD_CASSANDRA").ok().filter(|v| !v.trim().is_empty())?;
-    let dc = std::env::var("SWITCHBOARD_CASSANDRA_DC").unwrap_or_else(|_| "datacenter1".into());
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    Some(CassandraOptions {
-        contact_points: nodes.split(',').map(|n| n.trim().to_owned()).collect(),
-        keyspace: format!("sb_conformance_{}", nanos % 1_000_000_000_000),
-        local_dc: Some(dc.clone()),
-        consistency: "local_quorum".into(),
-        replication: BTreeMap::from([(dc, 1)]),
-        username: std::env::var("SWITCHBOARD_CASSANDRA_USER").ok(),
-        password: std::env::var("SWITCHBOARD_CASSANDRA_PASSWORD").ok(),
-        connect_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(10),
-        idempotency_ttl: Duration::from_secs(3600),
-    })
+    storage::testkit::cassandra_from_env(&format!("sb_conformance_{}", nanos % 1_000_000_000_000))
 }
 
 #[test]

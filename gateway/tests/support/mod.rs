@@ -61,28 +61,15 @@ fn test_store(dir: &Path) -> Option<toml::Table> {
 
 /// The test cluster's options with this directory's keyspace (from `SWITCHBOARD_CASSANDRA`).
 fn cassandra_options(dir: &Path) -> Option<storage::CassandraOptions> {
-    let nodes = std::env::var("SWITCHBOARD_CASSANDRA").ok().filter(|v| !v.trim().is_empty())?;
-    let dc = std::env::var("SWITCHBOARD_CASSANDRA_DC").unwrap_or_else(|_| "datacenter1".into());
     let marker = dir.join("cassandra-keyspace");
     let keyspace = std::fs::read_to_string(&marker).unwrap_or_else(|_| {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ks = format!("sb_e2e_{}_{n}", std::process::id());
-        std::fs::write(&marker, &ks).unwrap();
-        ks
+        format!("sb_e2e_{}_{n}", std::process::id())
     });
-    Some(storage::CassandraOptions {
-        contact_points: nodes.split(',').map(|n| n.trim().to_owned()).collect(),
-        keyspace,
-        local_dc: Some(dc.clone()),
-        consistency: "local_quorum".into(),
-        replication: [(dc, 1)].into(),
-        username: None,
-        password: None,
-        connect_timeout: std::time::Duration::from_secs(10),
-        request_timeout: std::time::Duration::from_secs(10),
-        idempotency_ttl: std::time::Duration::from_secs(3600),
-    })
+    let opts = storage::testkit::cassandra_from_env(&keyspace)?;
+    std::fs::write(&marker, &keyspace).unwrap();
+    Some(opts)
 }
 
 /// Runs `gateway <args>` (e.g. `migrate`, `--check-config`) with `config` on `dir`;
@@ -101,6 +88,51 @@ pub fn gateway_cmd(dir: &Path, config: &str, args: &[&str]) -> (bool, String, St
         .unwrap();
     let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.success(), s(&out.stdout), s(&out.stderr))
+}
+
+/// Node A (on `config`, a shared store) stores 120 messages and is killed; node
+/// B, another process on another data directory and the same config, serves
+/// the accounts, the history and the idempotency keys, and continues the
+/// positions. Returns node B.
+#[allow(dead_code)]
+pub fn second_node_serves_the_history(config: &str) -> TestGateway {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestGateway::start_in(dir_a.path(), config);
+    let (_, tz) = a.user("zoe");
+    let (y, _) = a.user("yuri");
+    let mut c = a.connect(&tz, Subprotocol::FlatBuffers);
+    c.sync(vec![]);
+    let conv = conversation_id(&c.request(ClientMsg::CreateDirect { user_id: y }));
+    for i in 0..120 {
+        c.send_text(conv, &format!("m{i}"), &format!("body {i}"));
+    }
+    for i in 0..120 {
+        c.wait_ack(&format!("m{i}"));
+    }
+    a.kill9();
+
+    let b = TestGateway::start_in(dir_b.path(), config);
+    let (status, l) = b.login("zoe", "password123");
+    assert_eq!(status, 200, "accounts are shared: {l}");
+    let mut c = b.connect(l["token"].as_str().unwrap(), Subprotocol::Json);
+    c.sync(vec![protocol::Position { conversation_id: conv, seq: 120 }]);
+    let ServerMsg::History { messages, has_more, .. } =
+        c.request(ClientMsg::History { conversation_id: conv, before: None, after: None, limit: Some(100) })
+    else {
+        panic!("expected history")
+    };
+    assert!(has_more);
+    let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (21..=120).rev().collect::<Vec<_>>());
+    assert_eq!(messages[0].body, "body 119");
+    // Idempotency keys are shared too: a resend of m5 is acked with its old position.
+    c.send_text(conv, "m5", "body 5");
+    assert_eq!(c.wait_ack("m5"), 6);
+    c.send_text(conv, "new", "after the move");
+    assert_eq!(c.wait_ack("new"), 121, "positions continue where node A stopped");
+    let mut b = b;
+    b._tmp = Some(dir_b);
+    b
 }
 
 /// Opens the store a stopped gateway on `dir` used (embedded, or its PostgreSQL database).

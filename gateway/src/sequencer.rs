@@ -25,7 +25,7 @@ use protocol::{
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use storage::{BucketRef, ConversationRecord, Mutation, Order, Positions, Store, bucket_of, pair};
 
 pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
@@ -138,6 +138,8 @@ pub struct Sequencer {
 pub struct SequencerConfig {
     pub queue: usize,
     pub batch_max: usize,
+    /// Longest a loaded batch waits for company (see `StorageConfig::commit_window_us`).
+    pub window: std::time::Duration,
     pub member_cap: usize,
 }
 
@@ -154,10 +156,10 @@ impl Sequencer {
         let rejected = metrics.rejected.with_label_values(&["sequencer"]);
         let mut worker =
             Worker { store, registry, ids, metrics, push, member_cap: cfg.member_cap, convs: HashMap::new() };
-        let batch_max = cfg.batch_max;
+        let (batch_max, window) = (cfg.batch_max, cfg.window);
         std::thread::Builder::new()
             .name("sequencer".into())
-            .spawn(move || worker.run(rx, batch_max))
+            .spawn(move || worker.run(rx, batch_max, window))
             .expect("spawning the sequencer");
         Sequencer { tx, rejected }
     }
@@ -173,6 +175,26 @@ impl Sequencer {
             self.rejected.inc();
             e.into_inner()
         })
+    }
+}
+
+/// Adds queued commands to `batch` until it holds `max`. Without a deadline it takes
+/// only what is queued now; with one it also waits for more until then.
+fn fill_batch<T>(
+    rx: &crossbeam_channel::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    deadline: Option<Instant>,
+) {
+    while batch.len() < max {
+        let next = match deadline {
+            Some(d) => rx.recv_deadline(d).ok(),
+            None => rx.try_recv().ok(),
+        };
+        match next {
+            Some(c) => batch.push(c),
+            None => break,
+        }
     }
 }
 
@@ -276,16 +298,19 @@ fn internal(e: storage::StorageError) -> Fail {
 
 impl Worker {
     // Runs on: the sequencer thread.
-    fn run(&mut self, rx: crossbeam_channel::Receiver<Command>, batch_max: usize) {
+    //
+    // Group commit: a batch is whatever queued while the last commit ran. Under
+    // load (the last batch had company) it also waits up to `window` from its
+    // first command for more, so one fsync and one round of shard wake-ups serve
+    // more messages; a lone command after a lone command never waits.
+    fn run(&mut self, rx: crossbeam_channel::Receiver<Command>, batch_max: usize, window: Duration) {
         let mut cmds = Vec::with_capacity(batch_max);
+        let mut loaded = false;
         while let Ok(first) = rx.recv() {
+            let deadline = (loaded && !window.is_zero()).then(|| Instant::now() + window);
             cmds.push(first);
-            while cmds.len() < batch_max {
-                match rx.try_recv() {
-                    Ok(c) => cmds.push(c),
-                    Err(_) => break,
-                }
-            }
+            fill_batch(&rx, &mut cmds, batch_max, deadline);
+            loaded = cmds.len() > 1;
             // Only between batches: a batch's uncommitted changes live in the cache.
             if self.convs.len() >= CACHE_MAX {
                 self.convs.clear();
@@ -984,5 +1009,54 @@ impl Worker {
             }
         }
         self.metrics.messages_stored.inc_by(messages);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_batch;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn without_a_window_a_batch_is_what_queued_during_the_last_commit() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 1..=3 {
+            tx.send(i).unwrap();
+        }
+        let mut batch = vec![0];
+        fill_batch(&rx, &mut batch, 10, None);
+        assert_eq!(batch, [0, 1, 2, 3]);
+        // Nothing queued: it returns at once instead of waiting for the next command.
+        let mut batch = vec![4];
+        fill_batch(&rx, &mut batch, 10, None);
+        assert_eq!(batch, [4]);
+    }
+
+    #[test]
+    fn a_window_gathers_later_commands_and_ends_at_the_batch_limit() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let sender = std::thread::spawn(move || {
+            for i in 1..=5 {
+                tx.send(i).unwrap();
+            }
+            tx
+        });
+        let mut batch = vec![0];
+        // A far deadline: only the limit can end this batch.
+        fill_batch(&rx, &mut batch, 4, Some(Instant::now() + Duration::from_secs(600)));
+        assert_eq!(batch, [0, 1, 2, 3]);
+        let _tx = sender.join().unwrap();
+        // What the limit left out opens the next batch, in order.
+        assert_eq!(rx.try_recv(), Ok(4));
+    }
+
+    #[test]
+    fn a_closed_window_still_takes_what_is_queued() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        let mut batch = vec![0];
+        fill_batch(&rx, &mut batch, 10, Some(Instant::now()));
+        assert_eq!(batch, [0, 1, 2]);
     }
 }

@@ -24,6 +24,11 @@ pub struct RunArgs {
     /// How long to send, e.g. 30s, 2m.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// Send for this long first, outside the measured window: cold caches (every
+    /// conversation's first message loads it) stay out of the latency figures and the
+    /// gateway CPU per message. Its messages are still checked for loss, duplicates and order.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub warmup: Duration,
     #[arg(long, value_enum, default_value = "pairs")]
     pub scenario: Scenario,
     /// Members per group (groups and mix scenarios).
@@ -172,6 +177,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             idle,
             message_size: args.message_size,
             duration_ms: args.duration.as_millis() as u64,
+            warmup_ms: args.warmup.as_millis() as u64,
             grace_ms: args.grace.as_millis() as u64,
             ramp: args.ramp / total_workers as f64,
             source_prefix: (args.source_prefix != "none" && w < local)
@@ -198,6 +204,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     );
     let connected_scrape = crate::scrape::scrape(&metrics_url).ok();
     let start_unix_ms = (crate::worker::now_us() / 1000) + 500;
+    // The gateway's cost is measured from the end of the warm-up.
+    let warm_scrape = (!args.warmup.is_zero()).then(|| {
+        let (url, at_ms) = (metrics_url.clone(), start_unix_ms + args.warmup.as_millis() as u64);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(at_ms.saturating_sub(crate::worker::now_us() / 1000)));
+            crate::scrape::scrape(&url).ok()
+        })
+    });
     for r in &mut workers {
         let s = r.get_mut();
         writeln!(s, "{}", serde_json::to_string(&ToWorker::Go { start_unix_ms })?)?;
@@ -271,13 +285,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     }
     let after = crate::scrape::scrape(&metrics_url).ok();
+    let warm = warm_scrape.and_then(|t| t.join().ok().flatten());
     for mut c in children {
         let _ = c.wait();
     }
 
     let results: Vec<WorkerResult> = results.into_iter().flatten().collect();
-    let summary =
-        Summary::build(&args, &results, before.as_ref(), connected_scrape.as_ref(), after.as_ref())?;
+    let summary = Summary::build(
+        &args,
+        &results,
+        before.as_ref(),
+        connected_scrape.as_ref(),
+        warm.as_ref(),
+        after.as_ref(),
+    )?;
     report::print_table(&summary);
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&summary.json)?)?;

@@ -3,11 +3,14 @@
 //! - `loadgen run --target ws://HOST:PORT ...`: the coordinator; starts local worker
 //!   processes (and/or waits for remote ones), merges their results, reports.
 //! - `loadgen worker --coordinator HOST:PORT`: one worker process.
+//! - `loadgen floor`: this host's kernel cost of one message (sockets, fsync), to
+//!   read a run's gateway CPU per message against.
 //!
 //! See README.md "Capacity tests" for a walkthrough.
 
 mod clock;
 mod coordinator;
+mod floor;
 mod plan;
 mod provision;
 mod report;
@@ -35,6 +38,8 @@ enum Cmd {
         #[arg(long)]
         coordinator: String,
     },
+    /// Measure this host's kernel floor for one 1:1 message (loopback sockets, fdatasync).
+    Floor(floor::FloorArgs),
 }
 
 fn main() {
@@ -58,6 +63,13 @@ fn main() {
                 }
             }
         }
+        Cmd::Floor(args) => match floor::run(&args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("loadgen floor: {e:#}");
+                2
+            }
+        },
     };
     std::process::exit(code);
 }

@@ -36,6 +36,9 @@ pub struct Assignment {
     pub rate: f64,
     pub message_size: usize,
     pub duration_ms: u64,
+    /// Sending before the measured window: counted and checked, but not in any latency.
+    #[serde(default)]
+    pub warmup_ms: u64,
     pub grace_ms: u64,
     /// Connections per second this worker opens.
     pub ramp: f64,

@@ -39,6 +39,7 @@ impl Summary {
         results: &[WorkerResult],
         before: Option<&Sample>,
         connected: Option<&Sample>,
+        warm: Option<&Sample>,
         after: Option<&Sample>,
     ) -> anyhow::Result<Summary> {
         let mut c = Counters::default();
@@ -61,13 +62,16 @@ impl Summary {
                 timeline[i].1 += d;
             }
         }
-        let secs = args.duration.as_secs_f64().max(1e-3);
+        // Counts and rates cover all sending, warm-up included; latencies only the measured window.
+        let sending = args.warmup + args.duration;
+        let secs = sending.as_secs_f64().max(1e-3);
         // Seconds after the sending window hold only stragglers: keep the plot to the window.
-        timeline.truncate(args.duration.as_secs().max(1) as usize);
-        // Server cost, from the gateway's own counters around the run.
-        let cpu = delta(connected, after, "process_cpu_seconds_total");
-        let deliveries = delta(connected, after, "switchboard_deliveries_total");
-        let stored = delta(connected, after, "switchboard_messages_stored_total");
+        timeline.truncate(sending.as_secs().max(1) as usize);
+        // Server cost, from the gateway's own counters over the measured window.
+        let from = if args.warmup.is_zero() { connected } else { warm };
+        let cpu = delta(from, after, "process_cpu_seconds_total");
+        let deliveries = delta(from, after, "switchboard_deliveries_total");
+        let stored = delta(from, after, "switchboard_messages_stored_total");
         let rss_growth = delta(before, connected, "process_resident_memory_bytes");
         let conns = delta(before, connected, "switchboard_connections");
         let per = |num: Option<f64>, den: Option<f64>| match (num, den) {
@@ -79,7 +83,8 @@ impl Summary {
             "scenario": format!("{:?}", args.scenario).to_lowercase(),
             "group_size": args.group_size,
             "rate": args.rate,
-            "duration_s": secs,
+            "duration_s": args.duration.as_secs_f64(),
+            "warmup_s": args.warmup.as_secs_f64(),
             "message_size": args.message_size,
             "idle_fraction": args.idle_fraction,
             "connections": c.connections,
@@ -124,6 +129,10 @@ pub fn print_table(s: &Summary) {
     println!("  duplicates       {:>12}", j["duplicates"]);
     println!("  out of order     {:>12}", j["out_of_order"]);
     println!();
+    match j["warmup_s"].as_f64() {
+        Some(w) if w > 0.0 => println!("  latency (ms), after the {w} s warm-up; gateway cost likewise"),
+        _ => {}
+    }
     println!("  latency (ms)         p50       p95       p99     p99.9       max");
     for (name, key) in [
         ("  send→deliver   ", "latency_us"),

@@ -80,6 +80,8 @@ struct State {
     convs: HashMap<u64, ConvTrack>,
     timeline: Vec<(u64, u64)>,
     start: Option<Instant>,
+    /// Scheduled send times before this (µs, Unix) are warm-up: not in the histograms.
+    measured_from_us: u64,
 }
 
 impl State {
@@ -270,6 +272,7 @@ async fn work(
         convs: HashMap::new(),
         timeline: Vec::new(),
         start: None,
+        measured_from_us: 0,
     }));
 
     // 1. Connect at the ramp rate, many handshakes in flight.
@@ -342,8 +345,12 @@ async fn work(
     let now_unix_us = now_us();
     let start_unix_us = start_unix_ms * 1000;
     let start = Instant::now() + Duration::from_micros(start_unix_us.saturating_sub(now_unix_us));
-    let end = start + Duration::from_millis(a.duration_ms);
-    state.borrow_mut().start = Some(start);
+    let end = start + Duration::from_millis(a.warmup_ms + a.duration_ms);
+    {
+        let mut s = state.borrow_mut();
+        s.start = Some(start);
+        s.measured_from_us = start_unix_us + a.warmup_ms * 1000;
+    }
     let interval = if a.rate > 0.0 && senders > 0 { senders as f64 / a.rate } else { f64::INFINITY };
     let timer = crate::clock::Timer::start().context("creating the send timer")?;
 
@@ -380,7 +387,9 @@ async fn work(
                             continue;
                         };
                         s.c.delivered += 1;
-                        let _ = s.latency.record(now.saturating_sub(sched).max(1));
+                        if sched >= s.measured_from_us {
+                            let _ = s.latency.record(now.saturating_sub(sched).max(1));
+                        }
                         if let Some(t) = s.tick() {
                             t.1 += 1;
                         }
@@ -394,6 +403,7 @@ async fn work(
                         s.c.acked += 1;
                         if let Some(sched) =
                             client_msg_id.split('.').nth(1).and_then(|v| v.parse::<u64>().ok())
+                            && sched >= s.measured_from_us
                         {
                             let _ = s.ack_latency.record(now.saturating_sub(sched).max(1));
                         }
@@ -452,7 +462,9 @@ async fn work(
                 }
                 {
                     let mut s = st.borrow_mut();
-                    let _ = s.send_lag.record(now_us().saturating_sub(sched).max(1));
+                    if sched >= s.measured_from_us {
+                        let _ = s.send_lag.record(now_us().saturating_sub(sched).max(1));
+                    }
                     s.c.sent += 1;
                     if let Some(t) = s.tick() {
                         t.0 += 1;

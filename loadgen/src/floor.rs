@@ -8,7 +8,8 @@
 //! commit (a journal append and an `fdatasync`). This measures exactly that with
 //! plain blocking sockets and a file, as the CPU time of the thread doing it
 //! (`getrusage(RUSAGE_THREAD)`), with no framing, parsing, storage engine or
-//! scheduling of ours in the way.
+//! scheduling of ours in the way. The client threads' CPU is the least a load
+//! generator on the same host pays for the same messages.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -42,30 +43,54 @@ pub struct FloorArgs {
 
 #[derive(Serialize)]
 struct Floor {
-    /// recv + ack + delivery, one message at a time (threads sleep between messages,
-    /// as a gateway's do at chat rates).
+    /// Gateway side: recv + ack + delivery, one message at a time (threads sleep
+    /// between messages, as a gateway's do at chat rates).
     socket_us_per_message: f64,
     /// The same with messages queued back to back (no sleeping).
     socket_us_per_message_pipelined: f64,
+    /// Client side of the same messages (the sender's send and ack read, the
+    /// recipient's read): what a load generator on the same host pays at least.
+    client_us_per_message: f64,
+    client_us_per_message_pipelined: f64,
     /// CPU of one journal append + fdatasync.
     commit_cpu_us: f64,
     /// Wall time of one journal append + fdatasync.
     commit_wall_us: f64,
+    /// CPUs this process may use.
+    cpus: usize,
+    /// `cpus` divided by the back-to-back gateway + client socket cost: the most 1:1
+    /// messages a second one host can carry with its own load generator, before any
+    /// application code or commit.
+    max_msgs_per_s_with_loadgen: f64,
 }
 
 pub fn run(args: &FloorArgs) -> Result<()> {
     let n = args.messages.max(1);
-    let f = Floor {
-        socket_us_per_message: sockets(n, false)?,
-        socket_us_per_message_pipelined: sockets(n, true)?,
-        commit_cpu_us: 0.0,
-        commit_wall_us: 0.0,
-    };
+    let (socket_us_per_message, client_us_per_message) = sockets(n, false)?;
+    let (socket_us_per_message_pipelined, client_us_per_message_pipelined) = sockets(n, true)?;
     let (commit_cpu_us, commit_wall_us) = commits(&args.dir, args.commits.max(1))?;
-    let f = Floor { commit_cpu_us, commit_wall_us, ..f };
-    println!("kernel floor of one 1:1 message on this host (CPU of the thread doing the work):");
-    println!("  recv + ack + delivery, one at a time   {:8.2} µs", f.socket_us_per_message);
-    println!("  recv + ack + delivery, back to back    {:8.2} µs", f.socket_us_per_message_pipelined);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let f = Floor {
+        socket_us_per_message,
+        socket_us_per_message_pipelined,
+        client_us_per_message,
+        client_us_per_message_pipelined,
+        commit_cpu_us,
+        commit_wall_us,
+        cpus,
+        max_msgs_per_s_with_loadgen: cpus as f64 * 1e6
+            / (socket_us_per_message_pipelined + client_us_per_message_pipelined),
+    };
+    println!("kernel floor of one 1:1 message on this host (CPU of the threads doing the work):");
+    println!("                                          gateway side   client side");
+    println!(
+        "  send, ack, delivery: one at a time     {:8.2} µs    {:8.2} µs",
+        f.socket_us_per_message, f.client_us_per_message
+    );
+    println!(
+        "  send, ack, delivery: back to back      {:8.2} µs    {:8.2} µs",
+        f.socket_us_per_message_pipelined, f.client_us_per_message_pipelined
+    );
     println!(
         "  durable commit (append + fdatasync)    {:8.2} µs CPU, {:.1} µs wall, in {}",
         f.commit_cpu_us,
@@ -73,8 +98,12 @@ pub fn run(args: &FloorArgs) -> Result<()> {
         args.dir.display()
     );
     println!(
-        "  so one message costs at least {:.1} µs + {:.1} µs / B, B = messages per commit (switchboard_commit_batch_size)",
+        "  a gateway message costs at least {:.1} µs + {:.1} µs / B, B = messages per commit (switchboard_commit_batch_size)",
         f.socket_us_per_message_pipelined, f.commit_cpu_us
+    );
+    println!(
+        "  with loadgen on this host too: at most {:.0} msgs/s on {} CPUs, before any application code",
+        f.max_msgs_per_s_with_loadgen, f.cpus
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&f)?)
@@ -102,32 +131,32 @@ fn pair() -> Result<(TcpStream, TcpStream)> {
     Ok((a, b))
 }
 
-/// The "gateway" thread's CPU per message: read a send from the sender, write an
-/// ack back, write the delivery to the recipient.
-fn sockets(n: usize, pipelined: bool) -> Result<f64> {
+/// CPU per message of the "gateway" thread (read a send from the sender, write an
+/// ack back, write the delivery to the recipient) and of the client threads.
+fn sockets(n: usize, pipelined: bool) -> Result<(f64, f64)> {
     let (mut sender, mut gw_from_sender) = pair()?;
     let (mut gw_to_recipient, mut recipient) = pair()?;
     let mut ack_reader = sender.try_clone()?;
     let recv_thread = std::thread::spawn(move || {
-        let mut b = [0u8; DELIVERY];
-        (0..n).try_for_each(|_| recipient.read_exact(&mut b))
+        let (mut b, start) = ([0u8; DELIVERY], thread_cpu_us());
+        (0..n).try_for_each(|_| recipient.read_exact(&mut b)).map(|()| thread_cpu_us() - start)
     });
     // Back to back: acks are drained by their own thread, so the sender never waits.
     let acks = pipelined.then(|| {
         std::thread::spawn(move || {
-            let mut b = [0u8; ACK];
-            (0..n).try_for_each(|_| ack_reader.read_exact(&mut b))
+            let (mut b, start) = ([0u8; ACK], thread_cpu_us());
+            (0..n).try_for_each(|_| ack_reader.read_exact(&mut b)).map(|()| thread_cpu_us() - start)
         })
     });
-    let send_thread = std::thread::spawn(move || -> std::io::Result<()> {
-        let (msg, mut ack) = ([1u8; DELIVERY], [0u8; ACK]);
+    let send_thread = std::thread::spawn(move || -> std::io::Result<f64> {
+        let (msg, mut ack, start) = ([1u8; DELIVERY], [0u8; ACK], thread_cpu_us());
         for _ in 0..n {
             sender.write_all(&msg)?;
             if !pipelined {
                 sender.read_exact(&mut ack)?;
             }
         }
-        Ok(())
+        Ok(thread_cpu_us() - start)
     });
     let (mut b, ack) = ([0u8; DELIVERY], [2u8; ACK]);
     let start = thread_cpu_us();
@@ -137,15 +166,14 @@ fn sockets(n: usize, pipelined: bool) -> Result<f64> {
         gw_to_recipient.write_all(&b)?;
     }
     let cpu = thread_cpu_us() - start;
-    let joined = |r: std::thread::Result<std::io::Result<()>>| -> Result<()> {
+    let joined = |r: std::thread::Result<std::io::Result<f64>>| -> Result<f64> {
         r.map_err(|_| anyhow::anyhow!("a socket thread panicked"))?.context("loopback socket")
     };
-    joined(send_thread.join())?;
-    joined(recv_thread.join())?;
+    let mut client = joined(send_thread.join())? + joined(recv_thread.join())?;
     if let Some(t) = acks {
-        joined(t.join())?;
+        client += joined(t.join())?;
     }
-    Ok(cpu / n as f64)
+    Ok((cpu / n as f64, client / n as f64))
 }
 
 /// CPU and wall time of one append + `fdatasync` in `dir`.
@@ -171,8 +199,10 @@ mod tests {
     #[test]
     fn both_socket_measurements_finish_and_count_cpu() {
         for pipelined in [false, true] {
-            let us = sockets(2_000, pipelined).unwrap();
-            assert!(us.is_finite() && us > 0.0, "pipelined={pipelined}: {us}");
+            let (gateway, client) = sockets(2_000, pipelined).unwrap();
+            for us in [gateway, client] {
+                assert!(us.is_finite() && us > 0.0, "pipelined={pipelined}: {gateway} {client}");
+            }
         }
     }
 

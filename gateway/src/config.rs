@@ -249,8 +249,8 @@ pub struct StorageConfig {
     pub commit_batch_max: NonZeroUsize,
     /// Under load, how long a commit may wait for more commands to share its fsync
     /// (microseconds). Only a batch that follows a batch of two or more waits, so a
-    /// lone message never does. 0: never wait.
-    pub commit_window_us: u32,
+    /// lone message never does. Default: none (a batch is what queued during the last commit).
+    pub commit_window_us: Option<NonZeroU32>,
     /// Commands waiting for the sequencer before new ones get error 1020 (overloaded).
     pub sequencer_queue: NonZeroUsize,
     /// Threads serving history and list reads, off the shards.
@@ -328,7 +328,7 @@ impl Default for StorageConfig {
             postgres: PostgresSettings::default(),
             cassandra: CassandraSettings::default(),
             commit_batch_max: nzu(1024),
-            commit_window_us: 0,
+            commit_window_us: None,
             sequencer_queue: nzu(65536),
             reader_threads: nzu(2),
             reader_queue: nzu(4096),

@@ -139,7 +139,7 @@ pub struct SequencerConfig {
     pub queue: usize,
     pub batch_max: usize,
     /// Longest a loaded batch waits for company (see `StorageConfig::commit_window_us`).
-    pub window: std::time::Duration,
+    pub window: Option<Duration>,
     pub member_cap: usize,
 }
 
@@ -303,11 +303,11 @@ impl Worker {
     // load (the last batch had company) it also waits up to `window` from its
     // first command for more, so one fsync and one round of shard wake-ups serve
     // more messages; a lone command after a lone command never waits.
-    fn run(&mut self, rx: crossbeam_channel::Receiver<Command>, batch_max: usize, window: Duration) {
+    fn run(&mut self, rx: crossbeam_channel::Receiver<Command>, batch_max: usize, window: Option<Duration>) {
         let mut cmds = Vec::with_capacity(batch_max);
         let mut loaded = false;
         while let Ok(first) = rx.recv() {
-            let deadline = (loaded && !window.is_zero()).then(|| Instant::now() + window);
+            let deadline = window.filter(|_| loaded).map(|w| Instant::now() + w);
             cmds.push(first);
             fill_batch(&rx, &mut cmds, batch_max, deadline);
             loaded = cmds.len() > 1;

@@ -160,7 +160,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         SequencerConfig {
             queue: cfg.storage.sequencer_queue.get(),
             batch_max: cfg.storage.commit_batch_max.get(),
-            window: std::time::Duration::from_micros(cfg.storage.commit_window_us.into()),
+            window: cfg.storage.commit_window_us.map(|us| std::time::Duration::from_micros(us.get().into())),
             member_cap: cfg.limits.group_member_cap.get() as usize,
         },
         store.clone(),

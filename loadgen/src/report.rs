@@ -129,9 +129,8 @@ pub fn print_table(s: &Summary) {
     println!("  duplicates       {:>12}", j["duplicates"]);
     println!("  out of order     {:>12}", j["out_of_order"]);
     println!();
-    match j["warmup_s"].as_f64() {
-        Some(w) if w > 0.0 => println!("  latency (ms), after the {w} s warm-up; gateway cost likewise"),
-        _ => {}
+    if let Some(w) = j["warmup_s"].as_f64().filter(|w| *w > 0.0) {
+        println!("  latency (ms), after the {w} s warm-up; gateway cost likewise");
     }
     println!("  latency (ms)         p50       p95       p99     p99.9       max");
     for (name, key) in [

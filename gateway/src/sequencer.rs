@@ -329,9 +329,12 @@ impl Worker {
             let mut rec = self.store.conversation(id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
             let members: BTreeMap<_, _> = self.store.members(id).map_err(internal)?.into_iter().collect();
             let last = self.store.buckets(id).map_err(internal)?.last().copied();
-            // A store without cross-partition transactions (Cassandra) may keep a
-            // message whose commit failed after it landed but before the head moved.
-            // Its position is taken: continue after the newest stored message.
+            // A store without cross-partition transactions (Cassandra) may keep
+            // messages whose commit failed after they landed but before the head
+            // moved. Their positions are taken: continue after the newest stored
+            // message. Their senders were told "failed" and will resend with the
+            // same client_msg_id, so their idempotency keys are written first: the
+            // resend is then acked at the stored position, not stored twice.
             if let Some(b) = last
                 && let Some(newest) = self
                     .store
@@ -344,10 +347,31 @@ impl Worker {
                     conversation = id,
                     head = rec.last_seq,
                     newest = newest.seq,
-                    "head behind stored history"
+                    "head behind stored history; repairing"
                 );
+                let mut repair = Vec::new();
+                let mut after = rec.last_seq;
+                while after < newest.seq {
+                    let page = storage::page(&*self.store, id, storage::Anchor::After(after), 100)
+                        .map_err(internal)?;
+                    let Some(last) = page.messages.last() else { break };
+                    after = last.seq;
+                    repair.extend(
+                        page.messages
+                            .into_iter()
+                            .filter(|m| m.kind == MessageKind::Text && !m.client_msg_id.is_empty())
+                            .map(|m| Mutation::PutIdempotency {
+                                conversation: id,
+                                sender: m.sender_id,
+                                client_msg_id: m.client_msg_id,
+                                seq: m.seq,
+                            }),
+                    );
+                }
                 rec.last_seq = newest.seq;
                 rec.last_ts_ms = rec.last_ts_ms.max(newest.ts_ms);
+                repair.push(Mutation::PutConversation(rec.clone()));
+                self.store.commit(&repair).map_err(internal)?;
             }
             let bucket = last.map(|b| b.bucket);
             let positions = self.store.all_positions(id).map_err(internal)?.into_iter().collect();

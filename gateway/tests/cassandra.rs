@@ -1,22 +1,12 @@
 //! The Cassandra backend from an operator's side. Always: its settings are
 //! validated, and a node that cannot reach the cluster refuses to start and
 //! says why. With `SWITCHBOARD_CASSANDRA=host:port` (a real Apache Cassandra or
-//! ScyllaDB; none can be installed on this machine): `gateway migrate`, the
-//! schema check, and a second node serving the first node's history.
+//! ScyllaDB; `scripts/test` starts one with `scripts/cassandra`): `gateway
+//! migrate`, the schema check, and a second node serving the first node's history.
 
 mod support;
 
 use support::*;
-
-fn storage_toml(nodes: &[String], dc: &str, keyspace: &str, migrate_on_start: bool, extra: &str) -> String {
-    let nodes: Vec<String> = nodes.iter().map(|n| format!("{n:?}")).collect();
-    format!(
-        "[storage]\nbackend = \"cassandra\"\nmigrate_on_start = {migrate_on_start}\n[storage.cassandra]\n\
-         contact_points = [{}]\nkeyspace = \"{keyspace}\"\nlocal_dc = \"{dc}\"\nreplication = {{ \"{dc}\" = 1 }}\n\
-         connect_timeout_ms = 3000\n{extra}",
-        nodes.join(", ")
-    )
-}
 
 #[test]
 fn bad_settings_are_config_errors() {
@@ -63,7 +53,10 @@ fn cluster() -> Option<(Vec<String>, String)> {
 #[test]
 fn on_a_real_cluster_a_second_node_serves_the_shared_history() {
     let Some((nodes, dc)) = cluster() else {
-        eprintln!("SKIPPED: needs a Cassandra or ScyllaDB server; set SWITCHBOARD_CASSANDRA=host:port");
+        eprintln!(
+            "SKIPPED: needs a Cassandra or ScyllaDB server; set SWITCHBOARD_CASSANDRA=host:port \
+             (scripts/cassandra start prints it)"
+        );
         return;
     };
     let ks = format!("sb_gateway_{}", std::process::id());

@@ -62,7 +62,8 @@ fn acked_messages_survive_kill_9() {
 /// A store without cross-partition transactions (Cassandra) can keep a message
 /// whose commit failed part-way: the message row landed, the conversation head
 /// did not. The sender was told the send failed and will resend; the stored
-/// message must keep its position, never be overwritten by the next send.
+/// message must keep its position, never be overwritten by the next send, and
+/// the resend must be acked at that position rather than stored again.
 #[test]
 fn a_stored_message_beyond_the_head_keeps_its_position() {
     let tmp = tempfile::tempdir().unwrap();
@@ -105,4 +106,9 @@ fn a_stored_message_beyond_the_head_keeps_its_position() {
     };
     let got: Vec<(u64, &str)> = messages.iter().map(|m| (m.seq, m.body.as_str())).collect();
     assert_eq!(got, [(3, "three"), (2, "landed, but its commit failed"), (1, "one")]);
+    // Its sender, told the send failed, resends it: acked at the stored position, not stored twice.
+    c.send_text(conv, "k2", "landed, but its commit failed");
+    assert_eq!(c.wait_ack("k2"), 2, "the resend is acked at the stored message's position");
+    c.send_text(conv, "k4", "four");
+    assert_eq!(c.wait_ack("k4"), 4, "and nothing was stored twice");
 }

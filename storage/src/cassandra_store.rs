@@ -209,6 +209,7 @@ pub(crate) enum Stmt {
     UpdateLastSeen,
     UpdateHideLastSeen,
     InsertUser,
+    DeleteUser,
     ClaimUsername,
     SelectUser,
     SelectUsername,
@@ -233,7 +234,7 @@ const MESSAGE_COLS: &str =
     "seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms";
 
 impl Stmt {
-    pub(crate) const ALL: [Stmt; 37] = [
+    pub(crate) const ALL: [Stmt; 38] = [
         Stmt::InsertMessage,
         Stmt::InsertBucket,
         Stmt::InsertIdempotency,
@@ -253,6 +254,7 @@ impl Stmt {
         Stmt::UpdateLastSeen,
         Stmt::UpdateHideLastSeen,
         Stmt::InsertUser,
+        Stmt::DeleteUser,
         Stmt::ClaimUsername,
         Stmt::SelectUser,
         Stmt::SelectUsername,
@@ -325,6 +327,7 @@ impl Stmt {
             Stmt::InsertUser => {
                 "INSERT INTO {ks}.users (id, username, password_hash, created_ms) VALUES (?, ?, ?, ?)".into()
             }
+            Stmt::DeleteUser => "DELETE FROM {ks}.users WHERE id = ?".into(),
             Stmt::ClaimUsername => {
                 "INSERT INTO {ks}.usernames (username_lower, user_id) VALUES (?, ?) IF NOT EXISTS".into()
             }
@@ -773,7 +776,14 @@ pub struct CassandraStore {
     ttl_s: i32,
     prepared: OnceLock<Vec<PreparedStatement>>,
     preparing: Mutex<()>,
+    /// Tests: runs between a commit's phases (given the number of phases done),
+    /// to fail a commit part-way for real (e.g. by killing the node).
+    #[cfg(feature = "testkit")]
+    between_phases: Mutex<Option<PhaseHook>>,
 }
+
+#[cfg(feature = "testkit")]
+type PhaseHook = Box<dyn Fn(usize) + Send + Sync>;
 
 impl std::fmt::Debug for CassandraStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -825,6 +835,8 @@ impl CassandraStore {
             opts: opts.clone(),
             prepared: OnceLock::new(),
             preparing: Mutex::new(()),
+            #[cfg(feature = "testkit")]
+            between_phases: Mutex::new(None),
         })
     }
 
@@ -887,6 +899,45 @@ impl CassandraStore {
                 .await
                 .map(drop)
                 .map_err(cql("dropping the keyspace"))
+        })
+    }
+
+    /// Tests: `hook(n)` runs after phase `n` of every later commit has landed and
+    /// before phase `n + 1` starts.
+    #[cfg(feature = "testkit")]
+    pub fn set_between_phases(&self, hook: Option<PhaseHook>) {
+        *self.between_phases.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    /// The names of the cluster's keyspaces (tests: finding their own leftovers).
+    #[doc(hidden)]
+    pub fn keyspaces(&self) -> Result<Vec<String>> {
+        self.rt.block_on(async {
+            let r = self
+                .session
+                .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+                .await
+                .map_err(cql("listing keyspaces"))?;
+            let rows = r.into_rows_result().map_err(decode("listing keyspaces"))?;
+            rows.rows::<(String,)>()
+                .map_err(decode("listing keyspaces"))?
+                .map(|r| r.map(|(k,)| k).map_err(decode("listing keyspaces")))
+                .collect()
+        })
+    }
+
+    /// Drops another keyspace of the cluster (tests: removing a dead run's leftovers).
+    #[doc(hidden)]
+    pub fn drop_other_keyspace(&self, keyspace: &str) -> Result<()> {
+        if !is_identifier(keyspace) {
+            return Err(StorageError::new(ErrorKind::Rejected, "dropping a keyspace", "not a keyspace name"));
+        }
+        self.rt.block_on(async {
+            self.session
+                .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+                .await
+                .map(drop)
+                .map_err(cql("dropping a keyspace"))
         })
     }
 
@@ -978,7 +1029,13 @@ impl Store for CassandraStore {
         let prepared = self.prepared()?;
         let phases = plan(batch, self.ttl_s);
         self.rt.block_on(async {
-            for writes in phases {
+            for (_done, writes) in phases.into_iter().enumerate() {
+                #[cfg(feature = "testkit")]
+                if _done > 0
+                    && let Some(hook) = &*self.between_phases.lock().unwrap_or_else(|e| e.into_inner())
+                {
+                    hook(_done);
+                }
                 futures_util::stream::iter(batches(writes))
                     .map(|group| self.write(prepared, group))
                     .buffer_unordered(IN_FLIGHT)
@@ -991,8 +1048,7 @@ impl Store for CassandraStore {
 
     /// Writes the user row, then claims the lowercase name with a lightweight
     /// transaction. A claim that timed out is settled by reading the name back
-    /// at LOCAL_SERIAL. A lost race leaves an unreachable user row (its id is
-    /// never handed out).
+    /// at LOCAL_SERIAL. A lost claim deletes the user row again.
     fn create_user(&self, user: &UserRecord) -> Result<()> {
         let prepared = self.prepared()?;
         let lower = user.username.to_lowercase();
@@ -1035,7 +1091,16 @@ impl Store for CassandraStore {
             };
             match owner {
                 Some(id) if id == user.id => Ok(()),
-                _ => Err(StorageError::new(ErrorKind::UsernameTaken, "registering", "username taken")),
+                _ => {
+                    // The name is someone else's: take back the row written for it. Should
+                    // this fail too, the row is unreachable (no name maps to it, and its id
+                    // is never handed out), so the refusal stands either way.
+                    let _ = self
+                        .session
+                        .execute_unpaged(&prepared[Stmt::DeleteUser as usize], (i(user.id),))
+                        .await;
+                    Err(StorageError::new(ErrorKind::UsernameTaken, "registering", "username taken"))
+                }
             }
         })
     }
@@ -1152,6 +1217,17 @@ impl Store for CassandraStore {
         if lo > hi {
             return Ok(out);
         }
+        // One request per block in the range: a range wider than a few blocks (a
+        // caller asking for "everything") ends at the newest message, since no
+        // reaction lies beyond it.
+        let hi = if reaction_block(hi) - reaction_block(lo) > 4 {
+            match crate::page(self, conv, crate::Anchor::Latest, 1)?.messages.first() {
+                Some(newest) if newest.seq >= lo => hi.min(newest.seq),
+                _ => return Ok(out),
+            }
+        } else {
+            hi
+        };
         for block in reaction_block(lo)..=reaction_block(hi) {
             out.extend(
                 self.all::<(i64, i64, String)>(

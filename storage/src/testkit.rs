@@ -1,6 +1,7 @@
 //! Test support (feature `testkit`): a real PostgreSQL server from Debian's
 //! `postgresql` package, on a free loopback port in a temporary directory; and
-//! the Cassandra cluster the environment names, if any ([`cassandra_from_env`]).
+//! the Cassandra cluster the environment names ([`cassandra_from_env`]), which
+//! `scripts/cassandra` starts from Cassandra's Maven Central jars.
 //!
 //! One server per test process ([`TestPostgres::shared`]); each test takes a
 //! fresh database from it ([`TestPostgres::fresh_database`]). The server runs as
@@ -214,21 +215,146 @@ impl TestPostgres {
 /// (`host:port[,host:port...]`), with its local datacenter from
 /// `SWITCHBOARD_CASSANDRA_DC` (default `datacenter1`, a stock Cassandra's) and
 /// optional `SWITCHBOARD_CASSANDRA_USER`/`_PASSWORD`, for a test keyspace
-/// (replication factor 1). `None` when no cluster is configured: none can be
-/// installed on the machines this repo is built on.
+/// (replication factor `SWITCHBOARD_CASSANDRA_RF`, default 1). `None` when no
+/// cluster is configured (`scripts/cassandra start` runs one and prints the
+/// variable; `scripts/test` does so itself).
+///
+/// Test keyspaces are named `sb_<suite>_<pid>[_<n>]`. The first call in a
+/// process drops those of test processes that have ended, so a cluster that
+/// serves many test runs (or one run's many test binaries) holds only the live
+/// ones: every table costs a Cassandra node heap, whether used or not.
 pub fn cassandra_from_env(keyspace: &str) -> Option<crate::CassandraOptions> {
     let nodes = std::env::var("SWITCHBOARD_CASSANDRA").ok().filter(|v| !v.trim().is_empty())?;
+    let opts = cassandra_options(&nodes, keyspace);
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| drop_dead_runs_keyspaces(&opts));
+    Some(opts)
+}
+
+/// A Cassandra node of a test's own, which it may kill and restart: started by
+/// `scripts/cassandra` (jars from Maven Central, OpenJDK 17) in a temp dir, and
+/// stopped (its processes ended, its dir removed) when dropped.
+pub struct TestCassandra {
+    /// `host:port` of its native transport.
+    pub contact: String,
+    state: tempfile_dir::Dir,
+}
+
+/// A directory removed on drop (the testkit has no tempfile dependency).
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl TestCassandra {
+    fn script(&self, args: &[&str]) -> String {
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cassandra"))
+            .args(args)
+            .arg("--state")
+            .arg(self.state.0.join("state"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/cassandra");
+        assert!(out.status.success(), "scripts/cassandra {args:?} failed (its output is above)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts a single node and waits until it answers CQL.
+    pub fn start() -> TestCassandra {
+        let dir = std::env::temp_dir().join(format!(
+            "switchboard-test-cassandra-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).expect("creating the node's state dir");
+        let mut node = TestCassandra { contact: String::new(), state: tempfile_dir::Dir(dir) };
+        let out = node.script(&["start"]);
+        node.contact = out
+            .lines()
+            .find_map(|l| l.strip_prefix("SWITCHBOARD_CASSANDRA="))
+            .expect("scripts/cassandra prints the contact point")
+            .to_owned();
+        node
+    }
+
+    /// SIGKILL: no drain, no flush; the data dir stays.
+    pub fn kill9(&self) {
+        self.script(&["kill9", "1"]);
+    }
+
+    /// Starts the killed node again on its data and port; returns once it answers CQL.
+    pub fn restart(&self) {
+        self.script(&["restart", "1"]);
+    }
+
+    /// Options for `keyspace` on this node (replication factor 1).
+    pub fn options(&self, keyspace: &str) -> crate::CassandraOptions {
+        let mut opts = cassandra_options(&self.contact, keyspace);
+        opts.replication.values_mut().for_each(|rf| *rf = 1);
+        opts
+    }
+}
+
+impl Drop for TestCassandra {
+    fn drop(&mut self) {
+        if !self.contact.is_empty() {
+            let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cassandra"))
+                .args(["stop", "--state"])
+                .arg(self.state.0.join("state"))
+                .status();
+        }
+    }
+}
+
+/// The process id in a test keyspace's name (`sb_<suite>_<pid>[_<n>]`).
+fn test_keyspace_pid(name: &str) -> Option<u32> {
+    let mut parts = name.strip_prefix("sb_")?.split('_');
+    parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+fn drop_dead_runs_keyspaces(opts: &crate::CassandraOptions) {
+    let Ok(store) = crate::CassandraStore::connect(opts) else { return };
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    for ks in store.keyspaces().unwrap_or_default() {
+        if test_keyspace_pid(&ks).is_some_and(|pid| !alive(pid)) {
+            let _ = store.drop_other_keyspace(&ks);
+        }
+    }
+}
+
+fn cassandra_options(nodes: &str, keyspace: &str) -> crate::CassandraOptions {
     let dc = std::env::var("SWITCHBOARD_CASSANDRA_DC").unwrap_or_else(|_| "datacenter1".into());
-    Some(crate::CassandraOptions {
+    crate::CassandraOptions {
         contact_points: nodes.split(',').map(|n| n.trim().to_owned()).collect(),
         keyspace: keyspace.to_owned(),
         local_dc: Some(dc.clone()),
         consistency: "local_quorum".into(),
-        replication: [(dc, 1)].into(),
+        replication: [(
+            dc,
+            std::env::var("SWITCHBOARD_CASSANDRA_RF").ok().and_then(|r| r.parse().ok()).unwrap_or(1),
+        )]
+        .into(),
         username: std::env::var("SWITCHBOARD_CASSANDRA_USER").ok(),
         password: std::env::var("SWITCHBOARD_CASSANDRA_PASSWORD").ok(),
         connect_timeout: std::time::Duration::from_secs(10),
         request_timeout: std::time::Duration::from_secs(10),
         idempotency_ttl: std::time::Duration::from_secs(3600),
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn test_keyspaces_name_their_process() {
+        assert_eq!(super::test_keyspace_pid("sb_e2e_4242_7"), Some(4242));
+        assert_eq!(super::test_keyspace_pid("sb_gateway_99"), Some(99));
+        assert_eq!(super::test_keyspace_pid("switchboard"), None);
+        assert_eq!(super::test_keyspace_pid("sb_chat"), None);
+        assert_eq!(super::test_keyspace_pid("system_auth"), None);
+    }
 }

@@ -1,17 +1,17 @@
 //! The conformance suite against Apache Cassandra or ScyllaDB, when one is
 //! reachable: `SWITCHBOARD_CASSANDRA=host:port[,host:port...]`, with the local
 //! datacenter's name in `SWITCHBOARD_CASSANDRA_DC` (default `datacenter1`, what a
-//! stock Cassandra calls its first datacenter). No Cassandra server can be
-//! installed from this machine's package sources, so without the variable the
-//! test says so and checks nothing; `scripts/test` prints the same.
-//! Each run creates its own keyspace (replication factor 1) and drops it.
+//! stock Cassandra calls its first datacenter). `scripts/test` starts a real
+//! node from Cassandra's Maven Central jars (`scripts/cassandra`) and sets the
+//! variable; without it the test says it was skipped and checks nothing.
+//! Each run creates its own keyspace (replication factor
+//! `SWITCHBOARD_CASSANDRA_RF`, default 1) and drops it.
 
 use std::sync::Arc;
 use storage::{CassandraOptions, CassandraStore, Store, conformance};
 
 fn options() -> Option<CassandraOptions> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    storage::testkit::cassandra_from_env(&format!("sb_conformance_{}", nanos % 1_000_000_000_000))
+    storage::testkit::cassandra_from_env(&format!("sb_conformance_{}", std::process::id()))
 }
 
 #[test]
@@ -19,7 +19,7 @@ fn cassandra_store_conforms() {
     let Some(opts) = options() else {
         eprintln!(
             "SKIPPED: the Cassandra conformance run needs a server; set SWITCHBOARD_CASSANDRA=host:port \
-             (no Cassandra or ScyllaDB package exists in this machine's package sources)"
+             (scripts/cassandra start runs one and prints it; scripts/test does so itself)"
         );
         return;
     };

@@ -72,6 +72,24 @@ fn cassandra_options(dir: &Path) -> Option<storage::CassandraOptions> {
     Some(opts)
 }
 
+/// A `[storage]` section for Cassandra at `nodes`, replication factor 1 in `dc`.
+#[allow(dead_code)]
+pub fn storage_toml(
+    nodes: &[String],
+    dc: &str,
+    keyspace: &str,
+    migrate_on_start: bool,
+    extra: &str,
+) -> String {
+    let nodes: Vec<String> = nodes.iter().map(|n| format!("{n:?}")).collect();
+    format!(
+        "[storage]\nbackend = \"cassandra\"\nmigrate_on_start = {migrate_on_start}\n[storage.cassandra]\n\
+         contact_points = [{}]\nkeyspace = \"{keyspace}\"\nlocal_dc = \"{dc}\"\nreplication = {{ \"{dc}\" = 1 }}\n\
+         connect_timeout_ms = 3000\n{extra}",
+        nodes.join(", ")
+    )
+}
+
 /// Runs `gateway <args>` (e.g. `migrate`, `--check-config`) with `config` on `dir`;
 /// returns (success, stdout, stderr).
 #[allow(dead_code)]
@@ -459,14 +477,21 @@ impl Client {
 
     /// Waits for the ack of `client_msg_id`; returns its seq. Panics on an error for it.
     pub fn wait_ack(&mut self, client_msg_id: &str) -> u64 {
+        self.ack_or_error(client_msg_id)
+            .unwrap_or_else(|code| panic!("send {client_msg_id} failed with code {code}"))
+    }
+
+    /// Waits for the answer to the send of `client_msg_id`: its seq, or the error code.
+    pub fn ack_or_error(&mut self, client_msg_id: &str) -> Result<u64, u16> {
         let cmid = client_msg_id.to_owned();
         match self.wait_for(|m| match m {
             ServerMsg::Ack { client_msg_id, .. } => *client_msg_id == cmid,
             ServerMsg::Error { client_msg_id: Some(c), .. } => *c == cmid,
             _ => false,
         }) {
-            ServerMsg::Ack { seq, .. } => seq,
-            other => panic!("send {cmid} failed: {other:?}"),
+            ServerMsg::Ack { seq, .. } => Ok(seq),
+            ServerMsg::Error { code, .. } => Err(code),
+            _ => unreachable!(),
         }
     }
 

@@ -114,12 +114,32 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-/// The stores under test: the embedded one, and PostgreSQL on a real local server
-/// (the same one the tests start; `./scripts/test` installs it).
+/// The stores under test: the embedded one, PostgreSQL on a real local server
+/// (the same one the tests start; `./scripts/test` installs it), and Cassandra
+/// when `SWITCHBOARD_CASSANDRA` names a node or cluster (`scripts/cassandra start`).
 type Opened = (Box<dyn Store>, Option<tempfile::TempDir>);
 type Opener = Box<dyn Fn() -> Opened>;
 
 fn stores() -> Vec<(&'static str, Opener)> {
+    let mut all = stores_always();
+    if storage::testkit::cassandra_from_env("unused").is_some() {
+        all.push((
+            "cassandra",
+            Box::new(|| {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let ks = format!("sb_bench_{}_{n}", std::process::id());
+                let opts = storage::testkit::cassandra_from_env(&ks).expect("checked above");
+                let cs = storage::CassandraStore::connect(&opts).unwrap();
+                cs.migrate().unwrap();
+                (Box::new(cs) as Box<dyn Store>, None)
+            }),
+        ));
+    }
+    all
+}
+
+fn stores_always() -> Vec<(&'static str, Opener)> {
     vec![
         (
             "embedded",

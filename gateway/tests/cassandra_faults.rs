@@ -14,11 +14,11 @@
 
 mod support;
 
-use protocol::{ClientMsg, ErrorCode, Message, MessageKind, ServerMsg, Subprotocol};
+use protocol::{ClientMsg, ErrorCode, Message, ServerMsg, Subprotocol};
 use std::collections::HashMap;
 use std::sync::Arc;
 use storage::testkit::TestCassandra;
-use storage::{BucketRef, CassandraStore, ConversationRecord, Mutation, Store, bucket_of};
+use storage::{BucketRef, CassandraStore, ConversationRecord, Mutation, Store, bucket_of, conformance};
 use support::*;
 
 /// Whether to run: a Cassandra run is configured, and this is not a rerun of
@@ -60,24 +60,6 @@ fn once_reconnected<T>(what: &str, mut f: impl FnMut() -> storage::Result<T>) ->
     }
 }
 
-fn text(conv: u64, seq: u64, sender: u64) -> Message {
-    Message {
-        conversation_id: conv,
-        seq,
-        ts_ms: 1_700_000_000_000 + seq,
-        sender_id: sender,
-        client_msg_id: format!("c{seq}"),
-        kind: MessageKind::Text,
-        body: format!("message {seq}"),
-        target_user_id: None,
-        role: None,
-        target_seq: None,
-        edited_ms: None,
-        reactions: Vec::new(),
-        my_reaction: None,
-    }
-}
-
 /// What the sequencer commits for messages `seqs` of `conv`: the rows, their
 /// idempotency keys, and the conversation head.
 fn append(conv: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Mutation> {
@@ -89,7 +71,7 @@ fn append(conv: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Mutation> {
         });
     }
     for seq in seqs.clone() {
-        batch.push(Mutation::PutMessage(text(conv, seq, 7)));
+        batch.push(Mutation::PutMessage(conformance::msg(conv, seq, 1_700_000_000_000 + seq, 7)));
         batch.push(Mutation::PutIdempotency {
             conversation: conv,
             sender: 7,

@@ -27,7 +27,8 @@ pub fn run_all(open: Open<'_>) {
     survives_restart(open);
 }
 
-fn msg(conv: ConversationId, seq: Seq, ts_ms: u64, sender: UserId) -> Message {
+/// A text message at `seq` (client id `c<seq>`, body `message <seq>`).
+pub fn msg(conv: ConversationId, seq: Seq, ts_ms: u64, sender: UserId) -> Message {
     Message {
         conversation_id: conv,
         seq,

@@ -910,7 +910,7 @@ impl CassandraStore {
     }
 
     /// The names of the cluster's keyspaces (tests: finding their own leftovers).
-    #[doc(hidden)]
+    #[cfg(feature = "testkit")]
     pub fn keyspaces(&self) -> Result<Vec<String>> {
         self.rt.block_on(async {
             let r = self
@@ -927,7 +927,7 @@ impl CassandraStore {
     }
 
     /// Drops another keyspace of the cluster (tests: removing a dead run's leftovers).
-    #[doc(hidden)]
+    #[cfg(feature = "testkit")]
     pub fn drop_other_keyspace(&self, keyspace: &str) -> Result<()> {
         if !is_identifier(keyspace) {
             return Err(StorageError::new(ErrorKind::Rejected, "dropping a keyspace", "not a keyspace name"));

@@ -4,10 +4,17 @@ use crate::config::AuthConfig;
 use anyhow::Context;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use protocol::{ErrorCode, UserId};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 use std::path::Path;
+
+/// Bytes of a cursor's MAC: 128 bits, far past guessing.
+const CURSOR_MAC: usize = 16;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -23,6 +30,9 @@ pub struct Auth {
     decoding: DecodingKey,
     validation: Validation,
     ttl_secs: u64,
+    /// Seals list cursors (a key derived from the token secret, so every node of a
+    /// fleet opens every other node's cursors).
+    cursor_key: Hmac<Sha256>,
     /// A real hash of a random password, verified against on unknown usernames so that
     /// "no such user" and "wrong password" take the same time.
     dummy_hash: String,
@@ -47,6 +57,8 @@ impl Auth {
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
         let mut validation = Validation::new(jsonwebtoken::Algorithm::HS256);
         validation.leeway = 0;
+        // A token that says "not before" is honoured (ours never carry one).
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         let mut auth = Auth {
             argon,
@@ -54,6 +66,11 @@ impl Auth {
             decoding: DecodingKey::from_secret(&secret),
             validation,
             ttl_secs: cfg.token_ttl_secs.get(),
+            cursor_key: {
+                let mut k = Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key length");
+                k.update(b"switchboard list cursor v1");
+                Hmac::new_from_slice(&k.finalize().into_bytes()).expect("HMAC takes any key length")
+            },
             dummy_hash: String::new(),
         };
         auth.dummy_hash = auth.hash_password(&format!("{:x}", rand::random::<u128>()))?;
@@ -89,6 +106,40 @@ impl Auth {
     pub fn issue_at(&self, user: UserId, iat: u64, exp: u64) -> String {
         let claims = Claims { sub: user.to_string(), iat, exp };
         jsonwebtoken::encode(&Header::default(), &claims, &self.encoding).expect("HS256 encoding cannot fail")
+    }
+
+    /// An opaque `list_conversations` cursor for `user`: the position it encodes,
+    /// sealed with a MAC over it and the user, so a client can neither forge one
+    /// nor use another user's.
+    pub fn seal_cursor(&self, user: UserId, last_ts_ms: u64, conversation: u64) -> String {
+        let mut raw = Vec::with_capacity(16 + CURSOR_MAC);
+        raw.extend_from_slice(&last_ts_ms.to_be_bytes());
+        raw.extend_from_slice(&conversation.to_be_bytes());
+        let mac = self.cursor_mac(user, &raw);
+        raw.extend_from_slice(&mac[..CURSOR_MAC]);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The position in a cursor [`seal_cursor`](Self::seal_cursor) issued to `user`; `None` for anything else.
+    pub fn open_cursor(&self, user: UserId, cursor: &str) -> Option<(u64, u64)> {
+        let raw = URL_SAFE_NO_PAD.decode(cursor).ok()?;
+        if raw.len() != 16 + CURSOR_MAC {
+            return None;
+        }
+        let (pos, mac) = raw.split_at(16);
+        let mut m = self.cursor_key.clone();
+        m.update(&user.to_be_bytes());
+        m.update(pos);
+        m.verify_truncated_left(mac).ok()?;
+        let word = |i: usize| u64::from_be_bytes(pos[i..i + 8].try_into().expect("8 bytes"));
+        Some((word(0), word(8)))
+    }
+
+    fn cursor_mac(&self, user: UserId, pos: &[u8]) -> Vec<u8> {
+        let mut m = self.cursor_key.clone();
+        m.update(&user.to_be_bytes());
+        m.update(pos);
+        m.finalize().into_bytes().to_vec()
     }
 
     /// The user a token names, if it is well-formed, signed by us and not expired.
@@ -158,6 +209,30 @@ mod tests {
         t.pop();
         assert_eq!(a.verify(&t), Err(ErrorCode::Unauthorized), "a tampered signature fails");
         assert_eq!(a.verify("garbage"), Err(ErrorCode::Unauthorized));
+        #[derive(Serialize)]
+        struct WithNbf {
+            sub: String,
+            iat: u64,
+            exp: u64,
+            nbf: u64,
+        }
+        let early = WithNbf { sub: "42".into(), iat: now, exp: now + 3600, nbf: now + 600 };
+        let t = jsonwebtoken::encode(&Header::default(), &early, &a.encoding).unwrap();
+        assert_eq!(a.verify(&t), Err(ErrorCode::Unauthorized), "not valid before nbf");
+    }
+
+    #[test]
+    fn cursors_are_sealed_to_their_user() {
+        let a = auth();
+        let c = a.seal_cursor(7, 1_700_000_000_123, 42);
+        assert_eq!(a.open_cursor(7, &c), Some((1_700_000_000_123, 42)));
+        assert_eq!(a.open_cursor(8, &c), None, "another user's cursor");
+        for bad in ["", "9999999999999.1", &c[..c.len() - 1], &format!("{c}A")] {
+            assert_eq!(a.open_cursor(7, bad), None, "{bad:?}");
+        }
+        let mut flipped = c.into_bytes();
+        flipped[3] = if flipped[3] == b'A' { b'B' } else { b'A' };
+        assert_eq!(a.open_cursor(7, std::str::from_utf8(&flipped).unwrap()), None, "a forged position");
     }
 
     #[test]

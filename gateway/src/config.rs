@@ -24,6 +24,9 @@ pub enum IoDriver {
 pub struct Config {
     /// Address for HTTP and WebSocket (one listener per shard, SO_REUSEPORT). Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served (with `/healthz` and `/readyz`), e.g. `127.0.0.1:9090`
+    /// on a management network. Unset: `/metrics` is served on `listen`, open to every client.
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory of the embedded store and the generated token key.
     pub data_dir: PathBuf,
     /// Number of shards (threads, one per core). Default: the number of CPUs.
@@ -118,6 +121,20 @@ pub struct Limits {
     pub mailbox_capacity: NonZeroUsize,
     /// Time a client has to send a complete HTTP request head, seconds.
     pub http_header_timeout_secs: NonZeroU64,
+    /// Most sockets (HTTP exchanges and WebSocket connections) held at once; past it a
+    /// new one is answered 503 and closed. Default: the open-files limit minus `fd_reserve`.
+    pub max_connections: Option<NonZeroUsize>,
+    /// File descriptors kept out of the sockets' reach, for the store (the embedded
+    /// store caches up to 256 open files), its connections, the webhook and logs.
+    pub fd_reserve: NonZeroUsize,
+    /// Most WebSocket connections (devices) one user may hold on this node; past it an
+    /// upgrade is answered 429 `too_many_connections`.
+    pub max_connections_per_user: NonZeroU32,
+    /// Time a new WebSocket connection has to send `sync`, seconds; past it, close 4010.
+    pub sync_deadline_secs: NonZeroU64,
+    /// On SIGTERM or SIGINT: how long connections get to take their queued frames and
+    /// the 1001 close before the process exits anyway, seconds.
+    pub shutdown_grace_secs: NonZeroU64,
     /// Sends one connection may make per second, sustained. Beyond it: error 1021.
     pub send_per_sec: NonZeroU32,
     /// Sends one connection may make at once before `send_per_sec` applies.
@@ -130,6 +147,28 @@ pub struct Limits {
     pub receipts_per_sec: NonZeroU32,
     /// Receipts one connection may send at once before `receipts_per_sec` applies.
     pub receipts_burst: NonZeroU32,
+    /// Edits and deletes one connection may make per second, sustained. Beyond it: error 1021.
+    pub edits_per_sec: NonZeroU32,
+    /// Edits and deletes one connection may make at once.
+    pub edits_burst: NonZeroU32,
+    /// Conversation and membership changes (create, add, remove, set role, leave) per
+    /// connection per second, sustained. Beyond it: error 1021.
+    pub groups_per_sec: NonZeroU32,
+    /// Conversation and membership changes one connection may make at once.
+    pub groups_burst: NonZeroU32,
+    /// `mute` and `set_privacy` per connection per second, sustained. Beyond it: error 1021.
+    pub settings_per_sec: NonZeroU32,
+    /// `mute` and `set_privacy` one connection may send at once.
+    pub settings_burst: NonZeroU32,
+    /// Reads (`history`, `list_conversations`, `get_*`, `sync`) per connection per second,
+    /// sustained. Beyond it: error 1021.
+    pub reads_per_sec: NonZeroU32,
+    /// Reads one connection may make at once.
+    pub reads_burst: NonZeroU32,
+    /// Pings per connection per second, sustained. Beyond it: error 1021.
+    pub pings_per_sec: NonZeroU32,
+    /// Pings one connection may send at once.
+    pub pings_burst: NonZeroU32,
     /// Rate-limited requests a connection may make (refilled at its limits' own
     /// rates) before it is closed with 1008: a client that keeps hammering after
     /// being told to slow down is cut off; one that overshoots briefly is not.
@@ -153,6 +192,19 @@ pub struct AuthConfig {
     pub argon2_iterations: NonZeroU32,
     /// Threads that hash passwords, off the shards.
     pub hash_threads: NonZeroUsize,
+    /// Logins and registrations waiting for a hashing thread; beyond: 503.
+    pub hash_queue: NonZeroUsize,
+    /// Of those, most from one client address (queued or hashing); beyond: 429. The queue is
+    /// served round-robin by address, so a flood from one address waits behind itself.
+    pub hash_queue_per_address: NonZeroUsize,
+    /// Failed logins an account may have before it is locked out (per node).
+    pub login_free_failures_per_account: u32,
+    /// Failed logins one client address may have before it is locked out (per node).
+    pub login_free_failures_per_address: u32,
+    /// First lockout, milliseconds; doubles with each further failure.
+    pub login_backoff_ms: NonZeroU64,
+    /// Longest lockout, seconds.
+    pub login_backoff_max_secs: NonZeroU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,6 +325,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".parse().expect("valid default"),
+            metrics_listen: None,
             data_dir: PathBuf::from("./data"),
             shards: None,
             io_driver: IoDriver::Auto,
@@ -296,12 +349,27 @@ impl Default for Limits {
             max_pending_events: nzu(8192),
             mailbox_capacity: nzu(16384),
             http_header_timeout_secs: nz64(10),
+            max_connections: None,
+            fd_reserve: nzu(512),
+            max_connections_per_user: nz32(16),
+            sync_deadline_secs: nz64(30),
+            shutdown_grace_secs: nz64(10),
             send_per_sec: nz32(20),
             send_burst: nz32(100),
             typing_per_sec: nz32(2),
             typing_burst: nz32(10),
             receipts_per_sec: nz32(10),
             receipts_burst: nz32(50),
+            edits_per_sec: nz32(5),
+            edits_burst: nz32(20),
+            groups_per_sec: nz32(1),
+            groups_burst: nz32(10),
+            settings_per_sec: nz32(1),
+            settings_burst: nz32(10),
+            reads_per_sec: nz32(20),
+            reads_burst: nz32(100),
+            pings_per_sec: nz32(1),
+            pings_burst: nz32(10),
             abuse_budget: nz32(500),
         }
     }
@@ -316,6 +384,12 @@ impl Default for AuthConfig {
             argon2_memory_kib: nz32(19456),
             argon2_iterations: nz32(2),
             hash_threads: nzu(1),
+            hash_queue: nzu(256),
+            hash_queue_per_address: nzu(4),
+            login_free_failures_per_account: 5,
+            login_free_failures_per_address: 20,
+            login_backoff_ms: nz64(1000),
+            login_backoff_max_secs: nz64(900),
         }
     }
 }

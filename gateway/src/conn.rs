@@ -15,10 +15,11 @@
 //! logged (first time only), and the client resyncs on reconnect. Nobody else
 //! waits for it.
 
+use crate::capacity::SocketSlot;
 use crate::http::{Request, choose_subprotocol, error_response};
 use crate::mailbox::{ConnId, Event, EventKind};
 use crate::netio::{self, Signal};
-use crate::ratelimit::{ConnLimits, Verdict};
+use crate::ratelimit::{Budget, ConnLimits, Verdict, budget_of};
 use crate::sequencer::{Command, SendCmd};
 use crate::shard::ShardCtx;
 use bytes::Bytes;
@@ -40,6 +41,10 @@ use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
 /// Frames of a sync replay are sent in pages of this many messages.
 const SYNC_PAGE: usize = 100;
+
+/// How long a graceful close (1001, 1008, 4010) waits for in-flight acks and for the
+/// peer's side of the close before the socket is dropped.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct Conn {
     pub id: ConnId,
@@ -67,6 +72,13 @@ pub struct Conn {
     /// `Some(code)`: closing; the queue is flushed (or dropped, for overflow), then the
     /// close frame goes out if there is a code, and the socket is shut.
     closing: Cell<Option<Option<CloseCode>>>,
+    /// Sends submitted to the sequencer whose ack (or failure) has not reached the queue yet.
+    /// A graceful close waits for them (at most `LINGER`), so a stored send is acked.
+    inflight: Cell<u32>,
+    /// The graceful close's time is up: close now, whatever is still in flight.
+    linger_over: Cell<bool>,
+    /// The socket's place under the process's cap and the user's; freed with the connection.
+    _slots: (SocketSlot, crate::capacity::UserSlot),
 }
 
 /// The outbound queue's state. Frames are written by the shard's flusher after
@@ -97,6 +109,8 @@ enum Progress {
 struct SyncState {
     /// Live events flow to the socket only after the client's `sync`.
     synced: bool,
+    /// A `sync` has been asked for (it may still be replaying).
+    started: bool,
     /// Events held until then (bounded by `max_pending_events`).
     pending: VecDeque<Arc<Event>>,
     /// Per conversation, the highest position the client already has (by its word or by
@@ -148,7 +162,13 @@ fn ws_config(max_frame: usize) -> WebSocketConfig {
 /// Validates an upgrade request, answers it, and runs the connection.
 ///
 /// Runs on: the shard that accepted the TCP connection.
-pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, leftover: Vec<u8>) {
+pub async fn upgrade(
+    shard: Rc<ShardCtx>,
+    stream: TcpStream,
+    req: Request,
+    leftover: Vec<u8>,
+    slot: SocketSlot,
+) {
     let fail = |code: ErrorCode, msg: &str| error_response(code, msg, false);
     let reject = match check_upgrade(&shard, &req) {
         Ok(ok) => Err(ok),
@@ -160,6 +180,28 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
             return;
         }
         Err(ok) => ok,
+    };
+    // A token is only as good as its account: a validly signed token for a user id
+    // that does not exist (deleted, or minted with a leaked key for a made-up id) is refused.
+    let store = shard.shared.store.clone();
+    let exists = shard.shared.readers.run(move || store.user(user).map(|u| u.is_some())).await;
+    let refusal = match exists {
+        Ok(Ok(true)) => None,
+        Ok(Ok(false)) => Some((ErrorCode::Unauthorized, "invalid or expired token")),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reading the user of an upgrade failed");
+            Some((ErrorCode::HttpInternal, "try again"))
+        }
+        Err(_) => Some((ErrorCode::HttpOverloaded, "busy; retry")),
+    };
+    if let Some((code, msg)) = refusal {
+        let _ = netio::send_all(&stream, fail(code, msg)).await;
+        return;
+    }
+    let Some(user_slot) = shard.shared.capacity.admit_user(user) else {
+        let msg = "this user has the most connections allowed; close one or retry later";
+        let _ = netio::send_all(&stream, fail(ErrorCode::TooManyConnections, msg)).await;
+        return;
     };
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let proto_line =
@@ -191,6 +233,9 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
         )),
         limits: std::cell::OnceCell::new(),
         closing: Cell::new(None),
+        inflight: Cell::new(0),
+        linger_over: Cell::new(false),
+        _slots: (slot, user_slot),
     });
     // Registered before anything is read: events from now on reach this connection
     // (held until `sync`), so a sync's store read and the live stream overlap, never gap.
@@ -206,8 +251,71 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
             max_frame_bytes: max_frame,
         },
     );
+    monoio::spawn(sync_deadline(Rc::downgrade(&conn)));
     // Its own task: the handshake's state above is large and an idle connection must not keep it.
     monoio::spawn(run(conn));
+}
+
+/// Ends a graceful close's wait: after `LINGER`, whatever is in flight, the close frame
+/// goes out and the socket is shut both ways (which also wakes a lingering reader).
+///
+/// Runs on: the owning shard.
+async fn linger_timer(conn: Weak<Conn>) {
+    monoio::time::sleep(LINGER).await;
+    let Some(c) = conn.upgrade() else { return };
+    c.linger_over.set(true);
+    if c.flush.get() != Flush::Done {
+        // The close frame was waiting for acks: the flusher sends it on its next round.
+        c.want_flush();
+        drop(c);
+        monoio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if let Some(c) = conn.upgrade() {
+        netio::shutdown(&c.stream);
+    }
+}
+
+/// After the reader stops on a graceful close: stays attached (so acks still arrive)
+/// and reads and drops the peer's input until it closes, or `LINGER` runs out.
+///
+/// Runs on: the owning shard.
+async fn linger(conn: &Rc<Conn>) {
+    if !matches!(conn.closing.get(), Some(Some(_))) {
+        return;
+    }
+    loop {
+        if conn.linger_over.get() {
+            return;
+        }
+        if conn.stream.readable(false).await.is_err() {
+            return;
+        }
+        match netio::try_recv(&conn.stream, &mut conn.shard.scratch.borrow_mut()) {
+            Ok(Some(0)) | Err(_) => {
+                // The peer is gone; if acks are still due, they cannot be delivered.
+                if conn.flush.get() != Flush::Done {
+                    conn.linger_over.set(true);
+                    conn.want_flush();
+                }
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Closes the connection with 4010 if it has not sent `sync` within the deadline: an
+/// unsynced connection holds events for nothing, so it may not linger.
+///
+/// Runs on: the owning shard.
+async fn sync_deadline(conn: Weak<Conn>) {
+    let Some(secs) = conn.upgrade().map(|c| c.limits().sync_deadline_secs.get()) else { return };
+    monoio::time::sleep(std::time::Duration::from_secs(secs)).await;
+    if let Some(c) = conn.upgrade()
+        && !c.sync.borrow().started
+    {
+        c.close(Some(CloseCode::SyncTimeout));
+    }
 }
 
 /// The connection's life after the handshake: read until it ends, then leave the shard.
@@ -216,6 +324,7 @@ pub async fn upgrade(shard: Rc<ShardCtx>, stream: TcpStream, req: Request, lefto
 async fn run(conn: Rc<Conn>) {
     reader(&conn).await;
     conn.close(None);
+    linger(&conn).await;
     conn.shard.detach(&conn);
     conn.shard.shared.metrics.connections.dec();
 }
@@ -255,9 +364,23 @@ impl Conn {
         self.closing.get().is_some()
     }
 
+    /// Closing gracefully, with sends still to acknowledge.
+    fn awaiting_acks(&self) -> bool {
+        matches!(self.closing.get(), Some(Some(_))) && self.inflight.get() > 0 && !self.linger_over.get()
+    }
+
+    /// An ack or failure for one of this connection's sends has been queued.
+    fn settled(&self) {
+        self.inflight.set(self.inflight.get().saturating_sub(1));
+        if self.inflight.get() == 0 && self.is_closing() {
+            // The close frame was waiting for this.
+            self.want_flush();
+        }
+    }
+
     /// Queues a frame for the socket, or closes the connection as a slow consumer.
     fn enqueue(&self, frame: Bytes) {
-        if self.is_closing() {
+        if self.is_closing() && !self.awaiting_acks() {
             return;
         }
         let queued = self.out_bytes.get() + frame.len();
@@ -324,6 +447,8 @@ impl Conn {
             }
             netio::shutdown(&self.stream);
             self.closing.set(Some(None));
+        } else if code.is_some() {
+            monoio::spawn(linger_timer(self.me.clone()));
         }
         self.want_flush();
         self.out_drained.notify();
@@ -337,6 +462,7 @@ impl Conn {
             EventKind::Message { message, origin, to_others } => {
                 if *origin == Some(self.id) {
                     self.shard.shared.metrics.acks.inc();
+                    // Queued before `settled`: the close frame, if waiting, goes after it.
                     self.reply(
                         0,
                         ServerMsg::Ack {
@@ -346,6 +472,7 @@ impl Conn {
                             ts_ms: message.ts_ms,
                         },
                     );
+                    self.settled();
                     return;
                 }
                 if !to_others {
@@ -378,6 +505,7 @@ impl Conn {
             EventKind::SendFailed { origin, client_msg_id, code, .. } => {
                 if *origin == self.id {
                     self.error(0, *code, Some(client_msg_id.clone()));
+                    self.settled();
                 }
             }
             EventKind::Refused { origin, request_id, code } => {
@@ -406,8 +534,8 @@ impl Conn {
 
     /// Applies one of the connection's rate limits. False: the request is refused
     /// (error 1021, and the connection closed with 1008 if the abuse budget is spent).
-    fn within_limit(&self, id: u64, client_msg_id: Option<&str>, which: fn(&ConnLimits) -> Verdict) -> bool {
-        let verdict = which(self.limits.get_or_init(|| Box::new(ConnLimits::new(self.limits()))));
+    fn within_limit(&self, id: u64, client_msg_id: Option<&str>, budget: Budget) -> bool {
+        let verdict = self.limits.get_or_init(|| Box::new(ConnLimits::new(self.limits()))).check(budget);
         if verdict != Verdict::Allow {
             self.error(id, ErrorCode::RateLimited, client_msg_id.map(str::to_owned));
         }
@@ -417,11 +545,11 @@ impl Conn {
         verdict == Verdict::Allow
     }
 
-    /// Waits until the outbound queue is at most half full, so a page of replay
-    /// (at most `SYNC_PAGE` messages, each under `max_frame_bytes`) fits with room for live traffic.
-    async fn room_for_page(&self) {
+    /// Waits until a replayed frame of `len` bytes fits in half the outbound queue
+    /// (the other half stays free for live traffic), or the queue is empty.
+    async fn room_for(&self, len: usize) {
         let max = self.limits().max_out_bytes.get();
-        while !self.is_closing() && self.out_bytes.get() > max / 2 {
+        while !self.is_closing() && self.out_bytes.get() > 0 && self.out_bytes.get() + len > max / 2 {
             self.out_drained.wait().await;
         }
     }
@@ -492,11 +620,18 @@ impl Conn {
     fn drained(&self) {
         match self.closing.get() {
             None => self.flush.set(Flush::Idle),
-            Some(code) => {
-                if let Some(code) = code {
-                    let q = VecDeque::from([crate::frame::close_frame(code)]);
-                    let _ = netio::try_send(&self.stream, &q, 0);
-                }
+            // Acks still to come: write them as they arrive, close after.
+            Some(Some(_)) if self.awaiting_acks() => self.flush.set(Flush::Idle),
+            Some(Some(code)) => {
+                // Graceful: the close frame, then only our side shut; the peer's close and
+                // anything it still sends are read (and dropped) until it closes or LINGER
+                // ends, so the socket is not reset under unread input.
+                let q = VecDeque::from([crate::frame::close_frame(code)]);
+                let _ = netio::try_send(&self.stream, &q, 0);
+                netio::shutdown_write(&self.stream);
+                self.flush.set(Flush::Done);
+            }
+            Some(None) => {
                 netio::shutdown(&self.stream);
                 self.flush.set(Flush::Done);
             }
@@ -601,6 +736,10 @@ async fn reader(conn: &Rc<Conn>) {
         }
         let (inbound, fatal) = parse(conn, n);
         for item in inbound {
+            // A request that closed the connection (1008) ends the handling of the rest.
+            if conn.is_closing() {
+                return;
+            }
             match item {
                 Inbound::Frame(payload, is_text) => {
                     if let Some(slow) = handle_frame(conn, &payload, is_text) {
@@ -649,35 +788,45 @@ fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) -> Option<Pin<Bo
         conn.error(0, ErrorCode::MalformedFrame, None);
         return None;
     }
-    match conn.proto.decode_client(payload) {
-        Ok(ClientFrame { id, body: ClientMsg::Send { conversation_id, client_msg_id, body } }) => {
+    let frame = match conn.proto.decode_client(payload) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(conn = conn.id, error = %e, "bad frame");
+            conn.error(conn.proto.request_id(payload), e.code(), None);
+            return None;
+        }
+    };
+    let client_msg_id = match &frame.body {
+        ClientMsg::Send { client_msg_id, .. } => Some(client_msg_id.as_str()),
+        _ => None,
+    };
+    if !conn.within_limit(frame.id, client_msg_id, budget_of(&frame.body)) {
+        return None;
+    }
+    match frame {
+        ClientFrame { id, body: ClientMsg::Send { conversation_id, client_msg_id, body } } => {
             send(conn, id, conversation_id, client_msg_id, body);
             None
         }
-        Ok(ClientFrame { id, body: ClientMsg::Ping }) => {
+        ClientFrame { id, body: ClientMsg::Ping } => {
             conn.reply(id, ServerMsg::Pong);
             None
         }
-        Ok(ClientFrame { id, body: ClientMsg::Typing { conversation_id, typing } }) => {
+        ClientFrame { id, body: ClientMsg::Typing { conversation_id, typing } } => {
             typing_request(conn, id, conversation_id, typing);
             None
         }
-        Ok(ClientFrame { id, body: ClientMsg::MarkDelivered { conversation_id, seq } }) => {
+        ClientFrame { id, body: ClientMsg::MarkDelivered { conversation_id, seq } } => {
             mark(conn, id, conversation_id, seq, false);
             None
         }
-        Ok(ClientFrame { id, body: ClientMsg::MarkRead { conversation_id, seq } }) => {
+        ClientFrame { id, body: ClientMsg::MarkRead { conversation_id, seq } } => {
             mark(conn, id, conversation_id, seq, true);
             None
         }
-        Ok(ClientFrame { id, body }) => {
+        ClientFrame { id, body } => {
             let conn = conn.clone();
             Some(Box::pin(async move { handle(&conn, id, body).await }))
-        }
-        Err(e) => {
-            tracing::debug!(conn = conn.id, error = %e, "bad frame");
-            conn.error(0, e.code(), None);
-            None
         }
     }
 }
@@ -755,9 +904,6 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
     if let Some(code) = bad {
         return conn.error(id, code, Some(client_msg_id));
     }
-    if !conn.within_limit(id, Some(&client_msg_id), ConnLimits::send) {
-        return;
-    }
     let cmd = Command::Send(SendCmd {
         conversation: conversation_id,
         sender: user,
@@ -769,6 +915,7 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
     if let Err(Command::Send(cmd)) = seq.submit(cmd) {
         conn.error(id, ErrorCode::Overloaded, Some(cmd.client_msg_id));
     } else {
+        conn.inflight.set(conn.inflight.get() + 1);
         conn.shard.shared.metrics.sends.inc();
     }
 }
@@ -783,7 +930,7 @@ fn typing_request(conn: &Conn, id: u64, conversation_id: ConversationId, typing:
         origin: conn.id,
         request_id: id,
     };
-    limited_command(conn, id, ConnLimits::typing, cmd);
+    submit(conn, id, cmd);
 }
 
 /// Moves the user's delivered (or read) position forward, through the sequencer.
@@ -797,13 +944,12 @@ fn mark(conn: &Conn, id: u64, conversation_id: ConversationId, seq: Seq, read: b
         origin: conn.id,
         request_id: id,
     };
-    limited_command(conn, id, ConnLimits::receipt, cmd);
+    submit(conn, id, cmd);
 }
 
-/// Submits a fire-and-forget command under one of the connection's rate limits;
-/// refusals come back as errors with the request's id.
-fn limited_command(conn: &Conn, id: u64, limit: fn(&ConnLimits) -> Verdict, cmd: Command) {
-    if conn.within_limit(id, None, limit) && conn.shard.shared.sequencer.submit(cmd).is_err() {
+/// Submits a fire-and-forget command; refusals come back as errors with the request's id.
+fn submit(conn: &Conn, id: u64, cmd: Command) {
+    if conn.shard.shared.sequencer.submit(cmd).is_err() {
         conn.error(id, ErrorCode::Overloaded, None);
     }
 }
@@ -848,9 +994,6 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             if !valid_emoji(&emoji) {
                 return conn.error(id, ErrorCode::InvalidField, None);
             }
-            if !conn.within_limit(id, None, ConnLimits::send) {
-                return;
-            }
             done_command(conn, id, |reply| Command::React {
                 actor: user,
                 conversation: conversation_id,
@@ -864,7 +1007,7 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             if user_ids.len() > crate::presence::MAX_QUERY {
                 return conn.error(id, ErrorCode::InvalidField, None);
             }
-            match conn.shard.shared.presence.query(user_ids).await {
+            match conn.shard.shared.presence.query(user, user_ids).await {
                 Ok(users) => conn.reply(id, ServerMsg::PresenceList { users }),
                 Err(code) => conn.error(id, code, None),
             }
@@ -1003,6 +1146,7 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
                     _ => {}
                 }
                 let mut p = storage::page(s, conversation_id, anchor, limit as usize).map_err(internal)?;
+                fit_page(&mut p);
                 storage::add_reactions(s, conversation_id, user, &mut p.messages).map_err(internal)?;
                 Ok(p)
             })
@@ -1020,18 +1164,47 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             if !(1..=storage::MAX_PAGE as u32).contains(&limit) {
                 return conn.error(id, ErrorCode::InvalidField, None);
             }
-            let after = match cursor.as_deref().map(storage::decode_list_cursor) {
+            let after = match cursor.as_deref().map(|c| conn.shard.shared.auth.open_cursor(user, c)) {
                 None => None,
                 Some(Some(c)) => Some(c),
                 Some(None) => return conn.error(id, ErrorCode::BadCursor, None),
             };
             let r = read(conn, move |s| list_conversations(s, user, limit as usize, after)).await;
             match r {
-                Ok((items, next_cursor)) => conn.reply(id, ServerMsg::Conversations { items, next_cursor }),
+                Ok((items, next)) => {
+                    let next_cursor = next.map(|(ts, c)| conn.shard.shared.auth.seal_cursor(user, ts, c));
+                    conn.reply(id, ServerMsg::Conversations { items, next_cursor })
+                }
                 Err(code) => conn.error(id, code, None),
             }
         }
         ClientMsg::Sync { positions } => sync(conn, id, positions).await,
+    }
+}
+
+/// Most message bytes (bodies plus a per-message allowance for the other fields) one
+/// `history` page carries: a page of 100 long messages would otherwise be a frame of
+/// 1.6 MB, past many WebSocket clients' default limit of 1 MiB.
+pub const MAX_PAGE_BYTES: usize = 512 * 1024;
+
+/// Bytes counted per message on top of its body (ids, times, kind, reactions).
+const MESSAGE_OVERHEAD: usize = 256;
+
+/// Ends a page early once it holds [`MAX_PAGE_BYTES`] (never before its first message);
+/// `has_more` then says the rest is still to fetch.
+fn fit_page(p: &mut storage::Page) {
+    let mut bytes = 0;
+    let keep = p
+        .messages
+        .iter()
+        .position(|m| {
+            bytes += m.body.len() + MESSAGE_OVERHEAD;
+            bytes > MAX_PAGE_BYTES
+        })
+        .map_or(p.messages.len(), |i| i.max(1));
+    if keep < p.messages.len() {
+        p.messages.truncate(keep);
+        p.has_more = true;
     }
 }
 
@@ -1044,7 +1217,8 @@ fn valid_emoji(e: &str) -> bool {
     e.len() <= MAX_EMOJI_BYTES && !e.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-type ListPage = (Vec<ConversationSummary>, Option<String>);
+/// A page and where the next one starts (its last item's activity time and id).
+type ListPage = (Vec<ConversationSummary>, Option<(u64, ConversationId)>);
 
 /// One page of the user's conversation list, with its cursor (see [`storage::conversation_list`]).
 fn list_conversations(
@@ -1054,12 +1228,81 @@ fn list_conversations(
     after: Option<(u64, ConversationId)>,
 ) -> Result<ListPage, ErrorCode> {
     let (items, more) = storage::conversation_list(s, user, limit, after).map_err(internal)?;
-    let next = if more {
-        items.last().map(|l| storage::encode_list_cursor(l.last_ts_ms, l.conversation_id))
-    } else {
-        None
-    };
+    let next = if more { items.last().map(|l| (l.last_ts_ms, l.conversation_id)) } else { None };
     Ok((items, next))
+}
+
+/// Most messages a sync looks back through, in a conversation the user no longer
+/// belongs to, for the event that removed them.
+const REMOVAL_LOOKBACK: usize = 10_000;
+
+/// Where a sync replays one conversation up to, after checking the client's positions.
+///
+/// A member's conversations run to their head. A listed conversation the user was
+/// removed from (or left, from another device) runs to that removal event, so an
+/// offline device learns of it in the conversation's order and nothing after it
+/// reaches the device. A position beyond a conversation's end is `bad_cursor`.
+fn sync_targets(
+    s: &dyn storage::Store,
+    user: UserId,
+    known: &HashMap<ConversationId, Seq>,
+) -> Result<Vec<(ConversationId, Seq)>, ErrorCode> {
+    let mut v = Vec::new();
+    let mut member = std::collections::HashSet::new();
+    for c in s.user_conversations(user).map_err(internal)? {
+        if let Some(r) = s.conversation(c).map_err(internal)? {
+            if known.get(&c).is_some_and(|&p| p > r.last_seq) {
+                return Err(ErrorCode::BadCursor);
+            }
+            member.insert(c);
+            v.push((c, r.last_seq));
+        }
+    }
+    for (&c, &after) in known {
+        if member.contains(&c) {
+            continue;
+        }
+        let rec = s.conversation(c).map_err(internal)?.ok_or(ErrorCode::BadCursor)?;
+        if after > rec.last_seq {
+            return Err(ErrorCode::BadCursor);
+        }
+        if let Some(removed_at) = removal_after(s, c, user, after)? {
+            v.push((c, removed_at));
+        }
+    }
+    Ok(v)
+}
+
+/// The newest event after `after` that took `user` out of `conv`, looking back at
+/// most [`REMOVAL_LOOKBACK`] messages. None: not removed since then (the client's
+/// position already covers it, or it never was a member: nothing is disclosed).
+fn removal_after(
+    s: &dyn storage::Store,
+    conv: ConversationId,
+    user: UserId,
+    after: Seq,
+) -> Result<Option<Seq>, ErrorCode> {
+    let mut anchor = storage::Anchor::Latest;
+    let mut seen = 0;
+    while seen < REMOVAL_LOOKBACK {
+        let page = storage::page(s, conv, anchor, storage::MAX_PAGE).map_err(internal)?;
+        for m in &page.messages {
+            if m.seq <= after {
+                return Ok(None);
+            }
+            let removal =
+                matches!(m.kind, protocol::MessageKind::MemberRemoved | protocol::MessageKind::MemberLeft);
+            if removal && m.target_user_id == Some(user) {
+                return Ok(Some(m.seq));
+            }
+        }
+        seen += page.messages.len();
+        match page.messages.last() {
+            Some(m) if page.has_more => anchor = storage::Anchor::Before(m.seq),
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 /// Replays what the client missed, then switches the connection to live events.
@@ -1067,20 +1310,19 @@ fn list_conversations(
 /// For every conversation of the user: messages after the client's position (or
 /// from the start, for conversations it did not list) are sent oldest first, then
 /// the events held since the connection opened, without the ones already replayed.
+/// Listed conversations the user has been removed from replay up to the removal.
 async fn sync(conn: &Rc<Conn>, id: u64, positions: Vec<Position>) {
     let user = conn.user;
-    conn.sync.borrow_mut().synced = false;
+    {
+        let mut s = conn.sync.borrow_mut();
+        s.synced = false;
+        s.started = true;
+    }
     let known: HashMap<ConversationId, Seq> = positions.iter().map(|p| (p.conversation_id, p.seq)).collect();
-    let heads = read(conn, move |s| {
-        let mut v = Vec::new();
-        for c in s.user_conversations(user).map_err(internal)? {
-            if let Some(r) = s.conversation(c).map_err(internal)? {
-                v.push((c, r.last_seq));
-            }
-        }
-        Ok(v)
-    })
-    .await;
+    let heads = {
+        let known = known.clone();
+        read(conn, move |s| sync_targets(s, user, &known)).await
+    };
     let heads = match heads {
         Ok(h) => h,
         Err(code) => return conn.error(id, code, None),
@@ -1094,8 +1336,7 @@ async fn sync(conn: &Rc<Conn>, id: u64, positions: Vec<Position>) {
             continue;
         }
         replayed_convs += 1;
-        loop {
-            conn.room_for_page().await;
+        'pages: loop {
             if conn.is_closing() {
                 return;
             }
@@ -1111,11 +1352,24 @@ async fn sync(conn: &Rc<Conn>, id: u64, positions: Vec<Position>) {
                 Err(code) => return conn.error(id, code, None),
             };
             for m in page.messages {
+                if m.seq > head {
+                    break 'pages;
+                }
                 after = m.seq;
+                let frame = crate::frame::server_frame(
+                    conn.proto,
+                    &ServerFrame { id: 0, body: ServerMsg::Message { message: m } },
+                );
+                // Paced by the socket: however large the messages, the replay never
+                // outruns the outbound queue (and so is never closed for its volume).
+                conn.room_for(frame.len()).await;
+                if conn.is_closing() {
+                    return;
+                }
                 replayed += 1;
-                conn.reply(0, ServerMsg::Message { message: m });
+                conn.enqueue(frame);
             }
-            if !page.has_more {
+            if !page.has_more || after >= head {
                 break;
             }
         }

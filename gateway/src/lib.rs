@@ -18,9 +18,11 @@
 //! talks to whom.
 
 pub mod auth;
+pub mod capacity;
 pub mod config;
 pub mod conn;
 pub mod frame;
+pub mod health;
 pub mod http;
 pub mod ids;
 pub mod mailbox;
@@ -33,3 +35,5 @@ pub mod ratelimit;
 pub mod sequencer;
 pub mod server;
 pub mod shard;
+pub mod shutdown;
+pub mod throttle;

@@ -25,6 +25,10 @@ fn main() -> anyhow::Result<()> {
         eprintln!("configuration ok");
         return Ok(());
     }
+    // SIGTERM and SIGINT are taken by this thread alone (blocked here before the
+    // shards start, so every thread inherits the mask), for a graceful shutdown.
+    let signals = gateway::shutdown::block_signals()?;
+    let grace = std::time::Duration::from_secs(cfg.limits.shutdown_grace_secs.get());
     let running = gateway::server::start(cfg)?;
     tracing::info!(
         addr = %running.addr,
@@ -40,8 +44,12 @@ fn main() -> anyhow::Result<()> {
             "addr": running.addr.to_string(),
             "io_driver": running.io_driver,
             "shards": running.shards,
+            "metrics_addr": running.metrics_addr.map(|a| a.to_string()),
         })
     );
-    running.join();
+    let sig = gateway::shutdown::wait(&signals)?;
+    tracing::info!(signal = sig, "shutting down: closing connections with 1001");
+    let left = gateway::shutdown::drain(&running.shared, grace);
+    tracing::info!(connections_left = left, "shut down");
     Ok(())
 }

@@ -109,6 +109,15 @@ pub fn shutdown(stream: &TcpStream) {
     }
 }
 
+/// Shuts our sending side only: the peer sees EOF after what we sent, and may still
+/// send (its close frame) and read.
+pub fn shutdown_write(stream: &TcpStream) {
+    // SAFETY: plain syscall on a file descriptor we own.
+    unsafe {
+        libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+    }
+}
+
 /// A single-thread wake-up flag: `notify` from any task on the shard, `wait` in one.
 #[derive(Default)]
 pub struct Signal {

@@ -40,7 +40,8 @@ const MAX_CONVERSATIONS: usize = 1000;
 #[derive(Debug)]
 enum Cmd {
     Changed(UserId),
-    Query(Vec<UserId>, oneshot::Sender<Result<Vec<PresenceInfo>, ErrorCode>>),
+    /// Who asks, and about whom.
+    Query(UserId, Vec<UserId>, oneshot::Sender<Result<Vec<PresenceInfo>, ErrorCode>>),
     SetHide(UserId, bool, oneshot::Sender<Result<(), ErrorCode>>),
 }
 
@@ -90,9 +91,10 @@ impl Presence {
     }
 
     /// The presence of `users`, in order.
-    pub async fn query(&self, users: Vec<UserId>) -> Result<Vec<PresenceInfo>, ErrorCode> {
+    /// `users`' presence as `asker` may see it: only their contacts (as for events).
+    pub async fn query(&self, asker: UserId, users: Vec<UserId>) -> Result<Vec<PresenceInfo>, ErrorCode> {
         let (tx, rx) = oneshot::channel();
-        self.submit(Cmd::Query(users, tx)).map_err(|_| ErrorCode::Overloaded)?;
+        self.submit(Cmd::Query(asker, users, tx)).map_err(|_| ErrorCode::Overloaded)?;
         rx.await.unwrap_or(Err(ErrorCode::Internal))
     }
 
@@ -132,8 +134,8 @@ impl Worker {
             let wake = self.leaving.front().map_or(next_sweep, |(t, _)| (*t).min(next_sweep));
             match rx.recv_deadline(wake) {
                 Ok(Cmd::Changed(u)) => self.changed(u),
-                Ok(Cmd::Query(users, reply)) => {
-                    let _ = reply.send(self.query(&users));
+                Ok(Cmd::Query(asker, users, reply)) => {
+                    let _ = reply.send(self.query(asker, &users));
                 }
                 Ok(Cmd::SetHide(u, hide, reply)) => {
                     let r =
@@ -249,10 +251,17 @@ impl Worker {
         Ok(out)
     }
 
-    fn query(&self, users: &[UserId]) -> Result<Vec<PresenceInfo>, ErrorCode> {
+    /// Presence is shown only to contacts (who would get its events): to anyone else
+    /// every user looks offline and never seen, so presence neither leaks to
+    /// strangers nor tells them whether an account exists.
+    fn query(&self, asker: UserId, users: &[UserId]) -> Result<Vec<PresenceInfo>, ErrorCode> {
+        let contacts = self.contacts(asker)?;
         users
             .iter()
             .map(|&u| {
+                if u != asker && !contacts.contains(&u) {
+                    return Ok(PresenceInfo { user_id: u, online: false, last_seen_ms: None });
+                }
                 if self.online.contains_key(&u) || self.registry.is_connected(u) {
                     return Ok(PresenceInfo { user_id: u, online: true, last_seen_ms: None });
                 }

@@ -2,17 +2,20 @@
 //! per shard on the same port, start the shards, and report readiness.
 
 use crate::auth::Auth;
+use crate::capacity::Capacity;
 use crate::config::{Config, StorageBackend};
+use crate::health::Health;
 use crate::ids::IdGen;
 use crate::mailbox::Registry;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
+use crate::pool::{FairPool, Pool};
 use crate::presence::{Presence, PresenceConfig};
 use crate::push::Push;
 use crate::sequencer::{Sequencer, SequencerConfig};
+use crate::throttle::Throttle;
 use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -27,17 +30,30 @@ pub struct Shared {
     pub presence: Presence,
     pub registry: Arc<Registry>,
     pub readers: Arc<Pool>,
-    pub hashers: Arc<Pool>,
+    /// Password hashing and account writes, shared fairly between client addresses.
+    pub hashers: Arc<FairPool<IpAddr>>,
+    /// Failed-login lockouts by account and by client address.
+    pub logins: LoginThrottles,
     pub ids: Arc<IdGen>,
     pub next_conn: AtomicU64,
     pub metrics: Arc<Metrics>,
+    pub capacity: Arc<Capacity>,
+    pub health: Arc<Health>,
+}
+
+pub struct LoginThrottles {
+    pub account: Throttle,
+    pub address: Throttle,
 }
 
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub io_driver: &'static str,
     pub shards: usize,
     threads: Vec<std::thread::JoinHandle<()>>,
+    pub shared: Arc<Shared>,
 }
 
 impl Running {
@@ -138,8 +154,27 @@ pub fn migrate(cfg: &Config) -> anyhow::Result<String> {
     }
 }
 
+/// The socket cap: configured, or the open-files limit less the reserve.
+fn socket_cap(cfg: &Config) -> anyhow::Result<usize> {
+    let nofile = crate::capacity::open_files_limit().context("reading the open-files limit")?;
+    let reserve = cfg.limits.fd_reserve.get();
+    let room = nofile.checked_sub(reserve).filter(|r| *r > 0).with_context(|| {
+        format!("the open-files limit ({nofile}) leaves nothing beyond limits.fd_reserve ({reserve})")
+    })?;
+    match cfg.limits.max_connections {
+        None => Ok(room),
+        Some(n) if n.get() <= room => Ok(n.get()),
+        Some(n) => anyhow::bail!(
+            "limits.max_connections ({n}) + limits.fd_reserve ({reserve}) exceeds the open-files limit ({nofile}): \
+             lower max_connections, or run more gateway processes"
+        ),
+    }
+}
+
 pub fn start(cfg: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let max_sockets = socket_cap(&cfg)?;
+    tracing::info!(max_sockets, "socket cap");
     let store = open_store(&cfg, cfg.storage.migrate_on_start)?;
     let shards = cfg.shard_count();
     let metrics = Arc::new(Metrics::new());
@@ -156,6 +191,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         registry.clone(),
         metrics.rejected.with_label_values(&["presence"]),
     );
+    let health = Arc::new(Health::default());
     let sequencer = Sequencer::start(
         SequencerConfig {
             queue: cfg.storage.sequencer_queue.get(),
@@ -168,6 +204,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         ids.clone(),
         metrics.clone(),
         push,
+        health.clone(),
     );
     let readers = Pool::new(
         "reader",
@@ -175,12 +212,24 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.storage.reader_queue.get(),
         metrics.rejected.with_label_values(&["reader"]),
     );
-    let hashers = Pool::new(
+    let hashers = FairPool::new(
         "hasher",
         cfg.auth.hash_threads.get(),
-        256,
+        cfg.auth.hash_queue.get(),
+        cfg.auth.hash_queue_per_address.get(),
         metrics.rejected.with_label_values(&["hasher"]),
     );
+    let logins = {
+        let a = &cfg.auth;
+        let (base, max) = (
+            Duration::from_millis(a.login_backoff_ms.get()),
+            Duration::from_secs(a.login_backoff_max_secs.get()),
+        );
+        LoginThrottles {
+            account: Throttle::new(a.login_free_failures_per_account, base, max, 100_000),
+            address: Throttle::new(a.login_free_failures_per_address, base, max, 100_000),
+        }
+    };
     let auth = Auth::new(&cfg.auth, &cfg.data_dir)?;
 
     // The first listener fixes the port (port 0 picks one); the others share it.
@@ -190,7 +239,10 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     for _ in 1..shards {
         listeners.push(listener(addr)?);
     }
+    let mut management = cfg.metrics_listen.map(listener).transpose()?;
+    let metrics_addr = management.as_ref().map(|m| m.local_addr()).transpose()?;
     let driver = cfg.io_driver;
+    let cfg_per_user = cfg.limits.max_connections_per_user.get();
     let shared = Arc::new(Shared {
         cfg,
         auth,
@@ -200,19 +252,25 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         registry,
         readers,
         hashers,
+        logins,
         ids,
         next_conn: AtomicU64::new(1),
         metrics,
+        capacity: Capacity::new(max_sockets, cfg_per_user),
+        health,
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let threads: Vec<_> = listeners
         .into_iter()
         .enumerate()
-        .map(|(i, l)| crate::shard::spawn(i as u16, shared.clone(), l, driver, tx.clone()))
+        .map(|(i, l)| {
+            let m = if i == 0 { management.take() } else { None };
+            crate::shard::spawn(i as u16, shared.clone(), l, m, driver, tx.clone())
+        })
         .collect();
     let mut io_driver = "";
     for _ in 0..shards {
         io_driver = rx.recv().context("a shard died while starting")??;
     }
-    Ok(Running { addr, io_driver, shards, threads })
+    Ok(Running { addr, metrics_addr, io_driver, shards, threads, shared })
 }

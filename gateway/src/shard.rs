@@ -127,10 +127,59 @@ async fn flusher(ctx: Rc<ShardCtx>) {
     }
 }
 
-async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
+/// On shutdown (the process sets `health.draining`): closes every connection on this
+/// shard with 1001 after its queued frames. New sockets get 503 from then on.
+///
+/// Runs on: the owning shard.
+async fn drain_on_shutdown(ctx: Rc<ShardCtx>) {
+    // A flag checked 10 times a second: shutdown is rare and needs no faster wake-up.
+    while !ctx.shared.health.draining() {
+        monoio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let conns: Vec<Rc<Conn>> =
+        ctx.users.borrow().values().flat_map(|slot| slot.conns.borrow().clone()).collect();
+    for c in conns {
+        c.close(Some(protocol::CloseCode::GoingAway));
+    }
+}
+
+/// Which requests a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The public port: accounts, WebSocket, health (and `/metrics` unless it has its own).
+    Public,
+    /// `metrics_listen`: `/metrics`, `/healthz`, `/readyz` only.
+    Management,
+}
+
+/// Accepts connections, keeping the socket cap: past it a new socket is answered
+/// 503 at once and closed (the fd reserve pays for that moment), with one log line
+/// per 10 s. Accept errors (EMFILE and friends) back off, doubling up to 1 s.
+///
+/// Runs on: the owning shard.
+pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, kind: Listener) {
+    let full_log = crate::capacity::LogEvery::new(std::time::Duration::from_secs(10));
+    let err_log = crate::capacity::LogEvery::new(std::time::Duration::from_secs(10));
+    let mut backoff = std::time::Duration::from_millis(10);
+    let refused = ctx.shared.metrics.rejected.with_label_values(&["connections"]);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                backoff = std::time::Duration::from_millis(10);
+                let slot = ctx.shared.capacity.admit_socket().filter(|_| !ctx.shared.health.draining());
+                let Some(slot) = slot else {
+                    refused.inc();
+                    if let Some(n) = full_log.tick() {
+                        tracing::warn!(
+                            shard = ctx.id,
+                            refused = n,
+                            max_connections = ctx.shared.capacity.max_sockets(),
+                            "at the socket cap; answering 503"
+                        );
+                    }
+                    crate::http::refuse_full(&stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 // Reap peers that vanished without a FIN, with no timer per connection.
                 let _ = stream.set_tcp_keepalive(
@@ -138,12 +187,15 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
                     Some(std::time::Duration::from_secs(10)),
                     Some(3),
                 );
-                monoio::spawn(crate::http::serve(ctx.clone(), stream));
+                let source = crate::http::source_of(peer.ip());
+                monoio::spawn(crate::http::serve(ctx.clone(), stream, slot, kind, source));
             }
             Err(e) => {
-                // EMFILE and friends: back off briefly rather than spin.
-                tracing::warn!(shard = ctx.id, error = %e, "accept failed");
-                monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+                if let Some(n) = err_log.tick() {
+                    tracing::warn!(shard = ctx.id, error = %e, failures = n, "accept failed; backing off");
+                }
+                monoio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
             }
         }
     }
@@ -155,6 +207,7 @@ pub fn spawn(
     id: u16,
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
+    management: Option<std::net::TcpListener>,
     driver: IoDriver,
     ready: std::sync::mpsc::Sender<anyhow::Result<&'static str>>,
 ) -> std::thread::JoinHandle<()> {
@@ -181,8 +234,21 @@ pub fn spawn(
                     Ok(l) => {
                         monoio::spawn(dispatch(ctx.clone()));
                         monoio::spawn(flusher(ctx.clone()));
+                        monoio::spawn(drain_on_shutdown(ctx.clone()));
+                        // The management listener, if any, runs on shard 0.
+                        if let (0, Some(m)) = (id, management) {
+                            match TcpListener::from_std(m) {
+                                Ok(m) => {
+                                    monoio::spawn(accept_loop(ctx.clone(), m, Listener::Management));
+                                }
+                                Err(e) => {
+                                    let _ = ready.send(Err(e.into()));
+                                    return;
+                                }
+                            }
+                        }
                         let _ = ready.send(Ok(name));
-                        accept_loop(ctx, l).await;
+                        accept_loop(ctx, l, Listener::Public).await;
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e.into()));

@@ -1,6 +1,6 @@
 //! Presence through the real gateway, in both subprotocols: online while any
 //! device is connected, offline with `last_seen` after a grace period, only to
-//! users who share a conversation, queryable, and `last_seen` hideable.
+//! users who share a conversation (in events and queries), and `last_seen` hideable.
 
 mod support;
 
@@ -79,17 +79,15 @@ fn presence_reaches_contacts_only_and_goes_offline_after_the_last_device() {
         let seen = off.last_seen_ms.expect("last_seen shown");
         assert!(seen >= t0 && seen <= now_ms(), "last_seen {seen} is when the device left");
 
-        // Fetching a set: in the order asked, unknown users as never seen.
-        let got = query(&mut carol, vec![a, b, c, 987_654_321]);
+        // Fetching a set: in the order asked; contacts as they are, yourself too, and
+        // everyone else (strangers, unknown ids) as offline and never seen.
+        let never = |user_id| PresenceInfo { user_id, online: false, last_seen_ms: None };
         assert_eq!(
-            got,
-            vec![
-                PresenceInfo { user_id: a, online: false, last_seen_ms: Some(seen) },
-                online(b),
-                online(c),
-                PresenceInfo { user_id: 987_654_321, online: false, last_seen_ms: None },
-            ]
+            query(&mut bob, vec![a, d, b]),
+            vec![PresenceInfo { user_id: a, online: false, last_seen_ms: Some(seen) }, online(d), online(b)]
         );
+        let got = query(&mut carol, vec![a, b, c, d, 987_654_321]);
+        assert_eq!(got, vec![never(a), never(b), online(c), online(d), never(987_654_321)]);
         assert_eq!(error_code(carol.request(ClientMsg::GetPresence { user_ids: (0..101).collect() })), 1004);
 
         // Hidden last_seen: offline without it, in events and queries alike.

@@ -77,6 +77,9 @@ error_codes! {
     BadSubprotocol = 2010, "bad_subprotocol", false, 400, "Sec-WebSocket-Protocol names none of switchboard.v1.fb, switchboard.v1.json.";
     HttpInternal = 2011, "internal_error", true, 500, "The server failed while handling the request. Retry with backoff.";
     HttpOverloaded = 2012, "overloaded", true, 503, "The server is too busy to take the request. Retry with backoff.";
+    HeadersTooLarge = 2013, "headers_too_large", false, 431, "The HTTP request has more header fields than the server accepts (100).";
+    TooManyAttempts = 2014, "too_many_attempts", true, 429, "Too many failed logins for this account or from this address, or too many logins and registrations in flight from this address; retry after the Retry-After seconds.";
+    TooManyConnections = 2015, "too_many_connections", true, 429, "This user already has the most connections (devices) the server allows; close one, or retry later.";
 }
 
 /// WebSocket close codes the server sends, each with its reconnect rule.
@@ -100,6 +103,9 @@ pub enum CloseCode {
     /// 4009: the connection held more unsynced events than allowed before its `sync`.
     /// Reconnect and send `sync` first.
     SyncBacklog = 4009,
+    /// 4010: no `sync` within `limits.sync_deadline_secs` of the upgrade. Reconnect and
+    /// send `sync` first.
+    SyncTimeout = 4010,
 }
 
 impl CloseCode {
@@ -111,6 +117,7 @@ impl CloseCode {
         CloseCode::PolicyViolation,
         CloseCode::SlowConsumer,
         CloseCode::SyncBacklog,
+        CloseCode::SyncTimeout,
     ];
 
     pub fn code(self) -> u16 {
@@ -126,6 +133,7 @@ impl CloseCode {
             CloseCode::PolicyViolation => "rate limits exceeded persistently: back off",
             CloseCode::SlowConsumer => "slow consumer: reconnect and sync",
             CloseCode::SyncBacklog => "too many events before sync: reconnect and sync first",
+            CloseCode::SyncTimeout => "no sync in time: reconnect and sync first",
         }
     }
 

@@ -253,6 +253,11 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
     b.finished_data().to_vec()
 }
 
+/// The id of a client frame whose body may not decode (0 if even that is unreadable).
+pub fn decode_request_id(buf: &[u8]) -> u64 {
+    flatbuffers::root::<fb::ClientFrameHead>(buf).map_or(0, |h| h.id())
+}
+
 pub fn decode_client(buf: &[u8]) -> Result<ClientFrame, DecodeError> {
     let f = flatbuffers::root::<fb::ClientFrame>(buf)
         .map_err(|e| DecodeError::malformed(format!("flatbuffers verification failed: {e}")))?;

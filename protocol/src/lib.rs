@@ -117,6 +117,24 @@ impl Subprotocol {
         }
     }
 
+    /// The request id of a frame that [`decode_client`](Self::decode_client) refused,
+    /// when it can still be read (a known envelope with an unknown type, a bad field,
+    /// a wrong enum): the error reply carries it, so a client waiting on it does not hang.
+    /// 0 when the frame is too broken to say.
+    pub fn request_id(self, payload: &[u8]) -> u64 {
+        match self {
+            Subprotocol::FlatBuffers => fb::decode_request_id(payload),
+            Subprotocol::Json => {
+                #[derive(serde::Deserialize)]
+                struct Head {
+                    #[serde(default, with = "model::id_str")]
+                    id: u64,
+                }
+                serde_json::from_slice::<Head>(payload).map_or(0, |h| h.id)
+            }
+        }
+    }
+
     pub fn encode_server(self, frame: &ServerFrame) -> Vec<u8> {
         match self {
             Subprotocol::FlatBuffers => fb::encode_server(frame),
@@ -334,6 +352,9 @@ mod tests {
         assert!(matches!(j.decode_client(b"{\"type\":\"send\"}").unwrap_err(), DecodeError::Malformed(_)));
         assert!(matches!(j.decode_client(b"not json").unwrap_err(), DecodeError::Malformed(_)));
         assert_eq!(j.decode_client(b"{\"type\":\xff}").unwrap_err(), DecodeError::InvalidUtf8);
+        assert_eq!(j.request_id(b"{\"type\":\"fly\",\"id\":\"7\"}"), 7);
+        assert_eq!(j.request_id(b"{\"type\":\"history\",\"id\":8,\"limit\":\"x\"}"), 8);
+        assert_eq!(j.request_id(b"not json"), 0);
     }
 
     #[test]
@@ -372,5 +393,7 @@ mod tests {
         );
         b.finish_minimal(root);
         assert_eq!(fb::decode_client(b.finished_data()).unwrap_err(), DecodeError::UnknownType);
+        assert_eq!(Subprotocol::FlatBuffers.request_id(b.finished_data()), 1, "the id is still readable");
+        assert_eq!(Subprotocol::FlatBuffers.request_id(&[0xff; 3]), 0);
     }
 }

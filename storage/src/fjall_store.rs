@@ -46,10 +46,23 @@ fn io<E: std::error::Error + Send + Sync + 'static>(context: &'static str) -> im
     move |e| StorageError::new(ErrorKind::Io, context, e)
 }
 
+/// A write's error: `Poisoned` once fjall refuses all writes, else `Io`.
+fn write_err(context: &'static str) -> impl FnOnce(fjall::Error) -> StorageError {
+    move |e| {
+        let kind = if matches!(e, fjall::Error::Poisoned) { ErrorKind::Poisoned } else { ErrorKind::Io };
+        StorageError::new(kind, context, e)
+    }
+}
+
 impl FjallStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = Database::builder(dir).open().map_err(io("opening the embedded store"))?;
+        // At most 256 table files open at once (fjall's default is 900): the gateway
+        // keeps `limits.fd_reserve` descriptors for the store, and this bounds its share.
+        let db = Database::builder(dir)
+            .max_cached_files(Some(256))
+            .open()
+            .map_err(io("opening the embedded store"))?;
         let ks =
             |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(io("opening a keyspace"));
         Ok(FjallStore {
@@ -190,7 +203,7 @@ impl Store for FjallStore {
             }
             b.insert(&self.positions, k.to_vec(), encode_positions(&p));
         }
-        b.commit().map_err(io("committing a batch"))
+        b.commit().map_err(write_err("committing a batch"))
     }
 
     fn create_user(&self, user: &UserRecord) -> Result<()> {
@@ -206,7 +219,7 @@ impl Store for FjallStore {
             user.id.to_be_bytes().to_vec(),
             postcard::to_stdvec(user).or_err(ErrorKind::Corrupt, "encoding a user")?,
         );
-        b.commit().map_err(io("committing a user"))
+        b.commit().map_err(write_err("committing a user"))
     }
 
     fn user(&self, id: UserId) -> Result<Option<UserRecord>> {

@@ -181,6 +181,8 @@ pub fn open_store(dir: &Path) -> std::sync::Arc<dyn storage::Store> {
 pub struct TestGateway {
     child: Child,
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when `metrics_listen` is configured.
+    pub metrics_addr: Option<SocketAddr>,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -200,6 +202,12 @@ impl TestGateway {
 
     /// `extra` is merged over the test config, table by table.
     pub fn start_with_args(dir: &Path, extra: &str, args: &[&str]) -> TestGateway {
+        let text = Self::config_text(dir, extra);
+        Self::start_with_config(dir, &text, args)
+    }
+
+    /// The test config with `extra` merged over it, table by table.
+    fn config_text(dir: &Path, extra: &str) -> String {
         // Cheap hashing keeps registration fast in tests; production uses the OWASP defaults.
         // Send limits are lifted because many tests pipeline hundreds of sends on one
         // connection; tests/rate_limits.rs checks the limits themselves.
@@ -221,16 +229,41 @@ impl TestGateway {
         {
             config.insert("storage".into(), toml::Value::Table(storage));
         }
-        Self::start_with_config(dir, &toml::to_string(&config).unwrap(), args)
+        toml::to_string(&config).unwrap()
     }
 
     /// Starts with exactly this config file text.
     pub fn start_with_config(dir: &Path, config: &str, args: &[&str]) -> TestGateway {
+        Self::spawn(dir, config, args, None)
+    }
+
+    /// Like [`start_in`](Self::start_in), with the process's open-files limit (soft and
+    /// hard) set to `nofile`, as an operator's `LimitNOFILE` would.
+    pub fn start_with_nofile(dir: &Path, extra: &str, nofile: u64) -> TestGateway {
+        let text = Self::config_text(dir, extra);
+        Self::spawn(dir, &text, &[], Some(nofile))
+    }
+
+    fn spawn(dir: &Path, config: &str, args: &[&str], nofile: Option<u64>) -> TestGateway {
         let cfg = dir.join("gateway.toml");
         std::fs::write(&cfg, config).unwrap();
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .arg("--config")
             .arg(&cfg)
             .arg("--listen")
@@ -245,6 +278,7 @@ impl TestGateway {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("readiness line");
         let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            let _ = child.kill();
             panic!(
                 "gateway did not become ready: {line:?}\n{}",
                 std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default()
@@ -252,7 +286,21 @@ impl TestGateway {
         });
         assert_eq!(ready["ready"], true);
         let addr = ready["addr"].as_str().unwrap().parse().unwrap();
-        TestGateway { child, addr, dir: dir.to_owned(), _tmp: None }
+        let metrics_addr = ready["metrics_addr"].as_str().map(|a| a.parse().unwrap());
+        TestGateway { child, addr, metrics_addr, dir: dir.to_owned(), _tmp: None }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM (the shutdown an orchestrator asks for) and waits for the exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.child.wait().unwrap()
     }
 
     pub fn log(&self) -> String {
@@ -458,10 +506,12 @@ impl Client {
         let id = self.send(ClientMsg::Sync { positions });
         let mut out = Vec::new();
         loop {
-            let f = self.recv();
+            // From the wire: what waits in the backlog came before this sync.
+            let f = self.recv_wire();
             match f.body {
                 ServerMsg::Message { message } if f.id == 0 => out.push(message),
                 ServerMsg::SyncDone { .. } if f.id == id => return out,
+                ServerMsg::Error { .. } if f.id == id => panic!("sync refused: {:?}", f.body),
                 _ => self.backlog.push_back(f),
             }
         }

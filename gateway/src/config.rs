@@ -103,6 +103,17 @@ impl Default for PushConfig {
     }
 }
 
+/// Who may add a user to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupAdds {
+    /// Only someone the user has chatted with: the user has sent or read a message in
+    /// their direct conversation with the adder. Anyone else gets 1015 `not_a_contact`.
+    Contacts,
+    /// Anyone (capacity tests, closed deployments where every account is trusted).
+    Anyone,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -112,6 +123,8 @@ pub struct Limits {
     pub max_body_bytes: NonZeroU32,
     /// Most members a group may have.
     pub group_member_cap: NonZeroU32,
+    /// Who may add a user to a group: `contacts` (consent shown by chatting) or `anyone`.
+    pub group_adds: GroupAdds,
     /// Bytes queued for one connection before it is closed as a slow consumer (4008).
     /// Must hold one sequencer batch of events (up to 1024 frames) with room to spare.
     pub max_out_bytes: NonZeroUsize,
@@ -345,6 +358,7 @@ impl Default for Limits {
             max_frame_bytes: nz32(64 * 1024),
             max_body_bytes: nz32(16 * 1024),
             group_member_cap: nz32(1024),
+            group_adds: GroupAdds::Contacts,
             max_out_bytes: nzu(4 * 1024 * 1024),
             max_pending_events: nzu(8192),
             mailbox_capacity: nzu(16384),

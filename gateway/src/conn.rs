@@ -1022,6 +1022,9 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             conversation_command(conn, id, |reply| Command::CreateDirect { user, peer: user_id, reply }).await
         }
         ClientMsg::CreateGroup { title, members } => {
+            if let Err(code) = may_add(conn, &members).await {
+                return conn.error(id, code, None);
+            }
             conversation_command(conn, id, |reply| Command::CreateGroup {
                 owner: user,
                 title,
@@ -1031,6 +1034,9 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             .await
         }
         ClientMsg::AddMembers { conversation_id, user_ids } => {
+            if let Err(code) = may_add(conn, &user_ids).await {
+                return conn.error(id, code, None);
+            }
             conversation_command(conn, id, |reply| Command::AddMembers {
                 actor: user,
                 conversation: conversation_id,
@@ -1205,6 +1211,32 @@ fn fit_page(p: &mut storage::Page) {
     if keep < p.messages.len() {
         p.messages.truncate(keep);
         p.has_more = true;
+    }
+}
+
+/// Whether `adder` may add every one of `users` to a group under the `contacts`
+/// policy: each has sent or read a message in their direct conversation with the
+/// adder (sending moves one's own read position, so a reply counts). Reading
+/// the other's message is the consent; a stranger who opens a direct chat gets none.
+fn consented(s: &dyn storage::Store, adder: UserId, users: &[UserId]) -> Result<bool, ErrorCode> {
+    for &u in users.iter().filter(|&&u| u != adder) {
+        let Some(direct) = s.direct(adder, u).map_err(internal)? else { return Ok(false) };
+        if s.positions(direct, u).map_err(internal)?.read == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Applies `limits.group_adds` to a group add (on a reader thread: one or two reads per user).
+async fn may_add(conn: &Conn, users: &[UserId]) -> Result<(), ErrorCode> {
+    if conn.limits().group_adds == crate::config::GroupAdds::Anyone {
+        return Ok(());
+    }
+    let (adder, users) = (conn.user, users.to_vec());
+    match read(conn, move |s| consented(s, adder, &users)).await? {
+        true => Ok(()),
+        false => Err(ErrorCode::NotAContact),
     }
 }
 

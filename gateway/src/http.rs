@@ -21,6 +21,7 @@ const MAX_BODY: usize = 16 * 1024;
 /// Most header fields a request may carry (browsers send 10-20; proxies add a few).
 const MAX_HEADERS: usize = 100;
 
+#[derive(Debug)]
 pub struct Request {
     pub method: String,
     pub path: String,
@@ -41,11 +42,65 @@ impl Request {
     }
 }
 
+#[derive(Debug)]
 pub enum ReadError {
     /// The peer closed or the socket failed; just drop the connection.
     Gone,
     /// Answer with this error, then close.
     Reject(ErrorCode, &'static str),
+}
+
+/// A parsed request head: the request (body still empty), the head's length in
+/// the buffer, and the body length it declares.
+#[derive(Debug)]
+pub struct Head {
+    pub request: Request,
+    pub head_len: usize,
+    pub body_len: usize,
+}
+
+/// Parses the request head at the start of `buf`, by RFC 9112's framing rules.
+/// `Ok(None)`: incomplete, read more. Pure (no I/O), so the fuzzer drives it.
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, ReadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) => {
+            let target = req.path.unwrap_or("/");
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let headers: Vec<(String, String)> = req
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect();
+            let mut r = Request {
+                method: req.method.unwrap_or("").to_owned(),
+                path: path.to_owned(),
+                query: query.to_owned(),
+                keep_alive: req.version == Some(1),
+                headers,
+                body: Vec::new(),
+            };
+            if let Some(c) = r.header("connection") {
+                let c = c.to_ascii_lowercase();
+                if c.contains("close") {
+                    r.keep_alive = false;
+                } else if c.contains("keep-alive") {
+                    r.keep_alive = true;
+                }
+            }
+            let body_len = framing(&r, req.version == Some(1))?;
+            Ok(Some(Head { request: r, head_len, body_len }))
+        }
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            Err(ReadError::Reject(ErrorCode::PayloadTooLarge, "request head too large"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            Err(ReadError::Reject(ErrorCode::HeadersTooLarge, "more than 100 header fields"))
+        }
+        Err(_) => Err(ReadError::Reject(ErrorCode::InvalidRequest, "malformed HTTP request")),
+    }
 }
 
 /// Reads one request (head and body) from `buf` + the socket. On success, `buf`
@@ -58,55 +113,22 @@ pub async fn read_request(
 ) -> Result<Request, ReadError> {
     let read = async {
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(buf) {
-                Ok(httparse::Status::Complete(head_len)) => {
-                    let target = req.path.unwrap_or("/");
-                    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-                    let headers: Vec<(String, String)> = req
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
-                        .collect();
-                    let mut r = Request {
-                        method: req.method.unwrap_or("").to_owned(),
-                        path: path.to_owned(),
-                        query: query.to_owned(),
-                        keep_alive: req.version == Some(1),
-                        headers,
-                        body: Vec::new(),
-                    };
-                    if let Some(c) = r.header("connection") {
-                        let c = c.to_ascii_lowercase();
-                        if c.contains("close") {
-                            r.keep_alive = false;
-                        } else if c.contains("keep-alive") {
-                            r.keep_alive = true;
-                        }
-                    }
-                    let len = framing(&r, req.version == Some(1))?;
-                    while buf.len() < head_len + len {
+            match parse_head(buf)? {
+                Some(Head { mut request, head_len, body_len }) => {
+                    while buf.len() < head_len + body_len {
                         if recv_into(stream, buf, 4096).await.map_err(|_| ReadError::Gone)? == 0 {
                             return Err(ReadError::Gone);
                         }
                     }
-                    r.body = buf[head_len..head_len + len].to_vec();
-                    buf.drain(..head_len + len);
-                    return Ok(r);
+                    request.body = buf[head_len..head_len + body_len].to_vec();
+                    buf.drain(..head_len + body_len);
+                    return Ok(request);
                 }
-                Ok(httparse::Status::Partial) => {
-                    if buf.len() >= MAX_HEAD {
-                        return Err(ReadError::Reject(ErrorCode::PayloadTooLarge, "request head too large"));
-                    }
+                None => {
                     if recv_into(stream, buf, 2048).await.map_err(|_| ReadError::Gone)? == 0 {
                         return Err(ReadError::Gone);
                     }
                 }
-                Err(httparse::Error::TooManyHeaders) => {
-                    return Err(ReadError::Reject(ErrorCode::HeadersTooLarge, "more than 100 header fields"));
-                }
-                Err(_) => return Err(ReadError::Reject(ErrorCode::InvalidRequest, "malformed HTTP request")),
             }
         }
     };

@@ -449,3 +449,48 @@ fn metrics_can_live_on_their_own_address() {
     assert_eq!(http_raw(m, "POST", "/v1/login", &[], Some("{}")).0, 404, "only metrics and health there");
     assert_eq!(http_raw(g.addr, "GET", "/healthz", &[], None).0, 200);
 }
+
+/// By default only someone a user has chatted with may add them to a group.
+#[test]
+fn group_adds_need_the_added_users_consent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = TestGateway::start_in(tmp.path(), "[limits]\ngroup_adds = \"contacts\"\n");
+    let (_, ts) = g.user("spammer");
+    let (v, tv) = g.user("victim");
+    let (f, tf) = g.user("friend");
+    let mut spammer = g.connect(&ts, Subprotocol::Json);
+    spammer.sync(vec![]);
+    let r = spammer.request(ClientMsg::CreateGroup { title: "buy now".into(), members: vec![v] });
+    assert_eq!(error_code(r), 1015, "a stranger cannot add you");
+    // Opening a direct chat is not consent either.
+    let dm = conversation_id(&spammer.request(ClientMsg::CreateDirect { user_id: v }));
+    spammer.send_text(dm, "hi", "hello friend");
+    spammer.wait_ack("hi");
+    let r = spammer.request(ClientMsg::CreateGroup { title: "buy now".into(), members: vec![v] });
+    assert_eq!(error_code(r), 1015);
+    let mut victim = g.connect(&tv, Subprotocol::Json);
+    let listed = victim.sync(vec![]);
+    assert!(listed.iter().all(|m| m.kind == MessageKind::Text), "no group was created: {listed:?}");
+
+    // A friend the victim has written to may add them, with create_group or add_members.
+    let mut friend = g.connect(&tf, Subprotocol::FlatBuffers);
+    friend.sync(vec![]);
+    let fdm = conversation_id(&victim.request(ClientMsg::CreateDirect { user_id: f }));
+    victim.send_text(fdm, "yo", "hey");
+    victim.wait_ack("yo");
+    let group =
+        conversation_id(&friend.request(ClientMsg::CreateGroup { title: "pals".into(), members: vec![v] }));
+    let spam_group =
+        conversation_id(&spammer.request(ClientMsg::CreateGroup { title: "ads".into(), members: vec![] }));
+    let r = spammer.request(ClientMsg::AddMembers { conversation_id: spam_group, user_ids: vec![v] });
+    assert_eq!(error_code(r), 1015, "add_members is held to the same rule");
+    // Reading the spammer's message is consent: now they may.
+    victim.send(ClientMsg::MarkRead { conversation_id: dm, seq: 1 });
+    eventually("the read position to be stored", || {
+        matches!(
+            spammer.request(ClientMsg::AddMembers { conversation_id: spam_group, user_ids: vec![v] }),
+            ServerMsg::Conversation { .. }
+        )
+    });
+    assert!(group > 0);
+}

@@ -209,10 +209,11 @@ impl TestGateway {
     /// The test config with `extra` merged over it, table by table.
     fn config_text(dir: &Path, extra: &str) -> String {
         // Cheap hashing keeps registration fast in tests; production uses the OWASP defaults.
-        // Send limits are lifted because many tests pipeline hundreds of sends on one
-        // connection; tests/rate_limits.rs checks the limits themselves.
+        // Send and group limits are lifted, and anyone may add anyone to a group, because
+        // many tests pipeline hundreds of sends or set groups up with fresh users;
+        // tests/rate_limits.rs and tests/hardening.rs check those rules themselves.
         let base = format!(
-            "shards = 2\n[auth]\ntoken_secret = \"{SECRET}\"\nadmin_secret = \"{ADMIN}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n[limits]\nsend_per_sec = 1000000\nsend_burst = 1000000\n"
+            "shards = 2\n[auth]\ntoken_secret = \"{SECRET}\"\nadmin_secret = \"{ADMIN}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n[limits]\nsend_per_sec = 1000000\nsend_burst = 1000000\ngroup_adds = \"anyone\"\ngroups_burst = 1000000\n"
         );
         let mut config: toml::Table = base.parse().unwrap();
         for (k, v) in extra.parse::<toml::Table>().expect("extra config is TOML") {

@@ -1,0 +1,13 @@
+//! An HTTP/1.1 request head: parsing never panics, and a head it accepts lies within
+//! the bytes given and declares a body no larger than the server takes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(Some(h)) = gateway::http::parse_head(data) {
+        assert!(h.head_len <= data.len());
+        assert!(h.body_len <= 16 * 1024);
+        assert!(h.request.headers.len() <= 100);
+    }
+});

@@ -67,8 +67,8 @@ pub struct Conn {
     /// The WebSocket protocol state (only the reader uses it). Here rather than in the
     /// reader's future: an async fn's arguments are stored twice in its future.
     ws: RefCell<WebSocketContext>,
-    /// Rate limiters, made on the first limited request.
-    limits: std::cell::OnceCell<Box<ConnLimits>>,
+    /// The request budgets' state (the rates are the shard's).
+    limits: ConnLimits,
     /// `Some(code)`: closing; the queue is flushed (or dropped, for overflow), then the
     /// close frame goes out if there is a code, and the socket is shut.
     closing: Cell<Option<Option<CloseCode>>>,
@@ -231,7 +231,7 @@ pub async fn upgrade(
             Role::Server,
             Some(ws_config(max_frame as usize)),
         )),
-        limits: std::cell::OnceCell::new(),
+        limits: ConnLimits::default(),
         closing: Cell::new(None),
         inflight: Cell::new(0),
         linger_over: Cell::new(false),
@@ -251,7 +251,10 @@ pub async fn upgrade(
             max_frame_bytes: max_frame,
         },
     );
-    monoio::spawn(sync_deadline(Rc::downgrade(&conn)));
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_secs(shard.shared.cfg.limits.sync_deadline_secs.get());
+    shard.sync_deadlines.borrow_mut().push_back((deadline, Rc::downgrade(&conn)));
+    shard.deadline_wake.notify();
     // Its own task: the handshake's state above is large and an idle connection must not keep it.
     monoio::spawn(run(conn));
 }
@@ -301,20 +304,6 @@ async fn linger(conn: &Rc<Conn>) {
             }
             Ok(_) => {}
         }
-    }
-}
-
-/// Closes the connection with 4010 if it has not sent `sync` within the deadline: an
-/// unsynced connection holds events for nothing, so it may not linger.
-///
-/// Runs on: the owning shard.
-async fn sync_deadline(conn: Weak<Conn>) {
-    let Some(secs) = conn.upgrade().map(|c| c.limits().sync_deadline_secs.get()) else { return };
-    monoio::time::sleep(std::time::Duration::from_secs(secs)).await;
-    if let Some(c) = conn.upgrade()
-        && !c.sync.borrow().started
-    {
-        c.close(Some(CloseCode::SyncTimeout));
     }
 }
 
@@ -535,7 +524,7 @@ impl Conn {
     /// Applies one of the connection's rate limits. False: the request is refused
     /// (error 1021, and the connection closed with 1008 if the abuse budget is spent).
     fn within_limit(&self, id: u64, client_msg_id: Option<&str>, budget: Budget) -> bool {
-        let verdict = self.limits.get_or_init(|| Box::new(ConnLimits::new(self.limits()))).check(budget);
+        let verdict = self.limits.check(&self.shard.shared.rates, budget, crate::ratelimit::now());
         if verdict != Verdict::Allow {
             self.error(id, ErrorCode::RateLimited, client_msg_id.map(str::to_owned));
         }
@@ -543,6 +532,16 @@ impl Conn {
             self.close(Some(CloseCode::PolicyViolation));
         }
         verdict == Verdict::Allow
+    }
+
+    /// At the sync deadline: an unsynced connection holds events for nothing, so it
+    /// may not linger; close it with 4010.
+    ///
+    /// Runs on: the owning shard (its deadline task).
+    pub fn sync_deadline_passed(&self) {
+        if !self.sync.borrow().started {
+            self.close(Some(CloseCode::SyncTimeout));
+        }
     }
 
     /// Waits until a replayed frame of `len` bytes fits in half the outbound queue

@@ -1,17 +1,19 @@
-//! Per-connection rate limits (GCRA token buckets, from `governor`).
+//! Per-connection rate limits: GCRA (the generic cell rate algorithm, a token
+//! bucket without a refill timer), one word of state per budget.
 //!
-//! Every client request draws on one budget ([`budget_of`] says which). A
-//! connection gets its limiters on its first request, so idle connections pay one
-//! pointer for them. Over a limit, the request is refused with 1021
+//! Every client request draws on one budget ([`budget_of`] says which). Over a
+//! limit, the request is refused with 1021
 //! `rate_limited` and the connection stays open. Every refusal also draws on the
 //! connection's abuse budget (refilled at the send rate); when that is spent too
 //! the connection is closed with 1008: the client kept sending at well over its
 //! limit after being told to stop.
 
 use crate::config::Limits;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use protocol::ClientMsg;
+use std::cell::Cell;
 use std::num::NonZeroU32;
+use std::sync::OnceLock;
+use std::time::Instant;
 
 /// What a limited request may do.
 #[derive(Debug, PartialEq, Eq)]
@@ -70,38 +72,78 @@ pub fn budget_of(msg: &ClientMsg) -> Budget {
     }
 }
 
-pub struct ConnLimits {
-    budgets: [DefaultDirectRateLimiter; BUDGETS],
-    abuse: DefaultDirectRateLimiter,
+/// One budget's rate as GCRA sees it, in nanoseconds: the interval between
+/// requests at the sustained rate, and how far ahead of it a burst may run.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    interval: u64,
+    tolerance: u64,
 }
 
-fn limiter(per_sec: NonZeroU32, burst: NonZeroU32) -> DefaultDirectRateLimiter {
-    RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst))
+impl Rate {
+    pub fn new(per_sec: NonZeroU32, burst: NonZeroU32) -> Rate {
+        let interval = 1_000_000_000 / u64::from(per_sec.get());
+        Rate { interval, tolerance: interval * u64::from(burst.get() - 1) }
+    }
+}
+
+/// Every budget's rate, from the config; shared by all connections.
+#[derive(Debug, Clone)]
+pub struct Rates {
+    budgets: [Rate; BUDGETS],
+    abuse: Rate,
+}
+
+impl Rates {
+    pub fn new(l: &Limits) -> Rates {
+        // In `Budget` order.
+        Rates {
+            budgets: [
+                Rate::new(l.send_per_sec, l.send_burst),
+                Rate::new(l.typing_per_sec, l.typing_burst),
+                Rate::new(l.receipts_per_sec, l.receipts_burst),
+                Rate::new(l.edits_per_sec, l.edits_burst),
+                Rate::new(l.groups_per_sec, l.groups_burst),
+                Rate::new(l.settings_per_sec, l.settings_burst),
+                Rate::new(l.reads_per_sec, l.reads_burst),
+                Rate::new(l.pings_per_sec, l.pings_burst),
+            ],
+            abuse: Rate::new(l.send_per_sec, l.abuse_budget),
+        }
+    }
+}
+
+/// A connection's budgets: per budget, GCRA's one word of state (the theoretical
+/// arrival time, in nanoseconds of [`now`]). 72 bytes in the connection itself;
+/// the rates are shared.
+#[derive(Default)]
+pub struct ConnLimits {
+    tat: [Cell<u64>; BUDGETS + 1],
+}
+
+/// Nanoseconds on a monotonic clock shared by every limiter of the process.
+pub fn now() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// GCRA: the request conforms if it is at most `tolerance` ahead of the sustained
+/// rate; if so it takes its place in the schedule.
+fn take(tat: &Cell<u64>, r: Rate, now: u64) -> bool {
+    let t = tat.get().max(now);
+    if t - now > r.tolerance {
+        return false;
+    }
+    tat.set(t + r.interval);
+    true
 }
 
 impl ConnLimits {
-    pub fn new(l: &Limits) -> ConnLimits {
-        // In `Budget` order.
-        ConnLimits {
-            budgets: [
-                limiter(l.send_per_sec, l.send_burst),
-                limiter(l.typing_per_sec, l.typing_burst),
-                limiter(l.receipts_per_sec, l.receipts_burst),
-                limiter(l.edits_per_sec, l.edits_burst),
-                limiter(l.groups_per_sec, l.groups_burst),
-                limiter(l.settings_per_sec, l.settings_burst),
-                limiter(l.reads_per_sec, l.reads_burst),
-                limiter(l.pings_per_sec, l.pings_burst),
-            ],
-            abuse: limiter(l.send_per_sec, l.abuse_budget),
-        }
-    }
-
     /// Runs on: the owning shard.
-    pub fn check(&self, budget: Budget) -> Verdict {
-        if self.budgets[budget as usize].check().is_ok() {
+    pub fn check(&self, rates: &Rates, budget: Budget, now: u64) -> Verdict {
+        if take(&self.tat[budget as usize], rates.budgets[budget as usize], now) {
             Verdict::Allow
-        } else if self.abuse.check().is_ok() {
+        } else if take(&self.tat[BUDGETS], rates.abuse, now) {
             Verdict::Refuse
         } else {
             Verdict::Close
@@ -119,8 +161,8 @@ mod tests {
         l.send_per_sec = NonZeroU32::new(1).unwrap();
         l.send_burst = NonZeroU32::new(3).unwrap();
         l.abuse_budget = NonZeroU32::new(2).unwrap();
-        let c = ConnLimits::new(&l);
-        let got: Vec<_> = (0..6).map(|_| c.check(Budget::Send)).collect();
+        let (rates, c) = (Rates::new(&l), ConnLimits::default());
+        let got: Vec<_> = (0..6).map(|_| c.check(&rates, Budget::Send, 1_000)).collect();
         assert_eq!(
             got,
             [
@@ -138,9 +180,28 @@ mod tests {
     fn budgets_are_separate() {
         let mut l = crate::config::Config::default().limits;
         l.pings_burst = NonZeroU32::new(1).unwrap();
-        let c = ConnLimits::new(&l);
-        assert_eq!(c.check(Budget::Ping), Verdict::Allow);
-        assert_eq!(c.check(Budget::Ping), Verdict::Refuse);
-        assert_eq!(c.check(Budget::Read), Verdict::Allow, "pings do not spend reads");
+        let (rates, c) = (Rates::new(&l), ConnLimits::default());
+        assert_eq!(c.check(&rates, Budget::Ping, 0), Verdict::Allow);
+        assert_eq!(c.check(&rates, Budget::Ping, 0), Verdict::Refuse);
+        assert_eq!(c.check(&rates, Budget::Read, 0), Verdict::Allow, "pings do not spend reads");
+    }
+
+    #[test]
+    fn the_sustained_rate_refills_and_the_burst_does_not_grow() {
+        let mut l = crate::config::Config::default().limits;
+        l.send_per_sec = NonZeroU32::new(10).unwrap(); // one per 100 ms
+        l.send_burst = NonZeroU32::new(2).unwrap();
+        let (rates, c) = (Rates::new(&l), ConnLimits::default());
+        let ms = 1_000_000;
+        let t0 = 5_000 * ms;
+        assert_eq!(c.check(&rates, Budget::Send, t0), Verdict::Allow);
+        assert_eq!(c.check(&rates, Budget::Send, t0), Verdict::Allow);
+        assert_eq!(c.check(&rates, Budget::Send, t0), Verdict::Refuse, "burst of 2");
+        assert_eq!(c.check(&rates, Budget::Send, t0 + 100 * ms), Verdict::Allow, "one back per interval");
+        assert_eq!(c.check(&rates, Budget::Send, t0 + 100 * ms), Verdict::Refuse);
+        // A long idle spell gives back the burst, no more.
+        let later = t0 + 60_000 * ms;
+        let allowed = (0..5).filter(|_| c.check(&rates, Budget::Send, later) == Verdict::Allow).count();
+        assert_eq!(allowed, 2);
     }
 }

@@ -39,6 +39,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub capacity: Arc<Capacity>,
     pub health: Arc<Health>,
+    /// Every request budget's rate, from `limits`.
+    pub rates: crate::ratelimit::Rates,
 }
 
 pub struct LoginThrottles {
@@ -243,6 +245,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     let metrics_addr = management.as_ref().map(|m| m.local_addr()).transpose()?;
     let driver = cfg.io_driver;
     let cfg_per_user = cfg.limits.max_connections_per_user.get();
+    let rates = crate::ratelimit::Rates::new(&cfg.limits);
     let shared = Arc::new(Shared {
         cfg,
         auth,
@@ -258,6 +261,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         metrics,
         capacity: Capacity::new(max_sockets, cfg_per_user),
         health,
+        rates,
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let threads: Vec<_> = listeners

@@ -9,10 +9,12 @@ use crate::server::Shared;
 use monoio::net::TcpListener;
 use protocol::UserId;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::rc::Rc;
+use std::rc::Weak;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// A user's presence on this shard: its mailbox here and its connections here.
 pub struct UserSlot {
@@ -32,6 +34,13 @@ pub struct ShardCtx {
     pub flush_list: RefCell<Vec<Rc<Conn>>>,
     /// Wakes the flusher.
     pub flush_wake: Signal,
+    /// New connections' sync deadlines, in order (all are equally long): one timer
+    /// task per shard rather than one per connection. Each entry leaves at its
+    /// deadline, so this holds at most the connections made in the last
+    /// `sync_deadline_secs`.
+    pub sync_deadlines: RefCell<VecDeque<(Instant, Weak<Conn>)>>,
+    /// Wakes the deadline task when the queue was empty.
+    pub deadline_wake: Signal,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -68,6 +77,38 @@ impl ShardCtx {
             self.shared.registry.remove(conn.user, self.id);
             users.remove(&conn.user);
             self.shared.presence.changed(conn.user);
+        }
+    }
+}
+
+/// Closes with 4010 each connection that has not sent `sync` by its deadline.
+///
+/// Runs on: the owning shard.
+async fn sync_deadlines(ctx: Rc<ShardCtx>) {
+    loop {
+        let next = ctx.sync_deadlines.borrow().front().map(|(at, _)| *at);
+        match next {
+            None => ctx.deadline_wake.wait().await,
+            Some(at) => {
+                let now = Instant::now();
+                if at > now {
+                    monoio::time::sleep(at - now).await;
+                }
+                let now = Instant::now();
+                loop {
+                    let due = {
+                        let mut q = ctx.sync_deadlines.borrow_mut();
+                        match q.front() {
+                            Some((at, _)) if *at <= now => q.pop_front(),
+                            _ => None,
+                        }
+                    };
+                    let Some((_, conn)) = due else { break };
+                    if let Some(c) = conn.upgrade() {
+                        c.sync_deadline_passed();
+                    }
+                }
+            }
         }
     }
 }
@@ -228,6 +269,8 @@ pub fn spawn(
                     scratch: RefCell::new(vec![0; SCRATCH]),
                     flush_list: RefCell::new(Vec::new()),
                     flush_wake: Signal::default(),
+                    sync_deadlines: RefCell::new(VecDeque::new()),
+                    deadline_wake: Signal::default(),
                     _not_send: PhantomData,
                 });
                 match TcpListener::from_std(listener) {
@@ -235,6 +278,7 @@ pub fn spawn(
                         monoio::spawn(dispatch(ctx.clone()));
                         monoio::spawn(flusher(ctx.clone()));
                         monoio::spawn(drain_on_shutdown(ctx.clone()));
+                        monoio::spawn(sync_deadlines(ctx.clone()));
                         // The management listener, if any, runs on shard 0.
                         if let (0, Some(m)) = (id, management) {
                             match TcpListener::from_std(m) {

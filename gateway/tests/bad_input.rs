@@ -14,20 +14,6 @@ fn error_code(m: &ServerMsg) -> u16 {
     }
 }
 
-/// Reads until the server's close frame; returns its code.
-fn close_code(c: &mut Client) -> (Vec<ServerMsg>, u16) {
-    let mut before = Vec::new();
-    loop {
-        match c.ws.read() {
-            Ok(Message::Close(Some(f))) => return (before, f.code.into()),
-            Ok(Message::Text(t)) => before.push(c.proto.decode_server(t.as_bytes()).unwrap().body),
-            Ok(Message::Binary(b)) => before.push(c.proto.decode_server(&b).unwrap().body),
-            Ok(_) => {}
-            Err(e) => panic!("no close frame: {e}"),
-        }
-    }
-}
-
 /// A masked client frame with an arbitrary payload, written straight to the socket.
 fn raw_frame(c: &mut Client, opcode: u8, payload: &[u8]) {
     let mask = [1u8, 2, 3, 4];

@@ -202,6 +202,12 @@ fn a_gateway_on_a_dead_cassandra_refuses_sends_and_recovers_by_itself() {
         }
     }
 
+    // Readiness says why (send clients elsewhere); liveness does not (a restart would not help).
+    let (status, body) = http_raw(g.addr, "GET", "/readyz", &[], None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the last store write failed"), "{body}");
+    assert_eq!(http_raw(g.addr, "GET", "/healthz", &[], None).0, 200);
+
     node.restart();
     // No gateway restart: resending the refused messages (same ids, as a client
     // does) succeeds once the driver has reconnected.
@@ -221,6 +227,7 @@ fn a_gateway_on_a_dead_cassandra_refuses_sends_and_recovers_by_itself() {
     }
     a.send_text(conv, "after", "body after");
     acked.insert("after".into(), a.wait_ack("after"));
+    assert_eq!(http_raw(g.addr, "GET", "/readyz", &[], None).0, 200, "ready again after a write succeeded");
 
     // Every acknowledged message is stored once, at its acknowledged position,
     // and history has nothing that was not acknowledged.

@@ -104,7 +104,7 @@ fn failed_logins_lock_the_account_with_backoff() {
     let tmp = tempfile::tempdir().unwrap();
     let g = TestGateway::start_in(
         tmp.path(),
-        "[auth]\nlogin_free_failures_per_account = 3\nlogin_backoff_ms = 300\n",
+        "[auth]\nlogin_free_failures_per_account = 3\nlogin_backoff_ms = 3000\n",
     );
     g.user("victim");
     g.user("neighbour");
@@ -123,7 +123,10 @@ fn failed_logins_lock_the_account_with_backoff() {
 #[test]
 fn failed_logins_lock_the_address() {
     let tmp = tempfile::tempdir().unwrap();
-    let g = TestGateway::start_in(tmp.path(), "[auth]\nlogin_free_failures_per_address = 5\n");
+    let g = TestGateway::start_in(
+        tmp.path(),
+        "[auth]\nlogin_free_failures_per_address = 5\nlogin_backoff_ms = 60000\n",
+    );
     g.user("someone");
     let guess = |i: u32| format!(r#"{{"username":"guess{i}","password":"wrongwrong"}}"#);
     for i in 0..6 {

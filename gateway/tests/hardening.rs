@@ -8,20 +8,6 @@ use protocol::{ClientMsg, MessageKind, Position, ServerMsg, Subprotocol};
 use support::*;
 use tungstenite::Message;
 
-/// Reads until the server's close frame; returns the frames before it and its code.
-fn close_code(c: &mut Client) -> (Vec<ServerMsg>, u16) {
-    let mut before = Vec::new();
-    loop {
-        match c.ws.read() {
-            Ok(Message::Close(Some(f))) => return (before, f.code.into()),
-            Ok(Message::Text(t)) => before.push(c.proto.decode_server(t.as_bytes()).unwrap().body),
-            Ok(Message::Binary(b)) => before.push(c.proto.decode_server(&b).unwrap().body),
-            Ok(_) => {}
-            Err(e) => panic!("no close frame (after {} frames): {e}", before.len()),
-        }
-    }
-}
-
 fn id_and_code(m: &ServerMsg) -> u16 {
     match m {
         ServerMsg::Error { code, .. } => *code,
@@ -154,39 +140,13 @@ fn tokens_for_users_that_do_not_exist_are_refused() {
     let claims = serde_json::json!({"sub": "987654321", "iat": now, "exp": now + 3600});
     let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
     let forged = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
-    let auth = format!("Bearer {forged}");
-    let (status, body) = http_raw(
-        g.addr,
-        "GET",
-        "/v1/ws",
-        &[
-            ("upgrade", "websocket"),
-            ("connection", "Upgrade"),
-            ("sec-websocket-version", "13"),
-            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ("authorization", &auth),
-        ],
-        None,
-    );
+    let (status, body) = upgrade_raw(g.addr, &forged);
     assert_eq!(status, 401, "{body}");
     // A real user's token with a "not before" an hour away.
     let (id, _) = g.user("early");
     let claims = serde_json::json!({"sub": id.to_string(), "iat": now, "exp": now + 7200, "nbf": now + 3600});
     let early = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
-    let auth = format!("Bearer {early}");
-    let (status, _) = http_raw(
-        g.addr,
-        "GET",
-        "/v1/ws",
-        &[
-            ("upgrade", "websocket"),
-            ("connection", "Upgrade"),
-            ("sec-websocket-version", "13"),
-            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ("authorization", &auth),
-        ],
-        None,
-    );
+    let (status, _) = upgrade_raw(g.addr, &early);
     assert_eq!(status, 401, "nbf is honoured");
 }
 
@@ -247,7 +207,8 @@ fn every_command_has_a_budget() {
     let tmp = tempfile::tempdir().unwrap();
     let g = TestGateway::start_in(
         tmp.path(),
-        "[limits]\nedits_burst = 2\ngroups_burst = 2\nsettings_burst = 2\nreads_burst = 3\npings_burst = 2\n",
+        "[limits]\nedits_burst = 2\ngroups_burst = 2\nsettings_burst = 2\nreads_burst = 3\npings_burst = 2\n\
+         edits_per_sec = 1\nreads_per_sec = 1\n",
     );
     let (_, ta) = g.user("budgeted");
     let (b, _) = g.user("budgetpeer");
@@ -257,29 +218,49 @@ fn every_command_has_a_budget() {
     a.send_text(conv, "e", "to edit");
     let seq = a.wait_ack("e");
     type Make = Box<dyn Fn() -> ClientMsg>;
-    let cases: Vec<(&str, Make, usize)> = vec![
-        ("ping", Box::new(|| ClientMsg::Ping), 2),
-        ("edit", Box::new(move || ClientMsg::Edit { conversation_id: conv, seq, body: "edited".into() }), 2),
+    let history =
+        move || ClientMsg::History { conversation_id: conv, before: None, after: None, limit: None };
+    // (name, request, how many the burst leaves, trailing request on the same budget)
+    let cases: Vec<(&str, Make, usize, Option<Make>)> = vec![
+        ("ping", Box::new(|| ClientMsg::Ping), 2, None),
+        (
+            "edit",
+            Box::new(move || ClientMsg::Edit { conversation_id: conv, seq, body: "edited".into() }),
+            2,
+            Some(Box::new(move || ClientMsg::Delete { conversation_id: conv, seq })),
+        ),
         (
             "create_group",
             Box::new(move || ClientMsg::CreateGroup { title: "spam".into(), members: vec![b] }),
             1,
+            Some(Box::new(move || ClientMsg::AddMembers { conversation_id: conv, user_ids: vec![b] })),
         ),
-        ("mute", Box::new(move || ClientMsg::Mute { conversation_id: conv, muted: true }), 2),
-        ("get_presence", Box::new(move || ClientMsg::GetPresence { user_ids: vec![b] }), 2),
+        ("mute", Box::new(move || ClientMsg::Mute { conversation_id: conv, muted: true }), 2, None),
+        (
+            "get_presence",
+            Box::new(move || ClientMsg::GetPresence { user_ids: vec![b] }),
+            2,
+            Some(Box::new(history)),
+        ),
     ];
-    for (name, make, allowed) in cases {
-        for _ in 0..allowed {
-            let r = a.request(make());
+    // Each budget's requests are pipelined, so its slow refill (1/s) cannot top it up
+    // between them: the burst passes, the next ones are refused with their own ids, and
+    // so is another request type drawing on the same budget.
+    for (name, make, allowed, same_budget) in cases {
+        let within: Vec<u64> = (0..allowed).map(|_| a.send(make())).collect();
+        let past: Vec<u64> = (0..3).map(|_| a.send(make())).collect();
+        let other = same_budget.map(|m| a.send(m()));
+        for id in within {
+            let r = a.wait_reply(id);
             assert!(!matches!(r, ServerMsg::Error { code: 1021, .. }), "{name} within its burst: {r:?}");
         }
-        let id = a.send(make());
-        let r = a.wait_reply(id);
-        assert_eq!(error_code(r), 1021, "{name} past its burst");
+        let refused =
+            past.iter().filter(|&&id| matches!(a.wait_reply(id), ServerMsg::Error { code: 1021, .. }));
+        assert!(refused.count() >= 2, "{name} past its burst is rate_limited, with its id");
+        if let Some(id) = other {
+            assert_eq!(error_code(a.wait_reply(id)), 1021, "{name}'s budget is shared");
+        }
     }
-    // `history` shares the read budget that `get_presence` just spent.
-    let r = a.request(ClientMsg::History { conversation_id: conv, before: None, after: None, limit: None });
-    assert_eq!(error_code(r), 1021, "history past the read budget");
 }
 
 /// A flooding client gets acks for everything stored, then a 1008 close frame, not a reset.
@@ -332,7 +313,7 @@ fn a_flood_close_is_graceful_and_acks_what_was_stored() {
 #[test]
 fn an_unsynced_connection_is_closed_at_the_deadline() {
     let tmp = tempfile::tempdir().unwrap();
-    let g = TestGateway::start_in(tmp.path(), "[limits]\nsync_deadline_secs = 1\n");
+    let g = TestGateway::start_in(tmp.path(), "[limits]\nsync_deadline_secs = 3\n");
     let (_, t) = g.user("lurker");
     let mut lurker = g.connect(&t, Subprotocol::Json);
     let mut fine = g.connect(&t, Subprotocol::Json);
@@ -350,22 +331,7 @@ fn one_user_has_a_connection_cap() {
     let (_, other) = g.user("bystander");
     let first = g.connect(&t, Subprotocol::Json);
     let _second = g.connect(&t, Subprotocol::Json);
-    let upgrade = |token: &str| {
-        let auth = format!("Bearer {token}");
-        http_raw(
-            g.addr,
-            "GET",
-            "/v1/ws",
-            &[
-                ("upgrade", "websocket"),
-                ("connection", "Upgrade"),
-                ("sec-websocket-version", "13"),
-                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-                ("authorization", &auth),
-            ],
-            None,
-        )
-    };
+    let upgrade = |token: &str| upgrade_raw(g.addr, token);
     let (status, body) = upgrade(&t);
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("too_many_connections"), "{body}");

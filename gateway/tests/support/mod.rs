@@ -555,6 +555,39 @@ impl Client {
     }
 }
 
+/// Reads until the server's close frame; returns the frames before it and its code.
+pub fn close_code(c: &mut Client) -> (Vec<ServerMsg>, u16) {
+    let mut before = Vec::new();
+    loop {
+        match c.ws.read() {
+            Ok(Message::Close(Some(f))) => return (before, f.code.into()),
+            Ok(Message::Text(t)) => before.push(c.proto.decode_server(t.as_bytes()).unwrap().body),
+            Ok(Message::Binary(b)) => before.push(c.proto.decode_server(&b).unwrap().body),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame (after {} frames): {e}", before.len()),
+        }
+    }
+}
+
+/// A WebSocket upgrade with a bearer token, by raw HTTP: the status and body the
+/// server answers (101 and an empty body when it upgrades).
+pub fn upgrade_raw(addr: SocketAddr, token: &str) -> (u16, String) {
+    let auth = format!("Bearer {token}");
+    http_raw(
+        addr,
+        "GET",
+        "/v1/ws",
+        &[
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("authorization", &auth),
+        ],
+        None,
+    )
+}
+
 /// The code of an `error` reply (panics on anything else).
 pub fn error_code(m: ServerMsg) -> u16 {
     match m {

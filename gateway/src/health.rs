@@ -2,25 +2,30 @@
 //!
 //! - Live: the process can do its job. Fails, saying why, once the store refuses
 //!   every write until a restart (a poisoned embedded store): restarting is the fix.
-//! - Ready: it should get new clients. Also fails while the last store write failed
+//! - Ready: it should get new clients. Also fails once a store call has failed
 //!   (even a retryable one, until a write succeeds), while the socket cap is
 //!   reached, and while the process is draining for shutdown.
 
 use crate::capacity::Capacity;
+use protocol::{ConversationId, Seq, UserId};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use storage::{
+    BucketRef, ConversationRecord, Message, Mutation, Order, Positions, PresenceRecord, Store, UserRecord,
+};
 
 #[derive(Default)]
 pub struct Health {
     /// Fast check for the write path: is there a failure to clear?
     failing: AtomicBool,
-    /// The last store write failure since the last success, and whether it is permanent.
+    /// The last store failure since the last write that landed, and whether it is permanent.
     store: Mutex<Option<(String, bool)>>,
     draining: AtomicBool,
 }
 
 impl Health {
-    /// Runs on: a thread that writes to the store (sequencer, presence, hashers).
+    /// Runs on: a thread that wrote to the store (sequencer, presence, hashers).
     pub fn write_ok(&self) {
         if self.failing.load(Ordering::Relaxed) {
             let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -32,8 +37,8 @@ impl Health {
         }
     }
 
-    /// Runs on: a thread that writes to the store.
-    pub fn write_failed(&self, e: &storage::StorageError) {
+    /// Runs on: a thread whose store call failed.
+    pub fn store_failed(&self, e: &storage::StorageError) {
         let permanent = e.kind == storage::ErrorKind::Poisoned;
         let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
         if !s.as_ref().is_some_and(|(_, p)| *p) {
@@ -62,7 +67,7 @@ impl Health {
     pub fn ready(&self, capacity: &Capacity) -> Result<(), String> {
         self.live()?;
         if let Some((why, _)) = &*self.store.lock().unwrap_or_else(|p| p.into_inner()) {
-            return Err(format!("the last store write failed: {why}"));
+            return Err(format!("the store failed and no write has succeeded since: {why}"));
         }
         if self.draining() {
             return Err("shutting down".into());
@@ -71,6 +76,106 @@ impl Health {
             return Err(format!("at the socket cap ({})", capacity.max_sockets()));
         }
         Ok(())
+    }
+}
+
+/// The store as the gateway uses it: every call passes through to the backend,
+/// and its outcome reaches [`Health`]. Any failure (a read on a dead cluster
+/// fails before any write is tried) costs readiness; only a write that lands
+/// restores it, since reads can pass while writes cannot (a full disk).
+pub struct Observed {
+    inner: Arc<dyn Store>,
+    health: Arc<Health>,
+}
+
+impl Observed {
+    pub fn new(inner: Arc<dyn Store>, health: Arc<Health>) -> Observed {
+        Observed { inner, health }
+    }
+
+    fn seen<T>(&self, r: storage::Result<T>) -> storage::Result<T> {
+        if let Err(e) = &r {
+            self.health.store_failed(e);
+        }
+        r
+    }
+
+    fn written(&self, r: storage::Result<()>, wrote: bool) -> storage::Result<()> {
+        if r.is_ok() && wrote {
+            self.health.write_ok();
+        }
+        self.seen(r)
+    }
+}
+
+impl Store for Observed {
+    fn commit(&self, batch: &[Mutation]) -> storage::Result<()> {
+        self.written(self.inner.commit(batch), !batch.is_empty())
+    }
+    fn create_user(&self, user: &UserRecord) -> storage::Result<()> {
+        match self.inner.create_user(user) {
+            // A taken name is an answer, not a failure.
+            Err(e) if e.kind == storage::ErrorKind::UsernameTaken => Err(e),
+            r => self.written(r, true),
+        }
+    }
+    fn user(&self, id: UserId) -> storage::Result<Option<UserRecord>> {
+        self.seen(self.inner.user(id))
+    }
+    fn user_by_name(&self, username: &str) -> storage::Result<Option<UserRecord>> {
+        self.seen(self.inner.user_by_name(username))
+    }
+    fn conversation(&self, id: ConversationId) -> storage::Result<Option<ConversationRecord>> {
+        self.seen(self.inner.conversation(id))
+    }
+    fn members(&self, id: ConversationId) -> storage::Result<Vec<(UserId, protocol::Role)>> {
+        self.seen(self.inner.members(id))
+    }
+    fn member_role(&self, id: ConversationId, user: UserId) -> storage::Result<Option<protocol::Role>> {
+        self.seen(self.inner.member_role(id, user))
+    }
+    fn user_conversations(&self, user: UserId) -> storage::Result<Vec<ConversationId>> {
+        self.seen(self.inner.user_conversations(user))
+    }
+    fn direct(&self, a: UserId, b: UserId) -> storage::Result<Option<ConversationId>> {
+        self.seen(self.inner.direct(a, b))
+    }
+    fn idempotent_seq(&self, conv: ConversationId, sender: UserId, id: &str) -> storage::Result<Option<Seq>> {
+        self.seen(self.inner.idempotent_seq(conv, sender, id))
+    }
+    fn muted(&self, conv: ConversationId, user: UserId) -> storage::Result<bool> {
+        self.seen(self.inner.muted(conv, user))
+    }
+    fn positions(&self, conv: ConversationId, user: UserId) -> storage::Result<Positions> {
+        self.seen(self.inner.positions(conv, user))
+    }
+    fn all_positions(&self, conv: ConversationId) -> storage::Result<Vec<(UserId, Positions)>> {
+        self.seen(self.inner.all_positions(conv))
+    }
+    fn reactions(
+        &self,
+        conv: ConversationId,
+        lo: Seq,
+        hi: Seq,
+    ) -> storage::Result<Vec<(Seq, UserId, String)>> {
+        self.seen(self.inner.reactions(conv, lo, hi))
+    }
+    fn presence(&self, user: UserId) -> storage::Result<PresenceRecord> {
+        self.seen(self.inner.presence(user))
+    }
+    fn buckets(&self, conv: ConversationId) -> storage::Result<Vec<BucketRef>> {
+        self.seen(self.inner.buckets(conv))
+    }
+    fn read_bucket(
+        &self,
+        conv: ConversationId,
+        bucket: u32,
+        lo: Seq,
+        hi: Seq,
+        order: Order,
+        limit: usize,
+    ) -> storage::Result<Vec<Message>> {
+        self.seen(self.inner.read_bucket(conv, bucket, lo, hi, order, limit))
     }
 }
 
@@ -87,7 +192,7 @@ mod tests {
         let h = Health::default();
         let c = Capacity::new(10, 1);
         assert!(h.ready(&c).is_ok());
-        h.write_failed(&err(storage::ErrorKind::Timeout));
+        h.store_failed(&err(storage::ErrorKind::Timeout));
         assert!(h.live().is_ok());
         assert!(h.ready(&c).unwrap_err().contains("boom"));
         h.write_ok();
@@ -97,8 +202,8 @@ mod tests {
     #[test]
     fn a_poisoned_store_fails_liveness_for_good() {
         let h = Health::default();
-        h.write_failed(&err(storage::ErrorKind::Poisoned));
-        h.write_failed(&err(storage::ErrorKind::Io));
+        h.store_failed(&err(storage::ErrorKind::Poisoned));
+        h.store_failed(&err(storage::ErrorKind::Io));
         h.write_ok();
         let why = h.live().unwrap_err();
         assert!(why.contains("until a restart") && why.contains("boom"), "{why}");

@@ -151,20 +151,11 @@ impl Sequencer {
         ids: Arc<IdGen>,
         metrics: Arc<Metrics>,
         push: Arc<Push>,
-        health: Arc<crate::health::Health>,
     ) -> Sequencer {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
         let rejected = metrics.rejected.with_label_values(&["sequencer"]);
-        let mut worker = Worker {
-            store,
-            registry,
-            ids,
-            metrics,
-            push,
-            health,
-            member_cap: cfg.member_cap,
-            convs: HashMap::new(),
-        };
+        let mut worker =
+            Worker { store, registry, ids, metrics, push, member_cap: cfg.member_cap, convs: HashMap::new() };
         let (batch_max, window) = (cfg.batch_max, cfg.window);
         std::thread::Builder::new()
             .name("sequencer".into())
@@ -294,7 +285,6 @@ struct Worker {
     ids: Arc<IdGen>,
     metrics: Arc<Metrics>,
     push: Arc<Push>,
-    health: Arc<crate::health::Health>,
     member_cap: usize,
     convs: HashMap<ConversationId, ConvState>,
 }
@@ -974,11 +964,9 @@ impl Worker {
         let committed = match self.store.commit(&batch.muts) {
             Ok(()) => {
                 self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-                self.health.write_ok();
                 true
             }
             Err(e) => {
-                self.health.write_failed(&e);
                 self.metrics.errors.with_label_values(&["commit_failed"]).inc();
                 tracing::error!(error = %e, writes = batch.muts.len(), "commit failed; the batch is refused");
                 // The cache holds this batch's uncommitted changes: forget them.

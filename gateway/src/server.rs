@@ -177,7 +177,12 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let max_sockets = socket_cap(&cfg)?;
     tracing::info!(max_sockets, "socket cap");
-    let store = open_store(&cfg, cfg.storage.migrate_on_start)?;
+    let health = Arc::new(Health::default());
+    // Every store call, from every thread, reports to the health record.
+    let store: Arc<dyn Store> = Arc::new(crate::health::Observed::new(
+        open_store(&cfg, cfg.storage.migrate_on_start)?,
+        health.clone(),
+    ));
     let shards = cfg.shard_count();
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(shards, metrics.mailbox_overflows.clone()));
@@ -193,7 +198,6 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         registry.clone(),
         metrics.rejected.with_label_values(&["presence"]),
     );
-    let health = Arc::new(Health::default());
     let sequencer = Sequencer::start(
         SequencerConfig {
             queue: cfg.storage.sequencer_queue.get(),
@@ -206,7 +210,6 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         ids.clone(),
         metrics.clone(),
         push,
-        health.clone(),
     );
     let readers = Pool::new(
         "reader",

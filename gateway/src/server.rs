@@ -54,17 +54,7 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     pub io_driver: &'static str,
     pub shards: usize,
-    threads: Vec<std::thread::JoinHandle<()>>,
     pub shared: Arc<Shared>,
-}
-
-impl Running {
-    /// Blocks while the shards run (they run until the process ends).
-    pub fn join(self) {
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
 }
 
 fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
@@ -267,17 +257,14 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         rates,
     });
     let (tx, rx) = std::sync::mpsc::channel();
-    let threads: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let m = if i == 0 { management.take() } else { None };
-            crate::shard::spawn(i as u16, shared.clone(), l, m, driver, tx.clone())
-        })
-        .collect();
+    // The shard threads run until the process exits (main waits for a signal, then drains).
+    for (i, l) in listeners.into_iter().enumerate() {
+        let m = if i == 0 { management.take() } else { None };
+        crate::shard::spawn(i as u16, shared.clone(), l, m, driver, tx.clone());
+    }
     let mut io_driver = "";
     for _ in 0..shards {
         io_driver = rx.recv().context("a shard died while starting")??;
     }
-    Ok(Running { addr, metrics_addr, io_driver, shards, threads, shared })
+    Ok(Running { addr, metrics_addr, io_driver, shards, shared })
 }

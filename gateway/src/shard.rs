@@ -242,7 +242,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, kind: Listene
     }
 }
 
-/// Starts shard `id` on its own thread. `ready` receives the I/O driver's name
+/// Starts shard `id` on its own thread, which runs until the process exits. `ready` receives the I/O driver's name
 /// once the shard accepts connections.
 pub fn spawn(
     id: u16,
@@ -251,7 +251,7 @@ pub fn spawn(
     management: Option<std::net::TcpListener>,
     driver: IoDriver,
     ready: std::sync::mpsc::Sender<anyhow::Result<&'static str>>,
-) -> std::thread::JoinHandle<()> {
+) {
     std::thread::Builder::new()
         .name(format!("shard-{id}"))
         .spawn(move || {
@@ -336,5 +336,5 @@ pub fn spawn(
                 }
             }
         })
-        .expect("spawning a shard thread")
+        .expect("spawning a shard thread");
 }

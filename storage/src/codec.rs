@@ -102,10 +102,17 @@ pub(crate) fn kind_from_u8(v: u8) -> Result<MessageKind, StorageError> {
     })
 }
 
-/// `v1 | ts | sender | kind | flags | [target] | [role] | len cmid | cmid | len body | body`
-/// (conversation and seq live in the key).
+/// `v1 | ts | sender | kind | flags | [target] | [role] | [edited] | [slot] | len cmid | cmid | len body | body`
+/// (conversation and seq live in the key). Flag `0x10`: the body is sealed under
+/// the key in vault slot `slot` (see `seal`).
 pub fn encode_message(m: &Message) -> Vec<u8> {
-    let mut v = Vec::with_capacity(32 + m.client_msg_id.len() + m.body.len());
+    encode_row(m, None)
+}
+
+/// A message row whose body is `sealed` (`(slot, sealed bytes)`) instead of `m.body`.
+pub(crate) fn encode_row(m: &Message, sealed: Option<(u64, &[u8])>) -> Vec<u8> {
+    let body = sealed.map_or(m.body.as_bytes(), |(_, b)| b);
+    let mut v = Vec::with_capacity(40 + m.client_msg_id.len() + body.len());
     v.push(MESSAGE_V1);
     v.extend_from_slice(&m.ts_ms.to_be_bytes());
     v.extend_from_slice(&m.sender_id.to_be_bytes());
@@ -114,7 +121,8 @@ pub fn encode_message(m: &Message) -> Vec<u8> {
         u8::from(m.target_user_id.is_some())
             | (u8::from(m.role.is_some()) << 1)
             | (u8::from(m.target_seq.is_some()) << 2)
-            | (u8::from(m.edited_ms.is_some()) << 3),
+            | (u8::from(m.edited_ms.is_some()) << 3)
+            | (u8::from(sealed.is_some()) << 4),
     );
     if let Some(t) = m.target_user_id {
         v.extend_from_slice(&t.to_be_bytes());
@@ -122,17 +130,23 @@ pub fn encode_message(m: &Message) -> Vec<u8> {
     if let Some(r) = m.role {
         v.push(role_to_u8(r));
     }
-    for x in [m.target_seq, m.edited_ms].into_iter().flatten() {
+    for x in [m.target_seq, m.edited_ms, sealed.map(|(slot, _)| slot)].into_iter().flatten() {
         v.extend_from_slice(&x.to_be_bytes());
     }
-    for s in [&m.client_msg_id, &m.body] {
+    for s in [m.client_msg_id.as_bytes(), body] {
         v.extend_from_slice(&(s.len() as u32).to_be_bytes());
-        v.extend_from_slice(s.as_bytes());
+        v.extend_from_slice(s);
     }
     v
 }
 
-pub fn decode_message(conv: u64, seq: u64, b: &[u8]) -> Result<Message, StorageError> {
+/// A message row; a sealed body comes back as `(slot, sealed bytes)` beside a
+/// message with an empty body.
+pub(crate) fn decode_row(
+    conv: u64,
+    seq: u64,
+    b: &[u8],
+) -> Result<(Message, Option<(u64, Vec<u8>)>), StorageError> {
     if b.first() != Some(&MESSAGE_V1) {
         return Err(corrupt("unknown message row version"));
     }
@@ -162,21 +176,26 @@ pub fn decode_message(conv: u64, seq: u64, b: &[u8]) -> Result<Message, StorageE
     };
     let target_seq = optional_u64(4)?;
     let edited_ms = optional_u64(8)?;
-    let mut strs = [String::new(), String::new()];
+    let slot = optional_u64(16)?;
+    let mut strs: [&[u8]; 2] = [&[], &[]];
     for s in &mut strs {
         let len = u32_at(b, at)? as usize;
         at += 4;
-        let bytes = b.get(at..at + len).ok_or_else(|| corrupt("short string"))?;
-        *s = String::from_utf8(bytes.to_vec()).map_err(|_| corrupt("string not utf-8"))?;
+        *s = b.get(at..at + len).ok_or_else(|| corrupt("short string"))?;
         at += len;
     }
-    let [client_msg_id, body] = strs;
-    Ok(Message {
+    let [cmid, body] = strs;
+    let utf8 = |v: &[u8]| String::from_utf8(v.to_vec()).map_err(|_| corrupt("string not utf-8"));
+    let (body, sealed) = match slot {
+        Some(slot) => (String::new(), Some((slot, body.to_vec()))),
+        None => (utf8(body)?, None),
+    };
+    let m = Message {
         conversation_id: conv,
         seq,
         ts_ms,
         sender_id,
-        client_msg_id,
+        client_msg_id: utf8(cmid)?,
         kind,
         body,
         target_user_id,
@@ -185,7 +204,8 @@ pub fn decode_message(conv: u64, seq: u64, b: &[u8]) -> Result<Message, StorageE
         edited_ms,
         reactions: Vec::new(),
         my_reaction: None,
-    })
+    };
+    Ok((m, sealed))
 }
 
 /// Ids and positions are u64 in Rust and BIGINT in SQL and CQL. Real ones fit (63-bit
@@ -261,21 +281,30 @@ mod tests {
             reactions: Vec::new(),
             my_reaction: None,
         };
-        assert_eq!(decode_message(5, 9, &encode_message(&m)).unwrap(), m);
+        assert_eq!(decode_row(5, 9, &encode_message(&m)).unwrap().0, m);
         m.edited_ms = Some(456);
-        assert_eq!(decode_message(5, 9, &encode_message(&m)).unwrap(), m);
+        assert_eq!(decode_row(5, 9, &encode_message(&m)).unwrap().0, m);
         m.kind = MessageKind::Delete;
         m.target_seq = Some(3);
-        assert_eq!(decode_message(5, 9, &encode_message(&m)).unwrap(), m);
+        assert_eq!(decode_row(5, 9, &encode_message(&m)).unwrap().0, m);
         m.target_seq = None;
         m.edited_ms = None;
         m.kind = MessageKind::RoleChanged;
         m.target_user_id = Some(u64::MAX);
         m.role = Some(Role::Admin);
         let enc = encode_message(&m);
-        assert_eq!(decode_message(5, 9, &enc).unwrap(), m);
+        assert_eq!(decode_row(5, 9, &enc).unwrap().0, m);
         for cut in 0..enc.len() {
-            assert!(decode_message(5, 9, &enc[..cut]).is_err());
+            assert!(decode_row(5, 9, &enc[..cut]).is_err());
+        }
+        m.kind = MessageKind::Edit;
+        m.edited_ms = Some(7);
+        let enc = encode_row(&m, Some((42, b"\x00sealed\xff")));
+        let (back, sealed) = decode_row(5, 9, &enc).unwrap();
+        assert_eq!(back, Message { body: String::new(), ..m });
+        assert_eq!(sealed, Some((42, b"\x00sealed\xff".to_vec())));
+        for cut in 0..enc.len() {
+            assert!(decode_row(5, 9, &enc[..cut]).is_err());
         }
     }
 

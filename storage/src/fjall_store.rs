@@ -4,13 +4,20 @@
 //! range scans walk a partition in position order. A commit is one fjall write
 //! batch plus one `fdatasync` of the journal: the group commit the sequencer
 //! relies on.
+//!
+//! Text bodies are sealed under per-message keys kept in a key vault beside the
+//! LSM files (`message-keys.vault`, see `seal`): a delete erases the key in place,
+//! so the text is gone from the disk although old LSM files still hold its
+//! ciphertext.
 
 use crate::codec::{self, corrupt, key2, u64_at};
+use crate::seal::{self, Key, Vault};
 use crate::{
-    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, Mutation, OrErr, Order, Positions,
-    Result, Role, Seq, StorageError, Store, UserId, UserRecord, pair,
+    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, MessageKind, Mutation, OrErr, Order,
+    Positions, Result, Role, Seq, StorageError, Store, UserId, UserRecord, bucket_of, pair,
 };
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -29,6 +36,8 @@ pub struct FjallStore {
     mutes: Keyspace,
     reactions: Keyspace,
     presence: Keyspace,
+    /// The keys text bodies are sealed under.
+    vault: Vault,
     /// Serialises username uniqueness checks (registration is rare; fjall has no CAS).
     register: Mutex<()>,
     /// Serialises commits that merge positions with stored ones (read, max, write).
@@ -79,6 +88,7 @@ impl FjallStore {
             mutes: ks("mutes")?,
             reactions: ks("reactions")?,
             presence: ks("presence")?,
+            vault: Vault::open(&dir.join("message-keys.vault"))?,
             register: Mutex::new(()),
             merge: Mutex::new(()),
             db,
@@ -90,6 +100,102 @@ impl FjallStore {
         k.extend_from_slice(&key2(conv, sender));
         k.extend_from_slice(cmid.as_bytes());
         k
+    }
+
+    /// The stored row of `msg`. Text bodies, and the bodies of `edit` events, are
+    /// sealed under the key of the message concerned (a new one for a new text
+    /// message, the same one for its edits); a `deleted` tombstone erases that key.
+    /// `keys` holds this batch's keys by `(conversation, seq)`; `vault_written` is
+    /// set when the vault must be synced before the batch commits.
+    fn message_row(
+        &self,
+        msg: &Message,
+        keys: &mut HashMap<(ConversationId, Seq), (u64, Key)>,
+        vault_written: &mut bool,
+    ) -> Result<Vec<u8>> {
+        let (c, seq) = (msg.conversation_id, msg.seq);
+        let sealed = |(slot, key): (u64, Key)| {
+            codec::encode_row(msg, Some((slot, &seal::seal(&key, c, seq, msg.body.as_bytes()))))
+        };
+        match msg.kind {
+            MessageKind::Text => {
+                let found = match keys.get(&(c, seq)) {
+                    Some(k) => Some(*k),
+                    // Only an edit rewrites a text row; a new message has no key yet.
+                    None if msg.edited_ms.is_some() => self.stored_key(c, Some(bucket_of(msg.ts_ms)), seq)?,
+                    None => None,
+                };
+                let k = match found {
+                    Some(k) => k,
+                    None => {
+                        let key = seal::new_key();
+                        *vault_written = true;
+                        (self.vault.put(&key)?, key)
+                    }
+                };
+                keys.insert((c, seq), k);
+                Ok(sealed(k))
+            }
+            MessageKind::Edit => {
+                let target = msg.target_seq.unwrap_or(0);
+                let found = match keys.get(&(c, target)) {
+                    Some(k) => Some(*k),
+                    None => self.stored_key(c, None, target)?,
+                };
+                Ok(match found {
+                    Some(k) => sealed(k),
+                    // The message it edits is deleted, and its text with it.
+                    None => codec::encode_message(&Message { body: String::new(), ..msg.clone() }),
+                })
+            }
+            MessageKind::Deleted => {
+                let found = match keys.remove(&(c, seq)) {
+                    Some(k) => Some(k),
+                    None => self.stored_key(c, Some(bucket_of(msg.ts_ms)), seq)?,
+                };
+                if let Some((slot, _)) = found {
+                    self.vault.erase(slot)?;
+                    *vault_written = true;
+                }
+                Ok(codec::encode_message(&Message { body: String::new(), ..msg.clone() }))
+            }
+            _ => Ok(codec::encode_message(msg)),
+        }
+    }
+
+    /// The vault slot and key of stored message `seq` (its bucket looked up when
+    /// not given); `None` for a message that is absent, unsealed or erased.
+    fn stored_key(&self, c: ConversationId, bucket: Option<u32>, seq: Seq) -> Result<Option<(u64, Key)>> {
+        let bucket = match bucket {
+            Some(b) => b,
+            None => {
+                let buckets = self.buckets(c)?;
+                match buckets.partition_point(|b| b.first_seq <= seq).checked_sub(1) {
+                    Some(i) => buckets[i].bucket,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let Some(v) =
+            self.messages.get(codec::message_key(c, bucket, seq)).map_err(io("reading a message"))?
+        else {
+            return Ok(None);
+        };
+        let Some((slot, _)) = codec::decode_row(c, seq, &v)?.1 else {
+            return Ok(None);
+        };
+        Ok(self.vault.get(slot)?.map(|k| (slot, k)))
+    }
+
+    /// `m` with its sealed body opened; an erased key leaves the body empty.
+    fn unseal(&self, (mut m, sealed): (Message, Option<(u64, Vec<u8>)>)) -> Result<Message> {
+        if let Some((slot, bytes)) = sealed
+            && let Some(key) = self.vault.get(slot)?
+        {
+            let plain = seal::open(&key, m.conversation_id, m.seq, &bytes)?;
+            m.body = String::from_utf8(plain).map_err(|_| corrupt("body not utf-8"))?;
+        }
+        Ok(m)
     }
 
     fn get_postcard<T: serde::de::DeserializeOwned>(ks: &Keyspace, key: &[u8]) -> Result<Option<T>> {
@@ -122,12 +228,13 @@ impl Store for FjallStore {
         }
         let mut b = self.db.batch().durability(Some(PersistMode::SyncData));
         let mut positions_in_batch = std::collections::BTreeMap::<[u8; 16], Positions>::new();
+        let (mut keys, mut vault_written) = (HashMap::new(), false);
         for m in batch {
             match m {
                 Mutation::PutMessage(msg) => b.insert(
                     &self.messages,
-                    codec::message_key(msg.conversation_id, crate::bucket_of(msg.ts_ms), msg.seq).to_vec(),
-                    codec::encode_message(msg),
+                    codec::message_key(msg.conversation_id, bucket_of(msg.ts_ms), msg.seq).to_vec(),
+                    self.message_row(msg, &mut keys, &mut vault_written)?,
                 ),
                 Mutation::PutIdempotency { conversation, sender, client_msg_id, seq } => b.insert(
                     &self.idem,
@@ -202,6 +309,10 @@ impl Store for FjallStore {
                 p.read = p.read.max(old.read);
             }
             b.insert(&self.positions, k.to_vec(), encode_positions(&p));
+        }
+        // New keys before the rows that name them; erased keys before the tombstones.
+        if vault_written {
+            self.vault.sync()?;
         }
         b.commit().map_err(write_err("committing a batch"))
     }
@@ -357,7 +468,7 @@ impl Store for FjallStore {
         let range = codec::message_key(conv, bucket, lo)..=codec::message_key(conv, bucket, hi);
         let decode = |kv: fjall::Guard| -> Result<Message> {
             let (k, v) = kv.into_inner().map_err(io("reading a bucket"))?;
-            codec::decode_message(conv, u64_at(&k, 12)?, &v)
+            self.unseal(codec::decode_row(conv, u64_at(&k, 12)?, &v)?)
         };
         let iter = self.messages.range(range);
         match order {

@@ -29,6 +29,7 @@ pub mod conformance;
 mod fjall_store;
 mod postgres_store;
 mod rows;
+mod seal;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

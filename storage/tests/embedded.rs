@@ -9,3 +9,85 @@ fn embedded_store_conforms() {
     let open = || Arc::new(FjallStore::open(dir.path()).expect("open")) as Arc<dyn Store>;
     conformance::run_all(&open);
 }
+
+/// Every file under `dir` that contains `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if std::fs::read(&path).unwrap().windows(needle.len()).any(|w| w == needle) {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// The non-zero 32-byte slots of the key vault.
+fn vault_keys(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(dir.join("message-keys.vault")).unwrap();
+    bytes.chunks(32).filter(|k| k.iter().any(|&b| b != 0)).map(<[u8]>::to_vec).collect()
+}
+
+/// Text never reaches the LSM files in the clear, and a delete destroys the only
+/// key that opens the deleted text and its edits: after a reopen, neither the
+/// texts nor that key are anywhere in the data directory, while the message
+/// that was not deleted still reads back.
+#[test]
+fn a_deleted_message_is_gone_from_the_disk() {
+    use storage::{Message, MessageKind, Mutation, conformance::msg, message_at};
+    let dir = tempfile::tempdir().unwrap();
+    let c = 77;
+    let kept = Message { body: "kept-5b1d0c7e".into(), ..msg(c, 1, 1000, 7) };
+    let doomed = Message { body: "doomed-9f3a44e2".into(), ..msg(c, 2, 1001, 7) };
+    let edited = Message { body: "edited-c08e1d35".into(), edited_ms: Some(1003), ..doomed.clone() };
+    let edit = Message { kind: MessageKind::Edit, target_seq: Some(2), ..msg(c, 3, 1003, 7) };
+    let edit = Message { body: edited.body.clone(), ..edit };
+    {
+        let s = FjallStore::open(dir.path()).unwrap();
+        let bucket = storage::BucketRef { bucket: storage::bucket_of(1000), first_seq: 1 };
+        s.commit(&[
+            Mutation::PutBucket { conversation: c, bucket },
+            Mutation::PutMessage(kept.clone()),
+            Mutation::PutMessage(doomed.clone()),
+        ])
+        .unwrap();
+        s.commit(&[Mutation::PutMessage(edited.clone()), Mutation::PutMessage(edit.clone())]).unwrap();
+        assert_eq!(message_at(&s, c, 2).unwrap().unwrap().body, "edited-c08e1d35");
+        assert_eq!(
+            message_at(&s, c, 3).unwrap().unwrap().body,
+            "edited-c08e1d35",
+            "the edit event reads back"
+        );
+        for text in ["kept-5b1d0c7e", "doomed-9f3a44e2", "edited-c08e1d35"] {
+            assert_eq!(files_containing(dir.path(), text.as_bytes()), Vec::<std::path::PathBuf>::new());
+        }
+        let before = vault_keys(dir.path());
+        assert_eq!(before.len(), 2, "one key per text message, edits reuse it");
+        let tombstone =
+            Message { kind: MessageKind::Deleted, body: String::new(), edited_ms: None, ..edited };
+        let delete = Message {
+            kind: MessageKind::Delete,
+            body: String::new(),
+            target_seq: Some(2),
+            ..msg(c, 4, 1004, 7)
+        };
+        s.commit(&[Mutation::PutMessage(tombstone), Mutation::PutMessage(delete)]).unwrap();
+        let after = vault_keys(dir.path());
+        let erased: Vec<_> = before.iter().filter(|k| !after.contains(k)).collect();
+        assert_eq!(erased.len(), 1, "the deleted message's key is erased");
+        drop(s);
+        let s = FjallStore::open(dir.path()).unwrap();
+        for key in erased {
+            assert_eq!(
+                files_containing(dir.path(), key),
+                Vec::<std::path::PathBuf>::new(),
+                "the key is nowhere"
+            );
+        }
+        assert_eq!(message_at(&s, c, 1).unwrap().unwrap(), kept, "the kept message reads back");
+        assert_eq!(message_at(&s, c, 2).unwrap().unwrap().body, "");
+        assert_eq!(message_at(&s, c, 3).unwrap().unwrap().body, "", "its edit events lost their text too");
+    }
+}

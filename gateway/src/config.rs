@@ -516,6 +516,9 @@ pub struct Cli {
 pub enum Command {
     /// Apply the configured store's schema migrations, then exit.
     Migrate,
+    /// Remove deleted messages' keys from the configured store's files, then exit
+    /// (PostgreSQL; run it on a schedule, see docs/protocol.md, "edit and delete").
+    Erase,
 }
 
 impl Cli {

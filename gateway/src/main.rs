@@ -16,9 +16,16 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let cfg = cli.load()?;
-    if let Some(gateway::config::Command::Migrate) = cli.command {
-        println!("{}", gateway::server::migrate(&cfg)?);
-        return Ok(());
+    match cli.command {
+        Some(gateway::config::Command::Migrate) => {
+            println!("{}", gateway::server::migrate(&cfg)?);
+            return Ok(());
+        }
+        Some(gateway::config::Command::Erase) => {
+            println!("{}", gateway::server::erase(&cfg)?);
+            return Ok(());
+        }
+        None => {}
     }
     if cli.check_config {
         print!("{}", toml::to_string(&cfg)?);

@@ -146,6 +146,24 @@ pub fn migrate(cfg: &Config) -> anyhow::Result<String> {
     }
 }
 
+/// `gateway erase`: removes deleted messages' keys from the store's files.
+pub fn erase(cfg: &Config) -> anyhow::Result<String> {
+    match cfg.storage.backend {
+        StorageBackend::Embedded => {
+            Ok("embedded store: nothing to do, a delete overwrites the key in place".into())
+        }
+        StorageBackend::Postgres => {
+            let pg = PostgresStore::connect(&postgres_options(cfg)).context("connecting to PostgreSQL")?;
+            Ok(format!("postgres: {}", pg.erase_deleted().context("erasing deleted keys")?))
+        }
+        StorageBackend::Cassandra => {
+            anyhow::bail!(
+                "cassandra: message bodies are not sealed on Cassandra yet, so there is no key to erase"
+            )
+        }
+    }
+}
+
 /// The socket cap: configured, or the open-files limit less the reserve.
 fn socket_cap(cfg: &Config) -> anyhow::Result<usize> {
     let nofile = crate::capacity::open_files_limit().context("reading the open-files limit")?;

@@ -3,6 +3,7 @@
 mod support;
 
 use protocol::{ClientMsg, Message, MessageKind, Role, ServerMsg};
+use storage::conformance::files_containing;
 use support::*;
 
 fn ok(m: ServerMsg) {
@@ -113,22 +114,6 @@ fn edits_and_deletions_are_events_in_order_and_leave_the_final_state_in_history(
     }
 }
 
-/// Every file under `dir` that contains `needle`.
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            found.extend(files_containing(&path, needle));
-        } else if let Ok(bytes) = std::fs::read(&path)
-            && bytes.windows(needle.len()).any(|w| w == needle)
-        {
-            found.push(path);
-        }
-    }
-    found
-}
-
 /// The non-zero key slots of the embedded store's key vault.
 fn vault_keys(dir: &std::path::Path) -> Vec<Vec<u8>> {
     let bytes = std::fs::read(dir.join("data/store/message-keys.vault")).unwrap();
@@ -146,46 +131,19 @@ fn a_deleted_message_is_erased_from_the_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let embedded = "[storage]\nbackend = \"embedded\"\n";
     let g = TestGateway::start_in(tmp.path(), embedded);
-    let (_, ta) = g.user("alice");
-    let (b, tb) = g.user("bob");
-    let mut alice = g.connect(&ta, protocol::Subprotocol::Json);
-    let mut bob = g.connect(&tb, protocol::Subprotocol::Json);
-    alice.sync(vec![]);
-    bob.sync(vec![]);
-    let conv = match alice.request(ClientMsg::CreateGroup { title: "t".into(), members: vec![b] }) {
-        ServerMsg::Conversation { conversation } => conversation.conversation_id,
-        other => panic!("{other:?}"),
-    };
-    let nonce: u64 = rand::random();
-    let (doomed, edited, kept) =
-        (format!("doomed-{nonce:x}"), format!("edited-{nonce:x}"), format!("kept-{nonce:x}"));
-    alice.send_text(conv, "d", &doomed);
-    let seq = alice.wait_ack("d");
-    ok(alice.request(ClientMsg::Edit { conversation_id: conv, seq, body: edited.clone() }));
-    alice.send_text(conv, "k", &kept);
-    let kept_seq = alice.wait_ack("k");
+    let mut e = Erasure::start(&g);
     let keys = vault_keys(tmp.path());
-    ok(alice.request(ClientMsg::Delete { conversation_id: conv, seq }));
+    e.delete();
     let gone: Vec<_> = keys.iter().filter(|k| !vault_keys(tmp.path()).contains(k)).cloned().collect();
     assert_eq!(gone.len(), 1, "the deleted message's key is erased at once");
-    drop((alice, bob));
     assert!(g.terminate().success());
 
     let g = TestGateway::start_in(tmp.path(), embedded);
-    for text in [&doomed, &edited, &kept] {
+    for text in e.texts() {
         assert_eq!(files_containing(tmp.path(), text.as_bytes()), Vec::<std::path::PathBuf>::new(), "{text}");
     }
-    assert_eq!(
-        files_containing(tmp.path(), &gone[0]),
-        Vec::<std::path::PathBuf>::new(),
-        "the key is nowhere"
-    );
-    let mut bob = g.connect(&tb, protocol::Subprotocol::Json);
-    bob.sync(vec![]);
-    let h = history(&mut bob, conv);
-    let find = |s| h.iter().find(|m| m.seq == s).unwrap();
-    assert_eq!((find(seq).kind, find(seq).body.as_str()), (MessageKind::Deleted, ""));
-    assert_eq!(find(kept_seq).body, kept, "the message that was not deleted reads back");
-    let edit = h.iter().find(|m| m.kind == MessageKind::Edit).unwrap();
-    assert_eq!((edit.target_seq, edit.body.as_str()), (Some(seq), ""), "the edit event lost its text too");
+    let found = files_containing(tmp.path(), &gone[0]);
+    assert_eq!(found, Vec::<std::path::PathBuf>::new(), "the key is nowhere");
+    e.reconnect(&g);
+    e.check_history();
 }

@@ -26,7 +26,7 @@ fn migrate_applies_the_schema_once_and_start_requires_it() {
 
     let (ok, out, err) = gateway_cmd(tmp.path(), &storage_toml(&url, false), &["migrate"]);
     assert!(ok, "{err}");
-    assert!(out.contains("applied [1]") && out.contains("version 1"), "{out}");
+    assert!(out.contains("applied [1, 2]") && out.contains("version 2"), "{out}");
     let (ok, out, err) = gateway_cmd(tmp.path(), &storage_toml(&url, false), &["migrate"]);
     assert!(ok, "{err}");
     assert!(out.contains("applied []"), "a second migrate applies nothing: {out}");
@@ -47,4 +47,32 @@ fn migrate_applies_the_schema_once_and_start_requires_it() {
 fn a_second_node_serves_the_shared_history() {
     let url = TestPostgres::shared().fresh_database();
     second_node_serves_the_history(&storage_toml(&url, true));
+}
+
+/// docs/protocol.md, "edit and delete", on PostgreSQL: through the real gateway,
+/// a message is sent, edited and deleted; after `gateway erase`, neither its
+/// texts nor its key are anywhere in the server's files, while a live key is
+/// (so the search would find one), and the message that was kept reads back.
+#[test]
+fn gateway_erase_removes_a_deleted_message_from_the_database_files() {
+    use storage::conformance::files_containing;
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = TestPostgres::shared();
+    let url = pg.fresh_database();
+    let g = TestGateway::start_in(tmp.path(), &storage_toml(&url, true));
+    let mut e = Erasure::start(&g);
+    let (doomed_key, kept_key) =
+        (pg.message_key(&url, e.conv, e.seq), pg.message_key(&url, e.conv, e.kept_seq));
+    e.delete();
+
+    let (ok, out, err) = gateway_cmd(tmp.path(), &storage_toml(&url, false), &["erase"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("rewritten") && out.contains("checkpointed"), "{out}");
+    for text in e.texts() {
+        assert_eq!(files_containing(pg.dir(), text.as_bytes()), Vec::<std::path::PathBuf>::new(), "{text}");
+    }
+    let found = files_containing(pg.dir(), &doomed_key);
+    assert_eq!(found, Vec::<std::path::PathBuf>::new(), "the key is nowhere");
+    assert!(!files_containing(pg.dir(), &kept_key).is_empty(), "a live key is found by the same search");
+    e.check_history();
 }

@@ -140,13 +140,15 @@ pub(crate) fn encode_row(m: &Message, sealed: Option<(u64, &[u8])>) -> Vec<u8> {
     v
 }
 
+/// A sealed body as stored: the vault slot of its key, and the sealed bytes.
+pub(crate) type SealedBody = (u64, Vec<u8>);
+
+/// A decoded message row: a sealed body comes back beside a message with an empty body.
+pub(crate) type Row = (Message, Option<SealedBody>);
+
 /// A message row; a sealed body comes back as `(slot, sealed bytes)` beside a
 /// message with an empty body.
-pub(crate) fn decode_row(
-    conv: u64,
-    seq: u64,
-    b: &[u8],
-) -> Result<(Message, Option<(u64, Vec<u8>)>), StorageError> {
+pub(crate) fn decode_row(conv: u64, seq: u64, b: &[u8]) -> Result<Row, StorageError> {
     if b.first() != Some(&MESSAGE_V1) {
         return Err(corrupt("unknown message row version"));
     }

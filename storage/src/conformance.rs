@@ -28,6 +28,25 @@ pub fn run_all(open: Open<'_>) {
 }
 
 /// A text message at `seq` (client id `c<seq>`, body `message <seq>`).
+/// Every file under `dir` whose bytes contain `needle` (files that vanish or
+/// cannot be read while searched are skipped): how the erasure tests look for
+/// text and keys left on disk.
+pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return found };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if let Ok(bytes) = std::fs::read(&path)
+            && bytes.windows(needle.len()).any(|w| w == needle)
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
 pub fn msg(conv: ConversationId, seq: Seq, ts_ms: u64, sender: UserId) -> Message {
     Message {
         conversation_id: conv,

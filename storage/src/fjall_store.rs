@@ -11,7 +11,7 @@
 //! ciphertext.
 
 use crate::codec::{self, corrupt, key2, u64_at};
-use crate::seal::{self, Key, Vault};
+use crate::seal::{self, Key, Pending, Vault};
 use crate::{
     BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, MessageKind, Mutation, OrErr, Order,
     Positions, Result, Role, Seq, StorageError, Store, UserId, UserRecord, bucket_of, pair,
@@ -105,13 +105,14 @@ impl FjallStore {
     /// The stored row of `msg`. Text bodies, and the bodies of `edit` events, are
     /// sealed under the key of the message concerned (a new one for a new text
     /// message, the same one for its edits); a `deleted` tombstone erases that key.
-    /// `keys` holds this batch's keys by `(conversation, seq)`; `vault_written` is
-    /// set when the vault must be synced before the batch commits.
+    /// `keys` holds this batch's keys by `(conversation, seq)`, `new` the keys
+    /// the vault must write; `erased` is set when the vault erased a key.
     fn message_row(
         &self,
         msg: &Message,
         keys: &mut HashMap<(ConversationId, Seq), (u64, Key)>,
-        vault_written: &mut bool,
+        new: &mut Pending,
+        erased: &mut bool,
     ) -> Result<Vec<u8>> {
         let (c, seq) = (msg.conversation_id, msg.seq);
         let sealed = |(slot, key): (u64, Key)| {
@@ -129,8 +130,7 @@ impl FjallStore {
                     Some(k) => k,
                     None => {
                         let key = seal::new_key();
-                        *vault_written = true;
-                        (self.vault.put(&key)?, key)
+                        (self.vault.put(new, &key), key)
                     }
                 };
                 keys.insert((c, seq), k);
@@ -154,8 +154,9 @@ impl FjallStore {
                     None => self.stored_key(c, Some(bucket_of(msg.ts_ms)), seq)?,
                 };
                 if let Some((slot, _)) = found {
+                    new.forget(slot);
                     self.vault.erase(slot)?;
-                    *vault_written = true;
+                    *erased = true;
                 }
                 Ok(codec::encode_message(&Message { body: String::new(), ..msg.clone() }))
             }
@@ -187,15 +188,21 @@ impl FjallStore {
         Ok(self.vault.get(slot)?.map(|k| (slot, k)))
     }
 
-    /// `m` with its sealed body opened; an erased key leaves the body empty.
-    fn unseal(&self, (mut m, sealed): (Message, Option<(u64, Vec<u8>)>)) -> Result<Message> {
-        if let Some((slot, bytes)) = sealed
-            && let Some(key) = self.vault.get(slot)?
-        {
-            let plain = seal::open(&key, m.conversation_id, m.seq, &bytes)?;
-            m.body = String::from_utf8(plain).map_err(|_| corrupt("body not utf-8"))?;
-        }
-        Ok(m)
+    /// Rows with their sealed bodies opened; an erased key leaves a body empty.
+    fn unseal(&self, rows: Vec<codec::Row>) -> Result<Vec<Message>> {
+        let slots: Vec<u64> = rows.iter().filter_map(|(_, s)| s.as_ref().map(|s| s.0)).collect();
+        let keys = self.vault.get_many(&slots)?;
+        rows.into_iter()
+            .map(|(mut m, sealed)| {
+                if let Some((slot, bytes)) = sealed
+                    && let Some(key) = keys.get(&slot)
+                {
+                    let plain = seal::open(key, m.conversation_id, m.seq, &bytes)?;
+                    m.body = String::from_utf8(plain).map_err(|_| corrupt("body not utf-8"))?;
+                }
+                Ok(m)
+            })
+            .collect()
     }
 
     fn get_postcard<T: serde::de::DeserializeOwned>(ks: &Keyspace, key: &[u8]) -> Result<Option<T>> {
@@ -228,13 +235,13 @@ impl Store for FjallStore {
         }
         let mut b = self.db.batch().durability(Some(PersistMode::SyncData));
         let mut positions_in_batch = std::collections::BTreeMap::<[u8; 16], Positions>::new();
-        let (mut keys, mut vault_written) = (HashMap::new(), false);
+        let (mut keys, mut new, mut erased) = (HashMap::new(), Pending::default(), false);
         for m in batch {
             match m {
                 Mutation::PutMessage(msg) => b.insert(
                     &self.messages,
                     codec::message_key(msg.conversation_id, bucket_of(msg.ts_ms), msg.seq).to_vec(),
-                    self.message_row(msg, &mut keys, &mut vault_written)?,
+                    self.message_row(msg, &mut keys, &mut new, &mut erased)?,
                 ),
                 Mutation::PutIdempotency { conversation, sender, client_msg_id, seq } => b.insert(
                     &self.idem,
@@ -311,7 +318,8 @@ impl Store for FjallStore {
             b.insert(&self.positions, k.to_vec(), encode_positions(&p));
         }
         // New keys before the rows that name them; erased keys before the tombstones.
-        if vault_written {
+        if !new.is_empty() || erased {
+            self.vault.write(&new)?;
             self.vault.sync()?;
         }
         b.commit().map_err(write_err("committing a batch"))
@@ -466,14 +474,15 @@ impl Store for FjallStore {
             return Ok(Vec::new());
         }
         let range = codec::message_key(conv, bucket, lo)..=codec::message_key(conv, bucket, hi);
-        let decode = |kv: fjall::Guard| -> Result<Message> {
+        let decode = |kv: fjall::Guard| -> Result<codec::Row> {
             let (k, v) = kv.into_inner().map_err(io("reading a bucket"))?;
-            self.unseal(codec::decode_row(conv, u64_at(&k, 12)?, &v)?)
+            codec::decode_row(conv, u64_at(&k, 12)?, &v)
         };
         let iter = self.messages.range(range);
-        match order {
-            Order::Ascending => iter.take(limit).map(decode).collect(),
-            Order::Descending => iter.rev().take(limit).map(decode).collect(),
-        }
+        let rows = match order {
+            Order::Ascending => iter.take(limit).map(decode).collect::<Result<Vec<_>>>()?,
+            Order::Descending => iter.rev().take(limit).map(decode).collect::<Result<Vec<_>>>()?,
+        };
+        self.unseal(rows)
     }
 }

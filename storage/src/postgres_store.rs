@@ -17,19 +17,39 @@ use crate::codec::{
     small, u,
 };
 use crate::rows::Rows;
+use crate::seal::{self, Key};
 use crate::{
-    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, Mutation, Order, Positions,
-    PresenceRecord, Result, Seq, StorageError, Store, UserId, UserRecord, pair,
+    BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, MessageKind, Mutation, Order,
+    Positions, PresenceRecord, Result, Seq, StorageError, Store, UserId, UserRecord, pair,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 /// Schema migrations, applied in order by [`PostgresStore::migrate`]; never edit one
 /// that has shipped, add the next.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/postgres/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../migrations/postgres/0002_sealed_bodies.sql")),
+];
+
+/// How long `erase_deleted` waits for transactions older than the deletes.
+const ERASE_WAIT: Duration = Duration::from_secs(60);
+
+/// What holds back the removal of rows deleted before this statement: backends
+/// with a transaction id or snapshot as old as a fresh transaction id, replication
+/// slots and prepared transactions likewise. Answers the blocking backends' pids
+/// (0 for a slot or a prepared transaction).
+const ERASE_BLOCKERS: &str = "WITH now AS (SELECT (txid_current() % 4294967296)::text::xid AS x) \
+     SELECT COALESCE(array_agg(pid), '{}') FROM ( \
+       SELECT pid FROM pg_stat_activity, now WHERE pid <> pg_backend_pid() \
+         AND (age(backend_xid) >= age(x) OR age(backend_xmin) >= age(x)) \
+       UNION ALL SELECT 0 FROM pg_replication_slots, now \
+         WHERE age(xmin) >= age(x) OR age(catalog_xmin) >= age(x) \
+       UNION ALL SELECT 0 FROM pg_prepared_xacts, now WHERE age(transaction) >= age(x)) b";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -95,10 +115,28 @@ fn user_row(r: &Row) -> UserRecord {
     UserRecord { id: u(r.get(0)), username: r.get(1), password_hash: r.get(2), created_ms: u(r.get(3)) }
 }
 
+/// A message row: its columns, then `sealed` and the key that opens it (absent
+/// once erased, which leaves the body empty).
 fn message_row(conv: ConversationId, r: &Row) -> Result<Message> {
     let columns =
         (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8), r.get(9));
-    message_from_columns(conv, columns)
+    let mut m = message_from_columns(conv, columns)?;
+    let (sealed, key): (Option<Vec<u8>>, Option<Vec<u8>>) = (r.get(10), r.get(11));
+    if let (Some(sealed), Some(key)) = (sealed, key) {
+        let key: Key = key.try_into().map_err(|_| crate::codec::corrupt("a key that is not 32 bytes"))?;
+        let plain = seal::open(&key, conv, m.seq, &sealed)?;
+        m.body = String::from_utf8(plain).map_err(|_| crate::codec::corrupt("body not utf-8"))?;
+    }
+    Ok(m)
+}
+
+/// One commit's sealing: each text row's and `edit` row's sealed body, the keys
+/// to store, the keys to remove (deleted messages).
+#[derive(Default)]
+struct Sealing {
+    sealed: HashMap<(ConversationId, Seq), Vec<u8>>,
+    put_keys: Vec<(ConversationId, Seq, Key)>,
+    drop_keys: Vec<(ConversationId, Seq)>,
 }
 
 /// A statement and its array parameters, one array per column.
@@ -110,19 +148,27 @@ fn col<T: ToSql + Sync + Send + 'static>(v: Vec<T>) -> Box<dyn ToSql + Sync + Se
 
 impl Rows<'_> {
     /// The multi-row statements of this commit (only tables it touches).
-    fn statements(&self) -> Vec<Statement> {
+    fn statements(&self, sealing: Sealing) -> Vec<Statement> {
         let mut out: Vec<Statement> = Vec::new();
         if !self.messages.is_empty() {
             let m: Vec<&Message> = self.messages.values().copied().collect();
+            let sealed: Vec<Option<Vec<u8>>> =
+                m.iter().map(|m| sealing.sealed.get(&(m.conversation_id, m.seq)).cloned()).collect();
+            // Text is only ever stored sealed; a deleted message's `edit` rows keep none.
+            let body = |m: &&Message| match m.kind {
+                MessageKind::Text | MessageKind::Edit | MessageKind::Deleted => String::new(),
+                _ => m.body.clone(),
+            };
             out.push((
                 "INSERT INTO messages (conversation_id, bucket, seq, ts_ms, sender_id, client_msg_id, kind, body, \
-                 target_user_id, role, target_seq, edited_ms) \
+                 target_user_id, role, target_seq, edited_ms, sealed) \
                  SELECT * FROM UNNEST($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[], \
-                 $7::smallint[], $8::text[], $9::bigint[], $10::smallint[], $11::bigint[], $12::bigint[]) \
+                 $7::smallint[], $8::text[], $9::bigint[], $10::smallint[], $11::bigint[], $12::bigint[], \
+                 $13::bytea[]) \
                  ON CONFLICT (conversation_id, bucket, seq) DO UPDATE SET ts_ms = EXCLUDED.ts_ms, \
                  sender_id = EXCLUDED.sender_id, client_msg_id = EXCLUDED.client_msg_id, kind = EXCLUDED.kind, \
                  body = EXCLUDED.body, target_user_id = EXCLUDED.target_user_id, role = EXCLUDED.role, \
-                 target_seq = EXCLUDED.target_seq, edited_ms = EXCLUDED.edited_ms",
+                 target_seq = EXCLUDED.target_seq, edited_ms = EXCLUDED.edited_ms, sealed = EXCLUDED.sealed",
                 vec![
                     col(self.messages.keys().map(|k| i(k.0)).collect::<Vec<_>>()),
                     col(self.messages.keys().map(|k| k.1 as i32).collect::<Vec<_>>()),
@@ -131,11 +177,34 @@ impl Rows<'_> {
                     col(m.iter().map(|m| i(m.sender_id)).collect::<Vec<_>>()),
                     col(m.iter().map(|m| m.client_msg_id.clone()).collect::<Vec<_>>()),
                     col(m.iter().map(|m| i16::from(kind_to_u8(m.kind))).collect::<Vec<_>>()),
-                    col(m.iter().map(|m| m.body.clone()).collect::<Vec<_>>()),
+                    col(m.iter().map(body).collect::<Vec<_>>()),
                     col(m.iter().map(|m| m.target_user_id.map(i)).collect::<Vec<_>>()),
                     col(m.iter().map(|m| m.role.map(|r| i16::from(role_to_u8(r)))).collect::<Vec<_>>()),
                     col(m.iter().map(|m| m.target_seq.map(i)).collect::<Vec<_>>()),
                     col(m.iter().map(|m| m.edited_ms.map(i)).collect::<Vec<_>>()),
+                    col(sealed),
+                ],
+            ));
+        }
+        if !sealing.put_keys.is_empty() {
+            out.push((
+                "INSERT INTO message_keys (conversation_id, seq, key) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bytea[]) \
+                 ON CONFLICT (conversation_id, seq) DO UPDATE SET key = EXCLUDED.key",
+                vec![
+                    col(sealing.put_keys.iter().map(|k| i(k.0)).collect::<Vec<_>>()),
+                    col(sealing.put_keys.iter().map(|k| i(k.1)).collect::<Vec<_>>()),
+                    col(sealing.put_keys.iter().map(|k| k.2.to_vec()).collect::<Vec<_>>()),
+                ],
+            ));
+        }
+        if !sealing.drop_keys.is_empty() {
+            out.push((
+                "DELETE FROM message_keys WHERE (conversation_id, seq) IN \
+                 (SELECT * FROM UNNEST($1::bigint[], $2::bigint[]))",
+                vec![
+                    col(sealing.drop_keys.iter().map(|k| i(k.0)).collect::<Vec<_>>()),
+                    col(sealing.drop_keys.iter().map(|k| i(k.1)).collect::<Vec<_>>()),
                 ],
             ));
         }
@@ -344,6 +413,65 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// Removes deleted messages' keys from the database's files (`gateway erase`,
+    /// run on a schedule). A delete only marks a key's row dead: its bytes stay in
+    /// the table's pages until they are rewritten, and in the WAL. This rewrites
+    /// `message_keys` (`VACUUM FULL`: a short exclusive lock on that table, which
+    /// stalls sends and history reads for as long as it takes, about a second per
+    /// million keys), once every transaction that began before the deletes has
+    /// ended (up to a minute; a dead row a running transaction may still see
+    /// would be copied, so it fails rather than claim success), then switches to a new WAL segment and checkpoints, so the
+    /// segments that held the keys are removed (with `wal_recycle = off`; recycled
+    /// segments keep their old bytes). The last two need a superuser, or
+    /// `pg_checkpoint` and EXECUTE on `pg_switch_wal()`: without them the pass
+    /// does what it may and the returned report says what it could not.
+    pub fn erase_deleted(&self) -> Result<String> {
+        self.rt.block_on(async {
+            let c = self.pool.get().await.map_err(pool_err)?;
+            // VACUUM FULL keeps a dead row that a running transaction may still see:
+            // wait until every transaction as old as the deletes has ended (any
+            // database's: a running xid holds every database's horizon back).
+            let (before, waited) = (Instant::now(), ERASE_WAIT);
+            loop {
+                let r = c.query_one(ERASE_BLOCKERS, &[]).await.map_err(pg("waiting for old transactions"))?;
+                let pids: Vec<i32> = r.get(0);
+                if pids.is_empty() {
+                    break;
+                }
+                if before.elapsed() > waited {
+                    return Err(StorageError::new(
+                        ErrorKind::Timeout,
+                        "erasing deleted keys",
+                        format!(
+                            "transactions older than the deletes still run after {}s (backend pids {pids:?}, \
+                             or a replication slot or prepared transaction holds them): nothing erased",
+                            waited.as_secs()
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            c.batch_execute("VACUUM FULL message_keys").await.map_err(pg("rewriting message_keys"))?;
+            let mut report = vec!["message_keys rewritten".to_string()];
+            match c.batch_execute("SELECT pg_switch_wal(); CHECKPOINT").await {
+                Ok(()) => report.push("WAL switched and checkpointed".into()),
+                Err(e) => report.push(format!(
+                    "could not switch the WAL and checkpoint ({e}): deleted keys stay in WAL segments until \
+                     normal checkpoints remove them; grant pg_checkpoint and EXECUTE on pg_switch_wal()"
+                )),
+            }
+            let recycle = c
+                .query_one("SHOW wal_recycle", &[])
+                .await
+                .map(|r| r.get::<_, String>(0))
+                .map_err(pg("reading wal_recycle"))?;
+            if recycle == "on" {
+                report.push("wal_recycle is on: recycled WAL segments keep old bytes; set it off".into());
+            }
+            Ok(report.join("; "))
+        })
+    }
+
     /// Applies the migrations this build knows and the database lacks, each in its
     /// own transaction, under an advisory lock so that nodes starting together
     /// apply each exactly once. Returns the versions applied.
@@ -402,6 +530,70 @@ impl PostgresStore {
     }
 
     /// Runs one prepared query on a pooled connection.
+    /// Seals this commit's text and `edit` rows (see `seal`): a new text message
+    /// gets a new key; an edited one, and an `edit` row, the stored key of the
+    /// message concerned (read here, before the transaction: one writer per
+    /// conversation); a deleted message's key is removed.
+    fn sealing(&self, rows: &Rows<'_>) -> Result<Sealing> {
+        let text: HashMap<(ConversationId, Seq), &Message> = rows
+            .messages
+            .values()
+            .filter(|m| m.kind == MessageKind::Text)
+            .map(|m| ((m.conversation_id, m.seq), *m))
+            .collect();
+        let mut wanted: Vec<(ConversationId, Seq)> = Vec::new();
+        for m in rows.messages.values() {
+            match (m.kind, m.target_seq) {
+                (MessageKind::Text, _) if m.edited_ms.is_some() => wanted.push((m.conversation_id, m.seq)),
+                (MessageKind::Edit, Some(t)) if !text.contains_key(&(m.conversation_id, t)) => {
+                    wanted.push((m.conversation_id, t))
+                }
+                _ => {}
+            }
+        }
+        let mut keys: HashMap<(ConversationId, Seq), Key> = HashMap::new();
+        if !wanted.is_empty() {
+            let convs: Vec<i64> = wanted.iter().map(|w| i(w.0)).collect();
+            let seqs: Vec<i64> = wanted.iter().map(|w| i(w.1)).collect();
+            for r in self.query(
+                "reading message keys",
+                "SELECT conversation_id, seq, key FROM message_keys WHERE (conversation_id, seq) IN \
+                 (SELECT * FROM UNNEST($1::bigint[], $2::bigint[]))",
+                &[&convs, &seqs],
+            )? {
+                let key: Vec<u8> = r.get(2);
+                let key = key.try_into().map_err(|_| crate::codec::corrupt("a key that is not 32 bytes"))?;
+                keys.insert((u(r.get(0)), u(r.get(1))), key);
+            }
+        }
+        let mut out = Sealing::default();
+        for (&id, m) in &text {
+            let key = match keys.get(&id) {
+                Some(k) => *k,
+                None => {
+                    let k = seal::new_key();
+                    out.put_keys.push((id.0, id.1, k));
+                    keys.insert(id, k);
+                    k
+                }
+            };
+            out.sealed.insert(id, seal::seal(&key, id.0, id.1, m.body.as_bytes()));
+        }
+        for m in rows.messages.values() {
+            match (m.kind, m.target_seq) {
+                (MessageKind::Edit, Some(t)) => {
+                    if let Some(key) = keys.get(&(m.conversation_id, t)) {
+                        let sealed = seal::seal(key, m.conversation_id, m.seq, m.body.as_bytes());
+                        out.sealed.insert((m.conversation_id, m.seq), sealed);
+                    }
+                }
+                (MessageKind::Deleted, _) => out.drop_keys.push((m.conversation_id, m.seq)),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
     fn query(&self, context: &'static str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         self.rt.block_on(async {
             let c = self.pool.get().await.map_err(pool_err)?;
@@ -425,7 +617,9 @@ impl Store for PostgresStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let statements = Rows::of(batch).statements();
+        let rows = Rows::of(batch);
+        let sealing = self.sealing(&rows)?;
+        let statements = rows.statements(sealing);
         self.rt.block_on(async {
             let mut c = self.pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(pg("starting a commit"))?;
@@ -650,14 +844,20 @@ impl Store for PostgresStore {
         // Two fixed statements, so each is prepared once per connection and no SQL is built per call.
         let sql = match order {
             Order::Ascending => {
-                "SELECT seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, \
-                 edited_ms FROM messages WHERE conversation_id = $1 AND bucket = $2 AND seq BETWEEN $3 AND $4 \
-                 ORDER BY seq ASC LIMIT $5"
+                "SELECT m.seq, m.ts_ms, m.sender_id, m.client_msg_id, m.kind, m.body, m.target_user_id, m.role, \
+                 m.target_seq, m.edited_ms, m.sealed, k.key FROM messages m LEFT JOIN message_keys k \
+                 ON m.sealed IS NOT NULL AND k.conversation_id = m.conversation_id \
+                 AND k.seq = COALESCE(m.target_seq, m.seq) \
+                 WHERE m.conversation_id = $1 AND m.bucket = $2 AND m.seq BETWEEN $3 AND $4 \
+                 ORDER BY m.seq ASC LIMIT $5"
             }
             Order::Descending => {
-                "SELECT seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, \
-                 edited_ms FROM messages WHERE conversation_id = $1 AND bucket = $2 AND seq BETWEEN $3 AND $4 \
-                 ORDER BY seq DESC LIMIT $5"
+                "SELECT m.seq, m.ts_ms, m.sender_id, m.client_msg_id, m.kind, m.body, m.target_user_id, m.role, \
+                 m.target_seq, m.edited_ms, m.sealed, k.key FROM messages m LEFT JOIN message_keys k \
+                 ON m.sealed IS NOT NULL AND k.conversation_id = m.conversation_id \
+                 AND k.seq = COALESCE(m.target_seq, m.seq) \
+                 WHERE m.conversation_id = $1 AND m.bucket = $2 AND m.seq BETWEEN $3 AND $4 \
+                 ORDER BY m.seq DESC LIMIT $5"
             }
         };
         let bucket = i32::try_from(bucket).unwrap_or(i32::MAX);

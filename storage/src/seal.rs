@@ -6,54 +6,73 @@
 //! So the embedded store never writes a text body in the clear. Each text message
 //! gets a random 256-bit key in the key vault ([`Vault`]); its body, every edited
 //! version of it and the bodies of its `edit` events are sealed under that key
-//! (XChaCha20-Poly1305, a random 192-bit nonce per seal, the row's conversation
-//! and position as associated data). Deleting the message overwrites its key's
-//! slot in the vault with zeros and syncs it; what is left in the LSM files is
-//! ciphertext nobody can open.
+//! (AES-256-GCM from ring, a random 96-bit nonce per seal: one key seals a
+//! handful of texts, so nonces do not repeat; the row's conversation and
+//! position as associated data). Deleting the message overwrites its key's slot
+//! in the vault with zeros and syncs it; what is left in the LSM files is
+//! ciphertext nobody can open. (PostgreSQL keeps the keys in a table instead and
+//! `gateway erase` rewrites it; see `PostgresStore::erase_deleted`.)
 //!
 //! The vault is one flat file of 32-byte slots, written in place with `pwrite`,
 //! which is what an LSM cannot offer. A slot is never reused; the file grows by
 //! 32 bytes per text message.
 
 use crate::{ConversationId, ErrorKind, Result, Seq, StorageError};
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub(crate) type Key = [u8; 32];
-const NONCE: usize = 24;
 
-/// A fresh random key.
+/// A fresh random key (from the thread's CSPRNG: ChaCha12, seeded and reseeded
+/// from the OS, without a system call per key).
 pub(crate) fn new_key() -> Key {
-    XChaCha20Poly1305::generate_key(&mut OsRng).into()
+    let mut k = [0u8; 32];
+    rand::rng().fill_bytes(&mut k);
+    k
 }
 
 fn aad(conv: ConversationId, seq: Seq) -> [u8; 16] {
     crate::codec::key2(conv, seq)
 }
 
+fn cipher(key: &Key) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key is an AES-256 key"))
+}
+
 /// `nonce | ciphertext | tag` of `plain`, bound to row `(conv, seq)`.
 pub(crate) fn seal(key: &Key, conv: ConversationId, seq: Seq, plain: &[u8]) -> Vec<u8> {
-    let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-    let sealed = XChaCha20Poly1305::new(key.into())
-        .encrypt(&nonce, Payload { msg: plain, aad: &aad(conv, seq) })
-        .expect("XChaCha20-Poly1305 encrypts any message shorter than 256 GiB");
-    let mut out = Vec::with_capacity(NONCE + sealed.len());
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    let mut out = Vec::with_capacity(NONCE_LEN + plain.len() + AES_256_GCM.tag_len());
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(&sealed);
+    out.extend_from_slice(plain);
+    let tag = cipher(key)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad(conv, seq)),
+            &mut out[NONCE_LEN..],
+        )
+        .expect("AES-256-GCM seals any message shorter than 64 GiB");
+    out.extend_from_slice(tag.as_ref());
     out
 }
 
 /// The plaintext of [`seal`]'s output; `Corrupt` if it does not open under `key`.
 pub(crate) fn open(key: &Key, conv: ConversationId, seq: Seq, sealed: &[u8]) -> Result<Vec<u8>> {
     let bad = || StorageError::new(ErrorKind::Corrupt, "opening a sealed body", "authentication failed");
-    let (nonce, ct) = sealed.split_first_chunk::<NONCE>().ok_or_else(bad)?;
-    XChaCha20Poly1305::new(key.into())
-        .decrypt(&XNonce::from(*nonce), Payload { msg: ct, aad: &aad(conv, seq) })
-        .map_err(|_| bad())
+    let (nonce, ct) = sealed.split_first_chunk::<NONCE_LEN>().ok_or_else(bad)?;
+    let mut buf = ct.to_vec();
+    let plain = cipher(key)
+        .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(aad(conv, seq)), &mut buf)
+        .map_err(|_| bad())?;
+    let n = plain.len();
+    buf.truncate(n);
+    Ok(buf)
 }
 
 /// The key vault: slot `n` is bytes `32n..32n+32` of one file; all zeros is an
@@ -69,6 +88,29 @@ pub(crate) struct Vault {
 }
 
 const SLOT: u64 = 32;
+
+/// One commit's new keys, as runs of consecutive slots.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    runs: Vec<(u64, Vec<u8>)>,
+}
+
+impl Pending {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Zeroes `slot` if this commit gave it out (a message created and deleted in one batch).
+    pub(crate) fn forget(&mut self, slot: u64) {
+        for (first, bytes) in &mut self.runs {
+            if let Some(at) = slot.checked_sub(*first).map(|i| (i * SLOT) as usize)
+                && at < bytes.len()
+            {
+                bytes[at..at + 32].fill(0);
+            }
+        }
+    }
+}
 
 fn vault_io(context: &'static str) -> impl FnOnce(std::io::Error) -> StorageError {
     move |e| StorageError::new(ErrorKind::Io, context, e)
@@ -88,11 +130,60 @@ impl Vault {
         Ok(Vault { file, next: AtomicU64::new(len.div_ceil(SLOT)) })
     }
 
-    /// Stores `key` in a new slot and returns the slot (durable after [`Vault::sync`]).
-    pub(crate) fn put(&self, key: &Key) -> Result<u64> {
+    /// Gives `key` a new slot in `pending`, written by [`Vault::write`].
+    pub(crate) fn put(&self, pending: &mut Pending, key: &Key) -> u64 {
         let slot = self.next.fetch_add(1, Ordering::Relaxed);
-        self.file.write_all_at(key, slot * SLOT).map_err(vault_io("writing a key"))?;
-        Ok(slot)
+        match pending.runs.last_mut() {
+            Some((first, bytes)) if *first + bytes.len() as u64 / SLOT == slot => {
+                bytes.extend_from_slice(key)
+            }
+            _ => pending.runs.push((slot, key.to_vec())),
+        }
+        slot
+    }
+
+    /// Writes `pending`'s keys, one `pwrite` per run of consecutive slots
+    /// (durable after [`Vault::sync`]).
+    pub(crate) fn write(&self, pending: &Pending) -> Result<()> {
+        for (first, bytes) in &pending.runs {
+            self.file.write_all_at(bytes, first * SLOT).map_err(vault_io("writing keys"))?;
+        }
+        Ok(())
+    }
+
+    /// The keys in `slots` that are not erased. Slots close together (a page of
+    /// history was written together) are read with one `pread`.
+    pub(crate) fn get_many(&self, slots: &[u64]) -> Result<HashMap<u64, Key>> {
+        let mut out = HashMap::with_capacity(slots.len());
+        let (Some(&lo), Some(&hi)) = (slots.iter().min(), slots.iter().max()) else {
+            return Ok(out);
+        };
+        if hi - lo > 4 * slots.len() as u64 + 64 {
+            for &s in slots {
+                if let Some(k) = self.get(s)? {
+                    out.insert(s, k);
+                }
+            }
+            return Ok(out);
+        }
+        let mut buf = vec![0u8; ((hi - lo + 1) * SLOT) as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match self.file.read_at(&mut buf[got..], lo * SLOT + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(vault_io("reading keys")(e)),
+            }
+        }
+        for &s in slots {
+            let at = ((s - lo) * SLOT) as usize;
+            let key: Key = buf[at..at + 32].try_into().expect("32 bytes");
+            if key != [0u8; 32] {
+                out.insert(s, key);
+            }
+        }
+        Ok(out)
     }
 
     /// The key in `slot`, or `None` once erased.
@@ -137,7 +228,10 @@ mod tests {
         let path = dir.path().join("vault");
         let v = Vault::open(&path).unwrap();
         let (a, b) = (new_key(), new_key());
-        let (sa, sb) = (v.put(&a).unwrap(), v.put(&b).unwrap());
+        let mut p = Pending::default();
+        let (sa, sb) = (v.put(&mut p, &a), v.put(&mut p, &b));
+        v.write(&p).unwrap();
+        assert_eq!(v.get_many(&[sa, sb, 7]).unwrap(), HashMap::from([(sa, a), (sb, b)]));
         v.erase(sa).unwrap();
         v.sync().unwrap();
         drop(v);
@@ -147,6 +241,7 @@ mod tests {
         assert_eq!(v.get(sa).unwrap(), None);
         assert_eq!(v.get(sb).unwrap(), Some(b));
         assert_eq!(v.get(99).unwrap(), None, "past the end");
-        assert_eq!(v.put(&a).unwrap(), 2, "slots are never reused");
+        assert_eq!(v.get_many(&[sa, sb]).unwrap(), HashMap::from([(sb, b)]));
+        assert_eq!(v.put(&mut Pending::default(), &a), 2, "slots are never reused");
     }
 }

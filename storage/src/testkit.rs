@@ -133,6 +133,8 @@ impl TestPostgres {
                 .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c"])
                 .arg(format!("unix_socket_directories={}", dir.display()))
                 .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"])
+                // As docs/protocol.md asks of deployments, so that erasure can be checked.
+                .args(["-c", "wal_recycle=off"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -208,6 +210,28 @@ impl TestPostgres {
     /// Where the server keeps its files.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The key of message `(conv, seq)` in `message_keys` of the database at `url`
+    /// (the erasure tests search the server's files for it).
+    pub fn message_key(&self, url: &str, conv: u64, seq: u64) -> Vec<u8> {
+        let sql = format!(
+            "SELECT encode(key, 'hex') FROM message_keys WHERE conversation_id = {conv} AND seq = {seq}"
+        );
+        let hex = self.psql(url, &sql);
+        let hex = hex.trim();
+        assert_eq!(hex.len(), 64, "message {seq} has one 32-byte key");
+        (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")).collect()
+    }
+
+    /// Runs `sql` with psql on `url`; its rows, unaligned, `|`-separated.
+    pub fn psql(&self, url: &str, sql: &str) -> String {
+        let out = Self::command(&self.bin, "psql", self.user)
+            .args([url, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("running psql");
+        assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
     }
 }
 

@@ -1,6 +1,7 @@
 //! The conformance suite against the embedded (fjall) backend.
 
 use std::sync::Arc;
+use storage::conformance::files_containing;
 use storage::{FjallStore, Store, conformance};
 
 #[test]
@@ -8,20 +9,6 @@ fn embedded_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let open = || Arc::new(FjallStore::open(dir.path()).expect("open")) as Arc<dyn Store>;
     conformance::run_all(&open);
-}
-
-/// Every file under `dir` that contains `needle`.
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            found.extend(files_containing(&path, needle));
-        } else if std::fs::read(&path).unwrap().windows(needle.len()).any(|w| w == needle) {
-            found.push(path);
-        }
-    }
-    found
 }
 
 /// The non-zero 32-byte slots of the key vault.
@@ -89,5 +76,12 @@ fn a_deleted_message_is_gone_from_the_disk() {
         assert_eq!(message_at(&s, c, 1).unwrap().unwrap(), kept, "the kept message reads back");
         assert_eq!(message_at(&s, c, 2).unwrap().unwrap().body, "");
         assert_eq!(message_at(&s, c, 3).unwrap().unwrap().body, "", "its edit events lost their text too");
+
+        // Sent and deleted within one commit: the key never reaches the disk.
+        let brief = Message { body: "brief-77e0a1b3".into(), ..msg(c, 5, 1005, 7) };
+        let gone = Message { kind: MessageKind::Deleted, body: String::new(), ..brief.clone() };
+        s.commit(&[Mutation::PutMessage(brief), Mutation::PutMessage(gone)]).unwrap();
+        assert_eq!(vault_keys(dir.path()), after, "no key was added");
+        assert_eq!(message_at(&s, c, 5).unwrap().unwrap().kind, MessageKind::Deleted);
     }
 }

@@ -616,3 +616,83 @@ pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 pub fn both() -> [Subprotocol; 2] {
     [Subprotocol::Json, Subprotocol::FlatBuffers]
 }
+
+/// The erasure tests' scenario (docs/protocol.md, "edit and delete"): in a new
+/// group with bob, alice sends a text and edits it, then sends one more that is
+/// kept. Each text carries a random tag, so a search of the disk finds only these.
+#[allow(dead_code)]
+pub struct Erasure {
+    pub alice: Client,
+    pub conv: u64,
+    /// The message that will be deleted.
+    pub seq: u64,
+    pub kept_seq: u64,
+    /// Every text the deleted message ever had, then the kept one.
+    pub doomed: String,
+    pub edited: String,
+    pub kept: String,
+}
+
+#[allow(dead_code)]
+impl Erasure {
+    pub fn start(g: &TestGateway) -> Erasure {
+        let (_, ta) = g.user("alice");
+        let (b, _) = g.user("bob");
+        let mut alice = g.connect(&ta, Subprotocol::Json);
+        alice.sync(vec![]);
+        let conv = match alice.request(ClientMsg::CreateGroup { title: "t".into(), members: vec![b] }) {
+            ServerMsg::Conversation { conversation } => conversation.conversation_id,
+            other => panic!("{other:?}"),
+        };
+        let tag: u64 = rand::random();
+        let (doomed, edited, kept) =
+            (format!("doomed-{tag:x}"), format!("edited-{tag:x}"), format!("kept-{tag:x}"));
+        alice.send_text(conv, "d", &doomed);
+        let seq = alice.wait_ack("d");
+        let r = alice.request(ClientMsg::Edit { conversation_id: conv, seq, body: edited.clone() });
+        assert!(matches!(r, ServerMsg::Ok), "{r:?}");
+        alice.send_text(conv, "k", &kept);
+        let kept_seq = alice.wait_ack("k");
+        Erasure { alice, conv, seq, kept_seq, doomed, edited, kept }
+    }
+
+    pub fn delete(&mut self) {
+        let r = self.alice.request(ClientMsg::Delete { conversation_id: self.conv, seq: self.seq });
+        assert!(matches!(r, ServerMsg::Ok), "{r:?}");
+    }
+
+    pub fn texts(&self) -> [&str; 3] {
+        [&self.doomed, &self.edited, &self.kept]
+    }
+
+    /// Connects alice again (to `g`, after a restart).
+    pub fn reconnect(&mut self, g: &TestGateway) {
+        let (s, l) = g.login("alice", "password123");
+        assert_eq!(s, 200, "{l}");
+        self.alice = g.connect(l["token"].as_str().unwrap(), Subprotocol::Json);
+        self.alice.sync(vec![]);
+    }
+
+    /// What alice reads back: a tombstone, an `edit` event without its text,
+    /// and the kept message whole.
+    pub fn check_history(&mut self) {
+        let h = match self.alice.request(ClientMsg::History {
+            conversation_id: self.conv,
+            before: None,
+            after: Some(0),
+            limit: Some(100),
+        }) {
+            ServerMsg::History { messages, .. } => messages,
+            other => panic!("{other:?}"),
+        };
+        let find = |s| h.iter().find(|m| m.seq == s).unwrap();
+        assert_eq!((find(self.seq).kind, find(self.seq).body.as_str()), (protocol::MessageKind::Deleted, ""));
+        assert_eq!(find(self.kept_seq).body, self.kept, "the message that was not deleted reads back");
+        let edit = h.iter().find(|m| m.kind == protocol::MessageKind::Edit).unwrap();
+        assert_eq!(
+            (edit.target_seq, edit.body.as_str()),
+            (Some(self.seq), ""),
+            "the edit event lost its text too"
+        );
+    }
+}

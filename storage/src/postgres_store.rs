@@ -39,17 +39,16 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
 /// How long `erase_deleted` waits for transactions older than the deletes.
 const ERASE_WAIT: Duration = Duration::from_secs(60);
 
-/// What holds back the removal of rows deleted before this statement: backends
-/// with a transaction id or snapshot as old as a fresh transaction id, replication
-/// slots and prepared transactions likewise. Answers the blocking backends' pids
-/// (0 for a slot or a prepared transaction).
-const ERASE_BLOCKERS: &str = "WITH now AS (SELECT (txid_current() % 4294967296)::text::xid AS x) \
-     SELECT COALESCE(array_agg(pid), '{}') FROM ( \
-       SELECT pid FROM pg_stat_activity, now WHERE pid <> pg_backend_pid() \
-         AND (age(backend_xid) >= age(x) OR age(backend_xmin) >= age(x)) \
-       UNION ALL SELECT 0 FROM pg_replication_slots, now \
-         WHERE age(xmin) >= age(x) OR age(catalog_xmin) >= age(x) \
-       UNION ALL SELECT 0 FROM pg_prepared_xacts, now WHERE age(transaction) >= age(x)) b";
+/// What holds back the removal of rows deleted before transaction id `$1` (a
+/// 32-bit xid, as text): backends whose transaction id or snapshot is as old,
+/// replication slots and prepared transactions likewise. Answers the blocking
+/// backends' pids (0 for a slot or a prepared transaction).
+const ERASE_BLOCKERS: &str = "SELECT COALESCE(array_agg(pid), '{}') FROM ( \
+       SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+         AND (age(backend_xid) >= age($1::text::xid) OR age(backend_xmin) >= age($1::text::xid)) \
+       UNION ALL SELECT 0 FROM pg_replication_slots \
+         WHERE age(xmin) >= age($1::text::xid) OR age(catalog_xmin) >= age($1::text::xid) \
+       UNION ALL SELECT 0 FROM pg_prepared_xacts WHERE age(transaction) >= age($1::text::xid)) b";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -431,9 +430,17 @@ impl PostgresStore {
             // VACUUM FULL keeps a dead row that a running transaction may still see:
             // wait until every transaction as old as the deletes has ended (any
             // database's: a running xid holds every database's horizon back).
+            // A transaction id newer than every committed delete; fixed for the wait, so
+            // that the transactions of a busy fleet, always some in flight, never block it.
+            let x: String = c
+                .query_one("SELECT (txid_current() % 4294967296)::text", &[])
+                .await
+                .map_err(pg("taking a transaction id"))?
+                .get(0);
             let (before, waited) = (Instant::now(), ERASE_WAIT);
             loop {
-                let r = c.query_one(ERASE_BLOCKERS, &[]).await.map_err(pg("waiting for old transactions"))?;
+                let r =
+                    c.query_one(ERASE_BLOCKERS, &[&x]).await.map_err(pg("waiting for old transactions"))?;
                 let pids: Vec<i32> = r.get(0);
                 if pids.is_empty() {
                     break;

@@ -3,7 +3,7 @@
 mod support;
 
 use protocol::{ClientMsg, Message, MessageKind, Role, ServerMsg};
-use storage::conformance::files_containing;
+use storage::conformance::{files_containing, vault_keys};
 use support::*;
 
 fn ok(m: ServerMsg) {
@@ -114,12 +114,6 @@ fn edits_and_deletions_are_events_in_order_and_leave_the_final_state_in_history(
     }
 }
 
-/// The non-zero key slots of the embedded store's key vault.
-fn vault_keys(dir: &std::path::Path) -> Vec<Vec<u8>> {
-    let bytes = std::fs::read(dir.join("data/store/message-keys.vault")).unwrap();
-    bytes.chunks(32).filter(|k| k.iter().any(|&b| b != 0)).map(<[u8]>::to_vec).collect()
-}
-
 /// docs/protocol.md: a deleted message's text, and every edited version of it,
 /// is erased from the server's disk. After a delete and a restart, neither text
 /// nor the one key that opened them is anywhere in the gateway's directory; the
@@ -132,9 +126,10 @@ fn a_deleted_message_is_erased_from_the_disk() {
     let embedded = "[storage]\nbackend = \"embedded\"\n";
     let g = TestGateway::start_in(tmp.path(), embedded);
     let mut e = Erasure::start(&g);
-    let keys = vault_keys(tmp.path());
+    let store = tmp.path().join("data/store");
+    let keys = vault_keys(&store);
     e.delete();
-    let gone: Vec<_> = keys.iter().filter(|k| !vault_keys(tmp.path()).contains(k)).cloned().collect();
+    let gone: Vec<_> = keys.iter().filter(|k| !vault_keys(&store).contains(k)).cloned().collect();
     assert_eq!(gone.len(), 1, "the deleted message's key is erased at once");
     assert!(g.terminate().success());
 

@@ -47,6 +47,12 @@ pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::
     found
 }
 
+/// The non-zero (not erased) 32-byte key slots of the embedded store in `store_dir`.
+pub fn vault_keys(store_dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(store_dir.join("message-keys.vault")).expect("reading the key vault");
+    bytes.chunks(32).filter(|k| k.iter().any(|&b| b != 0)).map(<[u8]>::to_vec).collect()
+}
+
 pub fn msg(conv: ConversationId, seq: Seq, ts_ms: u64, sender: UserId) -> Message {
     Message {
         conversation_id: conv,

@@ -429,9 +429,9 @@ impl PostgresStore {
             let c = self.pool.get().await.map_err(pool_err)?;
             // VACUUM FULL keeps a dead row that a running transaction may still see:
             // wait until every transaction as old as the deletes has ended (any
-            // database's: a running xid holds every database's horizon back).
-            // A transaction id newer than every committed delete; fixed for the wait, so
-            // that the transactions of a busy fleet, always some in flight, never block it.
+            // database's: a running xid holds every database's horizon back). "As
+            // old" is against one id taken now, newer than every committed delete,
+            // so the transactions of a busy fleet, always some in flight, never block it.
             let x: String = c
                 .query_one("SELECT (txid_current() % 4294967296)::text", &[])
                 .await

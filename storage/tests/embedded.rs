@@ -1,7 +1,7 @@
 //! The conformance suite against the embedded (fjall) backend.
 
 use std::sync::Arc;
-use storage::conformance::files_containing;
+use storage::conformance::{files_containing, vault_keys};
 use storage::{FjallStore, Store, conformance};
 
 #[test]
@@ -9,12 +9,6 @@ fn embedded_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let open = || Arc::new(FjallStore::open(dir.path()).expect("open")) as Arc<dyn Store>;
     conformance::run_all(&open);
-}
-
-/// The non-zero 32-byte slots of the key vault.
-fn vault_keys(dir: &std::path::Path) -> Vec<Vec<u8>> {
-    let bytes = std::fs::read(dir.join("message-keys.vault")).unwrap();
-    bytes.chunks(32).filter(|k| k.iter().any(|&b| b != 0)).map(<[u8]>::to_vec).collect()
 }
 
 /// Text never reaches the LSM files in the clear, and a delete destroys the only

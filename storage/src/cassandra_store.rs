@@ -63,6 +63,12 @@ pub const SCHEMA_VERSION: i32 = 1;
 pub const REACTION_BLOCK: u64 = 1024;
 /// Statements per unlogged batch, and their approximate size in bytes: well
 /// under Cassandra's default `batch_size_fail_threshold` (50 KiB).
+/// Client-side timeout of one schema statement in `migrate`: a table or keyspace
+/// change waits for the cluster's schema to settle, which takes seconds on a busy
+/// node (CI saw one pass the 5 s request timeout). They are `IF NOT EXISTS`, so a
+/// retried `migrate` after a timeout is safe.
+const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
+
 const BATCH_MAX_STATEMENTS: usize = 64;
 const BATCH_MAX_BYTES: usize = 32 * 1024;
 /// Requests one commit keeps in flight (per phase).
@@ -850,6 +856,8 @@ impl CassandraStore {
         }
         self.rt.block_on(async {
             for stmt in schema_statements(&self.opts) {
+                let mut stmt = scylla::statement::unprepared::Statement::from(stmt);
+                stmt.set_request_timeout(Some(SCHEMA_TIMEOUT));
                 self.session.query_unpaged(stmt, ()).await.map_err(cql("applying the Cassandra schema"))?;
             }
             self.session

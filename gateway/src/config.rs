@@ -517,7 +517,8 @@ pub enum Command {
     /// Apply the configured store's schema migrations, then exit.
     Migrate,
     /// Remove deleted messages' keys from the configured store's files, then exit
-    /// (PostgreSQL; run it on a schedule, see docs/protocol.md, "edit and delete").
+    /// (PostgreSQL: rewrites message_keys and the WAL; Cassandra: recycles every
+    /// node's commit log; run it on a schedule, see docs/protocol.md, "edit and delete").
     Erase,
 }
 

@@ -157,9 +157,9 @@ pub fn erase(cfg: &Config) -> anyhow::Result<String> {
             Ok(format!("postgres: {}", pg.erase_deleted().context("erasing deleted keys")?))
         }
         StorageBackend::Cassandra => {
-            anyhow::bail!(
-                "cassandra: message bodies are not sealed on Cassandra yet, so there is no key to erase"
-            )
+            let c = CassandraStore::connect(&cfg.storage.cassandra.options())
+                .context("connecting to Cassandra")?;
+            Ok(format!("cassandra: {}", c.erase_deleted().context("recycling commit logs")?))
         }
     }
 }

@@ -6,7 +6,9 @@
 //!   idempotency key pointing at a message that is not stored;
 //! - a gateway whose Cassandra dies answers sends with a retryable error, loses
 //!   nothing it acknowledged, acknowledges nothing it did not store, and serves
-//!   again by itself once Cassandra is back.
+//!   again by itself once Cassandra is back;
+//! - a deleted message's texts and key are nowhere in the node's files after
+//!   `gateway erase` and the node's `nodetool garbagecollect`.
 //!
 //! They run where a Cassandra run is configured (`SWITCHBOARD_CASSANDRA`, as
 //! `scripts/test` sets it) and say they were skipped otherwise; once per test
@@ -106,11 +108,13 @@ fn a_commit_cut_between_phases_leaves_nothing_pointing_at_a_missing_message() {
     let conv = 77;
     store.commit(&append(conv, 1..=3)).unwrap();
 
-    // Phase 1 writes the messages, phase 2 the idempotency keys (and other
-    // indexes), phase 3 the head. Kill the node after phase `cut` has landed.
+    // Phase 1 writes the texts' keys, phase 2 the messages, phase 3 the
+    // idempotency keys (and other indexes), phase 4 the head. Kill the node
+    // after phase `cut` has landed. (A cut after phase 1 leaves keys that no
+    // message uses, which nothing reads.)
     let mut next = 4;
     let mut keyless = Vec::new();
-    for cut in [1, 2] {
+    for cut in [2, 3] {
         let killer = node.clone();
         store.set_between_phases(Some(Box::new(move |done| {
             if done == cut {
@@ -125,7 +129,7 @@ fn a_commit_cut_between_phases_leaves_nothing_pointing_at_a_missing_message() {
 
         let stored = once_reconnected("reading history", || history(&store, conv));
         let head = once_reconnected("reading the head", || store.conversation(conv)).unwrap().last_seq;
-        assert_eq!(head, 3, "the head never moved: neither cut commit reached its phase 3");
+        assert_eq!(head, 3, "the head never moved: neither cut commit reached its phase 4");
         let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
         assert_eq!(
             seqs,
@@ -135,7 +139,7 @@ fn a_commit_cut_between_phases_leaves_nothing_pointing_at_a_missing_message() {
         for m in &stored {
             assert_eq!(m.body, format!("message {}", m.seq));
         }
-        if cut == 1 {
+        if cut == 2 {
             keyless.extend(batch.clone());
         }
         for seq in 1..=*batch.end() {
@@ -268,4 +272,54 @@ fn a_gateway_on_a_dead_cassandra_refuses_sends_and_recovers_by_itself() {
     let seen: Vec<u64> = replay.iter().filter(|m| m.conversation_id == conv).map(|m| m.seq).collect();
     assert_eq!(seen, (1..=stored.len() as u64).collect::<Vec<_>>());
     drop(g);
+}
+
+/// docs/protocol.md, "edit and delete", on Cassandra: through the real gateway,
+/// a message is sent, edited and (after its key reached an SSTable) deleted.
+/// After `gateway erase` (commit logs recycled) and the node job's
+/// `nodetool garbagecollect` (SSTables rewritten), neither its texts nor its
+/// key are anywhere in the node's files (data, commit log, hints, caches),
+/// while the kept message's key is (so the search would find one), and the
+/// kept message reads back.
+#[test]
+fn gateway_erase_and_garbagecollect_remove_a_deleted_message_from_cassandras_files() {
+    use storage::conformance::files_containing;
+    if !configured() {
+        return;
+    }
+    let node = TestCassandra::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let keyspace = format!("sb_faults_{}_erase", std::process::id());
+    let config =
+        |migrate| storage_toml(std::slice::from_ref(&node.contact), "datacenter1", &keyspace, migrate, "");
+    let g = TestGateway::start_in(tmp.path(), &config(true));
+    let mut e = Erasure::start(&g);
+    let store = CassandraStore::connect(&node.options(&keyspace)).unwrap();
+    let key = |seq| store.message_key(e.conv, seq).unwrap().expect("a stored key");
+    let (doomed_key, kept_key) = (key(e.seq), key(e.kept_seq));
+    // The hard case: the key already sits in an SSTable when the delete comes,
+    // one that no compaction would pick up soon (as in a large table, where it
+    // sits in a high level; here automatic compaction would merge the two
+    // small SSTables at once).
+    node.nodetool(&["disableautocompaction", &keyspace, "message_keys"]);
+    node.nodetool(&["flush", &keyspace]);
+    e.delete();
+    assert_eq!(store.message_key(e.conv, e.seq).unwrap(), None, "the delete removed the key");
+
+    let (ok, out, err) = gateway_cmd(tmp.path(), &config(false), &["erase"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("commit logs recycled") && out.contains("garbagecollect"), "{out}");
+    node.nodetool(&["garbagecollect", &keyspace, "message_keys"]);
+    let data = node.node_dir().join("data");
+    // A compacted SSTable's files are deleted once its last reader lets go.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !files_containing(&data, &doomed_key).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(files_containing(&data, &doomed_key), Vec::<std::path::PathBuf>::new(), "the key is nowhere");
+    for text in e.texts() {
+        assert_eq!(files_containing(&data, text.as_bytes()), Vec::<std::path::PathBuf>::new(), "{text}");
+    }
+    assert!(!files_containing(&data, &kept_key).is_empty(), "a live key is found by the same search");
+    e.check_history();
 }

@@ -19,18 +19,23 @@
 //!   conversation head are the exception: each is written `USING TIMESTAMP` equal
 //!   to its own value, so the higher position wins whatever the arrival order.
 //! - A commit is not one transaction (Cassandra has none across partitions). It
-//!   runs in three phases, each waiting for the one before ([`plan`]): the
-//!   messages and conversation records, then every index and state row that
-//!   refers to them, then the conversation heads. A commit that fails part-way
-//!   therefore never leaves a head or an idempotency key pointing at a message
-//!   that is not stored; the sequencer reloads the conversation, and the head it
-//!   derives covers whatever did land, so no position is handed out twice.
+//!   runs in four phases, each waiting for the one before ([`plan`]): the new
+//!   text messages' keys, the messages and conversation records, then every
+//!   index and state row that refers to them (and deleted messages' keys), then
+//!   the conversation heads. A commit that fails part-way therefore never leaves
+//!   a message without its key, or a head or an idempotency key pointing at a
+//!   message that is not stored; the sequencer reloads the conversation, and the
+//!   head it derives covers whatever did land, so no position is handed out twice.
+//! - Text bodies are sealed under per-message keys (`seal`, table
+//!   `message_keys`), so that a delete can destroy the text: see
+//!   [`CassandraStore::erase_deleted`].
 
 use crate::codec::{
-    MessageColumns, conv_kind_from_i16, conv_kind_to_i16, corrupt, i, kind_to_u8, message_from_columns,
-    role_from_u8, small, u,
+    conv_kind_from_i16, conv_kind_to_i16, corrupt, i, kind_to_u8, message_from_columns, role_from_u8, small,
+    u,
 };
 use crate::rows::Rows;
+use crate::seal::{self, Key, Sealing};
 use crate::{
     BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, MessageKind, Mutation, Order,
     Positions, PresenceRecord, Result, Role, Seq, StorageError, Store, UserId, UserRecord, pair,
@@ -51,14 +56,14 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, MaybeUnset};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// The schema, as shipped in `deploy/cassandra/schema.cql`.
 pub const SCHEMA: &str = include_str!("../../deploy/cassandra/schema.cql");
 /// The schema version this build writes and needs.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 /// Positions per reactions partition (see the schema).
 pub const REACTION_BLOCK: u64 = 1024;
 /// Statements per unlogged batch, and their approximate size in bytes: well
@@ -234,13 +239,17 @@ pub(crate) enum Stmt {
     SelectBuckets,
     SelectMessagesAsc,
     SelectMessagesDesc,
+    InsertKey,
+    DeleteKey,
+    SelectKey,
+    SelectKeys,
 }
 
 const MESSAGE_COLS: &str =
-    "seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms";
+    "seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms, sealed";
 
 impl Stmt {
-    pub(crate) const ALL: [Stmt; 38] = [
+    pub(crate) const ALL: [Stmt; 42] = [
         Stmt::InsertMessage,
         Stmt::InsertBucket,
         Stmt::InsertIdempotency,
@@ -279,13 +288,29 @@ impl Stmt {
         Stmt::SelectBuckets,
         Stmt::SelectMessagesAsc,
         Stmt::SelectMessagesDesc,
+        Stmt::InsertKey,
+        Stmt::DeleteKey,
+        Stmt::SelectKey,
+        Stmt::SelectKeys,
     ];
 
     pub(crate) fn template(self) -> String {
         match self {
             Stmt::InsertMessage => "INSERT INTO {ks}.messages (conversation_id, bucket, seq, ts_ms, sender_id, \
-                 client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                 client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms, sealed) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                .into(),
+            Stmt::InsertKey => {
+                "INSERT INTO {ks}.message_keys (conversation_id, block, seq, key) VALUES (?, ?, ?, ?)".into()
+            }
+            Stmt::DeleteKey => {
+                "DELETE FROM {ks}.message_keys WHERE conversation_id = ? AND block = ? AND seq = ?".into()
+            }
+            Stmt::SelectKey => {
+                "SELECT key FROM {ks}.message_keys WHERE conversation_id = ? AND block = ? AND seq = ?".into()
+            }
+            Stmt::SelectKeys => "SELECT seq, key FROM {ks}.message_keys \
+                 WHERE conversation_id = ? AND block = ? AND seq >= ? AND seq <= ?"
                 .into(),
             Stmt::InsertBucket => {
                 "INSERT INTO {ks}.message_buckets (conversation_id, bucket, first_seq) VALUES (?, ?, ?)".into()
@@ -416,6 +441,7 @@ impl Stmt {
                 | Stmt::SelectAllPositions
                 | Stmt::SelectBuckets
                 | Stmt::SelectReactions
+                | Stmt::SelectKeys
         )
     }
 }
@@ -440,6 +466,10 @@ fn text(v: &str) -> Value {
     MaybeUnset::Set(Some(CqlValue::Text(v.to_owned())))
 }
 
+fn blob(v: &[u8]) -> Value {
+    MaybeUnset::Set(Some(CqlValue::Blob(v.to_vec())))
+}
+
 fn boolean(v: bool) -> Value {
     MaybeUnset::Set(Some(CqlValue::Boolean(v)))
 }
@@ -452,7 +482,7 @@ fn bucket_i32(b: u32) -> i32 {
     i32::try_from(b).unwrap_or(i32::MAX)
 }
 
-/// The reactions partition holding position `seq`.
+/// The reactions (and message keys) partition holding position `seq`.
 pub fn reaction_block(seq: Seq) -> u64 {
     seq / REACTION_BLOCK
 }
@@ -476,23 +506,48 @@ impl Write {
             .iter()
             .map(|v| match v {
                 MaybeUnset::Set(Some(CqlValue::Text(s))) => 4 + s.len(),
+                MaybeUnset::Set(Some(CqlValue::Blob(b))) => 4 + b.len(),
                 _ => 12,
             })
             .sum()
     }
 }
 
-/// A commit as three phases of writes; each phase starts when the one before
-/// has been acknowledged (see the module docs for why).
-pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32) -> [Vec<Write>; 3] {
+/// A commit as four phases of writes; each phase starts when the one before
+/// has been acknowledged (see the module docs for why). `sealing` is
+/// [`Sealing::of`] the same batch.
+pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32, sealing: &Sealing) -> [Vec<Write>; 4] {
     let rows = Rows::of(batch);
-    let (mut first, mut second, mut third) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut keys, mut first, mut second, mut third) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &(conv, seq, key) in &sealing.put_keys {
+        let block = reaction_block(seq);
+        keys.push(Write::new(
+            Stmt::InsertKey,
+            format!("message_keys/{conv}/{block}"),
+            vec![big(conv), big(block), big(seq), blob(&key)],
+        ));
+    }
+    for &(conv, seq) in &sealing.drop_keys {
+        let block = reaction_block(seq);
+        second.push(Write::new(
+            Stmt::DeleteKey,
+            format!("message_keys/{conv}/{block}"),
+            vec![big(conv), big(block), big(seq)],
+        ));
+    }
     for (&(conv, bucket, seq), m) in &rows.messages {
         // Deleting clears an edit time; otherwise an absent field is left unset
         // (no tombstone per message): fields are never cleared after creation.
         let edited = match (m.edited_ms, m.kind) {
             (None, MessageKind::Deleted) => MaybeUnset::Set(None),
             (e, _) => big_or_unset(e),
+        };
+        // Text is only ever stored sealed; a deleted message's ciphertext is cleared.
+        let (body, sealed) = match (m.kind, sealing.sealed.get(&(conv, seq))) {
+            (_, Some(sealed)) => (text(""), blob(sealed)),
+            (MessageKind::Deleted, None) => (text(""), MaybeUnset::Set(None)),
+            (MessageKind::Text | MessageKind::Edit, None) => (text(""), MaybeUnset::Unset),
+            _ => (text(&m.body), MaybeUnset::Unset),
         };
         first.push(Write::new(
             Stmt::InsertMessage,
@@ -505,11 +560,12 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32) -> [Vec<Write>; 3
                 big(m.sender_id),
                 text(&m.client_msg_id),
                 smallint(i16::from(kind_to_u8(m.kind))),
-                text(&m.body),
+                body,
                 big_or_unset(m.target_user_id),
                 m.role.map_or(MaybeUnset::Unset, |r| smallint(i16::from(crate::codec::role_to_u8(r)))),
                 big_or_unset(m.target_seq),
                 edited,
+                sealed,
             ],
         ));
     }
@@ -622,7 +678,7 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32) -> [Vec<Write>; 3
             vec![boolean(hide), big(user)],
         ));
     }
-    [first, second, third]
+    [keys, first, second, third]
 }
 
 /// Groups one phase's writes by partition (first-seen order) and splits each
@@ -773,6 +829,10 @@ fn claim_outcome_unknown(e: &ExecutionError) -> bool {
     }
 }
 
+/// A message row as read: [`crate::codec::MessageColumns`] and then `sealed`.
+type SealedColumns =
+    (i64, i64, i64, String, i16, String, Option<i64>, Option<i16>, Option<i64>, Option<i64>, Option<Vec<u8>>);
+
 // ---- the store ----
 
 pub struct CassandraStore {
@@ -860,11 +920,32 @@ impl CassandraStore {
                 stmt.set_request_timeout(Some(SCHEMA_TIMEOUT));
                 self.session.query_unpaged(stmt, ()).await.map_err(cql("applying the Cassandra schema"))?;
             }
+            // Version 2 sealed bodies: a keyspace made by version 1 lacks the column.
+            let ks = &self.opts.keyspace;
+            let has_sealed = self
+                .session
+                .query_unpaged(
+                    "SELECT column_name FROM system_schema.columns \
+                     WHERE keyspace_name = ? AND table_name = 'messages' AND column_name = 'sealed'",
+                    (ks,),
+                )
+                .await
+                .map_err(cql("reading the messages table's columns"))?
+                .into_rows_result()
+                .map_err(decode("reading the messages table's columns"))?
+                .rows_num()
+                > 0;
+            if !has_sealed {
+                let mut stmt = scylla::statement::unprepared::Statement::from(format!(
+                    "ALTER TABLE {ks}.messages ADD sealed blob"
+                ));
+                stmt.set_request_timeout(Some(SCHEMA_TIMEOUT));
+                self.session.query_unpaged(stmt, ()).await.map_err(cql("adding messages.sealed"))?;
+            }
             self.session
                 .await_schema_agreement()
                 .await
                 .map_err(|e| StorageError::new(ErrorKind::Io, "waiting for schema agreement", e))?;
-            let ks = &self.opts.keyspace;
             self.session
                 .query_unpaged(
                     format!("INSERT INTO {ks}.schema_version (id, version) VALUES (0, {SCHEMA_VERSION})"),
@@ -915,6 +996,22 @@ impl CassandraStore {
     #[cfg(feature = "testkit")]
     pub fn set_between_phases(&self, hook: Option<PhaseHook>) {
         *self.between_phases.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    /// Runs one CQL statement, `{ks}` standing for the keyspace (tests: making
+    /// a keyspace look like an older schema's).
+    #[cfg(feature = "testkit")]
+    pub fn execute_raw(&self, statement: &str) -> Result<()> {
+        let statement = statement.replace("{ks}", &self.opts.keyspace);
+        self.rt.block_on(async {
+            self.session.query_unpaged(statement, ()).await.map(drop).map_err(cql("running a statement"))
+        })
+    }
+
+    /// A message's stored key (tests: searching the node's files for it).
+    #[cfg(feature = "testkit")]
+    pub fn message_key(&self, conv: ConversationId, seq: Seq) -> Result<Option<Vec<u8>>> {
+        Ok(self.stored_keys(&[(conv, seq)])?.remove(&(conv, seq)).map(|k| k.to_vec()))
     }
 
     /// The names of the cluster's keyspaces (tests: finding their own leftovers).
@@ -1009,6 +1106,88 @@ impl CassandraStore {
         })
     }
 
+    /// The stored keys of messages `wanted` (those erased are absent), one
+    /// request each, all in flight together (edits are few).
+    fn stored_keys(&self, wanted: &[(ConversationId, Seq)]) -> Result<HashMap<(ConversationId, Seq), Key>> {
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let stmt = self.stmt(Stmt::SelectKey)?;
+        self.rt.block_on(async {
+            let found = futures_util::stream::iter(wanted.iter().copied())
+                .map(|(conv, seq)| async move {
+                    let r = self
+                        .session
+                        .execute_unpaged(stmt, (i(conv), i(reaction_block(seq)), i(seq)))
+                        .await
+                        .map_err(cql("reading message keys"))?;
+                    let rows = r.into_rows_result().map_err(decode("reading message keys"))?;
+                    let key = rows.maybe_first_row::<(Vec<u8>,)>().map_err(decode("reading message keys"))?;
+                    key.map(|(k,)| Ok(((conv, seq), seal::key_from_bytes(k)?))).transpose()
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .try_collect::<Vec<_>>()
+                .await?;
+            Ok(found.into_iter().flatten().collect())
+        })
+    }
+
+    /// The keys of `seqs` (any order, repeats allowed) in conversation `conv`:
+    /// one paged read per block of positions they fall in.
+    fn keys_of(&self, conv: ConversationId, seqs: &[Seq]) -> Result<HashMap<Seq, Key>> {
+        let mut blocks: BTreeMap<u64, (Seq, Seq)> = BTreeMap::new();
+        for &seq in seqs {
+            let r = blocks.entry(reaction_block(seq)).or_insert((seq, seq));
+            *r = (r.0.min(seq), r.1.max(seq));
+        }
+        let mut out = HashMap::with_capacity(seqs.len());
+        for (block, (lo, hi)) in blocks {
+            for (seq, key) in self.all::<(i64, Vec<u8>)>(
+                "reading message keys",
+                Stmt::SelectKeys,
+                (i(conv), i(block), i(lo), i(hi)),
+            )? {
+                out.insert(u(seq), seal::key_from_bytes(key)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes deleted messages' keys out of every live node's commit log
+    /// (`gateway erase`, on a schedule). A delete writes a tombstone; the key's
+    /// bytes stay in the commit log segment that received it until the segment
+    /// is recycled, which on a quiet node may be never. Dropping a table makes
+    /// every node flush its memtables and recycle all of its commit log segments
+    /// (CASSANDRA-16986), so this creates and drops an empty scratch table.
+    /// (With `auto_snapshot`, each node keeps an empty snapshot of it.) The
+    /// SSTables that hold keys are a node-local matter: `nodetool garbagecollect`
+    /// on `message_keys` (deploy/cassandra/switchboard-erase-keys), which the
+    /// returned report reminds of.
+    pub fn erase_deleted(&self) -> Result<String> {
+        let ks = &self.opts.keyspace;
+        let scratch = format!("{ks}.erase_scratch");
+        self.rt.block_on(async {
+            for cql_text in [
+                format!("DROP TABLE IF EXISTS {scratch}"),
+                format!("CREATE TABLE {scratch} (k int PRIMARY KEY)"),
+                format!("DROP TABLE {scratch}"),
+            ] {
+                let mut stmt = scylla::statement::unprepared::Statement::from(cql_text);
+                stmt.set_request_timeout(Some(SCHEMA_TIMEOUT));
+                self.session.query_unpaged(stmt, ()).await.map_err(cql("recycling commit logs"))?;
+                self.session
+                    .await_schema_agreement()
+                    .await
+                    .map_err(|e| StorageError::new(ErrorKind::Io, "waiting for schema agreement", e))?;
+            }
+            Ok(format!(
+                "memtables flushed and commit logs recycled on every live node; deleted keys leave the \
+                 SSTables when each node runs `nodetool garbagecollect {ks} message_keys` \
+                 (deploy/cassandra/switchboard-erase-keys)"
+            ))
+        })
+    }
+
     /// Runs one batch of same-partition writes.
     async fn write(&self, prepared: &[PreparedStatement], group: Vec<Write>) -> Result<()> {
         if let [w] = group.as_slice() {
@@ -1035,7 +1214,9 @@ impl Store for CassandraStore {
             return Ok(());
         }
         let prepared = self.prepared()?;
-        let phases = plan(batch, self.ttl_s);
+        let rows = Rows::of(batch);
+        let sealing = Sealing::of(&rows, self.stored_keys(&Sealing::wanted(&rows))?);
+        let phases = plan(batch, self.ttl_s, &sealing);
         self.rt.block_on(async {
             for (_done, writes) in phases.into_iter().enumerate() {
                 #[cfg(feature = "testkit")]
@@ -1291,7 +1472,7 @@ impl Store for CassandraStore {
         let stmt = self.stmt(s)?;
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
 
-        let rows: Vec<MessageColumns> = self.rt.block_on(async {
+        let rows: Vec<SealedColumns> = self.rt.block_on(async {
             // LIMIT is at most a page (101 rows): one request, one partition.
             let r = self
                 .session
@@ -1299,12 +1480,37 @@ impl Store for CassandraStore {
                 .await
                 .map_err(cql("reading a bucket"))?;
             let rows = r.into_rows_result().map_err(decode("reading a bucket"))?;
-            rows.rows::<MessageColumns>()
+            rows.rows::<SealedColumns>()
                 .map_err(decode("reading a bucket"))?
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(decode("reading a bucket"))
         })?;
-        rows.into_iter().map(|r| message_from_columns(conv, r)).collect()
+        let mut out = Vec::with_capacity(rows.len());
+        let mut sealed = Vec::new();
+        for r in rows {
+            let (seq, kind, target, body) = (u(r.0), r.4, r.8.map(u), r.10);
+            let m = message_from_columns(conv, (r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9))?;
+            if let Some(body) = body {
+                // An `edit` row is sealed under the key of the message it edits.
+                let key_seq = if kind == i16::from(kind_to_u8(MessageKind::Edit)) {
+                    target.unwrap_or(seq)
+                } else {
+                    seq
+                };
+                sealed.push((out.len(), key_seq, body));
+            }
+            out.push(m);
+        }
+        if !sealed.is_empty() {
+            let keys = self.keys_of(conv, &sealed.iter().map(|s| s.1).collect::<Vec<_>>())?;
+            for (at, key_seq, body) in sealed {
+                // No key: the message was deleted, and its text with it.
+                if let Some(key) = keys.get(&key_seq) {
+                    out[at].body = seal::open_text(key, conv, out[at].seq, &body)?;
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -1570,7 +1776,7 @@ mod tests {
     }
 
     #[test]
-    fn a_send_commits_in_three_ordered_phases() {
+    fn a_send_commits_in_four_ordered_phases() {
         let day = crate::BUCKET_MS;
         let conv = ConversationRecord {
             id: 5,
@@ -1594,7 +1800,15 @@ mod tests {
             },
             Mutation::PutConversation(conv),
         ];
-        let [first, second, third] = plan(&batch, 600);
+        let rows = Rows::of(&batch);
+        let sealing = Sealing::of(&rows, HashMap::new());
+        let [keys, first, second, third] = plan(&batch, 600, &sealing);
+        assert_eq!(
+            keys.iter().map(|w| w.stmt).collect::<Vec<_>>(),
+            [Stmt::InsertKey; 3],
+            "keys before all else"
+        );
+        assert_eq!(keys[0].partition, "message_keys/5/0");
         let stmts = |p: &[Write]| p.iter().map(|w| w.stmt).collect::<Vec<_>>();
         assert_eq!(
             stmts(&first),
@@ -1614,7 +1828,17 @@ mod tests {
         assert_eq!(first[1].partition, "messages/5/1");
         assert_eq!(first[2].partition, first[1].partition);
         // Optional fields are left unset: no tombstone per message.
-        assert!(first[0].values[8..].iter().all(|v| matches!(v, MaybeUnset::Unset)));
+        assert!(first[0].values[8..12].iter().all(|v| matches!(v, MaybeUnset::Unset)));
+        // Text is stored sealed under the key written for it, never in the clear.
+        assert!(matches!(&first[0].values[7], MaybeUnset::Set(Some(CqlValue::Text(b))) if b.is_empty()));
+        let key_of_1 = keys.iter().find(|w| big_at(w, 2) == 1).expect("message 1's key");
+        let (MaybeUnset::Set(Some(CqlValue::Blob(key))), MaybeUnset::Set(Some(CqlValue::Blob(sealed)))) =
+            (&key_of_1.values[3], &first[0].values[12])
+        else {
+            panic!("a key and a sealed body")
+        };
+        let key: Key = key.clone().try_into().unwrap();
+        assert_eq!(seal::open_text(&key, 5, 1, sealed).unwrap(), "hello 1");
         // The idempotency key carries the configured TTL.
         assert!(matches!(second[0].values[4], MaybeUnset::Set(Some(CqlValue::Int(600)))));
         // Positions and the head are written USING TIMESTAMP <their value>.
@@ -1641,12 +1865,16 @@ mod tests {
             Mutation::RemoveMember { conversation: 5, user: 9 },
             Mutation::SetMuted { conversation: 5, user: 8, muted: false },
         ];
-        let [first, second, _] = plan(&batch, 600);
+        let rows = Rows::of(&batch);
+        let [keys, first, second, _] = plan(&batch, 600, &Sealing::of(&rows, HashMap::new()));
+        assert!(keys.is_empty());
         assert!(matches!(first[0].values[11], MaybeUnset::Set(None)), "edited_ms written as null");
+        assert!(matches!(first[0].values[12], MaybeUnset::Set(None)), "the ciphertext cleared");
         let stmts: Vec<_> = second.iter().map(|w| (w.stmt, w.partition.as_str())).collect();
         assert_eq!(
             stmts,
             [
+                (Stmt::DeleteKey, "message_keys/5/0"),
                 (Stmt::DeleteMember, "members/5"),
                 (Stmt::DeleteUserConversation, "user_conversations/9"),
                 (Stmt::DeleteMute, "mutes/5"),
@@ -1666,7 +1894,8 @@ mod tests {
         batch.push(Mutation::PutMessage(long.clone()));
         long.seq = 3;
         batch.push(Mutation::PutMessage(long));
-        let [first, ..] = plan(&batch, 600);
+        let rows = Rows::of(&batch);
+        let [_, first, ..] = plan(&batch, 600, &Sealing::of(&rows, HashMap::new()));
         let groups = batches(first);
         for g in &groups {
             assert!(g.iter().all(|w| w.partition == g[0].partition), "one partition per batch");

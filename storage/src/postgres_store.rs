@@ -17,7 +17,7 @@ use crate::codec::{
     small, u,
 };
 use crate::rows::Rows;
-use crate::seal::{self, Key};
+use crate::seal::{self, Key, Sealing};
 use crate::{
     BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, MessageKind, Mutation, Order,
     Positions, PresenceRecord, Result, Seq, StorageError, Store, UserId, UserRecord, pair,
@@ -122,20 +122,9 @@ fn message_row(conv: ConversationId, r: &Row) -> Result<Message> {
     let mut m = message_from_columns(conv, columns)?;
     let (sealed, key): (Option<Vec<u8>>, Option<Vec<u8>>) = (r.get(10), r.get(11));
     if let (Some(sealed), Some(key)) = (sealed, key) {
-        let key: Key = key.try_into().map_err(|_| crate::codec::corrupt("a key that is not 32 bytes"))?;
-        let plain = seal::open(&key, conv, m.seq, &sealed)?;
-        m.body = String::from_utf8(plain).map_err(|_| crate::codec::corrupt("body not utf-8"))?;
+        m.body = seal::open_text(&seal::key_from_bytes(key)?, conv, m.seq, &sealed)?;
     }
     Ok(m)
-}
-
-/// One commit's sealing: each text row's and `edit` row's sealed body, the keys
-/// to store, the keys to remove (deleted messages).
-#[derive(Default)]
-struct Sealing {
-    sealed: HashMap<(ConversationId, Seq), Vec<u8>>,
-    put_keys: Vec<(ConversationId, Seq, Key)>,
-    drop_keys: Vec<(ConversationId, Seq)>,
 }
 
 /// A statement and its array parameters, one array per column.
@@ -536,28 +525,12 @@ impl PostgresStore {
         })
     }
 
-    /// Runs one prepared query on a pooled connection.
     /// Seals this commit's text and `edit` rows (see `seal`): a new text message
     /// gets a new key; an edited one, and an `edit` row, the stored key of the
     /// message concerned (read here, before the transaction: one writer per
     /// conversation); a deleted message's key is removed.
     fn sealing(&self, rows: &Rows<'_>) -> Result<Sealing> {
-        let text: HashMap<(ConversationId, Seq), &Message> = rows
-            .messages
-            .values()
-            .filter(|m| m.kind == MessageKind::Text)
-            .map(|m| ((m.conversation_id, m.seq), *m))
-            .collect();
-        let mut wanted: Vec<(ConversationId, Seq)> = Vec::new();
-        for m in rows.messages.values() {
-            match (m.kind, m.target_seq) {
-                (MessageKind::Text, _) if m.edited_ms.is_some() => wanted.push((m.conversation_id, m.seq)),
-                (MessageKind::Edit, Some(t)) if !text.contains_key(&(m.conversation_id, t)) => {
-                    wanted.push((m.conversation_id, t))
-                }
-                _ => {}
-            }
-        }
+        let wanted = Sealing::wanted(rows);
         let mut keys: HashMap<(ConversationId, Seq), Key> = HashMap::new();
         if !wanted.is_empty() {
             let convs: Vec<i64> = wanted.iter().map(|w| i(w.0)).collect();
@@ -568,39 +541,13 @@ impl PostgresStore {
                  (SELECT * FROM UNNEST($1::bigint[], $2::bigint[]))",
                 &[&convs, &seqs],
             )? {
-                let key: Vec<u8> = r.get(2);
-                let key = key.try_into().map_err(|_| crate::codec::corrupt("a key that is not 32 bytes"))?;
-                keys.insert((u(r.get(0)), u(r.get(1))), key);
+                keys.insert((u(r.get(0)), u(r.get(1))), seal::key_from_bytes(r.get(2))?);
             }
         }
-        let mut out = Sealing::default();
-        for (&id, m) in &text {
-            let key = match keys.get(&id) {
-                Some(k) => *k,
-                None => {
-                    let k = seal::new_key();
-                    out.put_keys.push((id.0, id.1, k));
-                    keys.insert(id, k);
-                    k
-                }
-            };
-            out.sealed.insert(id, seal::seal(&key, id.0, id.1, m.body.as_bytes()));
-        }
-        for m in rows.messages.values() {
-            match (m.kind, m.target_seq) {
-                (MessageKind::Edit, Some(t)) => {
-                    if let Some(key) = keys.get(&(m.conversation_id, t)) {
-                        let sealed = seal::seal(key, m.conversation_id, m.seq, m.body.as_bytes());
-                        out.sealed.insert((m.conversation_id, m.seq), sealed);
-                    }
-                }
-                (MessageKind::Deleted, _) => out.drop_keys.push((m.conversation_id, m.seq)),
-                _ => {}
-            }
-        }
-        Ok(out)
+        Ok(Sealing::of(rows, keys))
     }
 
+    /// Runs one prepared query on a pooled connection.
     fn query(&self, context: &'static str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         self.rt.block_on(async {
             let c = self.pool.get().await.map_err(pool_err)?;

@@ -17,7 +17,8 @@
 //! which is what an LSM cannot offer. A slot is never reused; the file grows by
 //! 32 bytes per text message.
 
-use crate::{ConversationId, ErrorKind, Result, Seq, StorageError};
+use crate::rows::Rows;
+use crate::{ConversationId, ErrorKind, Message, MessageKind, Result, Seq, StorageError};
 use rand::RngCore;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use std::collections::HashMap;
@@ -73,6 +74,85 @@ pub(crate) fn open(key: &Key, conv: ConversationId, seq: Seq, sealed: &[u8]) -> 
     let n = plain.len();
     buf.truncate(n);
     Ok(buf)
+}
+
+/// The plaintext of a sealed body as text.
+pub(crate) fn open_text(key: &Key, conv: ConversationId, seq: Seq, sealed: &[u8]) -> Result<String> {
+    String::from_utf8(open(key, conv, seq, sealed)?).map_err(|_| crate::codec::corrupt("body not utf-8"))
+}
+
+/// A key as stored in a database column.
+pub(crate) fn key_from_bytes(bytes: Vec<u8>) -> Result<Key> {
+    bytes.try_into().map_err(|_| crate::codec::corrupt("a key that is not 32 bytes"))
+}
+
+/// One commit's sealing, for the backends that keep keys in a table (PostgreSQL,
+/// Cassandra): each text row's and `edit` row's sealed body, the keys to store,
+/// the keys to remove (deleted messages).
+#[derive(Debug, Default)]
+pub(crate) struct Sealing {
+    pub(crate) sealed: HashMap<(ConversationId, Seq), Vec<u8>>,
+    pub(crate) put_keys: Vec<(ConversationId, Seq, Key)>,
+    pub(crate) drop_keys: Vec<(ConversationId, Seq)>,
+}
+
+impl Sealing {
+    /// The stored keys a commit of `rows` needs: those of edited text messages,
+    /// and of the messages its `edit` rows concern when they are not in the commit.
+    pub(crate) fn wanted(rows: &Rows<'_>) -> Vec<(ConversationId, Seq)> {
+        let text = Self::text(rows);
+        let mut wanted = Vec::new();
+        for m in rows.messages.values() {
+            match (m.kind, m.target_seq) {
+                (MessageKind::Text, _) if m.edited_ms.is_some() => wanted.push((m.conversation_id, m.seq)),
+                (MessageKind::Edit, Some(t)) if !text.contains_key(&(m.conversation_id, t)) => {
+                    wanted.push((m.conversation_id, t))
+                }
+                _ => {}
+            }
+        }
+        wanted
+    }
+
+    fn text<'a>(rows: &Rows<'a>) -> HashMap<(ConversationId, Seq), &'a Message> {
+        rows.messages
+            .values()
+            .filter(|m| m.kind == MessageKind::Text)
+            .map(|m| ((m.conversation_id, m.seq), *m))
+            .collect()
+    }
+
+    /// Seals `rows` given the stored keys of [`Sealing::wanted`] (read before the
+    /// commit: one writer per conversation). A new text message gets a new key;
+    /// an edited one, and an `edit` row, the key of the message concerned; a
+    /// deleted message's key is dropped. An `edit` of a message whose key is gone
+    /// keeps no text.
+    pub(crate) fn of(rows: &Rows<'_>, mut keys: HashMap<(ConversationId, Seq), Key>) -> Sealing {
+        let mut out = Sealing::default();
+        for (id, m) in Self::text(rows) {
+            let key = *keys.entry(id).or_insert_with(|| {
+                let k = new_key();
+                out.put_keys.push((id.0, id.1, k));
+                k
+            });
+            out.sealed.insert(id, seal(&key, id.0, id.1, m.body.as_bytes()));
+        }
+        for m in rows.messages.values() {
+            match (m.kind, m.target_seq) {
+                (MessageKind::Edit, Some(t)) => {
+                    if let Some(key) = keys.get(&(m.conversation_id, t)) {
+                        out.sealed.insert(
+                            (m.conversation_id, m.seq),
+                            seal(key, m.conversation_id, m.seq, m.body.as_bytes()),
+                        );
+                    }
+                }
+                (MessageKind::Deleted, _) => out.drop_keys.push((m.conversation_id, m.seq)),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
 /// The key vault: slot `n` is bytes `32n..32n+32` of one file; all zeros is an

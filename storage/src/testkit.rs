@@ -315,6 +315,31 @@ impl TestCassandra {
         self.script(&["restart", "1"]);
     }
 
+    /// Runs `nodetool args` against the node (over JMX on loopback); returns its output.
+    pub fn nodetool(&self, args: &[&str]) -> String {
+        let mut all = vec!["nodetool", "1", "--state"];
+        let state = self.state.0.join("state");
+        all.push(state.to_str().expect("a utf-8 temp path"));
+        all.push("--");
+        all.extend_from_slice(args);
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cassandra"))
+            .args(&all)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/cassandra nodetool");
+        assert!(out.status.success(), "nodetool {args:?} failed (its output is above)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The node's directory: `data/` (SSTables, commit log, hints, caches) and `logs/`.
+    pub fn node_dir(&self) -> PathBuf {
+        let state =
+            std::fs::read_to_string(self.state.0.join("state")).expect("reading the node's state file");
+        let root =
+            state.lines().find_map(|l| l.strip_prefix("root=")).expect("the state names the node's root");
+        PathBuf::from(root).join("node1")
+    }
+
     /// Options for `keyspace` on this node (replication factor 1).
     pub fn options(&self, keyspace: &str) -> crate::CassandraOptions {
         let mut opts = cassandra_options(&self.contact, keyspace);

@@ -216,5 +216,22 @@ fn tokens(c: &mut Criterion) {
     c.bench_function("token_verify", |b| b.iter(|| auth.verify(black_box(&token)).unwrap()));
 }
 
-criterion_group!(benches, codec, mailbox, fanout, store, tokens);
+/// Who owns a conversation, on fleets of 3 and 32 live nodes (rendezvous: one
+/// hash per node).
+fn ring(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ring_owner");
+    for n in [3u16, 32] {
+        let ring = router::Ring::new(0..n);
+        let mut conv = 0u64;
+        g.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                conv += 1;
+                black_box(ring.owner(router::Key::Conversation(black_box(conv))))
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec, mailbox, fanout, store, tokens, ring);
 criterion_main!(benches);

@@ -5,6 +5,7 @@
 //! Streams transport of opaque payloads ([`transport`]); the envelope codec and
 //! the gateway's use of all three come with the gateway's seams (issue 14).
 
+mod link;
 pub mod membership;
 pub mod ring;
 #[cfg(feature = "testkit")]

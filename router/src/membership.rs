@@ -18,14 +18,18 @@
 //! live set and whether this node had to be registered anew (a join, or a
 //! return after it was declared dead: its conversations have moved meanwhile).
 
+use crate::link::Link;
 use crate::{NodeId, Ring};
 use std::time::Duration;
 
 /// Where the fleet registers, and how fast it notices changes.
 #[derive(Debug, Clone)]
 pub struct MembershipOptions {
-    /// `redis://host:port[/db]`.
+    /// `redis://host:port[/db]`, or several comma-separated seed nodes of a
+    /// Redis Cluster.
     pub redis_url: String,
+    /// `redis_url` names a Redis Cluster.
+    pub cluster: bool,
     /// Key prefix (the hash tag), one per fleet sharing a Redis.
     pub prefix: String,
     /// A registration not renewed for this long expires.
@@ -41,6 +45,7 @@ impl MembershipOptions {
     pub fn new(redis_url: impl Into<String>) -> MembershipOptions {
         MembershipOptions {
             redis_url: redis_url.into(),
+            cluster: false,
             prefix: "sb".into(),
             ttl: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
@@ -114,8 +119,7 @@ pub struct Member {
     opts: MembershipOptions,
     me: NodeId,
     token: String,
-    client: redis::Client,
-    conn: Option<redis::Connection>,
+    conn: Option<Link>,
     heartbeat: redis::Script,
 }
 
@@ -134,9 +138,8 @@ impl Member {
     /// [`MembershipError::IdTaken`] if a live process holds `me`.
     pub fn join(opts: MembershipOptions, me: NodeId) -> Result<(Member, Beat), MembershipError> {
         opts.check().map_err(MembershipError::Options)?;
-        let client = redis::Client::open(opts.redis_url.as_str())?;
         let token = format!("{:032x}", rand::random::<u128>());
-        let mut m = Member { opts, me, token, client, conn: None, heartbeat: redis::Script::new(HEARTBEAT) };
+        let mut m = Member { opts, me, token, conn: None, heartbeat: redis::Script::new(HEARTBEAT) };
         let beat = m.heartbeat()?;
         Ok((m, beat))
     }
@@ -149,14 +152,11 @@ impl Member {
         &self.opts
     }
 
-    fn conn(&mut self) -> Result<&mut redis::Connection, MembershipError> {
+    fn conn(&mut self) -> Result<&mut dyn redis::ConnectionLike, MembershipError> {
         if self.conn.is_none() {
-            let c = self.client.get_connection_with_timeout(self.opts.timeout)?;
-            c.set_read_timeout(Some(self.opts.timeout))?;
-            c.set_write_timeout(Some(self.opts.timeout))?;
-            self.conn = Some(c);
+            self.conn = Some(Link::connect(&self.opts.redis_url, self.opts.cluster, self.opts.timeout)?);
         }
-        Ok(self.conn.as_mut().expect("just set"))
+        Ok(self.conn.as_mut().expect("just set").conn())
     }
 
     /// Renews this node's registration and returns the live set. A kept

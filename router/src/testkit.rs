@@ -1,60 +1,62 @@
-//! A real redis-server for tests: Debian's binary, on a free loopback port, in
-//! a temp dir of its own, no persistence; stopped and removed on drop.
+//! Real Redis for tests: Debian's redis-server, on free loopback ports, in a
+//! temp dir of its own, no persistence; stopped and removed on drop. One
+//! server ([`TestRedis::start`]) or a Redis Cluster of three masters
+//! ([`TestRedis::start_cluster`], created with `redis-cli --cluster create`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct TestRedis {
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, comma-separated for a cluster's nodes.
     pub url: String,
+    pub cluster: bool,
+    servers: Vec<Server>,
+    dir: PathBuf,
+}
+
+struct Server {
     port: u16,
     dir: PathBuf,
+    cluster: bool,
     child: Option<Child>,
 }
 
-const READY: Duration = Duration::from_secs(20);
+const READY: Duration = Duration::from_secs(30);
 
-impl TestRedis {
-    /// Starts a server and waits until it answers PING.
-    pub fn start() -> TestRedis {
-        let dir = std::env::temp_dir().join(format!(
-            "switchboard-test-redis-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).expect("creating the redis dir");
-        // A port the kernel just handed out; should another process take it
-        // before redis binds, start fails and the next port is tried.
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
-            let mut r =
-                TestRedis { url: format!("redis://127.0.0.1:{port}"), port, dir: dir.clone(), child: None };
-            if r.launch() {
-                return r;
-            }
-        }
-        panic!("redis-server did not start on five free ports; see {}", dir.display());
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+impl Server {
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Starts redis-server; `false` if it exited (its port was taken meanwhile).
     fn launch(&mut self) -> bool {
+        std::fs::create_dir_all(&self.dir).expect("creating the redis dir");
         let log = std::fs::File::create(self.dir.join("redis.log")).expect("creating the redis log");
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&self.dir);
+        if self.cluster {
+            // A restarted node forgets the cluster with its dir (tests restart
+            // only single servers); node timeout short, so failures show fast.
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", "2000"]);
+        }
+        let child = cmd
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .stdin(Stdio::null())
@@ -68,7 +70,7 @@ impl TestRedis {
                 self.child = None;
                 return false;
             }
-            if self.ping() {
+            if ping(&self.url()) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -76,31 +78,100 @@ impl TestRedis {
         panic!("redis-server on port {} did not answer PING within {READY:?}", self.port);
     }
 
-    /// Whether the server answers PING now.
-    pub fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url.as_str()) else { return false };
-        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) else { return false };
-        redis::cmd("PING").query::<String>(&mut c).is_ok_and(|p| p == "PONG")
+    fn start(dir: PathBuf, cluster: bool) -> Server {
+        for _ in 0..5 {
+            let mut s = Server { port: free_port(), dir: dir.clone(), cluster, child: None };
+            if s.launch() {
+                return s;
+            }
+        }
+        panic!("redis-server did not start on five free ports; see {}", dir.display());
     }
 
-    /// SIGKILL: the server and everything it held are gone.
-    pub fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else { return false };
+    let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) else { return false };
+    redis::cmd("PING").query::<String>(&mut c).is_ok_and(|p| p == "PONG")
+}
+
+fn temp_dir(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "switchboard-test-{what}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+    ))
+}
+
+impl TestRedis {
+    /// Starts one server and waits until it answers PING.
+    pub fn start() -> TestRedis {
+        let dir = temp_dir("redis");
+        let server = Server::start(dir.clone(), false);
+        TestRedis { url: server.url(), cluster: false, servers: vec![server], dir }
+    }
+
+    /// Starts three cluster-enabled servers, makes them a cluster of three
+    /// masters (no replicas) and waits until every node reports `cluster_state:ok`.
+    pub fn start_cluster() -> TestRedis {
+        let dir = temp_dir("redis-cluster");
+        let servers: Vec<Server> =
+            (0..3).map(|i| Server::start(dir.join(format!("node{i}")), true)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(servers.iter().map(|s| format!("127.0.0.1:{}", s.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("running redis-cli --cluster create");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let deadline = Instant::now() + READY;
+        for s in &servers {
+            loop {
+                let info: Option<String> = redis::Client::open(s.url())
+                    .ok()
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)).ok())
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c).ok());
+                if info.is_some_and(|i| i.contains("cluster_state:ok")) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node {} never reported cluster_state:ok", s.port);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let url = servers.iter().map(Server::url).collect::<Vec<_>>().join(",");
+        TestRedis { url, cluster: true, servers, dir }
+    }
+
+    /// Whether every server answers PING now.
+    pub fn ping(&self) -> bool {
+        self.servers.iter().all(|s| ping(&s.url()))
+    }
+
+    /// SIGKILL every server: they and everything they held are gone.
+    pub fn kill(&mut self) {
+        assert!(!self.cluster, "a cluster's nodes are not restarted here");
+        self.servers.iter_mut().for_each(Server::kill);
+    }
 
     /// Starts the server again on the same port (empty: no persistence).
     pub fn restart(&mut self) {
         self.kill();
-        assert!(self.launch(), "redis-server did not come back on port {}", self.port);
+        for s in &mut self.servers {
+            assert!(s.launch(), "redis-server did not come back on port {}", s.port);
+        }
     }
 }
 
 impl Drop for TestRedis {
     fn drop(&mut self) {
-        self.kill();
+        self.servers.iter_mut().for_each(Server::kill);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -24,6 +24,7 @@
 //!   deletes the stream.
 
 use crate::NodeId;
+use crate::link::Link;
 use redis::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,7 +32,10 @@ use std::time::Duration;
 /// Where the streams live and how long they may grow.
 #[derive(Debug, Clone)]
 pub struct TransportOptions {
+    /// One URL, or several comma-separated seed nodes of a Redis Cluster.
     pub redis_url: String,
+    /// `redis_url` names a Redis Cluster.
+    pub cluster: bool,
     /// Key prefix, one per fleet sharing a Redis.
     pub prefix: String,
     /// About how many entries a stream keeps (`MAXLEN ~`).
@@ -44,6 +48,7 @@ impl TransportOptions {
     pub fn new(redis_url: impl Into<String>) -> TransportOptions {
         TransportOptions {
             redis_url: redis_url.into(),
+            cluster: false,
             prefix: "sb".into(),
             max_len: 100_000,
             timeout: Duration::from_secs(1),
@@ -69,11 +74,8 @@ pub enum TransportError {
 
 type Result<T> = std::result::Result<T, TransportError>;
 
-fn connect(opts: &TransportOptions) -> Result<redis::Connection> {
-    let c = redis::Client::open(opts.redis_url.as_str())?.get_connection_with_timeout(opts.timeout)?;
-    c.set_write_timeout(Some(opts.timeout))?;
-    c.set_read_timeout(Some(opts.timeout))?;
-    Ok(c)
+fn connect(opts: &TransportOptions) -> Result<Link> {
+    Ok(Link::connect(&opts.redis_url, opts.cluster, opts.timeout)?)
 }
 
 /// Sends to other nodes' streams.
@@ -81,7 +83,7 @@ pub struct Outbound {
     opts: TransportOptions,
     me: NodeId,
     instance: u64,
-    conn: Option<redis::Connection>,
+    conn: Option<Link>,
     /// The last counter used towards each node.
     sent: HashMap<NodeId, u64>,
 }
@@ -99,31 +101,21 @@ impl Outbound {
             return Ok(());
         }
         let stream = self.opts.stream(to);
-        let mut pipe = redis::pipe();
         let next = self.sent.entry(to).or_insert(0);
-        for p in payloads {
-            *next += 1;
-            pipe.cmd("XADD")
-                .arg(&stream)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.opts.max_len)
-                .arg("*")
-                .arg("s")
-                .arg(self.me)
-                .arg("i")
-                .arg(self.instance)
-                .arg("n")
-                .arg(*next)
-                .arg("p")
-                .arg(*p)
-                .ignore();
-        }
+        let cmds: Vec<redis::Cmd> = payloads
+            .iter()
+            .map(|p| {
+                *next += 1;
+                let mut c = redis::cmd("XADD");
+                c.arg(&stream).arg("MAXLEN").arg("~").arg(self.opts.max_len).arg("*");
+                c.arg("s").arg(self.me).arg("i").arg(self.instance).arg("n").arg(*next).arg("p").arg(*p);
+                c
+            })
+            .collect();
         if self.conn.is_none() {
             self.conn = Some(connect(&self.opts)?);
         }
-        let conn = self.conn.as_mut().expect("just set");
-        pipe.query::<()>(conn).map_err(|e| {
+        self.conn.as_mut().expect("just set").pipeline(cmds).map_err(|e| {
             self.conn = None;
             e.into()
         })
@@ -156,7 +148,7 @@ pub struct Inbound {
     opts: TransportOptions,
     stream: String,
     consumer: String,
-    conn: Option<redis::Connection>,
+    conn: Option<Link>,
     /// While re-reading what this consumer had read and not acknowledged: the
     /// id after which to go on.
     recovering: Option<String>,
@@ -179,11 +171,15 @@ impl Inbound {
         Ok(inbound)
     }
 
-    fn conn(&mut self) -> Result<&mut redis::Connection> {
+    fn link(&mut self) -> Result<&mut Link> {
         if self.conn.is_none() {
             self.conn = Some(connect(&self.opts)?);
         }
         Ok(self.conn.as_mut().expect("just set"))
+    }
+
+    fn conn(&mut self) -> Result<&mut dyn redis::ConnectionLike> {
+        Ok(self.link()?.conn())
     }
 
     fn ensure_group(&mut self) -> Result<()> {
@@ -232,8 +228,9 @@ impl Inbound {
         let from = self.recovering.clone().unwrap_or_else(|| ">".into());
         let wait = if self.recovering.is_some() { Duration::ZERO } else { block };
         let timeout = self.opts.timeout + wait;
-        let conn = self.conn()?;
-        conn.set_read_timeout(Some(timeout))?;
+        let link = self.link()?;
+        link.set_read_timeout(timeout)?;
+        let conn = link.conn();
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP").arg(GROUP).arg(&consumer).arg("COUNT").arg(max);
         if from == ">" {
@@ -295,7 +292,7 @@ pub fn drain_dead(opts: &TransportOptions, dead: NodeId, claimer: NodeId) -> Res
             .arg(&cursor)
             .arg("COUNT")
             .arg(1000)
-            .query(&mut conn)
+            .query(conn.conn())
             .or_else(|e| if e.code() == Some("NOGROUP") { Ok(Value::Nil) } else { Err(e) })?;
         let Value::Array(mut parts) = reply else { break };
         if parts.len() < 2 {
@@ -318,7 +315,7 @@ pub fn drain_dead(opts: &TransportOptions, dead: NodeId, claimer: NodeId) -> Res
             .arg("STREAMS")
             .arg(&stream)
             .arg(">")
-            .query(&mut conn)
+            .query(conn.conn())
             .or_else(|e| if e.code() == Some("NOGROUP") { Ok(Value::Nil) } else { Err(e) })?;
         let batch: Vec<(String, Vec<Value>)> =
             stream_entries(reply)?.into_iter().filter_map(|(id, f)| f.map(|f| (id, f))).collect();
@@ -334,14 +331,14 @@ pub fn drain_dead(opts: &TransportOptions, dead: NodeId, claimer: NodeId) -> Res
     }
     if !out.is_empty() {
         let ids: Vec<&str> = out.iter().map(|e| e.id.as_str()).collect();
-        redis::cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).query::<i64>(&mut conn)?;
+        redis::cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).query::<i64>(conn.conn())?;
     }
     Ok(out)
 }
 
 /// Deletes dead node `dead`'s stream (after [`drain_dead`] and the re-routing).
 pub fn forget_dead(opts: &TransportOptions, dead: NodeId) -> Result<()> {
-    redis::cmd("DEL").arg(opts.stream(dead)).query::<i64>(&mut connect(opts)?)?;
+    redis::cmd("DEL").arg(opts.stream(dead)).query::<i64>(connect(opts)?.conn())?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 fn opts(redis: &TestRedis) -> MembershipOptions {
     MembershipOptions {
+        cluster: redis.cluster,
         ttl: Duration::from_millis(1500),
         heartbeat: Duration::from_millis(300),
         timeout: Duration::from_millis(500),
@@ -31,7 +32,15 @@ fn converge(members: &mut [&mut Member], want: &[NodeId]) {
 
 #[test]
 fn nodes_see_joins_leaves_and_deaths() {
-    let redis = TestRedis::start();
+    joins_leaves_and_deaths(TestRedis::start());
+}
+
+#[test]
+fn on_a_redis_cluster_nodes_see_joins_leaves_and_deaths() {
+    joins_leaves_and_deaths(TestRedis::start_cluster());
+}
+
+fn joins_leaves_and_deaths(redis: TestRedis) {
     let (mut a, beat) = Member::join(opts(&redis), 1).unwrap();
     assert!(beat.fresh, "a first beat is a join");
     assert_eq!(beat.ring.nodes(), [1]);

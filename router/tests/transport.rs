@@ -8,7 +8,11 @@ use router::{Delivery, Inbound, Outbound, TransportOptions};
 use std::time::Duration;
 
 fn opts(redis: &TestRedis) -> TransportOptions {
-    TransportOptions { timeout: Duration::from_millis(500), ..TransportOptions::new(&redis.url) }
+    TransportOptions {
+        cluster: redis.cluster,
+        timeout: Duration::from_millis(500),
+        ..TransportOptions::new(&redis.url)
+    }
 }
 
 fn payloads(range: std::ops::RangeInclusive<u32>) -> Vec<Vec<u8>> {
@@ -51,21 +55,44 @@ fn ids(d: &[Delivery]) -> Vec<&str> {
 
 #[test]
 fn entries_arrive_in_order_from_their_sender_and_unacknowledged_ones_come_back() {
-    let redis = TestRedis::start();
-    let mut inbound = Inbound::open(opts(&redis), 2).unwrap();
+    in_order_and_redelivered(TestRedis::start());
+}
+
+/// The same on a Redis Cluster of three masters, with each node's stream on the
+/// slot of its own hash tag.
+#[test]
+fn on_a_redis_cluster_entries_arrive_in_order_and_dead_nodes_are_drained() {
+    let redis = TestRedis::start_cluster();
     let mut out = Outbound::new(opts(&redis), 1);
-    send(&mut out, 2, 1..=3);
-    send(&mut out, 2, 4..=5);
+    let mut inbound: Vec<Inbound> = (2..=4).map(|n| Inbound::open(opts(&redis), n).unwrap()).collect();
+    for to in 2..=4 {
+        send(&mut out, to, 1..=50);
+    }
+    for i in &mut inbound {
+        assert_eq!(bodies(&read_n(i, 50)), (1..=50).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    }
+    drop(inbound);
+    let left = drain_dead(&opts(&redis), 3, 1).unwrap();
+    assert_eq!(left.len(), 50, "read, never acknowledged: all drained");
+    in_order_and_redelivered(redis);
+}
+
+/// Node 11 sends to node 12 (ids no other test here uses).
+fn in_order_and_redelivered(redis: TestRedis) {
+    let mut inbound = Inbound::open(opts(&redis), 12).unwrap();
+    let mut out = Outbound::new(opts(&redis), 11);
+    send(&mut out, 12, 1..=3);
+    send(&mut out, 12, 4..=5);
     let got = read_n(&mut inbound, 5);
     assert_eq!(bodies(&got), ["p1", "p2", "p3", "p4", "p5"]);
-    assert!(got.iter().all(|d| matches!(d, Delivery::Entry(e) if e.from == 1)));
+    assert!(got.iter().all(|d| matches!(d, Delivery::Entry(e) if e.from == 11)));
     assert!(inbound.read(10, Duration::from_millis(50)).unwrap().is_empty(), "each entry once");
 
     // Acknowledge two; the node restarts: the other three come back first.
     inbound.ack(&ids(&got)[..2]).unwrap();
     drop(inbound);
-    send(&mut out, 2, 6..=6);
-    let mut inbound = Inbound::open(opts(&redis), 2).unwrap();
+    send(&mut out, 12, 6..=6);
+    let mut inbound = Inbound::open(opts(&redis), 12).unwrap();
     let got = read_n(&mut inbound, 4);
     assert_eq!(bodies(&got), ["p3", "p4", "p5", "p6"]);
 }

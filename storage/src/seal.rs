@@ -10,8 +10,10 @@
 //! handful of texts, so nonces do not repeat; the row's conversation and
 //! position as associated data). Deleting the message overwrites its key's slot
 //! in the vault with zeros and syncs it; what is left in the LSM files is
-//! ciphertext nobody can open. (PostgreSQL keeps the keys in a table instead and
-//! `gateway erase` rewrites it; see `PostgresStore::erase_deleted`.)
+//! ciphertext nobody can open. (PostgreSQL and Cassandra keep the keys in a
+//! table instead, sealed the same way through [`Sealing`]; `gateway erase`
+//! removes deleted keys from their files: see `PostgresStore::erase_deleted`
+//! and `CassandraStore::erase_deleted`.)
 //!
 //! The vault is one flat file of 32-byte slots, written in place with `pwrite`,
 //! which is what an LSM cannot offer. A slot is never reused; the file grows by

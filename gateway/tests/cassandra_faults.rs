@@ -134,7 +134,7 @@ fn a_commit_cut_between_phases_leaves_nothing_pointing_at_a_missing_message() {
         assert_eq!(
             seqs,
             (1..=*batch.end()).collect::<Vec<_>>(),
-            "phase 1 landed whole, and nothing else is missing"
+            "the rows' phase landed whole, and nothing else is missing"
         );
         for m in &stored {
             assert_eq!(m.body, format!("message {}", m.seq));

@@ -9,6 +9,49 @@
 use redis::{ConnectionLike, RedisResult};
 use std::time::Duration;
 
+/// Which Redis the router uses, shared by membership, the transport and
+/// location.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port[/db]`, or several comma-separated seed nodes of a
+    /// Redis Cluster.
+    pub redis_url: String,
+    /// `redis_url` names a Redis Cluster.
+    pub cluster: bool,
+    /// Key prefix, one per fleet sharing a Redis (it goes into hash tags).
+    pub prefix: String,
+    /// Connect, write and read timeout of one request (a blocking read waits
+    /// this much beyond its own wait).
+    pub timeout: Duration,
+}
+
+impl RedisOptions {
+    pub fn new(redis_url: impl Into<String>) -> RedisOptions {
+        RedisOptions {
+            redis_url: redis_url.into(),
+            cluster: false,
+            prefix: "sb".into(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.prefix.is_empty()
+            || !self.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        {
+            return Err(format!("prefix {:?}: letters, digits, _ - . only", self.prefix));
+        }
+        if self.timeout.is_zero() {
+            return Err("timeout must be non-zero".into());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn connect(&self) -> RedisResult<Link> {
+        Link::connect(&self.redis_url, self.cluster, self.timeout)
+    }
+}
+
 pub(crate) enum Link {
     One(redis::Connection),
     Cluster(Box<redis::cluster::ClusterConnection>),
@@ -50,21 +93,21 @@ impl Link {
         }
     }
 
-    /// Runs `cmds` as one pipeline (one round trip; on a cluster, their keys
-    /// share a slot).
-    pub(crate) fn pipeline(&mut self, cmds: Vec<redis::Cmd>) -> RedisResult<()> {
+    /// Runs `cmds` as one pipeline and returns their replies, in order (one
+    /// round trip to each node concerned).
+    pub(crate) fn pipeline<T: redis::FromRedisValue>(&mut self, cmds: Vec<redis::Cmd>) -> RedisResult<T> {
         match self {
             Link::One(c) => {
                 let mut p = redis::pipe();
                 for cmd in cmds {
-                    p.add_command(cmd).ignore();
+                    p.add_command(cmd);
                 }
                 p.query(c)
             }
             Link::Cluster(c) => {
                 let mut p = redis::cluster::cluster_pipe();
                 for cmd in cmds {
-                    p.add_command(cmd).ignore();
+                    p.add_command(cmd);
                 }
                 p.query(c.as_mut())
             }

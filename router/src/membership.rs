@@ -18,61 +18,43 @@
 //! live set and whether this node had to be registered anew (a join, or a
 //! return after it was declared dead: its conversations have moved meanwhile).
 
-use crate::link::Link;
+use crate::link::{Link, RedisOptions};
 use crate::{NodeId, Ring};
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Where the fleet registers, and how fast it notices changes.
 #[derive(Debug, Clone)]
 pub struct MembershipOptions {
-    /// `redis://host:port[/db]`, or several comma-separated seed nodes of a
-    /// Redis Cluster.
-    pub redis_url: String,
-    /// `redis_url` names a Redis Cluster.
-    pub cluster: bool,
-    /// Key prefix (the hash tag), one per fleet sharing a Redis.
-    pub prefix: String,
+    pub redis: RedisOptions,
     /// A registration not renewed for this long expires.
     pub ttl: Duration,
     /// How often a node renews (a third of the TTL or less: two missed beats
     /// are survived).
     pub heartbeat: Duration,
-    /// Connect, read and write timeout of one Redis request.
-    pub timeout: Duration,
 }
 
 impl MembershipOptions {
-    pub fn new(redis_url: impl Into<String>) -> MembershipOptions {
-        MembershipOptions {
-            redis_url: redis_url.into(),
-            cluster: false,
-            prefix: "sb".into(),
-            ttl: Duration::from_secs(5),
-            heartbeat: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-        }
+    pub fn new(redis: RedisOptions) -> MembershipOptions {
+        MembershipOptions { redis, ttl: Duration::from_secs(5), heartbeat: Duration::from_secs(1) }
     }
 
     pub fn check(&self) -> Result<(), String> {
-        if self.prefix.is_empty()
-            || !self.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        {
-            return Err(format!("prefix {:?}: letters, digits, _ - . only", self.prefix));
-        }
+        self.redis.check()?;
         if self.heartbeat.is_zero() || self.heartbeat * 3 > self.ttl {
             return Err(format!(
                 "heartbeat ({:?}) must be non-zero and at most a third of ttl ({:?})",
                 self.heartbeat, self.ttl
             ));
         }
-        if self.timeout.is_zero() || self.timeout > self.heartbeat.max(Duration::from_millis(100)) * 2 {
-            return Err(format!("timeout ({:?}) must be non-zero and at most two heartbeats", self.timeout));
+        if self.redis.timeout > self.heartbeat.max(Duration::from_millis(100)) * 2 {
+            return Err(format!("timeout ({:?}) must be at most two heartbeats", self.redis.timeout));
         }
         Ok(())
     }
 
     fn keys(&self) -> [String; 2] {
-        [format!("{{{}}}:members", self.prefix), format!("{{{}}}:instances", self.prefix)]
+        [format!("{{{}}}:members", self.redis.prefix), format!("{{{}}}:instances", self.redis.prefix)]
     }
 }
 
@@ -102,7 +84,8 @@ local fresh = 0
 if not live or holder ~= ARGV[2] then fresh = 1 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-return {fresh, redis.call('ZRANGE', KEYS[1], 0, -1)}
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+return {fresh, members, redis.call('HMGET', KEYS[2], unpack(members))}
 "#;
 
 const LEAVE: &str = r#"
@@ -131,6 +114,9 @@ pub struct Beat {
     /// This node was registered anew: its first beat, or it had expired (it
     /// was declared dead, and the fleet moved its work meanwhile).
     pub fresh: bool,
+    /// Each live node's instance token (which process holds the id): what
+    /// [`crate::Location`] entries are checked against.
+    pub instances: HashMap<NodeId, String>,
 }
 
 impl Member {
@@ -148,13 +134,18 @@ impl Member {
         self.me
     }
 
+    /// This process's instance token (random, per process).
+    pub fn instance(&self) -> &str {
+        &self.token
+    }
+
     pub fn options(&self) -> &MembershipOptions {
         &self.opts
     }
 
     fn conn(&mut self) -> Result<&mut dyn redis::ConnectionLike, MembershipError> {
         if self.conn.is_none() {
-            self.conn = Some(Link::connect(&self.opts.redis_url, self.opts.cluster, self.opts.timeout)?);
+            self.conn = Some(self.opts.redis.connect()?);
         }
         Ok(self.conn.as_mut().expect("just set").conn())
     }
@@ -179,10 +170,14 @@ impl Member {
         let (me, token) = (self.me, self.token.clone());
         let script = self.heartbeat.clone();
         let conn = self.conn()?;
-        let r: redis::RedisResult<(u8, Vec<NodeId>)> =
+        let r: redis::RedisResult<(u8, Vec<NodeId>, Vec<String>)> =
             script.key(&members).key(&instances).arg(me).arg(&token).arg(ttl_ms).invoke(conn);
         match r {
-            Ok((fresh, nodes)) => Ok(Beat { ring: Ring::new(nodes), fresh: fresh == 1 }),
+            Ok((fresh, nodes, tokens)) => Ok(Beat {
+                instances: nodes.iter().copied().zip(tokens).collect(),
+                ring: Ring::new(nodes),
+                fresh: fresh == 1,
+            }),
             Err(e) if e.code() == Some("IDTAKEN") => Err(MembershipError::IdTaken(self.me)),
             Err(e) => {
                 self.conn = None;

@@ -149,6 +149,15 @@ impl TestRedis {
         TestRedis { url, cluster: true, servers, dir }
     }
 
+    /// Options for this Redis: its URL(s), cluster or not, a short timeout.
+    pub fn options(&self) -> crate::RedisOptions {
+        crate::RedisOptions {
+            cluster: self.cluster,
+            timeout: Duration::from_millis(500),
+            ..crate::RedisOptions::new(&self.url)
+        }
+    }
+
     /// Whether every server answers PING now.
     pub fn ping(&self) -> bool {
         self.servers.iter().all(|s| ping(&s.url()))

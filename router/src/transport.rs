@@ -24,7 +24,7 @@
 //!   deletes the stream.
 
 use crate::NodeId;
-use crate::link::Link;
+use crate::link::{Link, RedisOptions};
 use redis::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,32 +32,19 @@ use std::time::Duration;
 /// Where the streams live and how long they may grow.
 #[derive(Debug, Clone)]
 pub struct TransportOptions {
-    /// One URL, or several comma-separated seed nodes of a Redis Cluster.
-    pub redis_url: String,
-    /// `redis_url` names a Redis Cluster.
-    pub cluster: bool,
-    /// Key prefix, one per fleet sharing a Redis.
-    pub prefix: String,
+    pub redis: RedisOptions,
     /// About how many entries a stream keeps (`MAXLEN ~`).
     pub max_len: usize,
-    /// Connect and write timeout, and read timeout beyond a blocking read's wait.
-    pub timeout: Duration,
 }
 
 impl TransportOptions {
-    pub fn new(redis_url: impl Into<String>) -> TransportOptions {
-        TransportOptions {
-            redis_url: redis_url.into(),
-            cluster: false,
-            prefix: "sb".into(),
-            max_len: 100_000,
-            timeout: Duration::from_secs(1),
-        }
+    pub fn new(redis: RedisOptions) -> TransportOptions {
+        TransportOptions { redis, max_len: 100_000 }
     }
 
     /// The stream node `node` reads.
     pub fn stream(&self, node: NodeId) -> String {
-        format!("{{{}:node:{node}}}:in", self.prefix)
+        format!("{{{}:node:{node}}}:in", self.redis.prefix)
     }
 }
 
@@ -75,7 +62,7 @@ pub enum TransportError {
 type Result<T> = std::result::Result<T, TransportError>;
 
 fn connect(opts: &TransportOptions) -> Result<Link> {
-    Ok(Link::connect(&opts.redis_url, opts.cluster, opts.timeout)?)
+    Ok(opts.redis.connect()?)
 }
 
 /// Sends to other nodes' streams.
@@ -115,7 +102,7 @@ impl Outbound {
         if self.conn.is_none() {
             self.conn = Some(connect(&self.opts)?);
         }
-        self.conn.as_mut().expect("just set").pipeline(cmds).map_err(|e| {
+        self.conn.as_mut().expect("just set").pipeline::<Vec<redis::Value>>(cmds).map(drop).map_err(|e| {
             self.conn = None;
             e.into()
         })
@@ -227,7 +214,7 @@ impl Inbound {
         let (stream, consumer) = (self.stream.clone(), self.consumer.clone());
         let from = self.recovering.clone().unwrap_or_else(|| ">".into());
         let wait = if self.recovering.is_some() { Duration::ZERO } else { block };
-        let timeout = self.opts.timeout + wait;
+        let timeout = self.opts.redis.timeout + wait;
         let link = self.link()?;
         link.set_read_timeout(timeout)?;
         let conn = link.conn();

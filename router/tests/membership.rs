@@ -4,16 +4,14 @@
 //! survived.
 
 use router::testkit::TestRedis;
-use router::{Member, MembershipError, MembershipOptions, NodeId, Ring};
+use router::{Member, MembershipError, MembershipOptions, NodeId, RedisOptions, Ring};
 use std::time::{Duration, Instant};
 
 fn opts(redis: &TestRedis) -> MembershipOptions {
     MembershipOptions {
-        cluster: redis.cluster,
         ttl: Duration::from_millis(1500),
         heartbeat: Duration::from_millis(300),
-        timeout: Duration::from_millis(500),
-        ..MembershipOptions::new(&redis.url)
+        ..MembershipOptions::new(redis.options())
     }
 }
 
@@ -104,7 +102,7 @@ fn a_redis_restart_is_survived_and_noticed() {
 
 #[test]
 fn options_are_checked() {
-    let base = MembershipOptions::new("redis://127.0.0.1:1");
+    let base = MembershipOptions::new(RedisOptions::new("redis://127.0.0.1:1"));
     assert_eq!(base.check(), Ok(()));
     let bad = |f: fn(&mut MembershipOptions)| {
         let mut o = base.clone();
@@ -112,6 +110,7 @@ fn options_are_checked() {
         o.check().unwrap_err()
     };
     assert!(bad(|o| o.heartbeat = o.ttl).contains("third"));
-    assert!(bad(|o| o.prefix = "a}b".into()).contains("prefix"));
-    assert!(bad(|o| o.timeout = Duration::ZERO).contains("timeout"));
+    assert!(bad(|o| o.redis.prefix = "a}b".into()).contains("prefix"));
+    assert!(bad(|o| o.redis.timeout = Duration::ZERO).contains("timeout"));
+    assert!(bad(|o| o.redis.timeout = Duration::from_secs(9)).contains("two heartbeats"));
 }

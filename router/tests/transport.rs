@@ -8,11 +8,7 @@ use router::{Delivery, Inbound, Outbound, TransportOptions};
 use std::time::Duration;
 
 fn opts(redis: &TestRedis) -> TransportOptions {
-    TransportOptions {
-        cluster: redis.cluster,
-        timeout: Duration::from_millis(500),
-        ..TransportOptions::new(&redis.url)
-    }
+    TransportOptions::new(redis.options())
 }
 
 fn payloads(range: std::ops::RangeInclusive<u32>) -> Vec<Vec<u8>> {

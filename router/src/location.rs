@@ -1,0 +1,139 @@
+//! Location: which live nodes hold each user's devices, for routing events,
+//! fleet-wide presence (online = a device on any node) and push (only when
+//! the user has a device on no node).
+//!
+//! One set per user, `{prefix:u:ID}:at`, under the user's own hash tag (users
+//! spread over a Redis Cluster's slots), of `NODE:INSTANCE` entries: a node adds
+//! itself when a user's first device connects to it and removes itself when the
+//! last one leaves (it counts devices itself). An entry outlives a node that
+//! dies; readers ignore entries whose instance is not the node's live one (from
+//! membership's heartbeat, [`crate::Beat::instances`]) and delete them as they
+//! go, so a dead node's entries disappear as its users are looked up. A set
+//! with no add for `idle` expires, which bounds what is left of users nobody
+//! looks up.
+
+use crate::NodeId;
+use crate::link::{Link, RedisOptions};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// A user id (as the gateway's).
+pub type UserId = u64;
+
+#[derive(Debug, Clone)]
+pub struct LocationOptions {
+    pub redis: RedisOptions,
+    /// A user's set expires this long after its last add.
+    pub idle: Duration,
+}
+
+impl LocationOptions {
+    pub fn new(redis: RedisOptions) -> LocationOptions {
+        LocationOptions { redis, idle: Duration::from_secs(30 * 86_400) }
+    }
+
+    fn key(&self, user: UserId) -> String {
+        format!("{{{}:u:{user}}}:at", self.redis.prefix)
+    }
+}
+
+/// One node's view and updates of where users are.
+pub struct Location {
+    opts: LocationOptions,
+    /// This node's entry, `NODE:INSTANCE`.
+    me: String,
+    conn: Option<Link>,
+}
+
+impl Location {
+    /// `instance` is this process's membership token ([`crate::Member::instance`]).
+    pub fn new(opts: LocationOptions, me: NodeId, instance: &str) -> Location {
+        Location { opts, me: format!("{me}:{instance}"), conn: None }
+    }
+
+    fn link(&mut self) -> Result<&mut Link, redis::RedisError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.opts.redis.connect()?);
+        }
+        Ok(self.conn.as_mut().expect("just set"))
+    }
+
+    fn run(&mut self, cmds: Vec<redis::Cmd>) -> Result<(), redis::RedisError> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        self.link()?.pipeline::<Vec<redis::Value>>(cmds).map(drop).inspect_err(|_| self.conn = None)
+    }
+
+    /// These users now have a device on this node (their first): one round trip.
+    pub fn arrive(&mut self, users: &[UserId]) -> Result<(), redis::RedisError> {
+        let idle = self.opts.idle.as_secs().max(1);
+        let mut cmds = Vec::with_capacity(users.len() * 2);
+        for &u in users {
+            let key = self.opts.key(u);
+            let mut add = redis::cmd("SADD");
+            add.arg(&key).arg(&self.me);
+            let mut exp = redis::cmd("EXPIRE");
+            exp.arg(&key).arg(idle);
+            cmds.extend([add, exp]);
+        }
+        self.run(cmds)
+    }
+
+    /// These users have no device on this node any more: one round trip.
+    pub fn depart(&mut self, users: &[UserId]) -> Result<(), redis::RedisError> {
+        let cmds = users
+            .iter()
+            .map(|&u| {
+                let mut c = redis::cmd("SREM");
+                c.arg(self.opts.key(u)).arg(&self.me);
+                c
+            })
+            .collect();
+        self.run(cmds)
+    }
+
+    /// The live nodes holding a device of each of `users` (absent: none), given
+    /// the live nodes' instances. Stale entries found are deleted.
+    pub fn nodes_of(
+        &mut self,
+        users: &[UserId],
+        live: &HashMap<NodeId, String>,
+    ) -> Result<HashMap<UserId, Vec<NodeId>>, redis::RedisError> {
+        if users.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys: Vec<String> = users.iter().map(|&u| self.opts.key(u)).collect();
+        let reads = keys
+            .iter()
+            .map(|k| {
+                let mut c = redis::cmd("SMEMBERS");
+                c.arg(k);
+                c
+            })
+            .collect();
+        let sets: Vec<Vec<String>> = self.link()?.pipeline(reads).inspect_err(|_| self.conn = None)?;
+        let mut out = HashMap::new();
+        let mut stale = Vec::new();
+        for ((&user, key), entries) in users.iter().zip(&keys).zip(sets) {
+            for entry in entries {
+                let live_node = entry
+                    .split_once(':')
+                    .and_then(|(n, inst)| Some((n.parse::<NodeId>().ok()?, inst)))
+                    .filter(|(n, inst)| live.get(n).is_some_and(|l| l == inst));
+                match live_node {
+                    Some((n, _)) => out.entry(user).or_insert_with(Vec::new).push(n),
+                    None => {
+                        let mut c = redis::cmd("SREM");
+                        c.arg(key).arg(entry);
+                        stale.push(c);
+                    }
+                }
+            }
+        }
+        out.values_mut().for_each(|nodes| nodes.sort_unstable());
+        // Cleaning up is best effort: the next lookup tries again.
+        let _ = self.run(stale);
+        Ok(out)
+    }
+}

@@ -233,5 +233,41 @@ fn ring(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, mailbox, fanout, store, tokens, ring);
+/// One cross-node hop's floor through Redis Streams on loopback (a real
+/// redis-server the bench starts, when one is installed): a batch of 200-byte
+/// payloads appended to a node's stream (one pipelined round trip), read back
+/// through its consumer group and acknowledged.
+fn transport(c: &mut Criterion) {
+    if std::process::Command::new("redis-server").arg("--version").output().is_err() {
+        eprintln!("SKIPPED transport: no redis-server (apt-get install redis-server; scripts/test does)");
+        return;
+    }
+    let redis = router::testkit::TestRedis::start();
+    let opts = router::TransportOptions::new(redis.options());
+    let mut out = router::Outbound::new(opts.clone(), 1);
+    let mut inbound = router::Inbound::open(opts, 2).unwrap();
+    let payload = vec![7u8; 200];
+    let mut g = c.benchmark_group("transport_hop");
+    for batch in [1usize, 64] {
+        let payloads: Vec<&[u8]> = vec![payload.as_slice(); batch];
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(BenchmarkId::from_parameter(batch), |b| {
+            b.iter(|| {
+                out.send(2, &payloads).unwrap();
+                let mut ids = Vec::with_capacity(batch);
+                while ids.len() < batch {
+                    for d in inbound.read(batch, std::time::Duration::from_secs(1)).unwrap() {
+                        if let router::Delivery::Entry(e) = d {
+                            ids.push(e.id);
+                        }
+                    }
+                }
+                inbound.ack(&ids.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec, mailbox, fanout, store, tokens, ring, transport);
 criterion_main!(benches);

@@ -3,7 +3,7 @@
 //!
 //! A connection is one task on its shard, the reader: it parses frames
 //! (tungstenite's `WebSocketContext`, fed from the shard's scratch buffer) and
-//! handles requests one at a time. Events reach the outbound queue from the
+//! takes requests in arrival order. Events reach the outbound queue from the
 //! user's mailbox through [`Conn::offer`]. The shard's flusher writes queued
 //! frames with one vectored, non-blocking send per connection per round; a
 //! connection whose socket is full gets a second task that waits for
@@ -17,13 +17,12 @@
 
 use crate::capacity::SocketSlot;
 use crate::http::{Request, choose_subprotocol, error_response};
-use crate::mailbox::{ConnId, Event, EventKind};
+use crate::mailbox::{Answer, ConnId, Event, EventKind, Origin};
 use crate::netio::{self, Signal};
 use crate::ratelimit::{Budget, ConnLimits, Verdict, budget_of};
 use crate::sequencer::{Command, SendCmd};
 use crate::shard::ShardCtx;
 use bytes::Bytes;
-use futures_channel::oneshot;
 use monoio::net::TcpStream;
 use protocol::{
     ClientFrame, ClientMsg, CloseCode, ConversationId, ConversationSummary, ErrorCode, Position, Seq,
@@ -497,9 +496,19 @@ impl Conn {
                     self.settled();
                 }
             }
-            EventKind::Refused { origin, request_id, code } => {
-                if *origin == self.id {
-                    self.error(*request_id, *code, None);
+            EventKind::Reply { origin, result, settles } => {
+                if origin.conn != self.id {
+                    return;
+                }
+                match result {
+                    Ok(Answer::Ok) => self.reply(origin.request, ServerMsg::Ok),
+                    Ok(Answer::Conversation(c)) => {
+                        self.reply(origin.request, ServerMsg::Conversation { conversation: c.clone() })
+                    }
+                    Err(code) => self.error(origin.request, *code, None),
+                }
+                if *settles {
+                    self.settled();
                 }
             }
             EventKind::Receipt { .. }
@@ -830,37 +839,12 @@ fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) -> Option<Pin<Bo
     }
 }
 
-/// Sends a command that answers with a conversation, and relays the answer.
-async fn conversation_command(
-    conn: &Conn,
-    id: u64,
-    make: impl FnOnce(oneshot::Sender<Result<protocol::Conversation, ErrorCode>>) -> Command,
-) {
-    let (tx, rx) = oneshot::channel();
-    if conn.shard.shared.sequencer.submit(make(tx)).is_err() {
-        return conn.error(id, ErrorCode::Overloaded, None);
-    }
-    match rx.await {
-        Ok(Ok(conversation)) => conn.reply(id, ServerMsg::Conversation { conversation }),
-        Ok(Err(code)) => conn.error(id, code, None),
-        Err(_) => conn.error(id, ErrorCode::Internal, None),
-    }
-}
-
-/// Sends a command that answers with nothing but success, and relays the answer (`ok` or an error).
-async fn done_command(
-    conn: &Conn,
-    id: u64,
-    make: impl FnOnce(oneshot::Sender<Result<(), ErrorCode>>) -> Command,
-) {
-    let (tx, rx) = oneshot::channel();
-    if conn.shard.shared.sequencer.submit(make(tx)).is_err() {
-        return conn.error(id, ErrorCode::Overloaded, None);
-    }
-    match rx.await {
-        Ok(Ok(())) => conn.reply(id, ServerMsg::Ok),
-        Ok(Err(code)) => conn.error(id, code, None),
-        Err(_) => conn.error(id, ErrorCode::Internal, None),
+/// Queues a command that always gets an answer (`conversation`, `ok` or an error),
+/// which comes back as a [`EventKind::Reply`] through the user's mailbox, after the
+/// command's commit and in its place among the conversation's events.
+fn command(conn: &Conn, id: u64, make: impl FnOnce(Origin) -> Command) {
+    if submit(conn, id, make(Origin { conn: conn.id, request: id })) {
+        conn.inflight.set(conn.inflight.get() + 1);
     }
 }
 
@@ -908,7 +892,7 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
         sender: user,
         client_msg_id,
         body,
-        origin: conn.id,
+        origin: Origin { conn: conn.id, request: id },
         submitted: std::time::Instant::now(),
     });
     if let Err(Command::Send(cmd)) = seq.submit(cmd) {
@@ -926,8 +910,7 @@ fn typing_request(conn: &Conn, id: u64, conversation_id: ConversationId, typing:
         conversation: conversation_id,
         user: conn.user,
         typing,
-        origin: conn.id,
-        request_id: id,
+        origin: Origin { conn: conn.id, request: id },
     };
     submit(conn, id, cmd);
 }
@@ -940,17 +923,19 @@ fn mark(conn: &Conn, id: u64, conversation_id: ConversationId, seq: Seq, read: b
         user: conn.user,
         seq,
         read,
-        origin: conn.id,
-        request_id: id,
+        origin: Origin { conn: conn.id, request: id },
     };
     submit(conn, id, cmd);
 }
 
-/// Submits a fire-and-forget command; refusals come back as errors with the request's id.
-fn submit(conn: &Conn, id: u64, cmd: Command) {
+/// Submits a command; refusals come back as errors with the request's id. False if
+/// it was refused here (the sequencer's queue was full).
+fn submit(conn: &Conn, id: u64, cmd: Command) -> bool {
     if conn.shard.shared.sequencer.submit(cmd).is_err() {
         conn.error(id, ErrorCode::Overloaded, None);
+        return false;
     }
+    true
 }
 
 async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
@@ -993,14 +978,13 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             if !valid_emoji(&emoji) {
                 return conn.error(id, ErrorCode::InvalidField, None);
             }
-            done_command(conn, id, |reply| Command::React {
+            command(conn, id, |origin| Command::React {
                 actor: user,
                 conversation: conversation_id,
                 seq,
                 emoji,
-                reply,
+                origin,
             })
-            .await
         }
         ClientMsg::GetPresence { user_ids } => {
             if user_ids.len() > crate::presence::MAX_QUERY {
@@ -1018,58 +1002,33 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             }
         }
         ClientMsg::CreateDirect { user_id } => {
-            conversation_command(conn, id, |reply| Command::CreateDirect { user, peer: user_id, reply }).await
+            command(conn, id, |origin| Command::CreateDirect { user, peer: user_id, origin })
         }
         ClientMsg::CreateGroup { title, members } => {
             if let Err(code) = may_add(conn, &members).await {
                 return conn.error(id, code, None);
             }
-            conversation_command(conn, id, |reply| Command::CreateGroup {
-                owner: user,
-                title,
-                members,
-                reply,
-            })
-            .await
+            command(conn, id, |origin| Command::CreateGroup { owner: user, title, members, origin })
         }
         ClientMsg::AddMembers { conversation_id, user_ids } => {
             if let Err(code) = may_add(conn, &user_ids).await {
                 return conn.error(id, code, None);
             }
-            conversation_command(conn, id, |reply| Command::AddMembers {
+            command(conn, id, |origin| Command::AddMembers {
                 actor: user,
                 conversation: conversation_id,
                 users: user_ids,
-                reply,
+                origin,
             })
-            .await
         }
-        ClientMsg::RemoveMember { conversation_id, user_id } => {
-            conversation_command(conn, id, |reply| Command::RemoveMember {
-                actor: user,
-                conversation: conversation_id,
-                user: user_id,
-                reply,
-            })
-            .await
-        }
-        ClientMsg::SetRole { conversation_id, user_id, role } => {
-            conversation_command(conn, id, |reply| Command::SetRole {
-                actor: user,
-                conversation: conversation_id,
-                user: user_id,
-                role,
-                reply,
-            })
-            .await
-        }
+        ClientMsg::RemoveMember { conversation_id, user_id } => command(conn, id, |origin| {
+            Command::RemoveMember { actor: user, conversation: conversation_id, user: user_id, origin }
+        }),
+        ClientMsg::SetRole { conversation_id, user_id, role } => command(conn, id, |origin| {
+            Command::SetRole { actor: user, conversation: conversation_id, user: user_id, role, origin }
+        }),
         ClientMsg::Leave { conversation_id } => {
-            done_command(conn, id, |reply| Command::Leave {
-                actor: user,
-                conversation: conversation_id,
-                reply,
-            })
-            .await
+            command(conn, id, |origin| Command::Leave { actor: user, conversation: conversation_id, origin })
         }
         ClientMsg::Edit { conversation_id, seq, body } => {
             if body.is_empty() {
@@ -1078,33 +1037,26 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             if body.len() > conn.limits().max_body_bytes.get() as usize {
                 return conn.error(id, ErrorCode::BodyTooLarge, None);
             }
-            done_command(conn, id, |reply| Command::Edit {
+            command(conn, id, |origin| Command::Edit {
                 actor: user,
                 conversation: conversation_id,
                 seq,
                 body,
-                reply,
+                origin,
             })
-            .await
         }
-        ClientMsg::Mute { conversation_id, muted } => {
-            done_command(conn, id, |reply| Command::Mute {
-                actor: user,
-                conversation: conversation_id,
-                muted,
-                reply,
-            })
-            .await
-        }
-        ClientMsg::Delete { conversation_id, seq } => {
-            done_command(conn, id, |reply| Command::Delete {
-                actor: user,
-                conversation: conversation_id,
-                seq,
-                reply,
-            })
-            .await
-        }
+        ClientMsg::Mute { conversation_id, muted } => command(conn, id, |origin| Command::Mute {
+            actor: user,
+            conversation: conversation_id,
+            muted,
+            origin,
+        }),
+        ClientMsg::Delete { conversation_id, seq } => command(conn, id, |origin| Command::Delete {
+            actor: user,
+            conversation: conversation_id,
+            seq,
+            origin,
+        }),
         ClientMsg::GetConversation { conversation_id } => {
             let r = read(conn, move |s| {
                 let rec = s.conversation(conversation_id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;

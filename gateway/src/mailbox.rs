@@ -31,8 +31,38 @@ use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Instant;
 
-/// A connection's id, unique in this process.
+/// A connection's id, unique in the fleet: the node id in the top 16 bits (see
+/// [`conn_ids`]), so an answer finds its way back to the node of the connection.
 pub type ConnId = u64;
+
+/// The node a connection id was given out by.
+pub fn node_of(conn: ConnId) -> u16 {
+    (conn >> 48) as u16
+}
+
+/// Where node `node` starts numbering its connections: its id in the top 16 bits and
+/// a random start below (at least 2^46 ids before the numbering wraps), so a
+/// restarted node does not hand out the ids its previous run's answers still name.
+pub fn conn_ids(node: u16) -> u64 {
+    (u64::from(node) << 48) | (rand::random::<u64>() & ((1 << 46) - 1))
+}
+
+/// Who asked: the connection and its request id. Every command the sequencer takes
+/// carries one, and its answer is an event addressed to it, so the answer travels
+/// like every other event (through the asker's mailbox, or across nodes) and lands
+/// in its place in the conversation's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub conn: ConnId,
+    pub request: u64,
+}
+
+/// A successful answer to a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Ok,
+    Conversation(protocol::Conversation),
+}
 
 /// Something that happened in a conversation, to be shown to some connections.
 #[derive(Debug)]
@@ -42,8 +72,10 @@ pub enum EventKind {
     Message { message: Message, origin: Option<ConnId>, to_others: bool },
     /// A `send` that was refused; goes to the sending connection only.
     SendFailed { origin: ConnId, conversation_id: ConversationId, client_msg_id: String, code: ErrorCode },
-    /// Another request refused by the sequencer (answered with its request id); to `origin` only.
-    Refused { origin: ConnId, request_id: u64, code: ErrorCode },
+    /// The answer to a request other than `send`; to `origin` only. Requests that
+    /// answer only when refused (`typing`, `mark_*`) get one on failure alone.
+    /// `settles`: the request is one that is always answered (the asker counts it as in flight).
+    Reply { origin: Origin, result: Result<Answer, ErrorCode>, settles: bool },
     /// `user` started or stopped typing. Ephemeral: shown to synced connections of
     /// the other members, never stored, never held for a connection that has not synced.
     Typing { conversation_id: ConversationId, user: UserId, typing: bool },
@@ -89,7 +121,7 @@ impl Event {
     /// The broadcast form (the same frame for every connection it reaches), as a
     /// complete WebSocket frame; `None` for replies meant for one connection.
     pub fn broadcast_frame(&self, proto: Subprotocol) -> Option<Bytes> {
-        if matches!(self.kind, EventKind::SendFailed { .. } | EventKind::Refused { .. }) {
+        if matches!(self.kind, EventKind::SendFailed { .. } | EventKind::Reply { .. }) {
             return None;
         }
         let slot = &self.encoded[proto as usize];
@@ -119,7 +151,7 @@ impl Event {
                         }
                     }
                     EventKind::Presence(p) => ServerMsg::Presence { presence: p.clone() },
-                    EventKind::SendFailed { .. } | EventKind::Refused { .. } => unreachable!("checked above"),
+                    EventKind::SendFailed { .. } | EventKind::Reply { .. } => unreachable!("checked above"),
                 };
                 crate::frame::ws_frame(proto, &proto.encode_server(&ServerFrame { id: 0, body }))
             })

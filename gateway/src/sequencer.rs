@@ -15,10 +15,9 @@
 
 use crate::auth::now_ms;
 use crate::ids::IdGen;
-use crate::mailbox::{ConnId, Event, EventKind, Registry};
+use crate::mailbox::{Answer, Event, EventKind, Origin, Registry};
 use crate::metrics::Metrics;
 use crate::push::Push;
-use futures_channel::oneshot;
 use protocol::{
     Conversation, ConversationId, ConversationKind, ErrorCode, Member, Message, MessageKind, Role, Seq,
     UserId,
@@ -27,8 +26,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::{BucketRef, ConversationRecord, Mutation, Order, Positions, Store, bucket_of, pair};
-
-pub type Reply<T> = oneshot::Sender<Result<T, ErrorCode>>;
 
 #[derive(Debug)]
 pub enum Command {
@@ -39,14 +36,14 @@ pub enum Command {
         conversation: ConversationId,
         seq: Seq,
         body: String,
-        reply: Reply<()>,
+        origin: Origin,
     },
     /// Tombstones message `seq` (its sender; in groups also admins and the owner).
     Delete {
         actor: UserId,
         conversation: ConversationId,
         seq: Seq,
-        reply: Reply<()>,
+        origin: Origin,
     },
     /// Sets (or, with an empty emoji, removes) a member's reaction to message `seq`.
     React {
@@ -54,14 +51,14 @@ pub enum Command {
         conversation: ConversationId,
         seq: Seq,
         emoji: String,
-        reply: Reply<()>,
+        origin: Origin,
     },
     /// Mutes or unmutes a conversation for one member.
     Mute {
         actor: UserId,
         conversation: ConversationId,
         muted: bool,
-        reply: Reply<()>,
+        origin: Origin,
     },
     /// A member's device received (or the member read) everything up to `seq`.
     Mark {
@@ -69,51 +66,49 @@ pub enum Command {
         user: UserId,
         seq: Seq,
         read: bool,
-        origin: ConnId,
-        request_id: u64,
+        origin: Origin,
     },
     /// A typing start or stop: checked and relayed in order with the batch, never stored.
     Typing {
         conversation: ConversationId,
         user: UserId,
         typing: bool,
-        origin: ConnId,
-        request_id: u64,
+        origin: Origin,
     },
     CreateDirect {
         user: UserId,
         peer: UserId,
-        reply: Reply<Conversation>,
+        origin: Origin,
     },
     CreateGroup {
         owner: UserId,
         title: String,
         members: Vec<UserId>,
-        reply: Reply<Conversation>,
+        origin: Origin,
     },
     AddMembers {
         actor: UserId,
         conversation: ConversationId,
         users: Vec<UserId>,
-        reply: Reply<Conversation>,
+        origin: Origin,
     },
     RemoveMember {
         actor: UserId,
         conversation: ConversationId,
         user: UserId,
-        reply: Reply<Conversation>,
+        origin: Origin,
     },
     Leave {
         actor: UserId,
         conversation: ConversationId,
-        reply: Reply<()>,
+        origin: Origin,
     },
     SetRole {
         actor: UserId,
         conversation: ConversationId,
         user: UserId,
         role: Role,
-        reply: Reply<Conversation>,
+        origin: Origin,
     },
 }
 
@@ -124,9 +119,49 @@ pub struct SendCmd {
     pub client_msg_id: String,
     pub body: String,
     /// The connection that sent it: it gets the ack.
-    pub origin: ConnId,
+    pub origin: Origin,
     /// When the shard queued it (for the delivery-latency metric).
     pub submitted: Instant,
+}
+
+impl Command {
+    /// Who asked, and where the answer goes.
+    pub fn origin(&self) -> Origin {
+        match self {
+            Command::Send(c) => c.origin,
+            Command::Edit { origin, .. }
+            | Command::Delete { origin, .. }
+            | Command::React { origin, .. }
+            | Command::Mute { origin, .. }
+            | Command::Mark { origin, .. }
+            | Command::Typing { origin, .. }
+            | Command::CreateDirect { origin, .. }
+            | Command::CreateGroup { origin, .. }
+            | Command::AddMembers { origin, .. }
+            | Command::RemoveMember { origin, .. }
+            | Command::Leave { origin, .. }
+            | Command::SetRole { origin, .. } => *origin,
+        }
+    }
+
+    /// The user acting (the asker's user).
+    pub fn actor(&self) -> UserId {
+        match self {
+            Command::Send(c) => c.sender,
+            Command::Mark { user, .. }
+            | Command::Typing { user, .. }
+            | Command::CreateDirect { user, .. } => *user,
+            Command::CreateGroup { owner, .. } => *owner,
+            Command::Edit { actor, .. }
+            | Command::Delete { actor, .. }
+            | Command::React { actor, .. }
+            | Command::Mute { actor, .. }
+            | Command::AddMembers { actor, .. }
+            | Command::RemoveMember { actor, .. }
+            | Command::Leave { actor, .. }
+            | Command::SetRole { actor, .. } => *actor,
+        }
+    }
 }
 
 /// The shards' handle on the sequencer.
@@ -259,11 +294,8 @@ enum About {
     Message(Seq),
 }
 
-enum Effect {
-    Event(Arc<Event>, Arc<[UserId]>),
-    Conv(Reply<Conversation>, Result<Conversation, ErrorCode>),
-    Done(Reply<()>, Result<(), ErrorCode>),
-}
+/// An event and who it is for (chosen when it is built).
+struct Effect(Arc<Event>, Arc<[UserId]>);
 
 /// What one batch accumulates before its commit.
 #[derive(Default)]
@@ -438,7 +470,7 @@ impl Worker {
     }
 
     fn event(batch: &mut Batch, m: Message, recipients: Arc<[UserId]>) {
-        batch.effects.push(Effect::Event(
+        batch.effects.push(Effect(
             Event::new(EventKind::Message { message: m, origin: None, to_others: true }),
             recipients,
         ));
@@ -467,102 +499,93 @@ impl Worker {
     }
 
     fn apply(&mut self, cmd: Command, batch: &mut Batch) {
-        match cmd {
+        let (origin, actor) = (cmd.origin(), cmd.actor());
+        // Typing and marks are answered only when refused.
+        let settles = !matches!(cmd, Command::Typing { .. } | Command::Mark { .. });
+        let result = match cmd {
             Command::Send(cmd) => {
-                let (conversation, sender, origin) = (cmd.conversation, cmd.sender, cmd.origin);
+                let (conversation, sender) = (cmd.conversation, cmd.sender);
                 let client_msg_id = cmd.client_msg_id.clone();
-                match self.send(cmd, batch) {
-                    Ok(()) => {}
-                    Err(code) => batch.effects.push(Effect::Event(
+                if let Err(code) = self.send(cmd, batch) {
+                    batch.effects.push(Effect(
                         Event::new(EventKind::SendFailed {
-                            origin,
+                            origin: origin.conn,
                             conversation_id: conversation,
                             client_msg_id,
                             code,
                         }),
                         Arc::from([sender]),
-                    )),
+                    ));
                 }
+                return;
             }
-            Command::Typing { conversation, user, typing, origin, request_id } => {
-                let effect = match self.member(conversation, user) {
-                    Ok(st) => Effect::Event(
+            Command::Typing { conversation, user, typing, .. } => match self.member(conversation, user) {
+                Ok(st) => {
+                    batch.effects.push(Effect(
                         Event::new(EventKind::Typing { conversation_id: conversation, user, typing }),
                         st.recipients.clone(),
-                    ),
-                    Err(code) => Self::refused(origin, request_id, code, user),
-                };
-                batch.effects.push(effect);
+                    ));
+                    return;
+                }
+                Err(code) => Err(code),
+            },
+            Command::Mute { actor, conversation, muted, .. } => self.member(conversation, actor).map(|st| {
+                // Read again after the commit: right whether or not the commit succeeds.
+                st.mutes.remove(&actor);
+                batch.muts.push(Mutation::SetMuted { conversation, user: actor, muted });
+                Answer::Ok
+            }),
+            Command::React { actor, conversation, seq, emoji, .. } => {
+                self.react(actor, conversation, seq, emoji, batch).map(|()| Answer::Ok)
             }
-            Command::Mute { actor, conversation, muted, reply } => {
-                let r = self.member(conversation, actor).map(|st| {
-                    // Read again after the commit: right whether or not the commit succeeds.
-                    st.mutes.remove(&actor);
-                    batch.muts.push(Mutation::SetMuted { conversation, user: actor, muted });
-                });
-                batch.effects.push(Effect::Done(reply, r));
+            Command::Edit { actor, conversation, seq, body, .. } => {
+                self.change(actor, conversation, seq, Some(body), batch).map(|()| Answer::Ok)
             }
-            Command::React { actor, conversation, seq, emoji, reply } => {
-                let r = self.react(actor, conversation, seq, emoji, batch);
-                batch.effects.push(Effect::Done(reply, r));
+            Command::Delete { actor, conversation, seq, .. } => {
+                self.change(actor, conversation, seq, None, batch).map(|()| Answer::Ok)
             }
-            Command::Edit { actor, conversation, seq, body, reply } => {
-                let r = self.change(actor, conversation, seq, Some(body), batch);
-                batch.effects.push(Effect::Done(reply, r));
-            }
-            Command::Delete { actor, conversation, seq, reply } => {
-                let r = self.change(actor, conversation, seq, None, batch);
-                batch.effects.push(Effect::Done(reply, r));
-            }
-            Command::Mark { conversation, user, seq, read, origin, request_id } => {
-                let effect = match self.member(conversation, user) {
-                    Ok(st) if seq > st.rec.last_seq => {
-                        Some(Self::refused(origin, request_id, ErrorCode::BadCursor, user))
-                    }
-                    Ok(st) => st.advance(batch, user, seq, read).map(|p| {
-                        Effect::Event(
+            Command::Mark { conversation, user, seq, read, .. } => match self.member(conversation, user) {
+                Ok(st) if seq > st.rec.last_seq => Err(ErrorCode::BadCursor),
+                Ok(st) => {
+                    if let Some(p) = st.advance(batch, user, seq, read) {
+                        batch.effects.push(Effect(
                             Event::new(EventKind::Receipt {
                                 conversation_id: conversation,
                                 user,
                                 positions: p,
                             }),
                             st.recipients.clone(),
-                        )
-                    }),
-                    Err(code) => Some(Self::refused(origin, request_id, code, user)),
-                };
-                batch.effects.extend(effect);
+                        ));
+                    }
+                    return;
+                }
+                Err(code) => Err(code),
+            },
+            Command::CreateDirect { user, peer, .. } => {
+                self.create_direct(user, peer, batch).map(Answer::Conversation)
             }
-            Command::CreateDirect { user, peer, reply } => {
-                let r = self.create_direct(user, peer, batch);
-                batch.effects.push(Effect::Conv(reply, r));
+            Command::CreateGroup { owner, title, members, .. } => {
+                self.create_group(owner, title, members, batch).map(Answer::Conversation)
             }
-            Command::CreateGroup { owner, title, members, reply } => {
-                let r = self.create_group(owner, title, members, batch);
-                batch.effects.push(Effect::Conv(reply, r));
+            Command::AddMembers { actor, conversation, users, .. } => {
+                self.add_members(actor, conversation, users, batch).map(Answer::Conversation)
             }
-            Command::AddMembers { actor, conversation, users, reply } => {
-                let r = self.add_members(actor, conversation, users, batch);
-                batch.effects.push(Effect::Conv(reply, r));
+            Command::RemoveMember { actor, conversation, user, .. } => if actor == user {
+                self.leave(actor, conversation, batch).and_then(|()| Ok(self.load(conversation)?.snapshot()))
+            } else {
+                self.remove_member(actor, conversation, user, batch)
             }
-            Command::RemoveMember { actor, conversation, user, reply } => {
-                let r = if actor == user {
-                    self.leave(actor, conversation, batch)
-                        .and_then(|()| Ok(self.load(conversation)?.snapshot()))
-                } else {
-                    self.remove_member(actor, conversation, user, batch)
-                };
-                batch.effects.push(Effect::Conv(reply, r));
+            .map(Answer::Conversation),
+            Command::Leave { actor, conversation, .. } => {
+                self.leave(actor, conversation, batch).map(|()| Answer::Ok)
             }
-            Command::Leave { actor, conversation, reply } => {
-                let r = self.leave(actor, conversation, batch);
-                batch.effects.push(Effect::Done(reply, r));
+            Command::SetRole { actor, conversation, user, role, .. } => {
+                self.set_role(actor, conversation, user, role, batch).map(Answer::Conversation)
             }
-            Command::SetRole { actor, conversation, user, role, reply } => {
-                let r = self.set_role(actor, conversation, user, role, batch);
-                batch.effects.push(Effect::Conv(reply, r));
-            }
-        }
+        };
+        batch
+            .effects
+            .push(Effect(Event::new(EventKind::Reply { origin, result, settles }), Arc::from([actor])));
     }
 
     /// Edits (`Some(body)`) or deletes (`None`) message `seq`: rewrites the stored
@@ -662,7 +685,7 @@ impl Worker {
         let reactions = storage::reaction_counts(current.values().map(String::as_str));
         batch.muts.push(Mutation::PutReaction { conversation, seq, user: actor, emoji: emoji.clone() });
         let recipients = self.convs[&conversation].recipients.clone();
-        batch.effects.push(Effect::Event(
+        batch.effects.push(Effect(
             Event::new(EventKind::Reaction {
                 conversation_id: conversation,
                 seq,
@@ -675,12 +698,9 @@ impl Worker {
         Ok(())
     }
 
-    fn refused(origin: ConnId, request_id: u64, code: ErrorCode, user: UserId) -> Effect {
-        Effect::Event(Event::new(EventKind::Refused { origin, request_id, code }), Arc::from([user]))
-    }
-
     fn send(&mut self, cmd: SendCmd, batch: &mut Batch) -> Result<(), Fail> {
         let SendCmd { conversation, sender, client_msg_id, body, origin, submitted } = cmd;
+        let origin = origin.conn;
         let store = self.store.clone();
         let st = self.member(conversation, sender)?;
         let key = (conversation, sender, client_msg_id);
@@ -697,7 +717,7 @@ impl Worker {
         };
         if let Some(message) = earlier {
             // A resend: ack the stored message again, deliver nothing new.
-            batch.effects.push(Effect::Event(
+            batch.effects.push(Effect(
                 Event::new(EventKind::Message { message, origin: Some(origin), to_others: false }),
                 Arc::from([sender]),
             ));
@@ -714,7 +734,7 @@ impl Worker {
         });
         let recipients = st.recipients.clone();
         batch.idem.insert(key, m.clone());
-        batch.effects.push(Effect::Event(
+        batch.effects.push(Effect(
             Event::submitted_at(
                 EventKind::Message { message: m, origin: Some(origin), to_others: true },
                 submitted,
@@ -979,56 +999,54 @@ impl Worker {
         let mut messages = 0;
         let registry = self.registry.clone();
         let mut delivery = registry.delivery();
-        for effect in batch.effects {
-            match effect {
-                Effect::Event(ev, recipients) => {
-                    // Each effect's recipients were chosen when it was built; a failed commit
-                    // only turns new messages into errors for their sender.
-                    let (ev, recipients) = if committed {
-                        messages += u64::from(matches!(ev.kind, EventKind::Message { to_others: true, .. }));
-                        (ev, recipients)
-                    } else {
-                        match &ev.kind {
-                            EventKind::Message { message, origin: Some(origin), to_others: true } => (
-                                Event::new(EventKind::SendFailed {
-                                    origin: *origin,
-                                    conversation_id: message.conversation_id,
-                                    client_msg_id: message.client_msg_id.clone(),
-                                    code: ErrorCode::Internal,
-                                }),
-                                Arc::from([message.sender_id]),
-                            ),
-                            // Not stored, so not true: never shown.
-                            EventKind::Message { to_others: true, .. }
-                            | EventKind::Receipt { .. }
-                            | EventKind::Reaction { .. } => continue,
-                            _ => (ev, recipients),
-                        }
-                    };
-                    let pushable = match &ev.kind {
-                        EventKind::Message { message, to_others: true, .. }
-                            if committed && message.kind == MessageKind::Text =>
-                        {
-                            Some(message)
-                        }
-                        _ => None,
-                    };
-                    for &u in recipients.iter() {
-                        let reached = delivery.deliver(u, &ev);
-                        if let Some(m) = pushable
-                            && reached == 0
-                            && u != m.sender_id
-                            && !self.muted(m.conversation_id, u)
-                        {
-                            self.push.submit(u, m);
-                        }
-                    }
+        for Effect(ev, recipients) in batch.effects {
+            // Each effect's recipients were chosen when it was built; a failed commit
+            // turns new messages into errors for their sender and successes into errors.
+            let (ev, recipients) = if committed {
+                messages += u64::from(matches!(ev.kind, EventKind::Message { to_others: true, .. }));
+                (ev, recipients)
+            } else {
+                match &ev.kind {
+                    EventKind::Message { message, origin: Some(origin), to_others: true } => (
+                        Event::new(EventKind::SendFailed {
+                            origin: *origin,
+                            conversation_id: message.conversation_id,
+                            client_msg_id: message.client_msg_id.clone(),
+                            code: ErrorCode::Internal,
+                        }),
+                        Arc::from([message.sender_id]),
+                    ),
+                    EventKind::Reply { origin, result: Ok(_), settles } => (
+                        Event::new(EventKind::Reply {
+                            origin: *origin,
+                            result: Err(ErrorCode::Internal),
+                            settles: *settles,
+                        }),
+                        recipients,
+                    ),
+                    // Not stored, so not true: never shown.
+                    EventKind::Message { to_others: true, .. }
+                    | EventKind::Receipt { .. }
+                    | EventKind::Reaction { .. } => continue,
+                    _ => (ev, recipients),
                 }
-                Effect::Conv(reply, r) => {
-                    let _ = reply.send(if committed { r } else { Err(ErrorCode::Internal) });
+            };
+            let pushable = match &ev.kind {
+                EventKind::Message { message, to_others: true, .. }
+                    if committed && message.kind == MessageKind::Text =>
+                {
+                    Some(message)
                 }
-                Effect::Done(reply, r) => {
-                    let _ = reply.send(if committed { r } else { Err(ErrorCode::Internal) });
+                _ => None,
+            };
+            for &u in recipients.iter() {
+                let reached = delivery.deliver(u, &ev);
+                if let Some(m) = pushable
+                    && reached == 0
+                    && u != m.sender_id
+                    && !self.muted(m.conversation_id, u)
+                {
+                    self.push.submit(u, m);
                 }
             }
         }

@@ -255,6 +255,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     let mut management = cfg.metrics_listen.map(listener).transpose()?;
     let metrics_addr = management.as_ref().map(|m| m.local_addr()).transpose()?;
     let driver = cfg.io_driver;
+    let node_id = cfg.node_id;
     let cfg_per_user = cfg.limits.max_connections_per_user.get();
     let rates = crate::ratelimit::Rates::new(&cfg.limits);
     let shared = Arc::new(Shared {
@@ -268,7 +269,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         hashers,
         logins,
         ids,
-        next_conn: AtomicU64::new(1),
+        next_conn: AtomicU64::new(crate::mailbox::conn_ids(node_id)),
         metrics,
         capacity: Capacity::new(max_sockets, cfg_per_user),
         health,

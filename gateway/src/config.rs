@@ -39,6 +39,65 @@ pub struct Config {
     pub storage: StorageConfig,
     pub presence: PresenceSettings,
     pub push: PushConfig,
+    pub fleet: FleetSettings,
+}
+
+/// Running as one node of a fleet (docs/architecture.md, "the fleet path").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetSettings {
+    /// Redis holding the fleet's membership, users' locations and every node's
+    /// inbound stream, e.g. `redis://127.0.0.1:6379`; for a Redis Cluster, its seed
+    /// nodes separated by commas. Unset: this node runs alone and owns everything.
+    pub redis_url: Option<String>,
+    /// `redis_url` names a Redis Cluster.
+    pub redis_cluster: bool,
+    /// Prefix of every Redis key the fleet uses (several fleets can share a Redis).
+    pub redis_prefix: String,
+    /// Redis connect, read and write timeout, milliseconds.
+    pub redis_timeout_ms: NonZeroU64,
+    /// How often a node renews its membership, milliseconds.
+    pub heartbeat_ms: NonZeroU64,
+    /// A node missing its renewals this long is dead, milliseconds (at least 3 heartbeats).
+    pub ttl_ms: NonZeroU64,
+    /// Items (forwarded commands, batches' events) waiting to be sent to other
+    /// nodes; beyond: commands refused with 1020, events dropped and resynced.
+    pub out_queue: NonZeroUsize,
+    /// Arrivals and departures waiting to be recorded; beyond: an arrival proceeds unrecorded
+    /// (and is retried), a departure's record stays.
+    pub loc_queue: NonZeroUsize,
+    /// How long a failing send to another node is retried before its commands are
+    /// refused with 1022 and its events resynced, milliseconds.
+    pub send_retry_ms: NonZeroU64,
+    /// Entries kept in a node's inbound stream (approximately, `MAXLEN ~`).
+    pub stream_max_len: NonZeroUsize,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        FleetSettings {
+            redis_url: None,
+            redis_cluster: false,
+            redis_prefix: "sb".into(),
+            redis_timeout_ms: nz64(1000),
+            heartbeat_ms: nz64(1000),
+            ttl_ms: nz64(5000),
+            out_queue: nzu(65536),
+            loc_queue: nzu(65536),
+            send_retry_ms: nz64(2000),
+            stream_max_len: nzu(100_000),
+        }
+    }
+}
+
+impl FleetSettings {
+    pub fn threads(&self) -> crate::fleet::FleetConfig {
+        crate::fleet::FleetConfig {
+            out_queue: self.out_queue.get(),
+            loc_queue: self.loc_queue.get(),
+            send_retry: std::time::Duration::from_millis(self.send_retry_ms.get()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -348,6 +407,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             presence: PresenceSettings::default(),
             push: PushConfig::default(),
+            fleet: FleetSettings::default(),
         }
     }
 }
@@ -469,6 +529,11 @@ impl Config {
                 .options()
                 .check()
                 .map_err(|e| anyhow::anyhow!("storage.cassandra: {e}"))?;
+        }
+        if self.fleet.redis_url.is_some() {
+            crate::fleet::redis::options(self).check().map_err(|e| {
+                anyhow::anyhow!("fleet: {e} (fleet.heartbeat_ms, fleet.ttl_ms, fleet.redis_timeout_ms)")
+            })?;
         }
         match (&self.push.backend, &self.push.webhook_url) {
             (PushBackend::Webhook, None) => bail!("push.backend = \"webhook\" needs push.webhook_url"),

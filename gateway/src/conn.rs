@@ -236,6 +236,9 @@ pub async fn upgrade(
         linger_over: Cell::new(false),
         _slots: (slot, user_slot),
     });
+    // In a fleet, the user's location names this node before anything is read: a
+    // commit after the sync's store read is then fanned out to this node.
+    shard.shared.router.arrive(user).await;
     // Registered before anything is read: events from now on reach this connection
     // (held until `sync`), so a sync's store read and the live stream overlap, never gap.
     shard.attach(conn.clone());
@@ -314,6 +317,7 @@ async fn run(conn: Rc<Conn>) {
     conn.close(None);
     linger(&conn).await;
     conn.shard.detach(&conn);
+    conn.shard.shared.router.depart(conn.user);
     conn.shard.shared.metrics.connections.dec();
 }
 
@@ -511,6 +515,7 @@ impl Conn {
                     self.settled();
                 }
             }
+            EventKind::Resync => self.close(Some(CloseCode::SlowConsumer)),
             EventKind::Receipt { .. }
             | EventKind::Typing { .. }
             | EventKind::Reaction { .. }
@@ -843,7 +848,7 @@ fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) -> Option<Pin<Bo
 /// which comes back as a [`EventKind::Reply`] through the user's mailbox, after the
 /// command's commit and in its place among the conversation's events.
 fn command(conn: &Conn, id: u64, make: impl FnOnce(Origin) -> Command) {
-    if submit(conn, id, make(Origin { conn: conn.id, request: id })) {
+    if submit(conn, id, make(Origin::new(conn.id, id))) {
         conn.inflight.set(conn.inflight.get() + 1);
     }
 }
@@ -876,7 +881,7 @@ fn member_head(store: &dyn storage::Store, conv: ConversationId, user: UserId) -
 /// through the user's mailbox in conversation order.
 fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: String, body: String) {
     let user = conn.user;
-    let seq = &conn.shard.shared.sequencer;
+    let shared = &conn.shard.shared;
     let bad = if client_msg_id.is_empty() || client_msg_id.len() > 64 || body.is_empty() {
         Some(ErrorCode::InvalidField)
     } else if body.len() > conn.limits().max_body_bytes.get() as usize {
@@ -892,10 +897,10 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
         sender: user,
         client_msg_id,
         body,
-        origin: Origin { conn: conn.id, request: id },
+        origin: Origin::new(conn.id, id),
         submitted: std::time::Instant::now(),
     });
-    if let Err(Command::Send(cmd)) = seq.submit(cmd) {
+    if let Err(Command::Send(cmd)) = shared.router.submit(&shared.sequencer, cmd) {
         conn.error(id, ErrorCode::Overloaded, Some(cmd.client_msg_id));
     } else {
         conn.inflight.set(conn.inflight.get() + 1);
@@ -910,7 +915,7 @@ fn typing_request(conn: &Conn, id: u64, conversation_id: ConversationId, typing:
         conversation: conversation_id,
         user: conn.user,
         typing,
-        origin: Origin { conn: conn.id, request: id },
+        origin: Origin::new(conn.id, id),
     };
     submit(conn, id, cmd);
 }
@@ -923,7 +928,7 @@ fn mark(conn: &Conn, id: u64, conversation_id: ConversationId, seq: Seq, read: b
         user: conn.user,
         seq,
         read,
-        origin: Origin { conn: conn.id, request: id },
+        origin: Origin::new(conn.id, id),
     };
     submit(conn, id, cmd);
 }
@@ -931,7 +936,8 @@ fn mark(conn: &Conn, id: u64, conversation_id: ConversationId, seq: Seq, read: b
 /// Submits a command; refusals come back as errors with the request's id. False if
 /// it was refused here (the sequencer's queue was full).
 fn submit(conn: &Conn, id: u64, cmd: Command) -> bool {
-    if conn.shard.shared.sequencer.submit(cmd).is_err() {
+    let shared = &conn.shard.shared;
+    if shared.router.submit(&shared.sequencer, cmd).is_err() {
         conn.error(id, ErrorCode::Overloaded, None);
         return false;
     }
@@ -1008,7 +1014,14 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             if let Err(code) = may_add(conn, &members).await {
                 return conn.error(id, code, None);
             }
-            command(conn, id, |origin| Command::CreateGroup { owner: user, title, members, origin })
+            let group = conn.shard.shared.ids.next();
+            command(conn, id, |origin| Command::CreateGroup {
+                id: group,
+                owner: user,
+                title,
+                members,
+                origin,
+            })
         }
         ClientMsg::AddMembers { conversation_id, user_ids } => {
             if let Err(code) = may_add(conn, &user_ids).await {

@@ -21,6 +21,7 @@ pub mod auth;
 pub mod capacity;
 pub mod config;
 pub mod conn;
+pub mod fleet;
 pub mod frame;
 pub mod health;
 pub mod http;

@@ -51,21 +51,34 @@ pub fn conn_ids(node: u16) -> u64 {
 /// carries one, and its answer is an event addressed to it, so the answer travels
 /// like every other event (through the asker's mailbox, or across nodes) and lands
 /// in its place in the conversation's order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     pub conn: ConnId,
     pub request: u64,
+    /// How many times the command was forwarded between nodes (bounded, so two
+    /// nodes that disagree about the ring for a moment cannot bounce it forever).
+    #[serde(default)]
+    pub hops: u8,
+}
+
+impl Origin {
+    pub fn new(conn: ConnId, request: u64) -> Origin {
+        Origin { conn, request, hops: 0 }
+    }
 }
 
 /// A successful answer to a request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Answer {
     Ok,
     Conversation(protocol::Conversation),
 }
 
 /// Something that happened in a conversation, to be shown to some connections.
-#[derive(Debug)]
+/// Serializable: events for users on other nodes travel there (see [`crate::fleet`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "e", rename_all = "snake_case")]
 pub enum EventKind {
     /// A stored message. The connection that sent it (`origin`) gets an `ack`
     /// instead; when `to_others` is false (an idempotent resend) nobody else gets it.
@@ -94,6 +107,9 @@ pub enum EventKind {
     },
     /// A contact came online or went offline. Shown to synced connections.
     Presence(protocol::PresenceInfo),
+    /// Events for this user were lost between nodes: its connections close with
+    /// 4008 and `sync` on reconnect (history has every stored event).
+    Resync,
 }
 
 /// How long a typing indicator lasts without a refresh, milliseconds (sent with each one).
@@ -121,7 +137,7 @@ impl Event {
     /// The broadcast form (the same frame for every connection it reaches), as a
     /// complete WebSocket frame; `None` for replies meant for one connection.
     pub fn broadcast_frame(&self, proto: Subprotocol) -> Option<Bytes> {
-        if matches!(self.kind, EventKind::SendFailed { .. } | EventKind::Reply { .. }) {
+        if matches!(self.kind, EventKind::SendFailed { .. } | EventKind::Reply { .. } | EventKind::Resync) {
             return None;
         }
         let slot = &self.encoded[proto as usize];
@@ -151,7 +167,9 @@ impl Event {
                         }
                     }
                     EventKind::Presence(p) => ServerMsg::Presence { presence: p.clone() },
-                    EventKind::SendFailed { .. } | EventKind::Reply { .. } => unreachable!("checked above"),
+                    EventKind::SendFailed { .. } | EventKind::Reply { .. } | EventKind::Resync => {
+                        unreachable!("checked above")
+                    }
                 };
                 crate::frame::ws_frame(proto, &proto.encode_server(&ServerFrame { id: 0, body }))
             })
@@ -327,6 +345,16 @@ impl Registry {
     pub fn is_connected(&self, user: UserId) -> bool {
         let map = self.map.pin();
         (0..self.inboxes.len() as u16).any(|s| map.contains_key(&(user, s)))
+    }
+
+    /// Every user with a mailbox here.
+    ///
+    /// Runs on: any thread.
+    pub fn users(&self) -> Vec<UserId> {
+        let mut v: Vec<UserId> = self.map.pin().keys().map(|(u, _)| *u).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// Starts a round of pushes; the shards it reached are woken when it is dropped.

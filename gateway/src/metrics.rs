@@ -45,6 +45,11 @@ pub struct Metrics {
     pub push_sent: IntCounter,
     pub push_retries: IntCounter,
     pub push_failed: IntCounter,
+    /// Stream entries this node appended to other nodes' streams (each an envelope:
+    /// a forwarded command, one batch's events for one node, a resync notice).
+    pub fleet_entries: IntCounter,
+    /// Stream entries this node read from its own stream.
+    pub fleet_received: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -125,6 +130,12 @@ impl Metrics {
             push_sent: counter(&r, "push_webhook_sent_total", "Notifications the webhook accepted"),
             push_retries: counter(&r, "push_webhook_retries_total", "Webhook attempts retried"),
             push_failed: counter(&r, "push_webhook_failed_total", "Notifications dropped after failing"),
+            fleet_entries: counter(&r, "fleet_entries_sent_total", "Stream entries sent to other nodes"),
+            fleet_received: counter(
+                &r,
+                "fleet_entries_received_total",
+                "Stream entries read from this node's stream",
+            ),
             registry: r,
         }
     }

@@ -14,6 +14,7 @@
 //! `rejected` counter goes up.
 
 use crate::auth::now_ms;
+use crate::fleet::Router;
 use crate::ids::IdGen;
 use crate::mailbox::{Answer, Event, EventKind, Origin, Registry};
 use crate::metrics::Metrics;
@@ -27,7 +28,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::{BucketRef, ConversationRecord, Mutation, Order, Positions, Store, bucket_of, pair};
 
-#[derive(Debug)]
+/// A change to a conversation, for its owner's sequencer. Serializable: a command
+/// for a conversation another node owns travels there (see [`crate::fleet`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "c", rename_all = "snake_case")]
 pub enum Command {
     Send(SendCmd),
     /// Replaces the text of message `seq` (its sender only).
@@ -81,6 +85,9 @@ pub enum Command {
         origin: Origin,
     },
     CreateGroup {
+        /// Chosen by the asking node ([`IdGen`]), so the group's owner node is known
+        /// before it exists: the command is routed by it.
+        id: ConversationId,
         owner: UserId,
         title: String,
         members: Vec<UserId>,
@@ -112,7 +119,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct SendCmd {
     pub conversation: ConversationId,
     pub sender: UserId,
@@ -120,7 +127,9 @@ pub struct SendCmd {
     pub body: String,
     /// The connection that sent it: it gets the ack.
     pub origin: Origin,
-    /// When the shard queued it (for the delivery-latency metric).
+    /// When the shard queued it (for the delivery-latency metric; a forwarded command
+    /// counts from its arrival at the owner).
+    #[serde(skip, default = "Instant::now")]
     pub submitted: Instant,
 }
 
@@ -141,6 +150,45 @@ impl Command {
             | Command::RemoveMember { origin, .. }
             | Command::Leave { origin, .. }
             | Command::SetRole { origin, .. } => *origin,
+        }
+    }
+
+    pub fn origin_mut(&mut self) -> &mut Origin {
+        match self {
+            Command::Send(c) => &mut c.origin,
+            Command::Edit { origin, .. }
+            | Command::Delete { origin, .. }
+            | Command::React { origin, .. }
+            | Command::Mute { origin, .. }
+            | Command::Mark { origin, .. }
+            | Command::Typing { origin, .. }
+            | Command::CreateDirect { origin, .. }
+            | Command::CreateGroup { origin, .. }
+            | Command::AddMembers { origin, .. }
+            | Command::RemoveMember { origin, .. }
+            | Command::Leave { origin, .. }
+            | Command::SetRole { origin, .. } => origin,
+        }
+    }
+
+    /// What the command is routed by: its conversation, or for `create_direct` the
+    /// pair of users (one owner decides whether their direct conversation exists).
+    pub fn key(&self) -> router::Key {
+        use router::Key;
+        match self {
+            Command::Send(c) => Key::Conversation(c.conversation),
+            Command::CreateDirect { user, peer, .. } => Key::pair(*user, *peer),
+            Command::CreateGroup { id, .. } => Key::Conversation(*id),
+            Command::Edit { conversation, .. }
+            | Command::Delete { conversation, .. }
+            | Command::React { conversation, .. }
+            | Command::Mute { conversation, .. }
+            | Command::Mark { conversation, .. }
+            | Command::Typing { conversation, .. }
+            | Command::AddMembers { conversation, .. }
+            | Command::RemoveMember { conversation, .. }
+            | Command::Leave { conversation, .. }
+            | Command::SetRole { conversation, .. } => Key::Conversation(*conversation),
         }
     }
 
@@ -165,6 +213,7 @@ impl Command {
 }
 
 /// The shards' handle on the sequencer.
+#[derive(Clone)]
 pub struct Sequencer {
     tx: crossbeam_channel::Sender<Command>,
     rejected: prometheus::IntCounter,
@@ -186,11 +235,21 @@ impl Sequencer {
         ids: Arc<IdGen>,
         metrics: Arc<Metrics>,
         push: Arc<Push>,
+        router: Arc<Router>,
     ) -> Sequencer {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
         let rejected = metrics.rejected.with_label_values(&["sequencer"]);
-        let mut worker =
-            Worker { store, registry, ids, metrics, push, member_cap: cfg.member_cap, convs: HashMap::new() };
+        let mut worker = Worker {
+            store,
+            registry,
+            ids,
+            metrics,
+            push,
+            router,
+            ring_seen: 0,
+            member_cap: cfg.member_cap,
+            convs: HashMap::new(),
+        };
         let (batch_max, window) = (cfg.batch_max, cfg.window);
         std::thread::Builder::new()
             .name("sequencer".into())
@@ -317,7 +376,11 @@ struct Worker {
     ids: Arc<IdGen>,
     metrics: Arc<Metrics>,
     push: Arc<Push>,
+    router: Arc<Router>,
+    /// The ring version the cache was last checked against.
+    ring_seen: u64,
     member_cap: usize,
+    /// Only conversations this node owns (see [`Worker::forget_moved`]).
     convs: HashMap<ConversationId, ConvState>,
 }
 
@@ -347,6 +410,7 @@ impl Worker {
             if self.convs.len() >= CACHE_MAX {
                 self.convs.clear();
             }
+            self.forget_moved();
             let mut batch = Batch::default();
             self.metrics.commit_batch.observe(cmds.len() as f64);
             for cmd in cmds.drain(..) {
@@ -354,6 +418,35 @@ impl Worker {
             }
             self.finish(batch);
         }
+    }
+
+    /// Drops the cached state of conversations another node now owns: it may change
+    /// them from now on, so the cache would go stale. Loaded again if they come back.
+    fn forget_moved(&mut self) {
+        let v = self.router.version();
+        if v != self.ring_seen {
+            self.ring_seen = v;
+            let router = &self.router;
+            self.convs.retain(|id, _| router.owns(router::Key::Conversation(*id)));
+        }
+    }
+
+    /// Whether this node owns `cmd`'s key; if not, forwards it to the owner (or, past
+    /// the hop limit or with the queue full, refuses it retryably).
+    fn owned(&self, cmd: Command, batch: &mut Batch) -> Option<Command> {
+        let owner = self.router.owner(cmd.key());
+        if owner == self.router.me() {
+            return Some(cmd);
+        }
+        let refused = if cmd.origin().hops >= crate::fleet::MAX_HOPS {
+            Some(crate::fleet::refusal(&cmd, ErrorCode::Unavailable))
+        } else {
+            self.router.forward(owner, cmd).err().map(|c| crate::fleet::refusal(&c, ErrorCode::Overloaded))
+        };
+        if let Some(f) = refused {
+            batch.effects.push(Effect(f.event, f.to));
+        }
+        None
     }
 
     fn load(&mut self, id: ConversationId) -> Result<&mut ConvState, Fail> {
@@ -499,6 +592,7 @@ impl Worker {
     }
 
     fn apply(&mut self, cmd: Command, batch: &mut Batch) {
+        let Some(cmd) = self.owned(cmd, batch) else { return };
         let (origin, actor) = (cmd.origin(), cmd.actor());
         // Typing and marks are answered only when refused.
         let settles = !matches!(cmd, Command::Typing { .. } | Command::Mark { .. });
@@ -564,8 +658,8 @@ impl Worker {
             Command::CreateDirect { user, peer, .. } => {
                 self.create_direct(user, peer, batch).map(Answer::Conversation)
             }
-            Command::CreateGroup { owner, title, members, .. } => {
-                self.create_group(owner, title, members, batch).map(Answer::Conversation)
+            Command::CreateGroup { id, owner, title, members, .. } => {
+                self.create_group(id, owner, title, members, batch).map(Answer::Conversation)
             }
             Command::AddMembers { actor, conversation, users, .. } => {
                 self.add_members(actor, conversation, users, batch).map(Answer::Conversation)
@@ -750,12 +844,12 @@ impl Worker {
 
     fn new_conv(
         &mut self,
+        id: ConversationId,
         kind: ConversationKind,
         title: String,
         by: UserId,
         members: BTreeMap<UserId, Role>,
     ) -> ConversationId {
-        let id = self.ids.next();
         let now = now_ms();
         let mut st = ConvState {
             rec: ConversationRecord {
@@ -794,7 +888,7 @@ impl Worker {
             return Err(ErrorCode::NotFound);
         }
         let members = BTreeMap::from([(user, Role::Member), (peer, Role::Member)]);
-        let id = self.new_conv(ConversationKind::Direct, String::new(), user, members);
+        let id = self.new_conv(self.ids.next(), ConversationKind::Direct, String::new(), user, members);
         for u in [user, peer] {
             batch.muts.push(Mutation::PutMember { conversation: id, user: u, role: Role::Member });
         }
@@ -806,6 +900,7 @@ impl Worker {
 
     fn create_group(
         &mut self,
+        id: ConversationId,
         owner: UserId,
         title: String,
         members: Vec<UserId>,
@@ -829,7 +924,11 @@ impl Worker {
                 return Err(ErrorCode::InvalidField);
             }
         }
-        let id = self.new_conv(ConversationKind::Group, title.clone(), owner, all.clone());
+        // A reused id (a resent or forged command) must not overwrite a conversation.
+        if self.convs.contains_key(&id) || self.store.conversation(id).map_err(internal)?.is_some() {
+            return Err(ErrorCode::InvalidField);
+        }
+        let id = self.new_conv(id, ConversationKind::Group, title.clone(), owner, all.clone());
         for (&u, &role) in &all {
             batch.muts.push(Mutation::PutMember { conversation: id, user: u, role });
         }
@@ -999,6 +1098,8 @@ impl Worker {
         let mut messages = 0;
         let registry = self.registry.clone();
         let mut delivery = registry.delivery();
+        let fleet = self.router.in_fleet();
+        let mut remote = Vec::new();
         for Effect(ev, recipients) in batch.effects {
             // Each effect's recipients were chosen when it was built; a failed commit
             // turns new messages into errors for their sender and successes into errors.
@@ -1039,6 +1140,7 @@ impl Worker {
                 }
                 _ => None,
             };
+            let mut push = Vec::new();
             for &u in recipients.iter() {
                 let reached = delivery.deliver(u, &ev);
                 if let Some(m) = pushable
@@ -1046,7 +1148,28 @@ impl Worker {
                     && u != m.sender_id
                     && !self.muted(m.conversation_id, u)
                 {
+                    push.push(u);
+                }
+            }
+            if fleet {
+                // Pushed by fleet-out if no other node holds a device of theirs either.
+                remote.push(crate::fleet::Fanned { event: ev, to: recipients, push });
+            } else if let Some(m) = pushable {
+                for u in push {
                     self.push.submit(u, m);
+                }
+            }
+        }
+        // Wakes the shards before the fleet's round trip starts.
+        drop(delivery);
+        self.router.fanout(remote);
+        if fleet {
+            // A direct conversation created here for a pair this node owns may belong
+            // to another node by its id: keep only what this node owns.
+            let router = &self.router;
+            for id in &batch.touched {
+                if !router.owns(router::Key::Conversation(*id)) {
+                    self.convs.remove(id);
                 }
             }
         }

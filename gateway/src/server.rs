@@ -27,6 +27,8 @@ pub struct Shared {
     pub auth: Auth,
     pub store: Arc<dyn Store>,
     pub sequencer: Sequencer,
+    /// Routes commands to the node that owns them (this one, alone).
+    pub router: Arc<crate::fleet::Router>,
     pub presence: Presence,
     pub registry: Arc<Registry>,
     pub readers: Arc<Pool>,
@@ -181,16 +183,31 @@ fn socket_cap(cfg: &Config) -> anyhow::Result<usize> {
     }
 }
 
+/// What [`start_with`] is given instead of building it from the config.
+#[derive(Default)]
+pub struct Parts {
+    /// The store (else the configured one is opened). Several instances in one
+    /// process can share one this way.
+    pub store: Option<Arc<dyn Store>>,
+    /// This node's links to a fleet (else from `[fleet]`; none there: alone).
+    pub links: Option<crate::fleet::Links>,
+}
+
 pub fn start(cfg: Config) -> anyhow::Result<Running> {
+    start_with(cfg, Parts::default())
+}
+
+pub fn start_with(cfg: Config, parts: Parts) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let max_sockets = socket_cap(&cfg)?;
     tracing::info!(max_sockets, "socket cap");
     let health = Arc::new(Health::default());
+    let store = match parts.store {
+        Some(s) => s,
+        None => open_store(&cfg, cfg.storage.migrate_on_start)?,
+    };
     // Every store call, from every thread, reports to the health record.
-    let store: Arc<dyn Store> = Arc::new(crate::health::Observed::new(
-        open_store(&cfg, cfg.storage.migrate_on_start)?,
-        health.clone(),
-    ));
+    let store: Arc<dyn Store> = Arc::new(crate::health::Observed::new(store, health.clone()));
     let shards = cfg.shard_count();
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(shards, metrics.mailbox_overflows.clone()));
@@ -206,6 +223,17 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         registry.clone(),
         metrics.rejected.with_label_values(&["presence"]),
     );
+    let links = match parts.links {
+        Some(l) => Some(l),
+        None => crate::fleet::redis::links(&cfg)?,
+    };
+    let (router, fleet_rx) = match &links {
+        Some(_) => {
+            let (r, rx) = crate::fleet::Router::member(cfg.node_id, &cfg.fleet.threads(), &metrics);
+            (Arc::new(r), Some(rx))
+        }
+        None => (Arc::new(crate::fleet::Router::alone(cfg.node_id, &metrics)), None),
+    };
     let sequencer = Sequencer::start(
         SequencerConfig {
             queue: cfg.storage.sequencer_queue.get(),
@@ -217,8 +245,22 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         registry.clone(),
         ids.clone(),
         metrics.clone(),
-        push,
+        push.clone(),
+        router.clone(),
     );
+    if let (Some(links), Some(rx)) = (links, fleet_rx) {
+        crate::fleet::start(
+            links,
+            rx,
+            cfg.fleet.threads(),
+            router.clone(),
+            sequencer.clone(),
+            registry.clone(),
+            push,
+            metrics.clone(),
+        )
+        .context("joining the fleet")?;
+    }
     let readers = Pool::new(
         "reader",
         cfg.storage.reader_threads.get(),
@@ -263,6 +305,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
         auth,
         store,
         sequencer,
+        router,
         presence,
         registry,
         readers,

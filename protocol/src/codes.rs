@@ -66,6 +66,7 @@ error_codes! {
     NotAContact = 1015, "not_a_contact", false, 0, "You may add someone to a group only once they have chatted with you: sent or read a message in your direct conversation.";
     Overloaded = 1020, "overloaded", true, 0, "A server queue is full; the request was not accepted. Retry with backoff.";
     RateLimited = 1021, "rate_limited", true, 0, "This connection sent more of this request than its rate limit allows; the request was not accepted. Slow down and resend later. Persisting closes the connection with 1008.";
+    Unavailable = 1022, "unavailable", true, 0, "The node that owns this conversation could not be reached (ownership is moving between gateway nodes, or the link between them is down); the request was not accepted. Retry with backoff.";
     InvalidRequest = 2001, "invalid_request", false, 400, "The HTTP request body is not the JSON object the endpoint expects.";
     InvalidUsername = 2002, "invalid_username", false, 400, "Usernames are 3 to 32 characters from a-z, A-Z, 0-9, '_', '.', '-'.";
     WeakPassword = 2003, "weak_password", false, 400, "Passwords are 8 to 128 characters.";
@@ -184,5 +185,19 @@ mod doc_tests {
                 c.code()
             );
         }
+    }
+}
+
+/// As its number: the form nodes of a fleet exchange it in.
+impl serde::Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u16(self.code())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ErrorCode, D::Error> {
+        let n = <u16 as serde::Deserialize>::deserialize(d)?;
+        ErrorCode::from_code(n).ok_or_else(|| serde::de::Error::custom(format!("unknown error code {n}")))
     }
 }

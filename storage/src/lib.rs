@@ -86,7 +86,7 @@ pub struct BucketRef {
 
 /// How far one member has got in one conversation. Both only move forward, and
 /// `read <= delivered` is kept by the writer (reading implies having received).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Positions {
     /// Highest position any of the member's devices has received.
     pub delivered: Seq,

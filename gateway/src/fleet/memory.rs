@@ -1,0 +1,130 @@
+//! An in-process fleet: the [`Links`](super::Links) of several gateway instances
+//! in one process, joined by channels. It proves the seams (routing, answers
+//! addressed to an origin, fan-out once per batch per node, the inbound hand-off)
+//! without Redis; the Redis links (`fleet::redis`) replace it in a real fleet.
+//! Its streams are unbounded: it is for tests, never for serving.
+
+use super::{Links, Locate, Members, Received, Wire, WireIn};
+use protocol::UserId;
+use router::NodeId;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A node's stream: both ends of an unbounded channel.
+type Stream = (crossbeam_channel::Sender<Vec<u8>>, crossbeam_channel::Receiver<Vec<u8>>);
+
+#[derive(Default)]
+struct Hub {
+    streams: Mutex<HashMap<NodeId, Stream>>,
+    located: Mutex<HashMap<UserId, BTreeSet<NodeId>>>,
+    live: Mutex<BTreeSet<NodeId>>,
+    /// Entries sent, per destination (what a test counts).
+    sent: Mutex<HashMap<NodeId, u64>>,
+}
+
+impl Hub {
+    fn stream(&self, node: NodeId) -> Stream {
+        self.streams.lock().unwrap().entry(node).or_insert_with(crossbeam_channel::unbounded).clone()
+    }
+}
+
+/// The shared medium of an in-process fleet.
+#[derive(Clone, Default)]
+pub struct MemoryFleet {
+    hub: Arc<Hub>,
+}
+
+impl MemoryFleet {
+    pub fn new() -> MemoryFleet {
+        MemoryFleet::default()
+    }
+
+    /// Node `me`'s links; it is live from its first heartbeat.
+    pub fn links(&self, me: NodeId) -> Links {
+        let part = || Part { hub: self.hub.clone(), me };
+        Links {
+            wire: Box::new(part()),
+            inbound: Box::new(part()),
+            locate: Box::new(part()),
+            locate_conns: Box::new(part()),
+            members: Box::new(part()),
+            heartbeat: Duration::from_millis(100),
+        }
+    }
+
+    /// How many entries have been sent to `node` so far.
+    pub fn sent_to(&self, node: NodeId) -> u64 {
+        self.hub.sent.lock().unwrap().get(&node).copied().unwrap_or(0)
+    }
+}
+
+struct Part {
+    hub: Arc<Hub>,
+    me: NodeId,
+}
+
+impl Wire for Part {
+    fn send(&mut self, to: NodeId, payloads: &[&[u8]]) -> anyhow::Result<()> {
+        let (tx, _) = self.hub.stream(to);
+        for p in payloads {
+            tx.send(p.to_vec())?;
+        }
+        *self.hub.sent.lock().unwrap().entry(to).or_default() += payloads.len() as u64;
+        Ok(())
+    }
+}
+
+impl WireIn for Part {
+    fn recv(&mut self, max: usize, block: Duration) -> anyhow::Result<Vec<Received>> {
+        let (_, rx) = self.hub.stream(self.me);
+        let mut v = Vec::new();
+        if let Ok(p) = rx.recv_timeout(block) {
+            v.push(p);
+            while v.len() < max {
+                match rx.try_recv() {
+                    Ok(p) => v.push(p),
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(v.into_iter().map(|payload| Received::Entry { id: String::new(), payload }).collect())
+    }
+
+    fn ack(&mut self, _ids: &[String]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+impl Locate for Part {
+    fn arrive(&mut self, users: &[UserId]) -> anyhow::Result<()> {
+        let mut l = self.hub.located.lock().unwrap();
+        for u in users {
+            l.entry(*u).or_default().insert(self.me);
+        }
+        Ok(())
+    }
+
+    fn depart(&mut self, users: &[UserId]) -> anyhow::Result<()> {
+        let mut l = self.hub.located.lock().unwrap();
+        for u in users {
+            if let Some(s) = l.get_mut(u) {
+                s.remove(&self.me);
+            }
+        }
+        Ok(())
+    }
+
+    fn nodes_of(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, Vec<NodeId>>> {
+        let l = self.hub.located.lock().unwrap();
+        Ok(users.iter().filter_map(|u| l.get(u).map(|s| (*u, s.iter().copied().collect()))).collect())
+    }
+}
+
+impl Members for Part {
+    fn beat(&mut self) -> anyhow::Result<Vec<NodeId>> {
+        let mut live = self.hub.live.lock().unwrap();
+        live.insert(self.me);
+        Ok(live.iter().copied().collect())
+    }
+}

@@ -1,0 +1,695 @@
+//! The fleet seam: which node owns what, and the wire between nodes.
+//!
+//! A node alone (no `[fleet]` configured) owns every key and none of the threads
+//! below run: [`Router::submit`] hands every command to the local sequencer.
+//!
+//! In a fleet:
+//! - [`Router`] holds the ring of live nodes (`router::Ring`). Shards route each
+//!   command by its key ([`Command::key`]): to the local sequencer when this node
+//!   owns it, else to the owner through `fleet-out`. The sequencer checks again
+//!   when it takes the command (the ring may have moved since) and forwards it
+//!   once more, at most [`MAX_HOPS`] times in all, else refuses it retryably (1022).
+//! - `fleet-out` sends forwarded commands, and each commit batch's events for
+//!   users on other nodes: it asks [`Locate`] once per round which nodes hold the
+//!   recipients' devices, and sends each node one envelope per batch with only the
+//!   events (and the users) it hosts. An answer always goes to its asker's node.
+//! - `fleet-in` reads this node's inbound stream: commands to the sequencer,
+//!   events to mailboxes; it acknowledges entries after that hand-off.
+//! - `fleet-ring` renews this node's membership every heartbeat and swaps the
+//!   ring when the live set changes.
+//! - `fleet-loc` records which users have devices here. A connection's arrival is
+//!   recorded before its `sync` reads the store, so any commit after that read is
+//!   fanned out to this node (fan-out looks locations up after the commit).
+//!
+//! Overflow policy: `fleet-out`'s queue holds `fleet.out_queue` items. A shard's
+//! forwarded command that finds it full is refused with 1020 (retry). A commit
+//! batch's fan-out that finds it full is dropped and every node is told to
+//! resync its connections (they close with 4008 and `sync`: history has every
+//! event). A send to a node that still fails after `fleet.send_retry_ms` drops
+//! the items: commands are refused with 1022 (retry), and the node is told,
+//! once the link is back, to resync the users whose events were lost.
+
+pub mod envelope;
+pub mod memory;
+pub mod redis;
+
+use crate::mailbox::{ConnId, Event, EventKind, Registry, node_of};
+use crate::metrics::Metrics;
+use crate::push::Push;
+use crate::sequencer::{Command, Sequencer};
+use envelope::{Addressed, AddressedRef, Body};
+use futures_channel::oneshot;
+use protocol::{ErrorCode, UserId};
+use router::{Key, NodeId, Ring};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Most times a command is forwarded between nodes before it is refused (1022).
+pub const MAX_HOPS: u8 = 3;
+
+/// Sends envelopes to other nodes' inbound streams.
+pub trait Wire: Send + 'static {
+    /// Appends `payloads` to node `to`'s stream, in order (one round trip).
+    fn send(&mut self, to: NodeId, payloads: &[&[u8]]) -> anyhow::Result<()>;
+}
+
+/// What this node's inbound stream gave.
+pub enum Received {
+    Entry {
+        id: String,
+        payload: Vec<u8>,
+    },
+    /// Entries were lost before they were read (the stream was trimmed past them).
+    Gap,
+}
+
+/// Reads this node's inbound stream.
+pub trait WireIn: Send + 'static {
+    /// Up to `max` entries, waiting at most `block` for the first.
+    fn recv(&mut self, max: usize, block: Duration) -> anyhow::Result<Vec<Received>>;
+    /// The entries are handed off: never deliver them again.
+    fn ack(&mut self, ids: &[String]) -> anyhow::Result<()>;
+}
+
+/// Which nodes hold users' devices.
+pub trait Locate: Send + 'static {
+    /// This node now holds devices of `users`.
+    fn arrive(&mut self, users: &[UserId]) -> anyhow::Result<()>;
+    /// This node holds no device of `users` any more.
+    fn depart(&mut self, users: &[UserId]) -> anyhow::Result<()>;
+    /// For each user, the live nodes holding one of its devices (this one included).
+    fn nodes_of(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, Vec<NodeId>>>;
+}
+
+/// This node's membership.
+pub trait Members: Send + 'static {
+    /// Renews it; the live nodes, this one included.
+    fn beat(&mut self) -> anyhow::Result<Vec<NodeId>>;
+}
+
+/// A fleet member's connections to the others, one per thread that uses them.
+pub struct Links {
+    pub wire: Box<dyn Wire>,
+    pub inbound: Box<dyn WireIn>,
+    /// `fleet-out`'s lookups.
+    pub locate: Box<dyn Locate>,
+    /// `fleet-loc`'s arrivals and departures.
+    pub locate_conns: Box<dyn Locate>,
+    pub members: Box<dyn Members>,
+    pub heartbeat: Duration,
+}
+
+/// Bounds and timings of the fleet threads.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    pub out_queue: usize,
+    pub loc_queue: usize,
+    /// How long `fleet-out` retries a failing send before dropping it.
+    pub send_retry: Duration,
+}
+
+/// Something for `fleet-out` to send.
+enum Outgoing {
+    /// A command for another node's sequencer.
+    Command(NodeId, Box<Command>),
+    /// A commit batch's events, for whichever other nodes host their recipients.
+    Fanout(Vec<Fanned>),
+}
+
+/// One event of a commit batch, with its recipients.
+pub struct Fanned {
+    pub event: Arc<Event>,
+    pub to: Arc<[UserId]>,
+    /// Recipients this node holds no device of and who did not mute the
+    /// conversation: pushed if no other node holds one either.
+    pub push: Vec<UserId>,
+}
+
+enum LocJob {
+    Arrive(UserId, oneshot::Sender<()>),
+    Depart(UserId),
+}
+
+/// Where commands go. Shared by every thread.
+pub struct Router {
+    me: NodeId,
+    ring: RwLock<Arc<Ring>>,
+    /// Bumped whenever the ring changes.
+    version: AtomicU64,
+    out: Option<crossbeam_channel::Sender<Outgoing>>,
+    loc: Option<crossbeam_channel::Sender<LocJob>>,
+    /// A fan-out was dropped (queue full): every node must resync.
+    lost_all: AtomicBool,
+    rejected: prometheus::IntCounter,
+}
+
+/// The receiving ends, for [`start`].
+pub struct Receivers {
+    out: crossbeam_channel::Receiver<Outgoing>,
+    loc: crossbeam_channel::Receiver<LocJob>,
+}
+
+impl Router {
+    /// A node alone: it owns every key.
+    pub fn alone(me: NodeId, metrics: &Metrics) -> Router {
+        Router {
+            me,
+            ring: RwLock::new(Arc::new(Ring::new([me]))),
+            version: AtomicU64::new(0),
+            out: None,
+            loc: None,
+            lost_all: AtomicBool::new(false),
+            rejected: metrics.rejected.with_label_values(&["fleet"]),
+        }
+    }
+
+    /// A fleet member; its threads start with [`start`] once the sequencer exists.
+    pub fn member(me: NodeId, cfg: &FleetConfig, metrics: &Metrics) -> (Router, Receivers) {
+        let (out_tx, out) = crossbeam_channel::bounded(cfg.out_queue);
+        let (loc_tx, loc) = crossbeam_channel::bounded(cfg.loc_queue);
+        let r = Router { out: Some(out_tx), loc: Some(loc_tx), ..Router::alone(me, metrics) };
+        (r, Receivers { out, loc })
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn in_fleet(&self) -> bool {
+        self.out.is_some()
+    }
+
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.read().expect("ring lock").clone()
+    }
+
+    /// Changes whenever the ring does.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn set_ring(&self, nodes: Vec<NodeId>) -> bool {
+        let ring = Ring::new(nodes);
+        let mut cur = self.ring.write().expect("ring lock");
+        if cur.nodes() == ring.nodes() {
+            return false;
+        }
+        tracing::info!(nodes = ?ring.nodes(), "fleet ring changed");
+        *cur = Arc::new(ring);
+        self.version.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// The node that owns `key` (this one if the ring is empty: it has not heard of anyone).
+    pub fn owner(&self, key: Key) -> NodeId {
+        if !self.in_fleet() {
+            return self.me;
+        }
+        self.ring.read().expect("ring lock").owner(key).unwrap_or(self.me)
+    }
+
+    pub fn owns(&self, key: Key) -> bool {
+        self.owner(key) == self.me
+    }
+
+    /// Routes a command: to `sequencer` if this node owns its key, else to the owner.
+    /// Hands it back if the queue it needs is full.
+    ///
+    /// Runs on: any shard, and `fleet-in`.
+    pub fn submit(&self, sequencer: &Sequencer, cmd: Command) -> Result<(), Command> {
+        match self.owner(cmd.key()) {
+            n if n == self.me => sequencer.submit(cmd),
+            n => self.forward(n, cmd),
+        }
+    }
+
+    /// Queues `cmd` for node `to`'s sequencer. Hands it back if the queue is full.
+    pub fn forward(&self, to: NodeId, cmd: Command) -> Result<(), Command> {
+        let out = self.out.as_ref().expect("forwarding needs a fleet");
+        out.try_send(Outgoing::Command(to, Box::new(cmd))).map_err(|e| {
+            self.rejected.inc();
+            match e.into_inner() {
+                Outgoing::Command(_, c) => *c,
+                Outgoing::Fanout(_) => unreachable!("sent a command"),
+            }
+        })
+    }
+
+    /// Hands a commit batch's events to `fleet-out` for the other nodes.
+    ///
+    /// Runs on: the sequencer (and `fleet-in`, for refusals). Never blocks.
+    pub fn fanout(&self, batch: Vec<Fanned>) {
+        let Some(out) = &self.out else { return };
+        if batch.is_empty() {
+            return;
+        }
+        if out.try_send(Outgoing::Fanout(batch)).is_err() {
+            self.rejected.inc();
+            if !self.lost_all.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    "fleet-out queue full: a batch's events for other nodes are dropped; they resync"
+                );
+            }
+        }
+    }
+
+    /// Records that `user` has a device here, before its connection syncs. Waits for
+    /// the record (a link failure is logged and retried in the background: this
+    /// node's own traffic does not wait for the fleet).
+    ///
+    /// Runs on: a shard.
+    pub async fn arrive(&self, user: UserId) {
+        let Some(loc) = &self.loc else { return };
+        let (tx, rx) = oneshot::channel();
+        if loc.try_send(LocJob::Arrive(user, tx)).is_err() {
+            self.rejected.inc();
+            return;
+        }
+        let _ = rx.await;
+    }
+
+    /// One of `user`'s connections here closed.
+    ///
+    /// Runs on: a shard. Never blocks: when the queue is full the record stays
+    /// (the user's events still reach this node, which has nobody to show them to).
+    pub fn depart(&self, user: UserId) {
+        if let Some(loc) = &self.loc
+            && loc.try_send(LocJob::Depart(user)).is_err()
+        {
+            self.rejected.inc();
+        }
+    }
+}
+
+/// The refusal of `cmd` with `code`, as the event its asker gets.
+pub fn refusal(cmd: &Command, code: ErrorCode) -> Fanned {
+    let origin = cmd.origin();
+    let kind = match cmd {
+        Command::Send(s) => EventKind::SendFailed {
+            origin: origin.conn,
+            conversation_id: s.conversation,
+            client_msg_id: s.client_msg_id.clone(),
+            code,
+        },
+        Command::Typing { .. } | Command::Mark { .. } => {
+            EventKind::Reply { origin, result: Err(code), settles: false }
+        }
+        _ => EventKind::Reply { origin, result: Err(code), settles: true },
+    };
+    Fanned { event: Event::new(kind), to: Arc::from([cmd.actor()]), push: Vec::new() }
+}
+
+/// Delivers events to local mailboxes.
+fn deliver_local(registry: &Registry, events: impl IntoIterator<Item = (Arc<Event>, Vec<UserId>)>) {
+    let mut d = registry.delivery();
+    for (ev, to) in events {
+        for u in to {
+            d.deliver(u, &ev);
+        }
+    }
+}
+
+/// Starts `fleet-out`, `fleet-in`, `fleet-ring` and `fleet-loc`. The first
+/// heartbeat (joining) happens here, so the ring is known when this returns.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    links: Links,
+    rx: Receivers,
+    cfg: FleetConfig,
+    router: Arc<Router>,
+    sequencer: Sequencer,
+    registry: Arc<Registry>,
+    push: Arc<Push>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let Links { wire, inbound, locate, locate_conns, mut members, heartbeat } = links;
+    router.set_ring(members.beat()?);
+    {
+        let (router, registry, metrics) = (router.clone(), registry.clone(), metrics.clone());
+        std::thread::Builder::new().name("fleet-out".into()).spawn(move || {
+            Out { router, registry, push, metrics, wire, locate, cfg, lost: HashMap::new() }.run(rx.out)
+        })?;
+    }
+    {
+        let (router, registry) = (router.clone(), registry.clone());
+        std::thread::Builder::new()
+            .name("fleet-in".into())
+            .spawn(move || inbound_loop(inbound, router, sequencer, registry, metrics))?;
+    }
+    {
+        let router = router.clone();
+        std::thread::Builder::new().name("fleet-ring".into()).spawn(move || {
+            loop {
+                std::thread::sleep(heartbeat);
+                match members.beat() {
+                    Ok(nodes) => {
+                        router.set_ring(nodes);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "fleet heartbeat failed; keeping the last ring"),
+                }
+            }
+        })?;
+    }
+    std::thread::Builder::new()
+        .name("fleet-loc".into())
+        .spawn(move || loc_loop(rx.loc, locate_conns, registry))?;
+    Ok(())
+}
+
+/// Most users remembered per node as needing a resync before it becomes "all".
+const LOST_MAX: usize = 10_000;
+
+/// What `fleet-out` lost for one node and must tell it once the link is back.
+#[derive(Default)]
+struct Lost {
+    users: HashSet<UserId>,
+    all: bool,
+}
+
+struct Out {
+    router: Arc<Router>,
+    registry: Arc<Registry>,
+    push: Arc<Push>,
+    metrics: Arc<Metrics>,
+    wire: Box<dyn Wire>,
+    locate: Box<dyn Locate>,
+    cfg: FleetConfig,
+    lost: HashMap<NodeId, Lost>,
+}
+
+/// Most items `fleet-out` takes in one round.
+const ROUND_MAX: usize = 512;
+
+impl Out {
+    // Runs on: fleet-out.
+    fn run(mut self, rx: crossbeam_channel::Receiver<Outgoing>) {
+        let mut items = Vec::with_capacity(ROUND_MAX);
+        while let Ok(first) = rx.recv() {
+            items.push(first);
+            while items.len() < ROUND_MAX {
+                match rx.try_recv() {
+                    Ok(i) => items.push(i),
+                    Err(_) => break,
+                }
+            }
+            self.round(std::mem::take(&mut items));
+        }
+    }
+
+    fn round(&mut self, items: Vec<Outgoing>) {
+        let me = self.router.me;
+        if self.router.lost_all.swap(false, Ordering::AcqRel) {
+            for n in self.router.ring().nodes().iter().filter(|&&n| n != me) {
+                self.lost.entry(*n).or_default().all = true;
+            }
+        }
+        // Where the batches' recipients are: one lookup for the round.
+        let users: Vec<UserId> = {
+            let mut s = HashSet::new();
+            for i in &items {
+                if let Outgoing::Fanout(b) = i {
+                    for f in b {
+                        s.extend(f.to.iter().copied());
+                    }
+                }
+            }
+            s.into_iter().collect()
+        };
+        let located = if users.is_empty() {
+            HashMap::new()
+        } else {
+            match self.locate.nodes_of(&users) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "looking up users' nodes failed; their remote devices resync");
+                    // Nobody knows where they are: every node resyncs them.
+                    for n in self.router.ring().nodes().iter().filter(|&&n| n != me) {
+                        self.note_lost(*n, &users);
+                    }
+                    HashMap::new()
+                }
+            }
+        };
+        // Per node, its payloads in queue order, and what each carried (for failures).
+        let mut per_node: BTreeMap<NodeId, Vec<(Vec<u8>, Carried)>> = BTreeMap::new();
+        let mut pushes = Vec::new();
+        for item in items {
+            match item {
+                Outgoing::Command(to, cmd) => {
+                    let payload = envelope::encode_command(&cmd);
+                    per_node.entry(to).or_default().push((payload, Carried::Command(cmd)));
+                }
+                Outgoing::Fanout(batch) => {
+                    let mut targets: BTreeMap<NodeId, Vec<AddressedRef<'_>>> = BTreeMap::new();
+                    let mut scratch: Vec<Vec<UserId>> = Vec::new();
+                    let mut plan: BTreeMap<NodeId, Vec<(usize, usize)>> = BTreeMap::new();
+                    for (i, f) in batch.iter().enumerate() {
+                        let mut at: BTreeMap<NodeId, Vec<UserId>> = BTreeMap::new();
+                        for &u in f.to.iter() {
+                            for &n in located.get(&u).into_iter().flatten() {
+                                if n != me {
+                                    at.entry(n).or_default().push(u);
+                                }
+                            }
+                        }
+                        // An answer goes to its asker's node whatever the lookup said.
+                        if let Some((conn, user)) = asker(&f.event) {
+                            let n = node_of(conn);
+                            if n != me {
+                                let v = at.entry(n).or_default();
+                                if !v.contains(&user) {
+                                    v.push(user);
+                                }
+                            }
+                        }
+                        for u in &f.push {
+                            if located.get(u).is_none_or(|n| n.is_empty())
+                                && let EventKind::Message { message, .. } = &f.event.kind
+                            {
+                                pushes.push((*u, message.clone()));
+                            }
+                        }
+                        for (n, us) in at {
+                            scratch.push(us);
+                            plan.entry(n).or_default().push((i, scratch.len() - 1));
+                        }
+                    }
+                    for (n, refs) in &plan {
+                        let v = targets.entry(*n).or_default();
+                        for &(i, s) in refs {
+                            v.push(AddressedRef { event: &batch[i].event.kind, to: &scratch[s] });
+                        }
+                    }
+                    for (n, refs) in targets {
+                        let users: Vec<UserId> = refs.iter().flat_map(|r| r.to.iter().copied()).collect();
+                        let payload = envelope::encode_events(&refs);
+                        per_node.entry(n).or_default().push((payload, Carried::Events(users)));
+                    }
+                }
+            }
+        }
+        for (u, m) in pushes {
+            self.push.submit(u, &m);
+        }
+        for (node, payloads) in per_node {
+            self.send(node, payloads);
+        }
+        // Tell nodes whose link is back what they missed.
+        let owed: Vec<NodeId> = self.lost.keys().copied().collect();
+        for node in owed {
+            self.send(node, Vec::new());
+        }
+    }
+
+    fn note_lost(&mut self, node: NodeId, users: &[UserId]) {
+        let l = self.lost.entry(node).or_default();
+        if !l.all {
+            l.users.extend(users.iter().copied());
+            if l.users.len() > LOST_MAX {
+                l.users.clear();
+                l.all = true;
+            }
+        }
+    }
+
+    /// Sends `payloads` to `node` (after any resync notice it is owed), retrying for
+    /// `send_retry`; then gives up: commands are refused, events noted as lost.
+    fn send(&mut self, node: NodeId, mut payloads: Vec<(Vec<u8>, Carried)>) {
+        if let Some(l) = self.lost.get(&node) {
+            let notice = Body::Resync { users: l.users.iter().copied().collect(), all: l.all };
+            payloads.insert(0, (envelope::encode(&notice), Carried::Notice));
+        }
+        if payloads.is_empty() {
+            return;
+        }
+        let refs: Vec<&[u8]> = payloads.iter().map(|(p, _)| p.as_slice()).collect();
+        let deadline = Instant::now() + self.cfg.send_retry;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match self.wire.send(node, &refs) {
+                Ok(()) => {
+                    self.metrics.fleet_entries.inc_by(refs.len() as u64);
+                    if matches!(payloads.first(), Some((_, Carried::Notice))) {
+                        self.lost.remove(&node);
+                    }
+                    return;
+                }
+                Err(e) if Instant::now() + backoff < deadline => {
+                    tracing::debug!(node, error = %e, "sending to a node failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    tracing::warn!(node, error = %e, entries = refs.len(), "sending to a node failed; giving up");
+                    break;
+                }
+            }
+        }
+        let mut refused = Vec::new();
+        for (_, carried) in payloads {
+            match carried {
+                Carried::Command(cmd) => refused.push(refusal(&cmd, ErrorCode::Unavailable)),
+                Carried::Events(users) => self.note_lost(node, &users),
+                Carried::Notice => {}
+            }
+        }
+        self.metrics.errors.with_label_values(&["fleet_send_failed"]).inc();
+        // The askers of refused commands are on this node (the shards forwarded them).
+        deliver_local(&self.registry, refused.into_iter().map(|f| (f.event, f.to.to_vec())));
+    }
+}
+
+/// What a payload carried, for when it cannot be sent.
+enum Carried {
+    Command(Box<Command>),
+    Events(Vec<UserId>),
+    Notice,
+}
+
+/// The connection an event answers, and its user.
+fn asker(ev: &Event) -> Option<(ConnId, UserId)> {
+    match &ev.kind {
+        EventKind::Message { message, origin: Some(c), .. } => Some((*c, message.sender_id)),
+        _ => None,
+    }
+}
+
+/// Reads this node's stream: commands to the sequencer (refused retryably if its
+/// queue is full), events to mailboxes, resync notices to the connections named.
+///
+/// Runs on: fleet-in.
+fn inbound_loop(
+    mut inbound: Box<dyn WireIn>,
+    router: Arc<Router>,
+    sequencer: Sequencer,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let got = match inbound.recv(256, Duration::from_secs(1)) {
+            Ok(g) => {
+                backoff = Duration::from_millis(10);
+                g
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading this node's stream failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let mut ids = Vec::with_capacity(got.len());
+        let mut events = Vec::new();
+        for r in got {
+            let (id, payload) = match r {
+                Received::Entry { id, payload } => (id, payload),
+                Received::Gap => {
+                    tracing::warn!(
+                        "this node's stream lost entries before they were read; every connection resyncs"
+                    );
+                    events.push((Event::new(EventKind::Resync), registry.users()));
+                    continue;
+                }
+            };
+            ids.push(id);
+            metrics.fleet_received.inc();
+            match envelope::decode(&payload) {
+                Ok(Body::Command { cmd }) => {
+                    let mut cmd = *cmd;
+                    cmd.origin_mut().hops += 1;
+                    if let Err(cmd) = sequencer.submit(cmd) {
+                        router.fanout(vec![refusal(&cmd, ErrorCode::Overloaded)]);
+                    }
+                }
+                Ok(Body::Events { events: evs }) => {
+                    events.extend(evs.into_iter().map(|Addressed { event, to }| (Event::new(event), to)));
+                }
+                Ok(Body::Resync { users, all }) => {
+                    let to = if all { registry.users() } else { users };
+                    events.push((Event::new(EventKind::Resync), to));
+                }
+                Err(e) => {
+                    metrics.errors.with_label_values(&["fleet_bad_envelope"]).inc();
+                    tracing::warn!(error = %e, "dropping an envelope this node cannot read");
+                }
+            }
+        }
+        deliver_local(&registry, events);
+        if !ids.is_empty()
+            && let Err(e) = inbound.ack(&ids)
+        {
+            // Delivered again after a restart of this thread's reader: clients dedup.
+            tracing::warn!(error = %e, "acknowledging stream entries failed");
+        }
+    }
+}
+
+/// Records arrivals and departures. Counts connections per user, so a user is
+/// removed only when its last connection here closes.
+///
+/// Runs on: fleet-loc.
+fn loc_loop(rx: crossbeam_channel::Receiver<LocJob>, mut locate: Box<dyn Locate>, registry: Arc<Registry>) {
+    let mut here: HashMap<UserId, u32> = HashMap::new();
+    // Arrivals the link refused, recorded again when it works.
+    let mut owed: HashSet<UserId> = HashSet::new();
+    loop {
+        let job = match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(j) => Some(j),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        match job {
+            Some(LocJob::Arrive(user, done)) => {
+                *here.entry(user).or_default() += 1;
+                if let Err(e) = locate.arrive(&[user]) {
+                    tracing::warn!(error = %e, "recording a user's arrival failed; retrying in the background");
+                    owed.insert(user);
+                }
+                let _ = done.send(());
+            }
+            Some(LocJob::Depart(user)) => {
+                let n = here.entry(user).or_default();
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    here.remove(&user);
+                    owed.remove(&user);
+                    if !registry.is_connected(user)
+                        && let Err(e) = locate.depart(&[user])
+                    {
+                        tracing::debug!(error = %e, "recording a departure failed (the record stays)");
+                    }
+                }
+            }
+            None => {}
+        }
+        if !owed.is_empty() {
+            let users: Vec<UserId> = owed.iter().copied().collect();
+            if locate.arrive(&users).is_ok() {
+                owed.clear();
+            }
+        }
+    }
+}

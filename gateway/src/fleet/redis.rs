@@ -1,0 +1,134 @@
+//! The fleet's links over Redis (the `router` crate): membership with a heartbeat
+//! and TTL, users' locations, and one inbound stream per node.
+
+use super::{Links, Locate, Members, Received, Wire, WireIn};
+use crate::config::Config;
+use anyhow::Context;
+use protocol::UserId;
+use router::{
+    Delivery, Inbound, Location, LocationOptions, Member, MembershipOptions, NodeId, Outbound, RedisOptions,
+    TransportOptions,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Membership options from `[fleet]` (its Redis must be set).
+pub fn options(cfg: &Config) -> MembershipOptions {
+    let f = &cfg.fleet;
+    let redis = RedisOptions {
+        redis_url: f.redis_url.clone().unwrap_or_default(),
+        cluster: f.redis_cluster,
+        prefix: f.redis_prefix.clone(),
+        timeout: Duration::from_millis(f.redis_timeout_ms.get()),
+    };
+    MembershipOptions {
+        redis,
+        ttl: Duration::from_millis(f.ttl_ms.get()),
+        heartbeat: Duration::from_millis(f.heartbeat_ms.get()),
+    }
+}
+
+/// Joins the fleet `[fleet]` names and returns this node's links; `None` when no
+/// fleet is configured. Fails if a live process holds this node's id.
+pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
+    if cfg.fleet.redis_url.is_none() {
+        return Ok(None);
+    }
+    let opts = options(cfg);
+    let me = cfg.node_id;
+    let heartbeat = opts.heartbeat;
+    let redis = opts.redis.clone();
+    let (member, beat) = Member::join(opts, me).context("joining the fleet's membership in Redis")?;
+    let live = Arc::new(Mutex::new(beat.instances.clone()));
+    let transport =
+        TransportOptions { max_len: cfg.fleet.stream_max_len.get(), ..TransportOptions::new(redis.clone()) };
+    let inbound = Inbound::open(transport.clone(), me).context("opening this node's inbound stream")?;
+    let located = || RedisLocate {
+        location: Location::new(LocationOptions::new(redis.clone()), me, member.instance()),
+        live: live.clone(),
+    };
+    let (locate, locate_conns) = (located(), located());
+    Ok(Some(Links {
+        wire: Box::new(RedisWire(Outbound::new(transport, me))),
+        inbound: Box::new(RedisIn(inbound)),
+        locate: Box::new(locate),
+        locate_conns: Box::new(locate_conns),
+        members: Box::new(RedisMembers { member, live, first: Some(beat.ring.nodes().to_vec()) }),
+        heartbeat,
+    }))
+}
+
+struct RedisWire(Outbound);
+
+impl Wire for RedisWire {
+    fn send(&mut self, to: NodeId, payloads: &[&[u8]]) -> anyhow::Result<()> {
+        Ok(self.0.send(to, payloads)?)
+    }
+}
+
+struct RedisIn(Inbound);
+
+impl WireIn for RedisIn {
+    fn recv(&mut self, max: usize, block: Duration) -> anyhow::Result<Vec<Received>> {
+        Ok(self
+            .0
+            .read(max, block)?
+            .into_iter()
+            .map(|d| match d {
+                Delivery::Entry(e) => Received::Entry { id: e.id, payload: e.payload },
+                Delivery::Gap { from, missed } => {
+                    tracing::warn!(from, missed, "entries from a node were lost before this node read them");
+                    Received::Gap
+                }
+            })
+            .collect())
+    }
+
+    fn ack(&mut self, ids: &[String]) -> anyhow::Result<()> {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+        Ok(self.0.ack(&ids)?)
+    }
+}
+
+struct RedisLocate {
+    location: Location,
+    /// The live nodes' instance tokens, from the last heartbeat.
+    live: Arc<Mutex<HashMap<NodeId, String>>>,
+}
+
+impl Locate for RedisLocate {
+    fn arrive(&mut self, users: &[UserId]) -> anyhow::Result<()> {
+        Ok(self.location.arrive(users)?)
+    }
+
+    fn depart(&mut self, users: &[UserId]) -> anyhow::Result<()> {
+        Ok(self.location.depart(users)?)
+    }
+
+    fn nodes_of(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, Vec<NodeId>>> {
+        let live = self.live.lock().expect("live lock").clone();
+        Ok(self.location.nodes_of(users, &live)?)
+    }
+}
+
+struct RedisMembers {
+    member: Member,
+    live: Arc<Mutex<HashMap<NodeId, String>>>,
+    /// The joining beat's ring, given out by the first `beat`.
+    first: Option<Vec<NodeId>>,
+}
+
+impl Members for RedisMembers {
+    fn beat(&mut self) -> anyhow::Result<Vec<NodeId>> {
+        if let Some(nodes) = self.first.take() {
+            return Ok(nodes);
+        }
+        let beat = self.member.heartbeat()?;
+        if beat.fresh {
+            tracing::warn!("this node's membership had expired: it was taken for dead and rejoined");
+        }
+        *self.live.lock().expect("live lock") = beat.instances;
+        Ok(beat.ring.nodes().to_vec())
+    }
+}

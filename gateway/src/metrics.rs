@@ -50,6 +50,8 @@ pub struct Metrics {
     pub fleet_entries: IntCounter,
     /// Stream entries this node read from its own stream.
     pub fleet_received: IntCounter,
+    /// Live nodes in this node's ring (1 when alone).
+    pub fleet_nodes: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -67,6 +69,10 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new_custom(Some("switchboard".into()), None).expect("valid registry");
+        let fleet_nodes =
+            IntGauge::new("fleet_nodes", "Live nodes in this node's ring").expect("valid gauge");
+        fleet_nodes.set(1);
+        r.register(Box::new(fleet_nodes.clone())).expect("unique metric");
         let latency = prometheus::exponential_buckets(0.000_025, 2.0, 16).expect("valid buckets");
         let connections = IntGauge::new("connections", "Open WebSocket connections").expect("valid metric");
         r.register(Box::new(connections.clone())).expect("unique metric");
@@ -136,6 +142,7 @@ impl Metrics {
                 "fleet_entries_received_total",
                 "Stream entries read from this node's stream",
             ),
+            fleet_nodes,
             registry: r,
         }
     }

@@ -143,6 +143,7 @@ pub struct Router {
     /// A fan-out was dropped (queue full): every node must resync.
     lost_all: AtomicBool,
     rejected: prometheus::IntCounter,
+    nodes: prometheus::IntGauge,
 }
 
 /// The receiving ends, for [`start`].
@@ -162,6 +163,7 @@ impl Router {
             loc: None,
             lost_all: AtomicBool::new(false),
             rejected: metrics.rejected.with_label_values(&["fleet"]),
+            nodes: metrics.fleet_nodes.clone(),
         }
     }
 
@@ -197,6 +199,7 @@ impl Router {
             return false;
         }
         tracing::info!(nodes = ?ring.nodes(), "fleet ring changed");
+        self.nodes.set(ring.nodes().len() as i64);
         *cur = Arc::new(ring);
         self.version.fetch_add(1, Ordering::AcqRel);
         true

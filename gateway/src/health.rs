@@ -100,7 +100,7 @@ impl Observed {
         r
     }
 
-    fn written(&self, r: storage::Result<()>, wrote: bool) -> storage::Result<()> {
+    fn written<T>(&self, r: storage::Result<T>, wrote: bool) -> storage::Result<T> {
         if r.is_ok() && wrote {
             self.health.write_ok();
         }
@@ -110,7 +110,14 @@ impl Observed {
 
 impl Store for Observed {
     fn commit(&self, batch: &[Mutation]) -> storage::Result<()> {
-        self.written(self.inner.commit(batch), !batch.is_empty())
+        match self.inner.commit(batch) {
+            // Fenced: the store answered (another node owns the conversation now).
+            Err(e) if e.kind == storage::ErrorKind::Fenced => Err(e),
+            r => self.written(r, !batch.is_empty()),
+        }
+    }
+    fn claim(&self, conv: ConversationId) -> storage::Result<u64> {
+        self.written(self.inner.claim(conv), true)
     }
     fn create_user(&self, user: &UserRecord) -> storage::Result<()> {
         match self.inner.create_user(user) {

@@ -306,6 +306,9 @@ struct ConvState {
     positions: HashMap<UserId, Positions>,
     /// Members' mute flags, read from the store on first need after a commit.
     mutes: HashMap<UserId, bool>,
+    /// This node's owner epoch of the conversation ([`Store::claim`]), which every
+    /// commit touching it is fenced with; 0 for one created here (nobody claimed it).
+    epoch: u64,
 }
 
 impl ConvState {
@@ -368,6 +371,8 @@ struct Batch {
     directs: HashMap<(UserId, UserId), ConversationId>,
     /// Reactions of the messages this batch touched, by user, as they stand in the batch.
     reactions: HashMap<(ConversationId, Seq), BTreeMap<UserId, String>>,
+    /// Conversations this batch creates (no stored owner epoch to fence with yet).
+    created: HashSet<ConversationId>,
 }
 
 struct Worker {
@@ -451,6 +456,9 @@ impl Worker {
 
     fn load(&mut self, id: ConversationId) -> Result<&mut ConvState, Fail> {
         if !self.convs.contains_key(&id) {
+            // Claimed before anything is read: a deposed owner's commit under way lands
+            // before the claim returns or not at all, so the reads below see it.
+            let epoch = self.store.claim(id).map_err(internal)?;
             let mut rec = self.store.conversation(id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
             let members: BTreeMap<_, _> = self.store.members(id).map_err(internal)?.into_iter().collect();
             let last = self.store.buckets(id).map_err(internal)?.last().copied();
@@ -507,6 +515,7 @@ impl Worker {
                 bucket,
                 positions,
                 mutes: HashMap::new(),
+                epoch,
             };
             st.set_members();
             self.convs.insert(id, st);
@@ -844,6 +853,7 @@ impl Worker {
 
     fn new_conv(
         &mut self,
+        batch: &mut Batch,
         id: ConversationId,
         kind: ConversationKind,
         title: String,
@@ -866,7 +876,9 @@ impl Worker {
             bucket: None,
             positions: HashMap::new(),
             mutes: HashMap::new(),
+            epoch: 0,
         };
+        batch.created.insert(id);
         st.set_members();
         self.convs.insert(id, st);
         id
@@ -888,7 +900,8 @@ impl Worker {
             return Err(ErrorCode::NotFound);
         }
         let members = BTreeMap::from([(user, Role::Member), (peer, Role::Member)]);
-        let id = self.new_conv(self.ids.next(), ConversationKind::Direct, String::new(), user, members);
+        let id =
+            self.new_conv(batch, self.ids.next(), ConversationKind::Direct, String::new(), user, members);
         for u in [user, peer] {
             batch.muts.push(Mutation::PutMember { conversation: id, user: u, role: Role::Member });
         }
@@ -928,7 +941,7 @@ impl Worker {
         if self.convs.contains_key(&id) || self.store.conversation(id).map_err(internal)?.is_some() {
             return Err(ErrorCode::InvalidField);
         }
-        let id = self.new_conv(id, ConversationKind::Group, title.clone(), owner, all.clone());
+        let id = self.new_conv(batch, id, ConversationKind::Group, title.clone(), owner, all.clone());
         for (&u, &role) in &all {
             batch.muts.push(Mutation::PutMember { conversation: id, user: u, role });
         }
@@ -1079,11 +1092,33 @@ impl Worker {
                 batch.muts.push(Mutation::PutPositions { conversation, user, positions });
             }
         }
+        // Every conversation the batch writes is fenced with this node's epoch: if
+        // another node claimed it meanwhile, nothing of the batch lands.
+        let written: std::collections::BTreeSet<ConversationId> =
+            batch.touched.iter().copied().chain(batch.positions.iter().map(|(c, _)| *c)).collect();
+        for conversation in written.into_iter().filter(|c| !batch.created.contains(c)) {
+            if let Some(st) = self.convs.get(&conversation) {
+                batch.muts.push(Mutation::Fence { conversation, epoch: st.epoch });
+            }
+        }
         let started = Instant::now();
+        // What a refused batch's commands are answered with.
+        let mut failure = ErrorCode::Internal;
         let committed = match self.store.commit(&batch.muts) {
             Ok(()) => {
                 self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 true
+            }
+            Err(e) if e.kind == storage::ErrorKind::Fenced => {
+                // Another node owns a conversation of this batch now: it is refused
+                // retryably; the retry is routed to the new owner.
+                self.metrics.errors.with_label_values(&["commit_fenced"]).inc();
+                tracing::warn!(error = %e, "commit fenced: another node took a conversation over");
+                failure = ErrorCode::Unavailable;
+                for id in batch.touched.iter().chain(batch.positions.iter().map(|(c, _)| c)) {
+                    self.convs.remove(id);
+                }
+                false
             }
             Err(e) => {
                 self.metrics.errors.with_label_values(&["commit_failed"]).inc();
@@ -1113,14 +1148,14 @@ impl Worker {
                             origin: *origin,
                             conversation_id: message.conversation_id,
                             client_msg_id: message.client_msg_id.clone(),
-                            code: ErrorCode::Internal,
+                            code: failure,
                         }),
                         Arc::from([message.sender_id]),
                     ),
                     EventKind::Reply { origin, result: Ok(_), settles } => (
                         Event::new(EventKind::Reply {
                             origin: *origin,
-                            result: Err(ErrorCode::Internal),
+                            result: Err(failure),
                             settles: *settles,
                         }),
                         recipients,

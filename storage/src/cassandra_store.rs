@@ -63,7 +63,7 @@ use std::time::Duration;
 /// The schema, as shipped in `deploy/cassandra/schema.cql`.
 pub const SCHEMA: &str = include_str!("../../deploy/cassandra/schema.cql");
 /// The schema version this build writes and needs.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 /// Positions per reactions partition (see the schema).
 pub const REACTION_BLOCK: u64 = 1024;
 /// Statements per unlogged batch, and their approximate size in bytes: well
@@ -243,13 +243,15 @@ pub(crate) enum Stmt {
     DeleteKey,
     SelectKey,
     SelectKeys,
+    SelectEpochSerial,
+    SetEpoch,
 }
 
 const MESSAGE_COLS: &str =
     "seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms, sealed";
 
 impl Stmt {
-    pub(crate) const ALL: [Stmt; 42] = [
+    pub(crate) const ALL: [Stmt; 44] = [
         Stmt::InsertMessage,
         Stmt::InsertBucket,
         Stmt::InsertIdempotency,
@@ -292,6 +294,8 @@ impl Stmt {
         Stmt::DeleteKey,
         Stmt::SelectKey,
         Stmt::SelectKeys,
+        Stmt::SelectEpochSerial,
+        Stmt::SetEpoch,
     ];
 
     pub(crate) fn template(self) -> String {
@@ -308,6 +312,12 @@ impl Stmt {
             }
             Stmt::SelectKey => {
                 "SELECT key FROM {ks}.message_keys WHERE conversation_id = ? AND block = ? AND seq = ?".into()
+            }
+            Stmt::SelectEpochSerial => "SELECT owner_epoch, created_ms FROM {ks}.conversations WHERE id = ?".into(),
+            // A claim (a new epoch) or a fence (the same one): applied only while the
+            // stored epoch is the one bound last (null: never claimed).
+            Stmt::SetEpoch => {
+                "UPDATE {ks}.conversations SET owner_epoch = ? WHERE id = ? IF owner_epoch = ?".into()
             }
             Stmt::SelectKeys => "SELECT seq, key FROM {ks}.message_keys \
                  WHERE conversation_id = ? AND block = ? AND seq >= ? AND seq <= ?"
@@ -420,14 +430,14 @@ impl Stmt {
     /// Whether running the statement twice has the effect of running it once.
     /// Only the username claim (a lightweight transaction) is not.
     pub(crate) fn idempotent(self) -> bool {
-        self != Stmt::ClaimUsername
+        !matches!(self, Stmt::ClaimUsername | Stmt::SetEpoch)
     }
 
     /// Consistency overrides; everything else uses the configured level.
     fn consistency(self) -> Option<Consistency> {
         match self {
             // Reads the claim's Paxos state, to learn whether a timed-out claim landed.
-            Stmt::SelectUsernameSerial => Some(Consistency::LocalSerial),
+            Stmt::SelectUsernameSerial | Stmt::SelectEpochSerial => Some(Consistency::LocalSerial),
             _ => None,
         }
     }
@@ -920,27 +930,32 @@ impl CassandraStore {
                 stmt.set_request_timeout(Some(SCHEMA_TIMEOUT));
                 self.session.query_unpaged(stmt, ()).await.map_err(cql("applying the Cassandra schema"))?;
             }
-            // Version 2 sealed bodies: a keyspace made by version 1 lacks the column.
+            // Columns later versions added to tables an older keyspace already has:
+            // version 2 sealed bodies, version 3 owner epochs (fencing).
             let ks = &self.opts.keyspace;
-            let has_sealed = self
-                .session
-                .query_unpaged(
-                    "SELECT column_name FROM system_schema.columns \
-                     WHERE keyspace_name = ? AND table_name = 'messages' AND column_name = 'sealed'",
-                    (ks,),
-                )
-                .await
-                .map_err(cql("reading the messages table's columns"))?
-                .into_rows_result()
-                .map_err(decode("reading the messages table's columns"))?
-                .rows_num()
-                > 0;
-            if !has_sealed {
-                let mut stmt = scylla::statement::unprepared::Statement::from(format!(
-                    "ALTER TABLE {ks}.messages ADD sealed blob"
-                ));
-                stmt.set_request_timeout(Some(SCHEMA_TIMEOUT));
-                self.session.query_unpaged(stmt, ()).await.map_err(cql("adding messages.sealed"))?;
+            for (table, column, ty) in
+                [("messages", "sealed", "blob"), ("conversations", "owner_epoch", "bigint")]
+            {
+                let has = self
+                    .session
+                    .query_unpaged(
+                        "SELECT column_name FROM system_schema.columns \
+                         WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+                        (ks, table, column),
+                    )
+                    .await
+                    .map_err(cql("reading a table's columns"))?
+                    .into_rows_result()
+                    .map_err(decode("reading a table's columns"))?
+                    .rows_num()
+                    > 0;
+                if !has {
+                    let mut stmt = scylla::statement::unprepared::Statement::from(format!(
+                        "ALTER TABLE {ks}.{table} ADD {column} {ty}"
+                    ));
+                    stmt.set_request_timeout(Some(SCHEMA_TIMEOUT));
+                    self.session.query_unpaged(stmt, ()).await.map_err(cql("adding a column"))?;
+                }
             }
             self.session
                 .await_schema_agreement()
@@ -1208,6 +1223,36 @@ impl CassandraStore {
     }
 }
 
+impl CassandraStore {
+    /// Sets the conversation's owner epoch to `new` if it is `expected`; whether it was.
+    async fn set_epoch(
+        &self,
+        prepared: &[PreparedStatement],
+        conv: ConversationId,
+        new: Option<i64>,
+        expected: Option<i64>,
+        context: &'static str,
+    ) -> Result<bool> {
+        let r = self
+            .session
+            .execute_unpaged(&prepared[Stmt::SetEpoch as usize], (new, i(conv), expected))
+            .await
+            .map_err(|e| {
+                if claim_outcome_unknown(&e) {
+                    StorageError::new(ErrorKind::Timeout, context, e)
+                } else {
+                    cql(context)(e)
+                }
+            })?;
+        let rows = r.into_rows_result().map_err(decode(context))?;
+        let row: Option<scylla::value::Row> = rows.maybe_first_row().map_err(decode(context))?;
+        match row.map(|r| r.columns).unwrap_or_default().first() {
+            Some(Some(CqlValue::Boolean(applied))) => Ok(*applied),
+            _ => Err(corrupt("unexpected answer to a conditional update")),
+        }
+    }
+}
+
 impl Store for CassandraStore {
     fn commit(&self, batch: &[Mutation]) -> Result<()> {
         if batch.is_empty() {
@@ -1218,6 +1263,21 @@ impl Store for CassandraStore {
         let sealing = Sealing::of(&rows, self.stored_keys(&Sealing::wanted(&rows))?);
         let phases = plan(batch, self.ttl_s, &sealing);
         self.rt.block_on(async {
+            // The fence first: one lightweight transaction per fenced conversation,
+            // serialised with claims by Paxos. Fenced: nothing is written.
+            let fences = rows.fences.iter().map(|(&conv, &epoch)| async move {
+                let e = (epoch > 0).then_some(i(epoch));
+                self.set_epoch(prepared, conv, e, e, "fencing a commit").await
+            });
+            for applied in futures_util::future::try_join_all(fences).await? {
+                if !applied {
+                    return Err(StorageError::new(
+                        ErrorKind::Fenced,
+                        "committing",
+                        "a conversation was claimed by another owner",
+                    ));
+                }
+            }
             for (_done, writes) in phases.into_iter().enumerate() {
                 #[cfg(feature = "testkit")]
                 if _done > 0
@@ -1232,6 +1292,36 @@ impl Store for CassandraStore {
                     .await?;
             }
             Ok(())
+        })
+    }
+
+    /// Claims with a lightweight transaction: reads the epoch at LOCAL_SERIAL (which
+    /// settles any Paxos round in flight), then sets the next one if it is still
+    /// the one read; contention (two claimers at once) retries.
+    fn claim(&self, conv: ConversationId) -> Result<u64> {
+        let prepared = self.prepared()?;
+        self.rt.block_on(async {
+            for _ in 0..16 {
+                let r = self
+                    .session
+                    .execute_unpaged(&prepared[Stmt::SelectEpochSerial as usize], (i(conv),))
+                    .await
+                    .map_err(cql("claiming a conversation"))?;
+                let rows = r.into_rows_result().map_err(decode("claiming a conversation"))?;
+                let row: Option<(Option<i64>, Option<i64>)> =
+                    rows.maybe_first_row().map_err(decode("claiming a conversation"))?;
+                // No conversation (or only an epoch cell): nothing to own yet.
+                let Some((epoch, Some(_created))) = row else { return Ok(0) };
+                let next = epoch.unwrap_or(0) + 1;
+                if self.set_epoch(prepared, conv, Some(next), epoch, "claiming a conversation").await? {
+                    return Ok(u(next));
+                }
+            }
+            Err(StorageError::new(
+                ErrorKind::Timeout,
+                "claiming a conversation",
+                "contended by other claimers",
+            ))
         })
     }
 

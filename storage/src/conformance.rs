@@ -24,6 +24,7 @@ pub fn run_all(open: Open<'_>) {
     mutes(open);
     reactions(open);
     presence(open);
+    fencing(open);
     survives_restart(open);
 }
 
@@ -436,6 +437,58 @@ pub fn presence(open: Open<'_>) {
     assert_eq!(s.presence(4402).unwrap(), PresenceRecord { last_seen_ms: None, hide_last_seen: true });
     s.commit(&[Mutation::SetHideLastSeen { user: 4402, hide: false }]).unwrap();
     assert!(!s.presence(4402).unwrap().hide_last_seen);
+}
+
+/// A commit fenced with an epoch that a later claim replaced writes nothing (no
+/// position reused or overwritten) and fails as fenced; the new owner's commits land.
+pub fn fencing(open: Open<'_>) {
+    let s = open();
+    let conv = 9_100;
+    assert_eq!(s.claim(conv).unwrap(), 0, "nothing to own before the conversation exists");
+    append(&*s, conv, 3, 100);
+    let old = s.claim(conv).unwrap();
+    let new = s.claim(conv).unwrap();
+    assert!(new > old && old > 0, "each claim moves the epoch on: {old} then {new}");
+    let ts = 1_700_000_000_000 + 4;
+    let write = |seq: Seq, body: &str, epoch: u64| {
+        let mut m = msg(conv, seq, ts, 7);
+        m.body = body.into();
+        s.commit(&[
+            Mutation::PutMessage(m),
+            Mutation::PutIdempotency { conversation: conv, sender: 7, client_msg_id: format!("x{seq}"), seq },
+            Mutation::PutConversation(conv_record(conv, seq, ts)),
+            Mutation::Fence { conversation: conv, epoch },
+        ])
+    };
+    write(4, "from the new owner", new).expect("the owner's commit lands");
+    let err = write(4, "from the deposed owner", old).expect_err("a deposed owner is fenced");
+    assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
+    let err =
+        write(5, "past the end, from the deposed owner", old).expect_err("fenced for new positions too");
+    assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
+    let p = page(&*s, conv, Anchor::After(0), 10).unwrap();
+    let bodies: Vec<(Seq, &str)> = p.messages.iter().map(|m| (m.seq, m.body.as_str())).collect();
+    assert_eq!(bodies[3], (4, "from the new owner"), "position 4 was not overwritten");
+    assert_eq!(p.messages.len(), 4, "nothing was written past it");
+    assert_eq!(s.conversation(conv).unwrap().unwrap().last_seq, 4, "the head did not move");
+    assert_eq!(s.idempotent_seq(conv, 7, "x5").unwrap(), None, "no part of a fenced commit lands");
+    // A conversation nobody claimed yet: its creator writes with epoch 0 until a claim.
+    let fresh = 9_101;
+    append(&*s, fresh, 1, 100);
+    let fenced0 = |seq: Seq| {
+        s.commit(&[
+            Mutation::PutConversation(conv_record(fresh, seq, ts)),
+            Mutation::Fence { conversation: fresh, epoch: 0 },
+        ])
+    };
+    fenced0(2).expect("the creator's epoch is 0 until someone claims");
+    assert_eq!(s.claim(fresh).unwrap(), 1);
+    assert_eq!(fenced0(3).expect_err("claimed").kind, ErrorKind::Fenced);
+    assert_eq!(s.conversation(fresh).unwrap().unwrap().last_seq, 2);
+    // A claim after a claim, and the owner's next commit with the newest epoch.
+    let newest = s.claim(conv).unwrap();
+    write(5, "five", newest).expect("the newest owner writes on");
+    assert_eq!(s.conversation(conv).unwrap().unwrap().last_seq, 5);
 }
 
 pub fn survives_restart(open: Open<'_>) {

@@ -43,6 +43,10 @@ pub struct FjallStore {
     /// Serialises commits that merge positions with stored ones (read, max, write).
     /// The gateway has one writer (the sequencer), so it is never contended there.
     merge: Mutex<()>,
+    /// Conversations' owner epochs. In memory: the embedded store belongs to one
+    /// process, whose owners all claim anew after a restart. Held across a fenced
+    /// commit, so a claim waits for it.
+    epochs: Mutex<HashMap<ConversationId, u64>>,
 }
 
 impl std::fmt::Debug for FjallStore {
@@ -91,6 +95,7 @@ impl FjallStore {
             vault: Vault::open(&dir.join("message-keys.vault"))?,
             register: Mutex::new(()),
             merge: Mutex::new(()),
+            epochs: Mutex::new(HashMap::new()),
             db,
         })
     }
@@ -233,6 +238,18 @@ impl Store for FjallStore {
         if batch.is_empty() {
             return Ok(());
         }
+        let epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+        for m in batch {
+            if let Mutation::Fence { conversation, epoch } = m
+                && epochs.get(conversation).copied().unwrap_or(0) != *epoch
+            {
+                return Err(StorageError::new(
+                    ErrorKind::Fenced,
+                    "committing",
+                    format!("conversation {conversation} was claimed by another owner"),
+                ));
+            }
+        }
         let mut b = self.db.batch().durability(Some(PersistMode::SyncData));
         let mut positions_in_batch = std::collections::BTreeMap::<[u8; 16], Positions>::new();
         let (mut keys, mut new, mut erased) = (HashMap::new(), Pending::default(), false);
@@ -304,6 +321,7 @@ impl Store for FjallStore {
                     let (x, y) = pair(*a, *other);
                     b.insert(&self.direct, key2(x, y).to_vec(), conversation.to_be_bytes().to_vec());
                 }
+                Mutation::Fence { .. } => {}
             }
         }
         // Positions only move forward, whoever writes them: merge with the stored row.
@@ -322,7 +340,19 @@ impl Store for FjallStore {
             self.vault.write(&new)?;
             self.vault.sync()?;
         }
-        b.commit().map_err(write_err("committing a batch"))
+        let r = b.commit().map_err(write_err("committing a batch"));
+        drop(epochs);
+        r
+    }
+
+    fn claim(&self, conv: ConversationId) -> Result<u64> {
+        if self.conversation(conv)?.is_none() {
+            return Ok(0);
+        }
+        let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+        let e = epochs.entry(conv).or_default();
+        *e += 1;
+        Ok(*e)
     }
 
     fn create_user(&self, user: &UserRecord) -> Result<()> {

@@ -154,6 +154,14 @@ pub enum Mutation {
         user: UserId,
         hide: bool,
     },
+    /// The commit applies only if the conversation's owner epoch is still `epoch`
+    /// (the caller's, from [`Store::claim`]); else nothing of it is applied and it
+    /// fails with [`ErrorKind::Fenced`]. A node that lost a conversation to
+    /// another can thus write nothing more into it.
+    Fence {
+        conversation: ConversationId,
+        epoch: u64,
+    },
 }
 
 /// What is stored about a user's presence.
@@ -188,6 +196,9 @@ pub enum ErrorKind {
     /// store after a failed journal write or fsync (what reached the disk is unknown,
     /// so it refuses to guess). Not retryable; health checks fail and say so.
     Poisoned,
+    /// A fenced commit's conversation was claimed by another owner since: nothing
+    /// was applied. The caller no longer owns it (it must reload before writing).
+    Fenced,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +244,13 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 pub trait Store: Send + Sync + 'static {
     /// Applies `batch` atomically; durable (fsynced or replicated) when it returns `Ok`.
     fn commit(&self, batch: &[Mutation]) -> Result<()>;
+
+    /// Makes the caller the conversation's owner: bumps its owner epoch and returns
+    /// the new one (0 for a conversation that does not exist). Every commit fenced
+    /// ([`Mutation::Fence`]) with an older epoch fails from then on, and a commit
+    /// fenced with the old epoch that is under way either lands before this returns
+    /// or not at all, so reads after it see everything the old owner wrote.
+    fn claim(&self, conv: ConversationId) -> Result<u64>;
 
     /// Creates a user; fails with [`ErrorKind::UsernameTaken`] if the lowercase name exists.
     /// Durable when it returns.
@@ -485,6 +503,9 @@ mod tests {
         struct Three;
         impl Store for Three {
             fn commit(&self, _: &[Mutation]) -> Result<()> {
+                unreachable!()
+            }
+            fn claim(&self, _: ConversationId) -> Result<u64> {
                 unreachable!()
             }
             fn create_user(&self, _: &UserRecord) -> Result<()> {

@@ -34,6 +34,7 @@ use tokio_postgres::{NoTls, Row};
 pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_init.sql")),
     (2, include_str!("../migrations/postgres/0002_sealed_bodies.sql")),
+    (3, include_str!("../migrations/postgres/0003_owner_epoch.sql")),
 ];
 
 /// How long `erase_deleted` waits for transactions older than the deletes.
@@ -136,8 +137,24 @@ fn col<T: ToSql + Sync + Send + 'static>(v: Vec<T>) -> Box<dyn ToSql + Sync + Se
 
 impl Rows<'_> {
     /// The multi-row statements of this commit (only tables it touches).
+    /// The first statement of a fenced commit: locks the fenced conversations' rows
+    /// that still carry the epochs the commit names (a concurrent `claim` waits for
+    /// the commit to end). It must touch every one of them, else the commit is
+    /// rolled back as fenced.
+    fn fence(&self) -> Option<Statement> {
+        (!self.fences.is_empty()).then(|| -> Statement {
+            (
+                "UPDATE conversations c SET owner_epoch = c.owner_epoch                  FROM UNNEST($1::bigint[], $2::bigint[]) AS f(id, epoch)                  WHERE c.id = f.id AND c.owner_epoch = f.epoch",
+                vec![
+                    col(self.fences.keys().map(|k| i(*k)).collect::<Vec<_>>()),
+                    col(self.fences.values().map(|e| i(*e)).collect::<Vec<_>>()),
+                ],
+            )
+        })
+    }
+
     fn statements(&self, sealing: Sealing) -> Vec<Statement> {
-        let mut out: Vec<Statement> = Vec::new();
+        let mut out: Vec<Statement> = self.fence().into_iter().collect();
         if !self.messages.is_empty() {
             let m: Vec<&Message> = self.messages.values().copied().collect();
             let sealed: Vec<Option<Vec<u8>>> =
@@ -588,9 +605,26 @@ impl Store for PostgresStore {
                 let tx = &tx;
                 async move { tx.execute(stmt, &params).await }
             });
-            futures_util::future::try_join_all(runs).await.map_err(pg("writing a commit"))?;
+            let counts = futures_util::future::try_join_all(runs).await.map_err(pg("writing a commit"))?;
+            if !rows.fences.is_empty() && counts.first().copied() != Some(rows.fences.len() as u64) {
+                // Dropping the transaction rolls it back.
+                return Err(StorageError::new(
+                    ErrorKind::Fenced,
+                    "committing",
+                    "a conversation was claimed by another owner",
+                ));
+            }
             tx.commit().await.map_err(pg("committing"))
         })
+    }
+
+    fn claim(&self, conv: ConversationId) -> Result<u64> {
+        let row = self.query_opt(
+            "claiming a conversation",
+            "UPDATE conversations SET owner_epoch = owner_epoch + 1 WHERE id = $1 RETURNING owner_epoch",
+            &[&i(conv)],
+        )?;
+        Ok(row.map_or(0, |r| u(r.get(0))))
     }
 
     fn create_user(&self, user: &UserRecord) -> Result<()> {

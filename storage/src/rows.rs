@@ -21,6 +21,8 @@ pub(crate) struct Rows<'a> {
     pub(crate) reactions: BTreeMap<(u64, u64, u64), &'a str>,
     pub(crate) last_seen: BTreeMap<u64, u64>,
     pub(crate) hide: BTreeMap<u64, bool>,
+    /// Conversation → the owner epoch the commit requires.
+    pub(crate) fences: BTreeMap<u64, u64>,
 }
 
 impl<'a> Rows<'a> {
@@ -65,6 +67,9 @@ impl<'a> Rows<'a> {
                 }
                 Mutation::SetHideLastSeen { user, hide } => {
                     r.hide.insert(*user, *hide);
+                }
+                Mutation::Fence { conversation, epoch } => {
+                    r.fences.insert(*conversation, *epoch);
                 }
             }
         }

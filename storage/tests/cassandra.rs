@@ -34,9 +34,9 @@ fn cassandra_store_conforms() {
     CassandraStore::connect(&opts).unwrap().drop_keyspace().unwrap();
 }
 
-/// A keyspace made by schema version 1 (bodies in the clear, no key table) is
-/// brought to version 2 by `migrate`; its old messages read back as they were
-/// and new ones are sealed.
+/// A keyspace made by schema version 1 (bodies in the clear, no key table, no
+/// owner epochs) is brought up to date by `migrate`; its old messages read back
+/// as they were, new ones are sealed, and its conversations can be claimed.
 #[test]
 fn a_version_1_keyspace_migrates_to_sealed_bodies() {
     use storage::conformance::msg;
@@ -52,6 +52,7 @@ fn a_version_1_keyspace_migrates_to_sealed_bodies() {
     // What version 1 left: no sealed column, no key table, a text in the clear.
     for cql in [
         "ALTER TABLE {ks}.messages DROP sealed",
+        "ALTER TABLE {ks}.conversations DROP owner_epoch",
         "DROP TABLE {ks}.message_keys",
         "UPDATE {ks}.schema_version SET version = 1 WHERE id = 0",
         "INSERT INTO {ks}.message_buckets (conversation_id, bucket, first_seq) VALUES (5, 0, 1)",
@@ -70,5 +71,11 @@ fn a_version_1_keyspace_migrates_to_sealed_bodies() {
     s.commit(&[Mutation::PutMessage(new.clone())]).unwrap();
     assert_eq!(message_at(&s, 5, 2).unwrap().unwrap(), new);
     assert!(s.message_key(5, 2).unwrap().is_some(), "the new message has a key");
+    s.execute_raw(
+        "INSERT INTO {ks}.conversations (id, kind, title, created_ms, created_by, last_seq, last_ts_ms) \
+         VALUES (5, 1, 'g', 1, 7, 2, 1001)",
+    )
+    .unwrap();
+    assert_eq!(s.claim(5).unwrap(), 1, "an old conversation's first claim");
     s.drop_keyspace().unwrap();
 }

@@ -57,6 +57,9 @@ fn main() -> anyhow::Result<()> {
     let sig = gateway::shutdown::wait(&signals)?;
     tracing::info!(signal = sig, "shutting down: closing connections with 1001");
     let left = gateway::shutdown::drain(&running.shared, grace);
+    // In a fleet: leave now, so the others take this node's conversations over at
+    // their next heartbeat rather than after its registration expires.
+    running.shared.router.leave(std::time::Duration::from_secs(2));
     tracing::info!(connections_left = left, "shut down");
     Ok(())
 }

@@ -1122,7 +1122,7 @@ impl Worker {
             }
             Err(e) => {
                 self.metrics.errors.with_label_values(&["commit_failed"]).inc();
-                tracing::error!(error = %e, writes = batch.muts.len(), "commit failed; the batch is refused");
+                tracing::error!(error = ?e, writes = batch.muts.len(), "commit failed; the batch is refused");
                 // The cache holds this batch's uncommitted changes: forget them.
                 for id in batch.touched.iter().chain(batch.positions.iter().map(|(c, _)| c)) {
                     self.convs.remove(id);

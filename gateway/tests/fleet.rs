@@ -7,6 +7,7 @@ mod support;
 
 use protocol::{ClientMsg, Position, ServerMsg, Subprotocol};
 use router::testkit::TestRedis;
+use router::{Key, Ring};
 use support::{Client, TestGateway, conversation_id, eventually, http_raw};
 
 struct Fleet {
@@ -150,4 +151,249 @@ fn users_on_different_nodes_chat_over_one_redis() {
 fn users_on_different_nodes_chat_over_a_redis_cluster() {
     let f = fleet(TestRedis::start_cluster());
     chat_across_nodes(&f);
+}
+
+/// One user's device in a fault run: sends its messages to the group one at a
+/// time, each until acknowledged (an error or a dead connection resends it with
+/// the same client id after reconnecting to a live node and syncing), and
+/// records every group message it is shown.
+struct Rider {
+    token: String,
+    node: usize,
+    client: Option<Client>,
+    /// Group messages shown to it (live or replayed), by position.
+    seen: std::collections::BTreeMap<u64, String>,
+    /// Its sends' acknowledged positions, by client id.
+    acked: Vec<(String, u64)>,
+}
+
+/// Nodes a rider may connect to (a killed or stopped node is not).
+type Alive = std::sync::Arc<Vec<std::sync::atomic::AtomicBool>>;
+
+impl Rider {
+    /// Positions up to which it has seen every group message (its own included).
+    fn upto(&self) -> u64 {
+        let mut n = 0;
+        while self.seen.contains_key(&(n + 1)) {
+            n += 1;
+        }
+        n
+    }
+
+    fn note(&mut self, group: u64, m: protocol::Message) {
+        if m.conversation_id == group {
+            self.seen.insert(m.seq, m.body);
+        }
+    }
+
+    /// Connects to the first live node from its current one on, and syncs.
+    fn connect(&mut self, addrs: &[std::net::SocketAddr], alive: &Alive, group: u64) {
+        loop {
+            for k in 0..addrs.len() {
+                let n = (self.node + k) % addrs.len();
+                if !alive[n].load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let mut c = Client::connect(addrs[n], &self.token, Subprotocol::Json);
+                c.ws.get_mut().set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+                let id = c.send(ClientMsg::Sync {
+                    positions: vec![Position { conversation_id: group, seq: self.upto() }],
+                });
+                while let Some(f) = read(&mut c) {
+                    match f.body {
+                        ServerMsg::Message { message } => self.note(group, message),
+                        ServerMsg::SyncDone { .. } if f.id == id => break,
+                        _ => {}
+                    }
+                }
+                self.node = n;
+                self.client = Some(c);
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Sends `id` until it is acknowledged.
+    fn send(&mut self, addrs: &[std::net::SocketAddr], alive: &Alive, group: u64, id: &str) {
+        loop {
+            if self.client.is_none() {
+                self.connect(addrs, alive, group);
+            }
+            let c = self.client.as_mut().unwrap();
+            let sent = c.try_send(ClientMsg::Send {
+                conversation_id: group,
+                client_msg_id: id.into(),
+                body: id.into(),
+            });
+            let mut answer = None;
+            while sent && answer.is_none() {
+                let Some(f) = read(self.client.as_mut().unwrap()) else { break };
+                match f.body {
+                    ServerMsg::Message { message } => self.note(group, message),
+                    ServerMsg::Ack { client_msg_id, seq, .. } if client_msg_id == id => {
+                        answer = Some(Ok(seq))
+                    }
+                    ServerMsg::Error { client_msg_id: Some(c), code, .. } if c == id => {
+                        answer = Some(Err(code))
+                    }
+                    _ => {}
+                }
+            }
+            match answer {
+                Some(Ok(seq)) => {
+                    self.seen.insert(seq, id.into());
+                    self.acked.push((id.into(), seq));
+                    return;
+                }
+                // Retryable refusals while ownership moves: resend on this connection.
+                Some(Err(code)) => {
+                    assert!([1000, 1020, 1022].contains(&code), "send {id} refused for good with {code}");
+                }
+                // A dead, stopped or closed node: another one.
+                None => {
+                    self.client = None;
+                    self.node += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The next frame, or `None` once the connection is closed, broken or silent for 3 s.
+fn read(c: &mut Client) -> Option<protocol::ServerFrame> {
+    loop {
+        match c.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => return c.proto.decode_server(t.as_bytes()).ok(),
+            Ok(tungstenite::Message::Binary(b)) => return c.proto.decode_server(&b).ok(),
+            Ok(tungstenite::Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Six users, two per node, all in one group, each sending `per_user` messages
+/// while `fault` runs against the node that owns the group (given its index),
+/// once a third of the messages are acknowledged. Then: every send was
+/// acknowledged exactly once at the position history gives it, each user's sends
+/// are in its order, and every device was shown the whole group, in order.
+fn traffic_through(f: &Fleet, per_user: usize, fault: impl FnOnce(usize, &Alive)) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let users: Vec<(u64, String)> = (0..6).map(|i| f.nodes[i % 3].user(&format!("rider{i}"))).collect();
+    let mut owner_dev = f.nodes[0].connect(&users[0].1, Subprotocol::Json);
+    owner_dev.sync(Vec::new());
+    let group = conversation_id(&owner_dev.request(ClientMsg::CreateGroup {
+        title: "riders".into(),
+        members: users.iter().skip(1).map(|u| u.0).collect(),
+    }));
+    drop(owner_dev);
+    let owner = usize::from(Ring::new([1u16, 2, 3]).owner(Key::Conversation(group)).unwrap()) - 1;
+    let addrs: Vec<std::net::SocketAddr> = f.nodes.iter().map(|n| n.addr).collect();
+    let alive: Alive = std::sync::Arc::new((0..3).map(|_| AtomicBool::new(true)).collect());
+    let acks = std::sync::Arc::new(AtomicUsize::new(0));
+    let riders: Vec<_> = users
+        .iter()
+        .enumerate()
+        .map(|(i, (_, token))| {
+            let (addrs, alive, acks, token) = (addrs.clone(), alive.clone(), acks.clone(), token.clone());
+            std::thread::spawn(move || {
+                let mut r =
+                    Rider { token, node: i % 3, client: None, seen: Default::default(), acked: Vec::new() };
+                for j in 0..per_user {
+                    r.send(&addrs, &alive, group, &format!("r{i}-{j}"));
+                    acks.fetch_add(1, Ordering::SeqCst);
+                }
+                r
+            })
+        })
+        .collect();
+    eventually("a third of the messages are acknowledged", || acks.load(Ordering::SeqCst) >= per_user * 2);
+    fault(owner, &alive);
+    let mut riders: Vec<Rider> = riders.into_iter().map(|t| t.join().expect("a rider failed")).collect();
+
+    // History, read through a node that stayed up.
+    let up = (owner + 1) % 3;
+    let mut reader = f.nodes[up].connect(&users[0].1, Subprotocol::Json);
+    let history: Vec<(u64, String)> = reader
+        .sync(Vec::new())
+        .into_iter()
+        .filter(|m| m.conversation_id == group && m.kind == protocol::MessageKind::Text)
+        .map(|m| (m.seq, m.body))
+        .collect();
+    assert_eq!(history.len(), 6 * per_user, "every send stored exactly once: {history:?}");
+    let at: std::collections::HashMap<&str, u64> = history.iter().map(|(s, b)| (b.as_str(), *s)).collect();
+    assert_eq!(at.len(), history.len(), "no send stored twice");
+    let head = history.last().unwrap().0;
+    for (i, r) in riders.iter_mut().enumerate() {
+        let mut prev = 0;
+        for (id, seq) in &r.acked {
+            assert_eq!(at.get(id.as_str()), Some(seq), "{id}'s ack names its stored position");
+            assert!(*seq > prev, "rider {i}'s sends are stored in its order");
+            prev = *seq;
+        }
+        // Every device is eventually shown everything, in order (a device whose node
+        // went away reconnects and syncs).
+        while r.upto() < head {
+            let got = r.client.as_mut().and_then(read);
+            match got {
+                Some(fr) => {
+                    if let ServerMsg::Message { message } = fr.body {
+                        r.note(group, message);
+                    }
+                }
+                None => {
+                    r.client = None;
+                    r.node += 1;
+                    r.connect(&addrs, &alive, group);
+                }
+            }
+        }
+        for (seq, body) in &history {
+            assert_eq!(r.seen.get(seq), Some(body), "rider {i} was shown position {seq} as stored");
+        }
+    }
+}
+
+fn signal(g: &TestGateway, sig: i32) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(g.pid() as i32, sig) }, 0);
+}
+
+fn wait_nodes(f: &Fleet, alive: &Alive, n: usize) {
+    for (i, g) in f.nodes.iter().enumerate() {
+        if alive[i].load(std::sync::atomic::Ordering::SeqCst) {
+            eventually("the live nodes see the new ring", || {
+                http_raw(g.addr, "GET", "/metrics", &[], None)
+                    .1
+                    .contains(&format!("switchboard_fleet_nodes {n}"))
+            });
+        }
+    }
+}
+
+#[test]
+fn killing_the_owner_under_traffic_loses_and_repeats_nothing() {
+    let f = fleet(TestRedis::start());
+    traffic_through(&f, 30, |owner, alive| {
+        alive[owner].store(false, std::sync::atomic::Ordering::SeqCst);
+        signal(&f.nodes[owner], libc::SIGKILL);
+        wait_nodes(&f, alive, 2);
+    });
+}
+
+#[test]
+fn a_stopped_owner_is_fenced_when_it_wakes() {
+    let f = fleet(TestRedis::start());
+    traffic_through(&f, 30, |owner, alive| {
+        alive[owner].store(false, std::sync::atomic::Ordering::SeqCst);
+        signal(&f.nodes[owner], libc::SIGSTOP);
+        // The others take its conversations over and go on writing.
+        wait_nodes(&f, alive, 2);
+        // It wakes with its old ring and its cached epochs: what it still tries to
+        // write is fenced (traffic_through checks that nothing it wrote reused or
+        // overwrote a position), and it rejoins.
+        signal(&f.nodes[owner], libc::SIGCONT);
+        alive[owner].store(true, std::sync::atomic::Ordering::SeqCst);
+        wait_nodes(&f, alive, 3);
+    });
 }

@@ -139,12 +139,14 @@ impl Rows<'_> {
     /// The multi-row statements of this commit (only tables it touches).
     /// The first statement of a fenced commit: locks the fenced conversations' rows
     /// that still carry the epochs the commit names (a concurrent `claim` waits for
-    /// the commit to end). It must touch every one of them, else the commit is
+    /// the commit to end). It must return every one of them, else the commit is
     /// rolled back as fenced.
     fn fence(&self) -> Option<Statement> {
         (!self.fences.is_empty()).then(|| -> Statement {
             (
-                "UPDATE conversations c SET owner_epoch = c.owner_epoch                  FROM UNNEST($1::bigint[], $2::bigint[]) AS f(id, epoch)                  WHERE c.id = f.id AND c.owner_epoch = f.epoch",
+                // Locked in id order, so two commits never wait for each other in a circle.
+                "SELECT 1 FROM conversations c JOIN UNNEST($1::bigint[], $2::bigint[]) AS f(id, epoch) \
+                 ON c.id = f.id AND c.owner_epoch = f.epoch ORDER BY c.id FOR UPDATE OF c",
                 vec![
                     col(self.fences.keys().map(|k| i(*k)).collect::<Vec<_>>()),
                     col(self.fences.values().map(|e| i(*e)).collect::<Vec<_>>()),

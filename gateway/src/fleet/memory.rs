@@ -4,7 +4,7 @@
 //! without Redis; the Redis links (`fleet::redis`) replace it in a real fleet.
 //! Its streams are unbounded: it is for tests, never for serving.
 
-use super::{Links, Locate, Members, Received, Wire, WireIn};
+use super::{Links, Locate, Members, Reap, Received, Wire, WireIn};
 use protocol::UserId;
 use router::NodeId;
 use std::collections::{BTreeSet, HashMap};
@@ -49,6 +49,7 @@ impl MemoryFleet {
             locate: Box::new(part()),
             locate_conns: Box::new(part()),
             members: Box::new(part()),
+            reap: Box::new(part()),
             heartbeat: Duration::from_millis(100),
         }
     }
@@ -122,9 +123,26 @@ impl Locate for Part {
 }
 
 impl Members for Part {
-    fn beat(&mut self) -> anyhow::Result<Vec<NodeId>> {
+    fn beat(&mut self) -> anyhow::Result<(Vec<NodeId>, bool)> {
         let mut live = self.hub.live.lock().unwrap();
-        live.insert(self.me);
-        Ok(live.iter().copied().collect())
+        let fresh = live.insert(self.me);
+        Ok((live.iter().copied().collect(), fresh))
+    }
+
+    fn leave(&mut self) -> anyhow::Result<()> {
+        self.hub.live.lock().unwrap().remove(&self.me);
+        Ok(())
+    }
+}
+
+impl Reap for Part {
+    fn take_dead(&mut self, dead: NodeId) -> anyhow::Result<Vec<Vec<u8>>> {
+        let (_, rx) = self.hub.stream(dead);
+        Ok(rx.try_iter().collect())
+    }
+
+    fn forget_dead(&mut self, dead: NodeId) -> anyhow::Result<()> {
+        self.hub.streams.lock().unwrap().remove(&dead);
+        Ok(())
     }
 }

@@ -85,8 +85,19 @@ pub trait Locate: Send + 'static {
 
 /// This node's membership.
 pub trait Members: Send + 'static {
-    /// Renews it; the live nodes, this one included.
-    fn beat(&mut self) -> anyhow::Result<Vec<NodeId>>;
+    /// Renews it; the live nodes (this one included), and whether this node was
+    /// registered anew (its registration had expired, or Redis lost it).
+    fn beat(&mut self) -> anyhow::Result<(Vec<NodeId>, bool)>;
+    /// Leaves the fleet at once (on shutdown).
+    fn leave(&mut self) -> anyhow::Result<()>;
+}
+
+/// Takes over what was sent to a dead node.
+pub trait Reap: Send + 'static {
+    /// The payloads left in `dead`'s stream (read and not acknowledged, or unread).
+    fn take_dead(&mut self, dead: NodeId) -> anyhow::Result<Vec<Vec<u8>>>;
+    /// Deletes `dead`'s stream.
+    fn forget_dead(&mut self, dead: NodeId) -> anyhow::Result<()>;
 }
 
 /// A fleet member's connections to the others, one per thread that uses them.
@@ -98,6 +109,7 @@ pub struct Links {
     /// `fleet-loc`'s arrivals and departures.
     pub locate_conns: Box<dyn Locate>,
     pub members: Box<dyn Members>,
+    pub reap: Box<dyn Reap>,
     pub heartbeat: Duration,
 }
 
@@ -130,6 +142,8 @@ pub struct Fanned {
 enum LocJob {
     Arrive(UserId, oneshot::Sender<()>),
     Depart(UserId),
+    /// Record every user here again (the fleet's Redis lost the records).
+    Reannounce,
 }
 
 /// Where commands go. Shared by every thread.
@@ -142,6 +156,8 @@ pub struct Router {
     loc: Option<crossbeam_channel::Sender<LocJob>>,
     /// A fan-out was dropped (queue full): every node must resync.
     lost_all: AtomicBool,
+    /// Asks `fleet-ring` to leave the fleet; it answers on the channel inside.
+    leave: Option<crossbeam_channel::Sender<crossbeam_channel::Sender<()>>>,
     rejected: prometheus::IntCounter,
     nodes: prometheus::IntGauge,
 }
@@ -150,6 +166,7 @@ pub struct Router {
 pub struct Receivers {
     out: crossbeam_channel::Receiver<Outgoing>,
     loc: crossbeam_channel::Receiver<LocJob>,
+    leave: crossbeam_channel::Receiver<crossbeam_channel::Sender<()>>,
 }
 
 impl Router {
@@ -162,6 +179,7 @@ impl Router {
             out: None,
             loc: None,
             lost_all: AtomicBool::new(false),
+            leave: None,
             rejected: metrics.rejected.with_label_values(&["fleet"]),
             nodes: metrics.fleet_nodes.clone(),
         }
@@ -171,8 +189,27 @@ impl Router {
     pub fn member(me: NodeId, cfg: &FleetConfig, metrics: &Metrics) -> (Router, Receivers) {
         let (out_tx, out) = crossbeam_channel::bounded(cfg.out_queue);
         let (loc_tx, loc) = crossbeam_channel::bounded(cfg.loc_queue);
-        let r = Router { out: Some(out_tx), loc: Some(loc_tx), ..Router::alone(me, metrics) };
-        (r, Receivers { out, loc })
+        let (leave_tx, leave) = crossbeam_channel::bounded(1);
+        let r = Router {
+            out: Some(out_tx),
+            loc: Some(loc_tx),
+            leave: Some(leave_tx),
+            ..Router::alone(me, metrics)
+        };
+        (r, Receivers { out, loc, leave })
+    }
+
+    /// Leaves the fleet (the others take this node's conversations over at their
+    /// next heartbeat, instead of after its registration expires). Waits at most
+    /// `wait`.
+    ///
+    /// Runs on: main, at shutdown.
+    pub fn leave(&self, wait: Duration) {
+        let Some(leave) = &self.leave else { return };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if leave.try_send(tx).is_ok() {
+            let _ = rx.recv_timeout(wait);
+        }
     }
 
     pub fn me(&self) -> NodeId {
@@ -327,8 +364,8 @@ pub fn start(
     push: Arc<Push>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let Links { wire, inbound, locate, locate_conns, mut members, heartbeat } = links;
-    router.set_ring(members.beat()?);
+    let Links { wire, inbound, locate, locate_conns, mut members, mut reap, heartbeat } = links;
+    router.set_ring(members.beat()?.0);
     {
         let (router, registry, metrics) = (router.clone(), registry.clone(), metrics.clone());
         std::thread::Builder::new().name("fleet-out".into()).spawn(move || {
@@ -337,20 +374,47 @@ pub fn start(
     }
     {
         let (router, registry) = (router.clone(), registry.clone());
-        std::thread::Builder::new()
-            .name("fleet-in".into())
-            .spawn(move || inbound_loop(inbound, router, sequencer, registry, metrics))?;
+        std::thread::Builder::new().name("fleet-in".into()).spawn({
+            let sequencer = sequencer.clone();
+            move || inbound_loop(inbound, router, sequencer, registry, metrics)
+        })?;
     }
     {
-        let router = router.clone();
+        let (router, loc) = (router.clone(), router.loc.clone());
         std::thread::Builder::new().name("fleet-ring".into()).spawn(move || {
             loop {
-                std::thread::sleep(heartbeat);
-                match members.beat() {
-                    Ok(nodes) => {
-                        router.set_ring(nodes);
+                match rx.leave.recv_timeout(heartbeat) {
+                    Ok(done) => {
+                        if let Err(e) = members.leave() {
+                            tracing::warn!(error = %e, "leaving the fleet failed; the others wait for the TTL");
+                        }
+                        let _ = done.send(());
+                        return;
                     }
-                    Err(e) => tracing::warn!(error = %e, "fleet heartbeat failed; keeping the last ring"),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                }
+                let (nodes, fresh) = match members.beat() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "fleet heartbeat failed; keeping the last ring");
+                        continue;
+                    }
+                };
+                if fresh && let Some(loc) = &loc {
+                    // Redis lost this node's records (restarted, or this node was
+                    // taken for dead): record its users again.
+                    let _ = loc.try_send(LocJob::Reannounce);
+                }
+                let before = router.ring();
+                if router.set_ring(nodes) {
+                    let after = router.ring();
+                    // The lowest live node takes over what was left for the dead.
+                    if after.nodes().first() == Some(&router.me) {
+                        for &dead in before.nodes().iter().filter(|n| !after.contains(**n)) {
+                            reap_dead(&mut *reap, dead, &router, &sequencer);
+                        }
+                    }
                 }
             }
         })?;
@@ -650,6 +714,34 @@ fn inbound_loop(
     }
 }
 
+/// Re-routes the commands left in dead node `dead`'s stream to their owners now
+/// (events for its users are dropped: they reconnect elsewhere and sync), then
+/// deletes the stream.
+///
+/// Runs on: fleet-ring.
+fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Sequencer) {
+    let payloads = match reap.take_dead(dead) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(dead, error = %e, "taking over a dead node's stream failed");
+            return;
+        }
+    };
+    let mut rerouted = 0;
+    for p in payloads {
+        if let Ok(Body::Command { cmd }) = envelope::decode(&p) {
+            rerouted += 1;
+            if let Err(cmd) = router.submit(sequencer, *cmd) {
+                router.fanout(vec![refusal(&cmd, ErrorCode::Overloaded)]);
+            }
+        }
+    }
+    if let Err(e) = reap.forget_dead(dead) {
+        tracing::warn!(dead, error = %e, "deleting a dead node's stream failed");
+    }
+    tracing::info!(dead, rerouted, "took over a dead node's stream");
+}
+
 /// Records arrivals and departures. Counts connections per user, so a user is
 /// removed only when its last connection here closes.
 ///
@@ -672,6 +764,9 @@ fn loc_loop(rx: crossbeam_channel::Receiver<LocJob>, mut locate: Box<dyn Locate>
                     owed.insert(user);
                 }
                 let _ = done.send(());
+            }
+            Some(LocJob::Reannounce) => {
+                owed.extend(here.keys().copied());
             }
             Some(LocJob::Depart(user)) => {
                 let n = here.entry(user).or_default();

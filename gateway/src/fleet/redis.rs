@@ -1,7 +1,7 @@
 //! The fleet's links over Redis (the `router` crate): membership with a heartbeat
 //! and TTL, users' locations, and one inbound stream per node.
 
-use super::{Links, Locate, Members, Received, Wire, WireIn};
+use super::{Links, Locate, Members, Reap, Received, Wire, WireIn};
 use crate::config::Config;
 use anyhow::Context;
 use protocol::UserId;
@@ -50,11 +50,16 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
     };
     let (locate, locate_conns) = (located(), located());
     Ok(Some(Links {
-        wire: Box::new(RedisWire(Outbound::new(transport, me))),
+        wire: Box::new(RedisWire(Outbound::new(transport.clone(), me))),
         inbound: Box::new(RedisIn(inbound)),
         locate: Box::new(locate),
         locate_conns: Box::new(locate_conns),
-        members: Box::new(RedisMembers { member, live, first: Some(beat.ring.nodes().to_vec()) }),
+        reap: Box::new(RedisReap { transport: transport.clone(), me }),
+        members: Box::new(RedisMembers {
+            member: Some(member),
+            live,
+            first: Some(beat.ring.nodes().to_vec()),
+        }),
         heartbeat,
     }))
 }
@@ -113,22 +118,49 @@ impl Locate for RedisLocate {
 }
 
 struct RedisMembers {
-    member: Member,
+    /// `None` once left.
+    member: Option<Member>,
     live: Arc<Mutex<HashMap<NodeId, String>>>,
     /// The joining beat's ring, given out by the first `beat`.
     first: Option<Vec<NodeId>>,
 }
 
 impl Members for RedisMembers {
-    fn beat(&mut self) -> anyhow::Result<Vec<NodeId>> {
+    fn beat(&mut self) -> anyhow::Result<(Vec<NodeId>, bool)> {
         if let Some(nodes) = self.first.take() {
-            return Ok(nodes);
+            return Ok((nodes, false));
         }
-        let beat = self.member.heartbeat()?;
+        let member = self.member.as_mut().context("this node has left the fleet")?;
+        let beat = member.heartbeat()?;
         if beat.fresh {
-            tracing::warn!("this node's membership had expired: it was taken for dead and rejoined");
+            tracing::warn!("this node's membership had expired or was lost: it registered again");
         }
         *self.live.lock().expect("live lock") = beat.instances;
-        Ok(beat.ring.nodes().to_vec())
+        Ok((beat.ring.nodes().to_vec(), beat.fresh))
+    }
+
+    fn leave(&mut self) -> anyhow::Result<()> {
+        if let Some(m) = self.member.take() {
+            m.leave()?;
+        }
+        Ok(())
+    }
+}
+
+struct RedisReap {
+    transport: TransportOptions,
+    me: NodeId,
+}
+
+impl Reap for RedisReap {
+    fn take_dead(&mut self, dead: NodeId) -> anyhow::Result<Vec<Vec<u8>>> {
+        Ok(router::transport::drain_dead(&self.transport, dead, self.me)?
+            .into_iter()
+            .map(|e| e.payload)
+            .collect())
+    }
+
+    fn forget_dead(&mut self, dead: NodeId) -> anyhow::Result<()> {
+        Ok(router::transport::forget_dead(&self.transport, dead)?)
     }
 }

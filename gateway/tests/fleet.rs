@@ -12,7 +12,7 @@ use support::{Client, TestGateway, conversation_id, eventually, http_raw};
 
 struct Fleet {
     nodes: Vec<TestGateway>,
-    _redis: TestRedis,
+    redis: std::sync::Mutex<TestRedis>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -37,7 +37,7 @@ fn fleet(redis: TestRedis) -> Fleet {
             http_raw(n.addr, "GET", "/metrics", &[], None).1.contains("switchboard_fleet_nodes 3")
         });
     }
-    Fleet { nodes, _redis: redis, _dirs: dirs }
+    Fleet { nodes, redis: std::sync::Mutex::new(redis), _dirs: dirs }
 }
 
 impl Fleet {
@@ -260,16 +260,36 @@ impl Rider {
     }
 }
 
-/// The next frame, or `None` once the connection is closed, broken or silent for 3 s.
-fn read(c: &mut Client) -> Option<protocol::ServerFrame> {
+/// Why a connection gave no frame.
+#[derive(Debug, PartialEq)]
+enum Gone {
+    /// Closed by the server, or broken (its node died).
+    Closed,
+    /// Nothing for 3 s (its node is stopped, or an event never came).
+    Silent,
+}
+
+/// The next frame.
+fn next(c: &mut Client) -> Result<protocol::ServerFrame, Gone> {
     loop {
         match c.ws.read() {
-            Ok(tungstenite::Message::Text(t)) => return c.proto.decode_server(t.as_bytes()).ok(),
-            Ok(tungstenite::Message::Binary(b)) => return c.proto.decode_server(&b).ok(),
-            Ok(tungstenite::Message::Close(_)) | Err(_) => return None,
+            Ok(tungstenite::Message::Text(t)) => return Ok(c.proto.decode_server(t.as_bytes()).unwrap()),
+            Ok(tungstenite::Message::Binary(b)) => return Ok(c.proto.decode_server(&b).unwrap()),
+            Ok(tungstenite::Message::Close(_)) => return Err(Gone::Closed),
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                return Err(Gone::Silent);
+            }
+            Err(_) => return Err(Gone::Closed),
             Ok(_) => {}
         }
     }
+}
+
+/// The next frame, or `None` once the connection is closed, broken or silent.
+fn read(c: &mut Client) -> Option<protocol::ServerFrame> {
+    next(c).ok()
 }
 
 /// Six users, two per node, all in one group, each sending `per_user` messages
@@ -331,20 +351,27 @@ fn traffic_through(f: &Fleet, per_user: usize, fault: impl FnOnce(usize, &Alive)
             assert!(*seq > prev, "rider {i}'s sends are stored in its order");
             prev = *seq;
         }
-        // Every device is eventually shown everything, in order (a device whose node
-        // went away reconnects and syncs).
+        // Every device is shown everything, in order: live, or by a sync after its
+        // connection was closed (its node died, or resynced it). A device left
+        // waiting on an open connection missed a live event: that fails.
         while r.upto() < head {
-            let got = r.client.as_mut().and_then(read);
+            let got = match r.client.as_mut() {
+                Some(c) => next(c),
+                None => Err(Gone::Closed),
+            };
             match got {
-                Some(fr) => {
+                Ok(fr) => {
                     if let ServerMsg::Message { message } = fr.body {
                         r.note(group, message);
                     }
                 }
-                None => {
+                Err(Gone::Closed) => {
                     r.client = None;
                     r.node += 1;
                     r.connect(&addrs, &alive, group);
+                }
+                Err(Gone::Silent) => {
+                    panic!("rider {i} waits on an open connection for position {} of {head}", r.upto() + 1)
                 }
             }
         }
@@ -394,6 +421,26 @@ fn a_stopped_owner_is_fenced_when_it_wakes() {
         // overwrote a position), and it rejoins.
         signal(&f.nodes[owner], libc::SIGCONT);
         alive[owner].store(true, std::sync::atomic::Ordering::SeqCst);
+        wait_nodes(&f, alive, 3);
+    });
+}
+
+#[test]
+fn a_redis_restart_under_traffic_loses_and_repeats_nothing() {
+    let f = fleet(TestRedis::start());
+    traffic_through(&f, 30, |_, alive| {
+        // Empty when it comes back: membership, locations and streams in flight are
+        // gone. Every node registers again and its connections resync.
+        f.redis.lock().unwrap().restart();
+        wait_nodes(&f, alive, 3);
+    });
+}
+
+#[test]
+fn a_redis_cluster_master_restart_under_traffic_loses_and_repeats_nothing() {
+    let f = fleet(TestRedis::start_cluster());
+    traffic_through(&f, 30, |_, alive| {
+        f.redis.lock().unwrap().restart_master(0);
         wait_nodes(&f, alive, 3);
     });
 }

@@ -114,10 +114,54 @@ impl Link {
         }
     }
 
+    /// Every Redis server's `run_id` (each master's, for a cluster), sorted. A
+    /// server restarted, or a replica promoted, shows as a new one.
+    pub(crate) fn run_ids(&mut self) -> RedisResult<Vec<String>> {
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let reply = match self {
+            Link::One(c) => info.query::<redis::Value>(c)?,
+            Link::Cluster(c) => c.route_command(
+                &info,
+                redis::cluster_routing::RoutingInfo::MultiNode((
+                    redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+                    None,
+                )),
+            )?,
+        };
+        let mut ids = Vec::new();
+        collect_run_ids(&reply, &mut ids);
+        ids.sort();
+        Ok(ids)
+    }
+
     pub(crate) fn conn(&mut self) -> &mut dyn ConnectionLike {
         match self {
             Link::One(c) => c,
             Link::Cluster(c) => c.as_mut(),
         }
+    }
+}
+
+/// The `run_id:` lines of every INFO text in `v` (one server's, or a map of them).
+fn collect_run_ids(v: &redis::Value, out: &mut Vec<String>) {
+    match v {
+        redis::Value::BulkString(b) => out.extend(
+            String::from_utf8_lossy(b)
+                .lines()
+                .filter_map(|l| l.strip_prefix("run_id:"))
+                .map(|s| s.trim().to_owned()),
+        ),
+        redis::Value::VerbatimString { text, .. } => {
+            out.extend(text.lines().filter_map(|l| l.strip_prefix("run_id:")).map(|s| s.trim().to_owned()))
+        }
+        redis::Value::SimpleString(t) => {
+            out.extend(t.lines().filter_map(|l| l.strip_prefix("run_id:")).map(|s| s.trim().to_owned()))
+        }
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            items.iter().for_each(|i| collect_run_ids(i, out))
+        }
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(_, v)| collect_run_ids(v, out)),
+        _ => {}
     }
 }

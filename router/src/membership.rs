@@ -104,6 +104,8 @@ pub struct Member {
     token: String,
     conn: Option<Link>,
     heartbeat: redis::Script,
+    /// The Redis servers' run ids at the last beat.
+    run_ids: Option<Vec<String>>,
 }
 
 /// What one heartbeat saw.
@@ -117,6 +119,9 @@ pub struct Beat {
     /// Each live node's instance token (which process holds the id): what
     /// [`crate::Location`] entries are checked against.
     pub instances: HashMap<NodeId, String>,
+    /// A Redis server restarted (or, in a cluster, a master was replaced) since
+    /// the last beat: what the fleet kept there (locations, streams) may be gone.
+    pub redis_lost: bool,
 }
 
 impl Member {
@@ -125,7 +130,8 @@ impl Member {
     pub fn join(opts: MembershipOptions, me: NodeId) -> Result<(Member, Beat), MembershipError> {
         opts.check().map_err(MembershipError::Options)?;
         let token = format!("{:032x}", rand::random::<u128>());
-        let mut m = Member { opts, me, token, conn: None, heartbeat: redis::Script::new(HEARTBEAT) };
+        let mut m =
+            Member { opts, me, token, conn: None, heartbeat: redis::Script::new(HEARTBEAT), run_ids: None };
         let beat = m.heartbeat()?;
         Ok((m, beat))
     }
@@ -173,11 +179,24 @@ impl Member {
         let r: redis::RedisResult<(u8, Vec<NodeId>, Vec<String>)> =
             script.key(&members).key(&instances).arg(me).arg(&token).arg(ttl_ms).invoke(conn);
         match r {
-            Ok((fresh, nodes, tokens)) => Ok(Beat {
-                instances: nodes.iter().copied().zip(tokens).collect(),
-                ring: Ring::new(nodes),
-                fresh: fresh == 1,
-            }),
+            Ok((fresh, nodes, tokens)) => {
+                let ids = match self.conn.as_mut().expect("connected above").run_ids() {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        self.conn = None;
+                        return Err(e.into());
+                    }
+                };
+                let redis_lost =
+                    self.run_ids.as_ref().is_some_and(|old| old.iter().any(|id| !ids.contains(id)));
+                self.run_ids = Some(ids);
+                Ok(Beat {
+                    instances: nodes.iter().copied().zip(tokens).collect(),
+                    ring: Ring::new(nodes),
+                    fresh: fresh == 1,
+                    redis_lost,
+                })
+            }
             Err(e) if e.code() == Some("IDTAKEN") => Err(MembershipError::IdTaken(self.me)),
             Err(e) => {
                 self.conn = None;

@@ -51,8 +51,8 @@ impl Server {
         .arg("--dir")
         .arg(&self.dir);
         if self.cluster {
-            // A restarted node forgets the cluster with its dir (tests restart
-            // only single servers); node timeout short, so failures show fast.
+            // A restarted node finds the cluster again in its dir's nodes.conf;
+            // node timeout short, so failures show fast.
             cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", "2000"]);
         }
@@ -167,6 +167,29 @@ impl TestRedis {
     pub fn kill(&mut self) {
         assert!(!self.cluster, "a cluster's nodes are not restarted here");
         self.servers.iter_mut().for_each(Server::kill);
+    }
+
+    /// Kills master `i` of the cluster and starts it again on its port: it rejoins
+    /// with its slots (its `nodes.conf` is kept) and without its data (no
+    /// persistence). Returns once every node reports `cluster_state:ok`.
+    pub fn restart_master(&mut self, i: usize) {
+        assert!(self.cluster, "restart_master is for a cluster");
+        self.servers[i].kill();
+        assert!(self.servers[i].launch(), "redis-server did not come back on port {}", self.servers[i].port);
+        let deadline = Instant::now() + READY;
+        for s in &self.servers {
+            loop {
+                let info: Option<String> = redis::Client::open(s.url())
+                    .ok()
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)).ok())
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c).ok());
+                if info.is_some_and(|i| i.contains("cluster_state:ok")) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node {} never reported cluster_state:ok", s.port);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Starts the server again on the same port (empty: no persistence).

@@ -94,10 +94,26 @@ fn a_redis_restart_is_survived_and_noticed() {
     assert!(matches!(a.heartbeat(), Err(MembershipError::Redis(_))), "a beat without Redis fails, retryably");
     redis.restart();
     // The restarted Redis is empty: each node's next beat registers it anew,
-    // and says so (the node learns it had been unregistered).
-    assert!(a.heartbeat().unwrap().fresh);
-    assert!(b.heartbeat().unwrap().fresh);
+    // and says so (the node learns it had been unregistered and Redis restarted).
+    let (ba, bb) = (a.heartbeat().unwrap(), b.heartbeat().unwrap());
+    assert!(ba.fresh && ba.redis_lost && bb.fresh && bb.redis_lost);
     converge(&mut [&mut a, &mut b], &[1, 2]);
+    assert!(!a.heartbeat().unwrap().redis_lost, "said once");
+}
+
+#[test]
+fn a_restarted_cluster_master_is_noticed() {
+    let mut redis = TestRedis::start_cluster();
+    let (mut a, _) = Member::join(opts(&redis), 1).unwrap();
+    assert!(!a.heartbeat().unwrap().redis_lost);
+    for i in 0..3 {
+        redis.restart_master(i);
+        // Whichever master it was (holding the membership or other keys), the
+        // beat after it came back says data may be gone.
+        let beat = (0..100).find_map(|_| a.heartbeat().ok()).expect("a beat once the cluster is back");
+        assert!(beat.redis_lost, "master {i}'s restart was noticed");
+        assert!(!a.heartbeat().unwrap().redis_lost);
+    }
 }
 
 #[test]

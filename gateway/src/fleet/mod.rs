@@ -380,7 +380,7 @@ pub fn start(
         })?;
     }
     {
-        let (router, loc) = (router.clone(), router.loc.clone());
+        let (router, loc, registry) = (router.clone(), router.loc.clone(), registry.clone());
         std::thread::Builder::new().name("fleet-ring".into()).spawn(move || {
             loop {
                 match rx.leave.recv_timeout(heartbeat) {
@@ -402,9 +402,13 @@ pub fn start(
                     }
                 };
                 if fresh && let Some(loc) = &loc {
-                    // Redis lost this node's records (restarted, or this node was
-                    // taken for dead): record its users again.
+                    // Redis lost this node's records (it restarted empty, or this node
+                    // was taken for dead): record its users again, and make every
+                    // connection here resync, since events for them may have been
+                    // sent nowhere meanwhile (their locations were unknown).
                     let _ = loc.try_send(LocJob::Reannounce);
+                    tracing::warn!("the fleet lost this node's records: every connection here resyncs");
+                    deliver_local(&registry, [(Event::new(EventKind::Resync), registry.users())]);
                 }
                 let before = router.ring();
                 if router.set_ring(nodes) {

@@ -135,8 +135,13 @@ impl Members for RedisMembers {
         if beat.fresh {
             tracing::warn!("this node's membership had expired or was lost: it registered again");
         }
+        if beat.redis_lost {
+            tracing::warn!(
+                "a Redis server restarted (or a master was replaced): the fleet's records there may be gone"
+            );
+        }
         *self.live.lock().expect("live lock") = beat.instances;
-        Ok((beat.ring.nodes().to_vec(), beat.fresh))
+        Ok((beat.ring.nodes().to_vec(), beat.fresh || beat.redis_lost))
     }
 
     fn leave(&mut self) -> anyhow::Result<()> {

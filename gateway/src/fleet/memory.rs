@@ -141,8 +141,8 @@ impl Reap for Part {
         Ok(rx.try_iter().collect())
     }
 
-    fn forget_dead(&mut self, dead: NodeId) -> anyhow::Result<()> {
-        self.hub.streams.lock().unwrap().remove(&dead);
+    fn tell(&mut self, dead: NodeId, payload: &[u8]) -> anyhow::Result<()> {
+        self.hub.stream(dead).0.send(payload.to_vec())?;
         Ok(())
     }
 }

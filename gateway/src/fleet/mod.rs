@@ -96,8 +96,8 @@ pub trait Members: Send + 'static {
 pub trait Reap: Send + 'static {
     /// The payloads left in `dead`'s stream (read and not acknowledged, or unread).
     fn take_dead(&mut self, dead: NodeId) -> anyhow::Result<Vec<Vec<u8>>>;
-    /// Deletes `dead`'s stream.
-    fn forget_dead(&mut self, dead: NodeId) -> anyhow::Result<()>;
+    /// Appends `payload` to `dead`'s stream.
+    fn tell(&mut self, dead: NodeId, payload: &[u8]) -> anyhow::Result<()>;
 }
 
 /// A fleet member's connections to the others, one per thread that uses them.
@@ -718,9 +718,12 @@ fn inbound_loop(
     }
 }
 
-/// Re-routes the commands left in dead node `dead`'s stream to their owners now
-/// (events for its users are dropped: they reconnect elsewhere and sync), then
-/// deletes the stream.
+/// Re-routes the commands left in dead node `dead`'s stream to their owners now.
+/// Events for its users are dropped (they reconnect elsewhere and sync), and a
+/// resync notice for all is left in its stream: a node taken for dead that was
+/// not (stopped for a while, or its registration lost with a Redis restart)
+/// reads it after the dropped events, so its connections resync. The stream is
+/// kept (trimmed like any other) for that reason.
 ///
 /// Runs on: fleet-ring.
 fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Sequencer) {
@@ -740,8 +743,8 @@ fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Seq
             }
         }
     }
-    if let Err(e) = reap.forget_dead(dead) {
-        tracing::warn!(dead, error = %e, "deleting a dead node's stream failed");
+    if let Err(e) = reap.tell(dead, &envelope::encode(&Body::Resync { users: Vec::new(), all: true })) {
+        tracing::warn!(dead, error = %e, "leaving a resync notice for a dead node failed");
     }
     tracing::info!(dead, rerouted, "took over a dead node's stream");
 }
@@ -752,8 +755,11 @@ fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Seq
 /// Runs on: fleet-loc.
 fn loc_loop(rx: crossbeam_channel::Receiver<LocJob>, mut locate: Box<dyn Locate>, registry: Arc<Registry>) {
     let mut here: HashMap<UserId, u32> = HashMap::new();
-    // Arrivals the link refused, recorded again when it works.
+    // Records to write again when the link works.
     let mut owed: HashSet<UserId> = HashSet::new();
+    // Users connected here without a record: events for them may have gone
+    // nowhere, so once recorded their connections here resync.
+    let mut unrecorded: HashSet<UserId> = HashSet::new();
     loop {
         let job = match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(j) => Some(j),
@@ -763,9 +769,15 @@ fn loc_loop(rx: crossbeam_channel::Receiver<LocJob>, mut locate: Box<dyn Locate>
         match job {
             Some(LocJob::Arrive(user, done)) => {
                 *here.entry(user).or_default() += 1;
-                if let Err(e) = locate.arrive(&[user]) {
-                    tracing::warn!(error = %e, "recording a user's arrival failed; retrying in the background");
+                // Once more on a new connection: a kept one may have died with a Redis restart.
+                if let Err(e) = locate.arrive(&[user]).or_else(|_| locate.arrive(&[user])) {
+                    tracing::warn!(
+                        error = %e,
+                        "recording a user's arrival failed; it connects here unrecorded (local events only) \
+                         and resyncs once recorded"
+                    );
                     owed.insert(user);
+                    unrecorded.insert(user);
                 }
                 let _ = done.send(());
             }
@@ -778,6 +790,7 @@ fn loc_loop(rx: crossbeam_channel::Receiver<LocJob>, mut locate: Box<dyn Locate>
                 if *n == 0 {
                     here.remove(&user);
                     owed.remove(&user);
+                    unrecorded.remove(&user);
                     if !registry.is_connected(user)
                         && let Err(e) = locate.depart(&[user])
                     {
@@ -791,6 +804,10 @@ fn loc_loop(rx: crossbeam_channel::Receiver<LocJob>, mut locate: Box<dyn Locate>
             let users: Vec<UserId> = owed.iter().copied().collect();
             if locate.arrive(&users).is_ok() {
                 owed.clear();
+                let users: Vec<UserId> = unrecorded.drain().collect();
+                if !users.is_empty() {
+                    deliver_local(&registry, [(Event::new(EventKind::Resync), users)]);
+                }
             }
         }
     }

@@ -54,7 +54,7 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
         inbound: Box::new(RedisIn(inbound)),
         locate: Box::new(locate),
         locate_conns: Box::new(locate_conns),
-        reap: Box::new(RedisReap { transport: transport.clone(), me }),
+        reap: Box::new(RedisReap { transport: transport.clone(), me, out: Outbound::new(transport.clone(), me) }),
         members: Box::new(RedisMembers {
             member: Some(member),
             live,
@@ -155,6 +155,8 @@ impl Members for RedisMembers {
 struct RedisReap {
     transport: TransportOptions,
     me: NodeId,
+    /// Its own sender (its own counters), for the notices.
+    out: Outbound,
 }
 
 impl Reap for RedisReap {
@@ -165,7 +167,7 @@ impl Reap for RedisReap {
             .collect())
     }
 
-    fn forget_dead(&mut self, dead: NodeId) -> anyhow::Result<()> {
-        Ok(router::transport::forget_dead(&self.transport, dead)?)
+    fn tell(&mut self, dead: NodeId, payload: &[u8]) -> anyhow::Result<()> {
+        Ok(self.out.send(dead, &[payload])?)
     }
 }

@@ -247,8 +247,10 @@ impl Sequencer {
             push,
             router,
             ring_seen: 0,
+            swept: Instant::now(),
             member_cap: cfg.member_cap,
             convs: HashMap::new(),
+            adopted: Vec::new(),
         };
         let (batch_max, window) = (cfg.batch_max, cfg.window);
         std::thread::Builder::new()
@@ -309,7 +311,14 @@ struct ConvState {
     /// This node's owner epoch of the conversation ([`Store::claim`]), which every
     /// commit touching it is fenced with; 0 for one created here (nobody claimed it).
     epoch: u64,
+    /// When it was claimed (or created): claimed again after [`RECLAIM_AFTER`].
+    claimed: Instant,
 }
+
+/// How long a cached conversation's claim serves: a store's fence timestamps
+/// count time within an epoch in a bounded range (Cassandra's 2^40 µs, 12.7
+/// days), so an owner takes a new epoch well before it runs out.
+const RECLAIM_AFTER: Duration = Duration::from_secs(10 * 86_400);
 
 impl ConvState {
     /// Moves `user`'s positions forward to `seq` (delivered, and read if `read`).
@@ -384,9 +393,14 @@ struct Worker {
     router: Arc<Router>,
     /// The ring version the cache was last checked against.
     ring_seen: u64,
+    /// When the cache was last swept for old claims.
+    swept: Instant,
     member_cap: usize,
     /// Only conversations this node owns (see [`Worker::forget_moved`]).
     convs: HashMap<ConversationId, ConvState>,
+    /// Stored messages adopted by a head repair, shown with the next batch
+    /// (already committed, so whatever that batch's fate).
+    adopted: Vec<Effect>,
 }
 
 type Fail = ErrorCode;
@@ -428,6 +442,11 @@ impl Worker {
     /// Drops the cached state of conversations another node now owns: it may change
     /// them from now on, so the cache would go stale. Loaded again if they come back.
     fn forget_moved(&mut self) {
+        // Once a minute: drop conversations claimed too long ago (claimed anew on next use).
+        if self.swept.elapsed() > Duration::from_secs(60) {
+            self.swept = Instant::now();
+            self.convs.retain(|_, st| st.claimed.elapsed() < RECLAIM_AFTER);
+        }
         let v = self.router.version();
         if v != self.ring_seen {
             self.ring_seen = v;
@@ -463,11 +482,14 @@ impl Worker {
             let members: BTreeMap<_, _> = self.store.members(id).map_err(internal)?.into_iter().collect();
             let last = self.store.buckets(id).map_err(internal)?.last().copied();
             // A store without cross-partition transactions (Cassandra) may keep
-            // messages whose commit failed after they landed but before the head
-            // moved. Their positions are taken: continue after the newest stored
-            // message. Their senders were told "failed" and will resend with the
-            // same client_msg_id, so their idempotency keys are written first: the
-            // resend is then acked at the stored position, not stored twice.
+            // messages past the head: a commit cut between its rows and its head, or
+            // a deposed owner's batch whose head was refused. Nobody was shown them
+            // and their senders were told "failed". The contiguous ones are adopted:
+            // the head moves past them, their idempotency keys are written (a resend
+            // is then acked at the stored position, not stored twice), and they are
+            // shown to the members now. Adoption stops at a send already stored
+            // within the head (a deposed owner's leftover, whose sender's resend was
+            // stored already): this node writes over those with newer rows.
             if let Some(b) = last
                 && let Some(newest) = self
                     .store
@@ -476,35 +498,72 @@ impl Worker {
                     .pop()
                 && newest.seq > rec.last_seq
             {
-                tracing::warn!(
-                    conversation = id,
-                    head = rec.last_seq,
-                    newest = newest.seq,
-                    "head behind stored history; repairing"
-                );
-                let mut repair = Vec::new();
-                let mut after = rec.last_seq;
-                while after < newest.seq {
+                let head = rec.last_seq;
+                let (mut repair, mut adopted) = (Vec::new(), Vec::new());
+                let mut after = head;
+                'scan: while after < newest.seq {
                     let page = storage::page(&*self.store, id, storage::Anchor::After(after), 100)
                         .map_err(internal)?;
-                    let Some(last) = page.messages.last() else { break };
-                    after = last.seq;
-                    repair.extend(
-                        page.messages
-                            .into_iter()
-                            .filter(|m| m.kind == MessageKind::Text && !m.client_msg_id.is_empty())
-                            .map(|m| Mutation::PutIdempotency {
+                    for m in page.messages {
+                        if m.seq != after + 1 {
+                            break 'scan;
+                        }
+                        if m.kind == MessageKind::Text && !m.client_msg_id.is_empty() {
+                            let stored = match self
+                                .store
+                                .idempotent_seq(id, m.sender_id, &m.client_msg_id)
+                                .map_err(internal)?
+                            {
+                                Some(s) if s != m.seq && s <= head => {
+                                    storage::message_at(&*self.store, id, s).map_err(internal)?.is_some_and(
+                                        |o| o.sender_id == m.sender_id && o.client_msg_id == m.client_msg_id,
+                                    )
+                                }
+                                _ => false,
+                            };
+                            if stored {
+                                break 'scan;
+                            }
+                            repair.push(Mutation::PutIdempotency {
                                 conversation: id,
                                 sender: m.sender_id,
-                                client_msg_id: m.client_msg_id,
+                                client_msg_id: m.client_msg_id.clone(),
                                 seq: m.seq,
-                            }),
-                    );
+                            });
+                        }
+                        after = m.seq;
+                        rec.last_ts_ms = rec.last_ts_ms.max(m.ts_ms);
+                        adopted.push(m);
+                    }
+                    if !page.has_more {
+                        break;
+                    }
                 }
-                rec.last_seq = newest.seq;
-                rec.last_ts_ms = rec.last_ts_ms.max(newest.ts_ms);
-                repair.push(Mutation::PutConversation(rec.clone()));
-                self.store.commit(&repair).map_err(internal)?;
+                if after > head {
+                    tracing::warn!(
+                        conversation = id,
+                        head,
+                        adopted = after - head,
+                        "head behind stored history; adopting"
+                    );
+                    rec.last_seq = after;
+                    repair.push(Mutation::PutConversation(rec.clone()));
+                    repair.push(Mutation::Fence { conversation: id, epoch });
+                    self.store.commit(&repair).map_err(|e| {
+                        if e.kind == storage::ErrorKind::Fenced {
+                            ErrorCode::Unavailable
+                        } else {
+                            internal(e)
+                        }
+                    })?;
+                    let recipients: Arc<[UserId]> = members.keys().copied().collect();
+                    self.adopted.extend(adopted.into_iter().map(|message| {
+                        Effect(
+                            Event::new(EventKind::Message { message, origin: None, to_others: true }),
+                            recipients.clone(),
+                        )
+                    }));
+                }
             }
             let bucket = last.map(|b| b.bucket);
             let positions = self.store.all_positions(id).map_err(internal)?.into_iter().collect();
@@ -516,6 +575,7 @@ impl Worker {
                 positions,
                 mutes: HashMap::new(),
                 epoch,
+                claimed: Instant::now(),
             };
             st.set_members();
             self.convs.insert(id, st);
@@ -807,15 +867,17 @@ impl Worker {
         let store = self.store.clone();
         let st = self.member(conversation, sender)?;
         let key = (conversation, sender, client_msg_id);
+        let head = st.rec.last_seq;
         let earlier = match batch.idem.get(&key) {
             Some(m) => Some(m.clone()),
+            // A key counts only if its position is in the order and holds this very
+            // send: a deposed owner's fenced, refused batch may have left keys that
+            // name positions the new owner filled with other messages.
             None => match store.idempotent_seq(conversation, sender, &key.2).map_err(internal)? {
-                Some(seq) => Some(
-                    storage::message_at(&*store, conversation, seq)
-                        .map_err(internal)?
-                        .ok_or(ErrorCode::Internal)?,
-                ),
-                None => None,
+                Some(seq) if seq <= head => storage::message_at(&*store, conversation, seq)
+                    .map_err(internal)?
+                    .filter(|m| m.sender_id == sender && m.client_msg_id == key.2),
+                _ => None,
             },
         };
         if let Some(message) = earlier {
@@ -877,6 +939,7 @@ impl Worker {
             positions: HashMap::new(),
             mutes: HashMap::new(),
             epoch: 0,
+            claimed: Instant::now(),
         };
         batch.created.insert(id);
         st.set_members();
@@ -1135,15 +1198,20 @@ impl Worker {
         let mut delivery = registry.delivery();
         let fleet = self.router.in_fleet();
         let mut remote = Vec::new();
-        for Effect(ev, recipients) in batch.effects {
+        let adopted = std::mem::take(&mut self.adopted);
+        let effects =
+            adopted.into_iter().map(|e| (e, true)).chain(batch.effects.into_iter().map(|e| (e, false)));
+        for (Effect(ev, recipients), stored) in effects {
             // Each effect's recipients were chosen when it was built; a failed commit
             // turns new messages into errors for their sender and successes into errors.
-            let (ev, recipients) = if committed {
+            let (ev, recipients) = if committed || stored {
                 messages += u64::from(matches!(ev.kind, EventKind::Message { to_others: true, .. }));
                 (ev, recipients)
             } else {
                 match &ev.kind {
-                    EventKind::Message { message, origin: Some(origin), to_others: true } => (
+                    // Every ack of the batch becomes a failure, a resend's too: its message
+                    // may be one this batch appended (a send and its resend in one batch).
+                    EventKind::Message { message, origin: Some(origin), .. } => (
                         Event::new(EventKind::SendFailed {
                             origin: *origin,
                             conversation_id: message.conversation_id,

@@ -1,5 +1,7 @@
-//! A real fleet: three gateway processes sharing one PostgreSQL database and one
-//! redis-server (each started by the test on a free loopback port). Users whose
+//! A real fleet: three gateway processes sharing one store (a PostgreSQL
+//! database; the test Cassandra with `SWITCHBOARD_TEST_STORE=cassandra`) and
+//! one redis-server or a Redis Cluster of three masters (started by the test
+//! on free loopback ports). Users whose
 //! devices sit on different nodes chat 1:1 and in a group, and a device
 //! reconnects to another node and syncs what it missed.
 
@@ -16,16 +18,38 @@ struct Fleet {
     _dirs: Vec<tempfile::TempDir>,
 }
 
-fn fleet(redis: TestRedis) -> Fleet {
+/// The store the fleet shares: the test Cassandra with `SWITCHBOARD_TEST_STORE=cassandra`
+/// (one keyspace for the three nodes), else a fresh PostgreSQL database (the
+/// embedded store belongs to one process, so a fleet cannot share it).
+fn shared_store() -> String {
+    if std::env::var("SWITCHBOARD_TEST_STORE").as_deref() == Ok("cassandra") {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ks = format!("sb_fleet_{}_{n}", std::process::id());
+        let c = storage::testkit::cassandra_from_env(&ks).expect("SWITCHBOARD_CASSANDRA is set");
+        return support::storage_toml(
+            &c.contact_points,
+            c.local_dc.as_deref().unwrap_or_default(),
+            &ks,
+            true,
+            "",
+        );
+    }
     let url = storage::testkit::TestPostgres::shared().fresh_database();
+    format!(
+        "[storage]\nbackend = \"postgres\"\nmigrate_on_start = true\n[storage.postgres]\nurl = {url:?}\npool_size = 4\n"
+    )
+}
+
+fn fleet(redis: TestRedis) -> Fleet {
+    let store = shared_store();
     let o = redis.options();
     let mut nodes = Vec::new();
     let mut dirs = Vec::new();
     for id in 1..=3u16 {
         let dir = tempfile::tempdir().unwrap();
         let extra = format!(
-            "node_id = {id}\n[storage]\nbackend = \"postgres\"\nmigrate_on_start = true\n[storage.postgres]\nurl = {url:?}\npool_size = 4\n\
-             [fleet]\nredis_url = {:?}\nredis_cluster = {}\nheartbeat_ms = 200\nttl_ms = 1000\nredis_timeout_ms = 400\n",
+            "node_id = {id}\n{store}\n[fleet]\nredis_url = {:?}\nredis_cluster = {}\nheartbeat_ms = 200\nttl_ms = 1000\nredis_timeout_ms = 400\n",
             o.redis_url, o.cluster
         );
         // One at a time: the first applies the schema.

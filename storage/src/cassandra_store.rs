@@ -302,13 +302,15 @@ impl Stmt {
         match self {
             Stmt::InsertMessage => "INSERT INTO {ks}.messages (conversation_id, bucket, seq, ts_ms, sender_id, \
                  client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms, sealed) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
                 .into(),
             Stmt::InsertKey => {
-                "INSERT INTO {ks}.message_keys (conversation_id, block, seq, key) VALUES (?, ?, ?, ?)".into()
+                "INSERT INTO {ks}.message_keys (conversation_id, block, seq, key) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+                    .into()
             }
             Stmt::DeleteKey => {
-                "DELETE FROM {ks}.message_keys WHERE conversation_id = ? AND block = ? AND seq = ?".into()
+                "DELETE FROM {ks}.message_keys USING TIMESTAMP ? WHERE conversation_id = ? AND block = ? AND seq = ?"
+                    .into()
             }
             Stmt::SelectKey => {
                 "SELECT key FROM {ks}.message_keys WHERE conversation_id = ? AND block = ? AND seq = ?".into()
@@ -332,9 +334,11 @@ impl Stmt {
                 "INSERT INTO {ks}.conversations (id, kind, title, created_ms, created_by) VALUES (?, ?, ?, ?, ?)"
                     .into()
             }
-            Stmt::UpdateHead => {
-                "UPDATE {ks}.conversations USING TIMESTAMP ? SET last_seq = ?, last_ts_ms = ? WHERE id = ?".into()
-            }
+            // A lightweight transaction: the head moves only under the epoch of the
+            // owner that wrote the rows (null: a conversation nobody claimed yet).
+            Stmt::UpdateHead => "UPDATE {ks}.conversations SET last_seq = ?, last_ts_ms = ? WHERE id = ? \
+                 IF owner_epoch = ?"
+                .into(),
             Stmt::InsertMember => {
                 "INSERT INTO {ks}.members (conversation_id, user_id, role) VALUES (?, ?, ?)".into()
             }
@@ -430,7 +434,7 @@ impl Stmt {
     /// Whether running the statement twice has the effect of running it once.
     /// Only the username claim (a lightweight transaction) is not.
     pub(crate) fn idempotent(self) -> bool {
-        !matches!(self, Stmt::ClaimUsername | Stmt::SetEpoch)
+        !matches!(self, Stmt::ClaimUsername | Stmt::SetEpoch | Stmt::UpdateHead)
     }
 
     /// Consistency overrides; everything else uses the configured level.
@@ -526,7 +530,27 @@ impl Write {
 /// A commit as four phases of writes; each phase starts when the one before
 /// has been acknowledged (see the module docs for why). `sealing` is
 /// [`Sealing::of`] the same batch.
-pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32, sealing: &Sealing) -> [Vec<Write>; 4] {
+/// The write timestamp of a fenced store's position writes (message rows, their
+/// keys, heads): `FENCE_BASE + epoch · 2^40 + µs since the claim`. Every write of
+/// a later owner (a higher epoch) is newer than every write of an earlier one,
+/// whatever the clocks and whenever a stopped node wakes, so Cassandra keeps the
+/// later owner's rows (docs/design/fenced-commit.md). Above any real clock
+/// (2^53 µs is the year 2255), so rows written before fencing lose too.
+pub(crate) const FENCE_BASE: i64 = 1 << 53;
+
+/// A write timestamp for `epoch`, `since` the claim (capped, so it never reaches
+/// the next epoch's range; the gateway re-claims long before).
+pub(crate) fn fence_ts(epoch: u64, since: Duration) -> i64 {
+    let micros = (since.as_micros() as u64).min((1 << 40) - 1);
+    FENCE_BASE + ((epoch.min((1 << 22) - 1) as i64) << 40) + micros as i64
+}
+
+pub(crate) fn plan(
+    batch: &[Mutation],
+    idempotency_ttl_s: i32,
+    sealing: &Sealing,
+    ts: &dyn Fn(u64) -> i64,
+) -> [Vec<Write>; 4] {
     let rows = Rows::of(batch);
     let (mut keys, mut first, mut second, mut third) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &(conv, seq, key) in &sealing.put_keys {
@@ -534,7 +558,13 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32, sealing: &Sealing
         keys.push(Write::new(
             Stmt::InsertKey,
             format!("message_keys/{conv}/{block}"),
-            vec![big(conv), big(block), big(seq), blob(&key)],
+            vec![
+                big(conv),
+                big(block),
+                big(seq),
+                blob(&key),
+                MaybeUnset::Set(Some(CqlValue::BigInt(ts(conv)))),
+            ],
         ));
     }
     for &(conv, seq) in &sealing.drop_keys {
@@ -542,7 +572,7 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32, sealing: &Sealing
         second.push(Write::new(
             Stmt::DeleteKey,
             format!("message_keys/{conv}/{block}"),
-            vec![big(conv), big(block), big(seq)],
+            vec![MaybeUnset::Set(Some(CqlValue::BigInt(ts(conv)))), big(conv), big(block), big(seq)],
         ));
     }
     for (&(conv, bucket, seq), m) in &rows.messages {
@@ -576,6 +606,7 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32, sealing: &Sealing
                 big_or_unset(m.target_seq),
                 edited,
                 sealed,
+                MaybeUnset::Set(Some(CqlValue::BigInt(ts(conv)))),
             ],
         ));
     }
@@ -598,11 +629,12 @@ pub(crate) fn plan(batch: &[Mutation], idempotency_ttl_s: i32, sealing: &Sealing
                 big(c.created_by),
             ],
         ));
-        // The head is written USING TIMESTAMP last_seq: it never moves back.
+        // The head last, on condition that the writer still owns the conversation.
+        let epoch = rows.fences.get(&c.id).copied().filter(|e| *e > 0);
         third.push(Write::new(
             Stmt::UpdateHead,
             format!("conversations/{}", c.id),
-            vec![big(c.last_seq), big(c.last_seq), big(c.last_ts_ms), big(c.id)],
+            vec![big(c.last_seq), big(c.last_ts_ms), big(c.id), epoch.map_or(MaybeUnset::Set(None), big)],
         ));
     }
     for (&(conv, sender, cmid), &seq) in &rows.idempotency {
@@ -852,6 +884,10 @@ pub struct CassandraStore {
     ttl_s: i32,
     prepared: OnceLock<Vec<PreparedStatement>>,
     preparing: Mutex<()>,
+    /// This process's claims: epoch and when, for the fence timestamps.
+    claims: Mutex<HashMap<ConversationId, (u64, std::time::Instant)>>,
+    /// When this handle opened: the clock of unfenced (epoch 0) writes.
+    opened: std::time::Instant,
     /// Tests: runs between a commit's phases (given the number of phases done),
     /// to fail a commit part-way for real (e.g. by killing the node).
     #[cfg(feature = "testkit")]
@@ -911,6 +947,8 @@ impl CassandraStore {
             opts: opts.clone(),
             prepared: OnceLock::new(),
             preparing: Mutex::new(()),
+            claims: Mutex::new(HashMap::new()),
+            opened: std::time::Instant::now(),
             #[cfg(feature = "testkit")]
             between_phases: Mutex::new(None),
         })
@@ -1224,6 +1262,23 @@ impl CassandraStore {
 }
 
 impl CassandraStore {
+    /// Fails with [`ErrorKind::Fenced`] unless every conversation's epoch is the one given.
+    async fn check_fences(&self, prepared: &[PreparedStatement], fences: &BTreeMap<u64, u64>) -> Result<()> {
+        let checks = fences.iter().map(|(&conv, &epoch)| async move {
+            let e = (epoch > 0).then_some(i(epoch));
+            self.set_epoch(prepared, conv, e, e, "fencing a commit").await
+        });
+        if futures_util::future::try_join_all(checks).await?.into_iter().all(|applied| applied) {
+            Ok(())
+        } else {
+            Err(StorageError::new(
+                ErrorKind::Fenced,
+                "committing",
+                "a conversation was claimed by another owner",
+            ))
+        }
+    }
+
     /// Sets the conversation's owner epoch to `new` if it is `expected`; whether it was.
     async fn set_epoch(
         &self,
@@ -1261,24 +1316,26 @@ impl Store for CassandraStore {
         let prepared = self.prepared()?;
         let rows = Rows::of(batch);
         let sealing = Sealing::of(&rows, self.stored_keys(&Sealing::wanted(&rows))?);
-        let phases = plan(batch, self.ttl_s, &sealing);
+        let ts = {
+            let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+            let fenced: HashMap<u64, i64> = rows
+                .fences
+                .iter()
+                .map(|(&conv, &epoch)| {
+                    let since = claims.get(&conv).filter(|c| c.0 == epoch).map_or(self.opened, |c| c.1);
+                    (conv, fence_ts(epoch, since.elapsed()))
+                })
+                .collect();
+            let unfenced = fence_ts(0, self.opened.elapsed());
+            move |conv: u64| fenced.get(&conv).copied().unwrap_or(unfenced)
+        };
+        let phases = plan(batch, self.ttl_s, &sealing, &ts);
         self.rt.block_on(async {
             // The fence first: one lightweight transaction per fenced conversation,
             // serialised with claims by Paxos. Fenced: nothing is written.
-            let fences = rows.fences.iter().map(|(&conv, &epoch)| async move {
-                let e = (epoch > 0).then_some(i(epoch));
-                self.set_epoch(prepared, conv, e, e, "fencing a commit").await
-            });
-            for applied in futures_util::future::try_join_all(fences).await? {
-                if !applied {
-                    return Err(StorageError::new(
-                        ErrorKind::Fenced,
-                        "committing",
-                        "a conversation was claimed by another owner",
-                    ));
-                }
-            }
-            for (_done, writes) in phases.into_iter().enumerate() {
+            self.check_fences(prepared, &rows.fences).await?;
+            let [keys, first, second, heads] = phases;
+            for (_done, writes) in [keys, first, second].into_iter().enumerate() {
                 #[cfg(feature = "testkit")]
                 if _done > 0
                     && let Some(hook) = &*self.between_phases.lock().unwrap_or_else(|e| e.into_inner())
@@ -1291,7 +1348,42 @@ impl Store for CassandraStore {
                     .try_collect::<Vec<()>>()
                     .await?;
             }
-            Ok(())
+            #[cfg(feature = "testkit")]
+            if let Some(hook) = &*self.between_phases.lock().unwrap_or_else(|e| e.into_inner()) {
+                hook(3);
+            }
+            // The heads: each a lightweight transaction on the writer's epoch. A claim
+            // that came in after the first check (this node stopped meanwhile) makes
+            // it fail: the head stays, so these rows stay past it, unseen, until the
+            // new owner writes over them (its fence timestamps are newer) or adopts
+            // them; and the batch is answered as fenced, never acknowledged.
+            let heads = heads.into_iter().map(|w| async move {
+                let r = self.session.execute_unpaged(&prepared[w.stmt as usize], w.values).await.map_err(
+                    |e| {
+                        if claim_outcome_unknown(&e) {
+                            StorageError::new(ErrorKind::Timeout, "moving a head", e)
+                        } else {
+                            cql("moving a head")(e)
+                        }
+                    },
+                )?;
+                let rows = r.into_rows_result().map_err(decode("moving a head"))?;
+                let row: Option<scylla::value::Row> =
+                    rows.maybe_first_row().map_err(decode("moving a head"))?;
+                match row.map(|r| r.columns).unwrap_or_default().first() {
+                    Some(Some(CqlValue::Boolean(applied))) => Ok(*applied),
+                    _ => Err(corrupt("unexpected answer to a conditional head update")),
+                }
+            });
+            if futures_util::future::try_join_all(heads).await?.into_iter().all(|applied| applied) {
+                Ok(())
+            } else {
+                Err(StorageError::new(
+                    ErrorKind::Fenced,
+                    "committing",
+                    "a conversation was claimed by another owner",
+                ))
+            }
         })
     }
 
@@ -1314,6 +1406,8 @@ impl Store for CassandraStore {
                 let Some((epoch, Some(_created))) = row else { return Ok(0) };
                 let next = epoch.unwrap_or(0) + 1;
                 if self.set_epoch(prepared, conv, Some(next), epoch, "claiming a conversation").await? {
+                    let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+                    claims.insert(conv, (u(next), std::time::Instant::now()));
                     return Ok(u(next));
                 }
             }
@@ -1754,6 +1848,20 @@ mod tests {
     }
 
     #[test]
+    fn a_later_owners_writes_are_newer_whatever_the_clock() {
+        let day = Duration::from_secs(86_400);
+        // A later epoch beats any time within an earlier one (up to the cap).
+        assert!(fence_ts(2, Duration::ZERO) > fence_ts(1, 12 * day));
+        assert!(fence_ts(2, Duration::ZERO) > fence_ts(1, 365 * day), "capped below the next epoch");
+        // One owner's writes move forward with time.
+        assert!(fence_ts(5, Duration::from_micros(2)) > fence_ts(5, Duration::from_micros(1)));
+        // Every fenced write is newer than anything written with a real clock.
+        let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+        assert!(fence_ts(0, Duration::ZERO) as u128 > now_us * 4);
+        assert!(fence_ts(u64::MAX, 365 * day) > 0, "never overflows");
+    }
+
+    #[test]
     fn schema_statements_take_the_configured_keyspace_and_replication() {
         let s = schema_statements(&opts());
         assert_eq!(
@@ -1799,9 +1907,9 @@ mod tests {
     }
 
     #[test]
-    fn only_the_username_claim_is_not_idempotent() {
+    fn only_lightweight_transactions_are_not_idempotent() {
         for s in Stmt::ALL {
-            let lwt = s.cql("ks").contains(" IF NOT EXISTS");
+            let lwt = s.cql("ks").contains(" IF ");
             assert_eq!(s.idempotent(), !lwt, "{s:?}");
         }
         assert_eq!(Stmt::SelectUsernameSerial.consistency(), Some(Consistency::LocalSerial));
@@ -1892,7 +2000,7 @@ mod tests {
         ];
         let rows = Rows::of(&batch);
         let sealing = Sealing::of(&rows, HashMap::new());
-        let [keys, first, second, third] = plan(&batch, 600, &sealing);
+        let [keys, first, second, third] = plan(&batch, 600, &sealing, &|_| FENCE_BASE);
         assert_eq!(
             keys.iter().map(|w| w.stmt).collect::<Vec<_>>(),
             [Stmt::InsertKey; 3],
@@ -1931,12 +2039,14 @@ mod tests {
         assert_eq!(seal::open_text(&key, 5, 1, sealed).unwrap(), "hello 1");
         // The idempotency key carries the configured TTL.
         assert!(matches!(second[0].values[4], MaybeUnset::Set(Some(CqlValue::Int(600)))));
-        // Positions and the head are written USING TIMESTAMP <their value>.
+        // Positions are written USING TIMESTAMP <their value>; the head on condition
+        // of the epoch (none here: unfenced).
         assert_eq!((big_at(&second[1], 0), big_at(&second[1], 1)), (3, 3));
         assert_eq!((big_at(&second[2], 0), big_at(&second[2], 1)), (2, 2));
+        assert!(matches!(third[0].values[3], MaybeUnset::Set(None)));
         assert_eq!(
             (big_at(&third[0], 0), big_at(&third[0], 1), big_at(&third[0], 2)),
-            (3, 3, (day + 10) as i64)
+            (3, (day + 10) as i64, 5)
         );
         // Each phase's writes group into one batch per partition.
         let groups = batches(first);
@@ -1956,7 +2066,8 @@ mod tests {
             Mutation::SetMuted { conversation: 5, user: 8, muted: false },
         ];
         let rows = Rows::of(&batch);
-        let [keys, first, second, _] = plan(&batch, 600, &Sealing::of(&rows, HashMap::new()));
+        let [keys, first, second, _] =
+            plan(&batch, 600, &Sealing::of(&rows, HashMap::new()), &|_| FENCE_BASE);
         assert!(keys.is_empty());
         assert!(matches!(first[0].values[11], MaybeUnset::Set(None)), "edited_ms written as null");
         assert!(matches!(first[0].values[12], MaybeUnset::Set(None)), "the ciphertext cleared");
@@ -1985,7 +2096,7 @@ mod tests {
         long.seq = 3;
         batch.push(Mutation::PutMessage(long));
         let rows = Rows::of(&batch);
-        let [_, first, ..] = plan(&batch, 600, &Sealing::of(&rows, HashMap::new()));
+        let [_, first, ..] = plan(&batch, 600, &Sealing::of(&rows, HashMap::new()), &|_| FENCE_BASE);
         let groups = batches(first);
         for g in &groups {
             assert!(g.iter().all(|w| w.partition == g[0].partition), "one partition per batch");

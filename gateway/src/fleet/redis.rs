@@ -40,7 +40,8 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
     let heartbeat = opts.heartbeat;
     let redis = opts.redis.clone();
     let (member, beat) = Member::join(opts, me).context("joining the fleet's membership in Redis")?;
-    let live = Arc::new(Mutex::new(beat.instances.clone()));
+    let live = Arc::new(Mutex::new(Routable::default()));
+    live.lock().expect("live lock").saw(&beat.instances, 3 * cfg.fleet.ttl_ms.get());
     let transport =
         TransportOptions { max_len: cfg.fleet.stream_max_len.get(), ..TransportOptions::new(redis.clone()) };
     let inbound = Inbound::open(transport.clone(), me).context("opening this node's inbound stream")?;
@@ -54,10 +55,15 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
         inbound: Box::new(RedisIn(inbound)),
         locate: Box::new(locate),
         locate_conns: Box::new(locate_conns),
-        reap: Box::new(RedisReap { transport: transport.clone(), me, out: Outbound::new(transport.clone(), me) }),
+        reap: Box::new(RedisReap {
+            transport: transport.clone(),
+            me,
+            out: Outbound::new(transport.clone(), me),
+        }),
         members: Box::new(RedisMembers {
             member: Some(member),
             live,
+            grace_ms: 3 * cfg.fleet.ttl_ms.get(),
             first: Some(beat.ring.nodes().to_vec()),
         }),
         heartbeat,
@@ -96,10 +102,35 @@ impl WireIn for RedisIn {
     }
 }
 
+/// The nodes whose location entries count: each live node's instance token, and
+/// for a while those of nodes missing from the last heartbeats. A node can be
+/// missing from one heartbeat without being dead (the members set was lost
+/// with a Redis restart, or this node beat first after it): its users' entries
+/// are still routed to, not deleted, until it has been gone for three TTLs.
+/// An entry with another instance of a live node (it restarted) is stale at once.
+#[derive(Default)]
+struct Routable {
+    nodes: HashMap<NodeId, (String, std::time::Instant)>,
+}
+
+impl Routable {
+    fn saw(&mut self, instances: &HashMap<NodeId, String>, grace_ms: u64) {
+        let now = std::time::Instant::now();
+        for (n, inst) in instances {
+            self.nodes.insert(*n, (inst.clone(), now));
+        }
+        let grace = Duration::from_millis(grace_ms);
+        self.nodes.retain(|_, (_, seen)| now.duration_since(*seen) <= grace);
+    }
+
+    fn instances(&self) -> HashMap<NodeId, String> {
+        self.nodes.iter().map(|(n, (inst, _))| (*n, inst.clone())).collect()
+    }
+}
+
 struct RedisLocate {
     location: Location,
-    /// The live nodes' instance tokens, from the last heartbeat.
-    live: Arc<Mutex<HashMap<NodeId, String>>>,
+    live: Arc<Mutex<Routable>>,
 }
 
 impl Locate for RedisLocate {
@@ -112,7 +143,7 @@ impl Locate for RedisLocate {
     }
 
     fn nodes_of(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, Vec<NodeId>>> {
-        let live = self.live.lock().expect("live lock").clone();
+        let live = self.live.lock().expect("live lock").instances();
         Ok(self.location.nodes_of(users, &live)?)
     }
 }
@@ -120,7 +151,9 @@ impl Locate for RedisLocate {
 struct RedisMembers {
     /// `None` once left.
     member: Option<Member>,
-    live: Arc<Mutex<HashMap<NodeId, String>>>,
+    live: Arc<Mutex<Routable>>,
+    /// How long a node missing from heartbeats keeps its location entries, ms.
+    grace_ms: u64,
     /// The joining beat's ring, given out by the first `beat`.
     first: Option<Vec<NodeId>>,
 }
@@ -140,7 +173,7 @@ impl Members for RedisMembers {
                 "a Redis server restarted (or a master was replaced): the fleet's records there may be gone"
             );
         }
-        *self.live.lock().expect("live lock") = beat.instances;
+        self.live.lock().expect("live lock").saw(&beat.instances, self.grace_ms);
         Ok((beat.ring.nodes().to_vec(), beat.fresh || beat.redis_lost))
     }
 

@@ -205,6 +205,55 @@ fn store(c: &mut Criterion) {
                 b.iter(|| storage::page(&*s, 1, storage::Anchor::Latest, 50).unwrap())
             });
         }
+        // A commit as the sequencer makes it in a fleet: a batch of 64 sends to one
+        // conversation with its head, unfenced and fenced (the owner epoch checked
+        // and, on Cassandra, the head moved by a lightweight transaction), side by
+        // side in one run.
+        let (s, _dir) = open();
+        for fenced in [false, true] {
+            let conv = if fenced { 3 } else { 2 };
+            let mut rec = storage::ConversationRecord {
+                id: conv,
+                kind: protocol::ConversationKind::Group,
+                title: "bench".into(),
+                created_ms: 1,
+                created_by: 1,
+                last_seq: 0,
+                last_ts_ms: 1_795_433_361_481,
+            };
+            s.commit(&[
+                Mutation::PutConversation(rec.clone()),
+                Mutation::PutBucket {
+                    conversation: conv,
+                    bucket: BucketRef { bucket: storage::bucket_of(1_795_433_361_481), first_seq: 1 },
+                },
+            ])
+            .unwrap();
+            let epoch = s.claim(conv).unwrap();
+            g.throughput(Throughput::Elements(64));
+            let what = if fenced { "fenced_send_batch" } else { "unfenced_send_batch" };
+            g.bench_function(BenchmarkId::new(format!("{what}/{name}"), 64), |b| {
+                b.iter_batched(
+                    || {
+                        let mut muts = Vec::with_capacity(66);
+                        for _ in 0..64 {
+                            rec.last_seq += 1;
+                            muts.push(Mutation::PutMessage(Message {
+                                conversation_id: conv,
+                                ..message(rec.last_seq, 100)
+                            }));
+                        }
+                        muts.push(Mutation::PutConversation(rec.clone()));
+                        if fenced {
+                            muts.push(Mutation::Fence { conversation: conv, epoch });
+                        }
+                        muts
+                    },
+                    |muts| s.commit(&muts).unwrap(),
+                    BatchSize::SmallInput,
+                )
+            });
+        }
     }
     g.finish();
 }

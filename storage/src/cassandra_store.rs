@@ -245,13 +245,14 @@ pub(crate) enum Stmt {
     SelectKeys,
     SelectEpochSerial,
     SetEpoch,
+    UpdateHeadUnfenced,
 }
 
 const MESSAGE_COLS: &str =
     "seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms, sealed";
 
 impl Stmt {
-    pub(crate) const ALL: [Stmt; 44] = [
+    pub(crate) const ALL: [Stmt; 45] = [
         Stmt::InsertMessage,
         Stmt::InsertBucket,
         Stmt::InsertIdempotency,
@@ -296,6 +297,7 @@ impl Stmt {
         Stmt::SelectKeys,
         Stmt::SelectEpochSerial,
         Stmt::SetEpoch,
+        Stmt::UpdateHeadUnfenced,
     ];
 
     pub(crate) fn template(self) -> String {
@@ -336,6 +338,10 @@ impl Stmt {
             }
             // A lightweight transaction: the head moves only under the epoch of the
             // owner that wrote the rows (null: a conversation nobody claimed yet).
+            // A commit without a fence (a conversation it creates): plain.
+            Stmt::UpdateHeadUnfenced => {
+                "UPDATE {ks}.conversations SET last_seq = ?, last_ts_ms = ? WHERE id = ?".into()
+            }
             Stmt::UpdateHead => "UPDATE {ks}.conversations SET last_seq = ?, last_ts_ms = ? WHERE id = ? \
                  IF owner_epoch = ?"
                 .into(),
@@ -629,13 +635,25 @@ pub(crate) fn plan(
                 big(c.created_by),
             ],
         ));
-        // The head last, on condition that the writer still owns the conversation.
-        let epoch = rows.fences.get(&c.id).copied().filter(|e| *e > 0);
-        third.push(Write::new(
-            Stmt::UpdateHead,
-            format!("conversations/{}", c.id),
-            vec![big(c.last_seq), big(c.last_ts_ms), big(c.id), epoch.map_or(MaybeUnset::Set(None), big)],
-        ));
+        // The head last: fenced, on condition that the writer still owns the
+        // conversation (its epoch; null for 0: nobody claimed it since it was made).
+        third.push(match rows.fences.get(&c.id) {
+            Some(&epoch) => Write::new(
+                Stmt::UpdateHead,
+                format!("conversations/{}", c.id),
+                vec![
+                    big(c.last_seq),
+                    big(c.last_ts_ms),
+                    big(c.id),
+                    if epoch > 0 { big(epoch) } else { MaybeUnset::Set(None) },
+                ],
+            ),
+            None => Write::new(
+                Stmt::UpdateHeadUnfenced,
+                format!("conversations/{}", c.id),
+                vec![big(c.last_seq), big(c.last_ts_ms), big(c.id)],
+            ),
+        });
     }
     for (&(conv, sender, cmid), &seq) in &rows.idempotency {
         second.push(Write::new(
@@ -1367,6 +1385,9 @@ impl Store for CassandraStore {
                         }
                     },
                 )?;
+                if w.stmt == Stmt::UpdateHeadUnfenced {
+                    return Ok(true);
+                }
                 let rows = r.into_rows_result().map_err(decode("moving a head"))?;
                 let row: Option<scylla::value::Row> =
                     rows.maybe_first_row().map_err(decode("moving a head"))?;
@@ -2020,7 +2041,7 @@ mod tests {
             "messages and records first"
         );
         assert_eq!(stmts(&second), [Stmt::InsertIdempotency, Stmt::UpdateDelivered, Stmt::UpdateRead]);
-        assert_eq!(stmts(&third), [Stmt::UpdateHead], "the head last");
+        assert_eq!(stmts(&third), [Stmt::UpdateHeadUnfenced], "the head last");
         // Messages land in their day's partition.
         assert_eq!(first[0].partition, "messages/5/0");
         assert_eq!(first[1].partition, "messages/5/1");
@@ -2039,11 +2060,10 @@ mod tests {
         assert_eq!(seal::open_text(&key, 5, 1, sealed).unwrap(), "hello 1");
         // The idempotency key carries the configured TTL.
         assert!(matches!(second[0].values[4], MaybeUnset::Set(Some(CqlValue::Int(600)))));
-        // Positions are written USING TIMESTAMP <their value>; the head on condition
-        // of the epoch (none here: unfenced).
+        // Positions are written USING TIMESTAMP <their value>; the head plainly
+        // (unfenced here; fenced, on condition of the epoch).
         assert_eq!((big_at(&second[1], 0), big_at(&second[1], 1)), (3, 3));
         assert_eq!((big_at(&second[2], 0), big_at(&second[2], 1)), (2, 2));
-        assert!(matches!(third[0].values[3], MaybeUnset::Set(None)));
         assert_eq!(
             (big_at(&third[0], 0), big_at(&third[0], 1), big_at(&third[0], 2)),
             (3, (day + 10) as i64, 5)

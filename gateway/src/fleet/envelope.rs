@@ -102,3 +102,117 @@ pub fn decode(bytes: &[u8]) -> Result<Body, DecodeError> {
     let e: Envelope<Body> = serde_json::from_slice(bytes)?;
     Ok(e.body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailbox::{Answer, Origin};
+    use crate::sequencer::SendCmd;
+    use proptest::prelude::*;
+    use protocol::{ErrorCode, Message, MessageKind};
+
+    fn message(seq: u64, body: String, cmid: String) -> Message {
+        Message {
+            conversation_id: 250_583_497_679_306_752,
+            seq,
+            ts_ms: 1_795_433_361_481,
+            sender_id: 250_582_937_072_828_416,
+            client_msg_id: cmid,
+            kind: MessageKind::Text,
+            body,
+            target_user_id: None,
+            role: None,
+            target_seq: None,
+            edited_ms: Some(5),
+            reactions: Vec::new(),
+            my_reaction: None,
+        }
+    }
+
+    /// Debug forms compare the whole value (the types hold no floats or pointers).
+    fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    proptest! {
+        // Any send (ids across the 63-bit range, any text) survives the trip, and so
+        // does one batch's events for a node.
+        #[test]
+        fn commands_and_events_survive_the_trip(
+            conv in 0u64..(1 << 63),
+            conn in any::<u64>(),
+            request in any::<u64>(),
+            hops in 0u8..4,
+            body in "\\PC{0,200}",
+            cmid in "[a-zA-Z0-9-]{1,64}",
+            seq in 1u64..(1 << 53),
+            users in proptest::collection::vec(0u64..(1 << 63), 0..20),
+        ) {
+            let cmd = Command::Send(SendCmd {
+                conversation: conv,
+                sender: 7,
+                client_msg_id: cmid.clone(),
+                body: body.clone(),
+                origin: Origin { conn, request, hops },
+                submitted: std::time::Instant::now(),
+            });
+            let Body::Command { cmd: back } = decode(&encode_command(&cmd)).unwrap() else { panic!("a command") };
+            // `submitted` is local to a process: the rest must match.
+            let (Command::Send(a), Command::Send(b)) = (&cmd, &*back) else { panic!("a send") };
+            prop_assert_eq!((a.conversation, a.sender, &a.client_msg_id, &a.body, a.origin),
+                (b.conversation, b.sender, &b.client_msg_id, &b.body, b.origin));
+
+            let events = [
+                EventKind::Message { message: message(seq, body.clone(), cmid.clone()), origin: Some(conn), to_others: true },
+                EventKind::SendFailed { origin: conn, conversation_id: conv, client_msg_id: cmid, code: ErrorCode::Unavailable },
+                EventKind::Reply { origin: Origin { conn, request, hops }, result: Err(ErrorCode::NotMember), settles: true },
+                EventKind::Typing { conversation_id: conv, user: 3, typing: true },
+                EventKind::Resync,
+            ];
+            let refs: Vec<AddressedRef<'_>> = events.iter().map(|event| AddressedRef { event, to: &users }).collect();
+            let Body::Events { events: back } = decode(&encode_events(&refs)).unwrap() else { panic!("events") };
+            prop_assert_eq!(back.len(), events.len());
+            for (a, b) in events.iter().zip(&back) {
+                prop_assert!(same(a, &b.event), "{:?} came back as {:?}", a, b.event);
+                prop_assert_eq!(&b.to, &users);
+            }
+        }
+    }
+
+    #[test]
+    fn every_answer_and_notice_survives_the_trip() {
+        let conv = protocol::Conversation {
+            conversation_id: 9,
+            kind: protocol::ConversationKind::Group,
+            title: "g".into(),
+            members: vec![protocol::Member { user_id: 1, role: protocol::Role::Owner }],
+            last_seq: 3,
+            last_ts_ms: 4,
+            created_ms: 5,
+        };
+        let origin = Origin::new(1 << 48, 2);
+        for result in [Ok(Answer::Ok), Ok(Answer::Conversation(conv)), Err(ErrorCode::Unavailable)] {
+            let ev = EventKind::Reply { origin, result, settles: true };
+            let Body::Events { events } =
+                decode(&encode_events(&[AddressedRef { event: &ev, to: &[1] }])).unwrap()
+            else {
+                panic!("events")
+            };
+            assert!(same(&ev, &events[0].event));
+        }
+        let notice = Body::Resync { users: vec![1, 2], all: false };
+        assert!(same(&notice, &decode(&encode(&notice)).unwrap()));
+    }
+
+    #[test]
+    fn a_newer_or_broken_envelope_is_refused_not_misread() {
+        assert!(matches!(decode(br#"{"v":2,"t":"resync","all":true}"#), Err(DecodeError::Version(2))));
+        assert!(matches!(decode(b"not json"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode(br#"{"v":1,"t":"no_such_body"}"#), Err(DecodeError::Malformed(_))));
+        // Fields a later version adds are ignored; fields it drops take defaults.
+        assert!(matches!(
+            decode(br#"{"v":1,"t":"resync","all":true,"reason":"later"}"#),
+            Ok(Body::Resync { all: true, .. })
+        ));
+    }
+}

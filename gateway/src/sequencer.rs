@@ -133,29 +133,12 @@ pub struct SendCmd {
     pub submitted: Instant,
 }
 
-impl Command {
-    /// Who asked, and where the answer goes.
-    pub fn origin(&self) -> Origin {
-        match self {
-            Command::Send(c) => c.origin,
-            Command::Edit { origin, .. }
-            | Command::Delete { origin, .. }
-            | Command::React { origin, .. }
-            | Command::Mute { origin, .. }
-            | Command::Mark { origin, .. }
-            | Command::Typing { origin, .. }
-            | Command::CreateDirect { origin, .. }
-            | Command::CreateGroup { origin, .. }
-            | Command::AddMembers { origin, .. }
-            | Command::RemoveMember { origin, .. }
-            | Command::Leave { origin, .. }
-            | Command::SetRole { origin, .. } => *origin,
-        }
-    }
-
-    pub fn origin_mut(&mut self) -> &mut Origin {
-        match self {
-            Command::Send(c) => &mut c.origin,
+/// A command's `origin` field: `$send` for a send (`$c` is its [`SendCmd`]), the
+/// variant's own field for the rest. One list of variants for both accessors.
+macro_rules! origin_field {
+    ($cmd:expr, $c:ident => $send:expr) => {
+        match $cmd {
+            Command::Send($c) => $send,
             Command::Edit { origin, .. }
             | Command::Delete { origin, .. }
             | Command::React { origin, .. }
@@ -169,6 +152,17 @@ impl Command {
             | Command::Leave { origin, .. }
             | Command::SetRole { origin, .. } => origin,
         }
+    };
+}
+
+impl Command {
+    /// Who asked, and where the answer goes.
+    pub fn origin(&self) -> Origin {
+        *origin_field!(self, c => &c.origin)
+    }
+
+    pub fn origin_mut(&mut self) -> &mut Origin {
+        origin_field!(self, c => &mut c.origin)
     }
 
     /// What the command is routed by: its conversation, or for `create_direct` the

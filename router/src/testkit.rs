@@ -102,6 +102,24 @@ fn ping(url: &str) -> bool {
     redis::cmd("PING").query::<String>(&mut c).is_ok_and(|p| p == "PONG")
 }
 
+/// Waits until every server reports `cluster_state:ok`.
+fn cluster_ok(servers: &[Server]) {
+    let deadline = Instant::now() + READY;
+    for s in servers {
+        loop {
+            let info: Option<String> = redis::Client::open(s.url())
+                .ok()
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)).ok())
+                .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c).ok());
+            if info.is_some_and(|i| i.contains("cluster_state:ok")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {} never reported cluster_state:ok", s.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 fn temp_dir(what: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
         "switchboard-test-{what}-{}-{}",
@@ -131,20 +149,7 @@ impl TestRedis {
             .output()
             .expect("running redis-cli --cluster create");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
-        let deadline = Instant::now() + READY;
-        for s in &servers {
-            loop {
-                let info: Option<String> = redis::Client::open(s.url())
-                    .ok()
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)).ok())
-                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c).ok());
-                if info.is_some_and(|i| i.contains("cluster_state:ok")) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "node {} never reported cluster_state:ok", s.port);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        cluster_ok(&servers);
         let url = servers.iter().map(Server::url).collect::<Vec<_>>().join(",");
         TestRedis { url, cluster: true, servers, dir }
     }
@@ -176,20 +181,7 @@ impl TestRedis {
         assert!(self.cluster, "restart_master is for a cluster");
         self.servers[i].kill();
         assert!(self.servers[i].launch(), "redis-server did not come back on port {}", self.servers[i].port);
-        let deadline = Instant::now() + READY;
-        for s in &self.servers {
-            loop {
-                let info: Option<String> = redis::Client::open(s.url())
-                    .ok()
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)).ok())
-                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c).ok());
-                if info.is_some_and(|i| i.contains("cluster_state:ok")) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "node {} never reported cluster_state:ok", s.port);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        cluster_ok(&self.servers);
     }
 
     /// Starts the server again on the same port (empty: no persistence).

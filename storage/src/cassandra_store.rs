@@ -1279,6 +1279,15 @@ impl CassandraStore {
     }
 }
 
+/// A fenced commit's conditions: all applied, or [`ErrorKind::Fenced`].
+fn all_applied(applied: Vec<bool>) -> Result<()> {
+    if applied.into_iter().all(|a| a) {
+        Ok(())
+    } else {
+        Err(StorageError::new(ErrorKind::Fenced, "committing", "a conversation was claimed by another owner"))
+    }
+}
+
 impl CassandraStore {
     /// Fails with [`ErrorKind::Fenced`] unless every conversation's epoch is the one given.
     async fn check_fences(&self, prepared: &[PreparedStatement], fences: &BTreeMap<u64, u64>) -> Result<()> {
@@ -1286,15 +1295,7 @@ impl CassandraStore {
             let e = (epoch > 0).then_some(i(epoch));
             self.set_epoch(prepared, conv, e, e, "fencing a commit").await
         });
-        if futures_util::future::try_join_all(checks).await?.into_iter().all(|applied| applied) {
-            Ok(())
-        } else {
-            Err(StorageError::new(
-                ErrorKind::Fenced,
-                "committing",
-                "a conversation was claimed by another owner",
-            ))
-        }
+        all_applied(futures_util::future::try_join_all(checks).await?)
     }
 
     /// Sets the conversation's owner epoch to `new` if it is `expected`; whether it was.
@@ -1306,17 +1307,24 @@ impl CassandraStore {
         expected: Option<i64>,
         context: &'static str,
     ) -> Result<bool> {
-        let r = self
-            .session
-            .execute_unpaged(&prepared[Stmt::SetEpoch as usize], (new, i(conv), expected))
-            .await
-            .map_err(|e| {
-                if claim_outcome_unknown(&e) {
-                    StorageError::new(ErrorKind::Timeout, context, e)
-                } else {
-                    cql(context)(e)
-                }
-            })?;
+        self.lwt(&prepared[Stmt::SetEpoch as usize], (new, i(conv), expected), context).await
+    }
+
+    /// Runs a lightweight transaction; whether it applied. A timeout leaves the
+    /// outcome unknown: a retryable [`ErrorKind::Timeout`].
+    async fn lwt(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl SerializeRow,
+        context: &'static str,
+    ) -> Result<bool> {
+        let r = self.session.execute_unpaged(stmt, values).await.map_err(|e| {
+            if claim_outcome_unknown(&e) {
+                StorageError::new(ErrorKind::Timeout, context, e)
+            } else {
+                cql(context)(e)
+            }
+        })?;
         let rows = r.into_rows_result().map_err(decode(context))?;
         let row: Option<scylla::value::Row> = rows.maybe_first_row().map_err(decode(context))?;
         match row.map(|r| r.columns).unwrap_or_default().first() {
@@ -1376,35 +1384,14 @@ impl Store for CassandraStore {
             // new owner writes over them (its fence timestamps are newer) or adopts
             // them; and the batch is answered as fenced, never acknowledged.
             let heads = heads.into_iter().map(|w| async move {
-                let r = self.session.execute_unpaged(&prepared[w.stmt as usize], w.values).await.map_err(
-                    |e| {
-                        if claim_outcome_unknown(&e) {
-                            StorageError::new(ErrorKind::Timeout, "moving a head", e)
-                        } else {
-                            cql("moving a head")(e)
-                        }
-                    },
-                )?;
+                let stmt = &prepared[w.stmt as usize];
                 if w.stmt == Stmt::UpdateHeadUnfenced {
+                    self.session.execute_unpaged(stmt, w.values).await.map_err(cql("moving a head"))?;
                     return Ok(true);
                 }
-                let rows = r.into_rows_result().map_err(decode("moving a head"))?;
-                let row: Option<scylla::value::Row> =
-                    rows.maybe_first_row().map_err(decode("moving a head"))?;
-                match row.map(|r| r.columns).unwrap_or_default().first() {
-                    Some(Some(CqlValue::Boolean(applied))) => Ok(*applied),
-                    _ => Err(corrupt("unexpected answer to a conditional head update")),
-                }
+                self.lwt(stmt, w.values, "moving a head").await
             });
-            if futures_util::future::try_join_all(heads).await?.into_iter().all(|applied| applied) {
-                Ok(())
-            } else {
-                Err(StorageError::new(
-                    ErrorKind::Fenced,
-                    "committing",
-                    "a conversation was claimed by another owner",
-                ))
-            }
+            all_applied(futures_util::future::try_join_all(heads).await?)
         })
     }
 

@@ -314,6 +314,11 @@ struct ConvState {
 /// days), so an owner takes a new epoch well before it runs out.
 const RECLAIM_AFTER: Duration = Duration::from_secs(10 * 86_400);
 
+/// After a node leaves the ring, how long a conversation taken over has its
+/// recent messages (this far back, at most [`TAIL_MAX`]) shown again.
+const TAKEOVER_WINDOW: Duration = Duration::from_secs(15);
+const TAIL_MAX: usize = 100;
+
 impl ConvState {
     /// Moves `user`'s positions forward to `seq` (delivered, and read if `read`).
     /// Returns the new positions if anything moved.
@@ -558,6 +563,29 @@ impl Worker {
                         )
                     }));
                 }
+            }
+            // Taken over shortly after a node left the ring: that node may have
+            // committed its last batches and died before sending their events to
+            // other nodes. The recent tail is shown again to every member (devices
+            // dedupe by position), so nobody is left without what was stored.
+            if self.router.in_fleet()
+                && self.router.departed_within(TAKEOVER_WINDOW)
+                && now_ms().saturating_sub(rec.last_ts_ms) < TAKEOVER_WINDOW.as_millis() as u64
+                && rec.last_seq > 0
+            {
+                let page =
+                    storage::page(&*self.store, id, storage::Anchor::Before(rec.last_seq + 1), TAIL_MAX)
+                        .map_err(internal)?;
+                let since = now_ms().saturating_sub(TAKEOVER_WINDOW.as_millis() as u64);
+                let recipients: Arc<[UserId]> = members.keys().copied().collect();
+                let mut tail: Vec<Message> = page.messages.into_iter().filter(|m| m.ts_ms >= since).collect();
+                tail.reverse();
+                self.adopted.extend(tail.into_iter().map(|message| {
+                    Effect(
+                        Event::new(EventKind::Message { message, origin: None, to_others: true }),
+                        recipients.clone(),
+                    )
+                }));
             }
             let bucket = last.map(|b| b.bucket);
             let positions = self.store.all_positions(id).map_err(internal)?.into_iter().collect();

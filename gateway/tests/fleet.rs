@@ -355,15 +355,32 @@ fn traffic_through(f: &Fleet, per_user: usize, fault: impl FnOnce(usize, &Alive)
     fault(owner, &alive);
     let mut riders: Vec<Rider> = riders.into_iter().map(|t| t.join().expect("a rider failed")).collect();
 
-    // History, read through a node that stayed up.
+    // History, read through a node that stayed up (again if a late resync closes
+    // the reading connection).
     let up = (owner + 1) % 3;
-    let mut reader = f.nodes[up].connect(&users[0].1, Subprotocol::Json);
-    let history: Vec<(u64, String)> = reader
-        .sync(Vec::new())
-        .into_iter()
-        .filter(|m| m.conversation_id == group && m.kind == protocol::MessageKind::Text)
-        .map(|m| (m.seq, m.body))
-        .collect();
+    let history: Vec<(u64, String)> = loop {
+        let mut c = f.nodes[up].connect(&users[0].1, Subprotocol::Json);
+        let id = c.send(ClientMsg::Sync { positions: Vec::new() });
+        let mut got = Vec::new();
+        let done = loop {
+            match next(&mut c) {
+                Ok(fr) => match fr.body {
+                    ServerMsg::Message { message } => got.push(message),
+                    ServerMsg::SyncDone { .. } if fr.id == id => break true,
+                    _ => {}
+                },
+                Err(Gone::Closed) => break false,
+                Err(Gone::Silent) => panic!("a sync went silent"),
+            }
+        };
+        if done {
+            break got
+                .into_iter()
+                .filter(|m| m.conversation_id == group && m.kind == protocol::MessageKind::Text)
+                .map(|m| (m.seq, m.body))
+                .collect();
+        }
+    };
     assert_eq!(history.len(), 6 * per_user, "every send stored exactly once: {history:?}");
     let at: std::collections::HashMap<&str, u64> = history.iter().map(|(s, b)| (b.as_str(), *s)).collect();
     assert_eq!(at.len(), history.len(), "no send stored twice");

@@ -156,6 +156,8 @@ pub struct Router {
     loc: Option<crossbeam_channel::Sender<LocJob>>,
     /// A fan-out was dropped (queue full): every node must resync.
     lost_all: AtomicBool,
+    /// When a node last left the ring (died, left, or missed its heartbeats).
+    departed: std::sync::Mutex<Option<Instant>>,
     /// Asks `fleet-ring` to leave the fleet; it answers on the channel inside.
     leave: Option<crossbeam_channel::Sender<crossbeam_channel::Sender<()>>>,
     rejected: prometheus::IntCounter,
@@ -179,6 +181,7 @@ impl Router {
             out: None,
             loc: None,
             lost_all: AtomicBool::new(false),
+            departed: std::sync::Mutex::new(None),
             leave: None,
             rejected: metrics.rejected.with_label_values(&["fleet"]),
             nodes: metrics.fleet_nodes.clone(),
@@ -224,6 +227,12 @@ impl Router {
         self.ring.read().expect("ring lock").clone()
     }
 
+    /// Whether a node left the ring within `window`: a conversation taken over
+    /// now may have had its last events committed and never sent by that node.
+    pub fn departed_within(&self, window: Duration) -> bool {
+        self.departed.lock().expect("departed lock").is_some_and(|at| at.elapsed() < window)
+    }
+
     /// Changes whenever the ring does.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
@@ -237,6 +246,9 @@ impl Router {
         }
         tracing::info!(nodes = ?ring.nodes(), "fleet ring changed");
         self.nodes.set(ring.nodes().len() as i64);
+        if cur.nodes().iter().any(|n| !ring.contains(*n)) {
+            *self.departed.lock().expect("departed lock") = Some(Instant::now());
+        }
         *cur = Arc::new(ring);
         self.version.fetch_add(1, Ordering::AcqRel);
         true

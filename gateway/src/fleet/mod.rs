@@ -525,9 +525,8 @@ impl Out {
                     per_node.entry(to).or_default().push((payload, Carried::Command(cmd)));
                 }
                 Outgoing::Fanout(batch) => {
-                    let mut targets: BTreeMap<NodeId, Vec<AddressedRef<'_>>> = BTreeMap::new();
-                    let mut scratch: Vec<Vec<UserId>> = Vec::new();
-                    let mut plan: BTreeMap<NodeId, Vec<(usize, usize)>> = BTreeMap::new();
+                    // Per node: which of the batch's events it gets, and for whom there.
+                    let mut plan: BTreeMap<NodeId, Vec<(usize, Vec<UserId>)>> = BTreeMap::new();
                     for (i, f) in batch.iter().enumerate() {
                         let mut at: BTreeMap<NodeId, Vec<UserId>> = BTreeMap::new();
                         for &u in f.to.iter() {
@@ -538,7 +537,7 @@ impl Out {
                             }
                         }
                         // An answer goes to its asker's node whatever the lookup said.
-                        if let Some((conn, user)) = asker(&f.event) {
+                        if let Some((conn, user)) = asker(f) {
                             let n = node_of(conn);
                             if n != me {
                                 let v = at.entry(n).or_default();
@@ -555,20 +554,18 @@ impl Out {
                             }
                         }
                         for (n, us) in at {
-                            scratch.push(us);
-                            plan.entry(n).or_default().push((i, scratch.len() - 1));
+                            plan.entry(n).or_default().push((i, us));
                         }
                     }
-                    for (n, refs) in &plan {
-                        let v = targets.entry(*n).or_default();
-                        for &(i, s) in refs {
-                            v.push(AddressedRef { event: &batch[i].event.kind, to: &scratch[s] });
-                        }
-                    }
-                    for (n, refs) in targets {
-                        let users: Vec<UserId> = refs.iter().flat_map(|r| r.to.iter().copied()).collect();
+                    for (n, events) in &plan {
+                        let refs: Vec<AddressedRef<'_>> = events
+                            .iter()
+                            .map(|(i, to)| AddressedRef { event: &batch[*i].event.kind, to })
+                            .collect();
+                        let users: Vec<UserId> =
+                            events.iter().flat_map(|(_, to)| to.iter().copied()).collect();
                         let payload = envelope::encode_events(&refs);
-                        per_node.entry(n).or_default().push((payload, Carried::Events(users)));
+                        per_node.entry(*n).or_default().push((payload, Carried::Events(users)));
                     }
                 }
             }
@@ -652,9 +649,13 @@ enum Carried {
 }
 
 /// The connection an event answers, and its user.
-fn asker(ev: &Event) -> Option<(ConnId, UserId)> {
-    match &ev.kind {
+fn asker(f: &Fanned) -> Option<(ConnId, UserId)> {
+    let actor = || f.to.first().copied();
+    match &f.event.kind {
         EventKind::Message { message, origin: Some(c), .. } => Some((*c, message.sender_id)),
+        // Addressed to the asker alone.
+        EventKind::SendFailed { origin, .. } => Some((*origin, actor()?)),
+        EventKind::Reply { origin, .. } => Some((origin.conn, actor()?)),
         _ => None,
     }
 }

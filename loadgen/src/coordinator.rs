@@ -12,9 +12,24 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Gateway (or load balancer) to test.
-    #[arg(long, default_value = "ws://127.0.0.1:8080")]
-    pub target: String,
+    /// Gateway (or load balancer) to test. Several gateway nodes of a fleet:
+    /// comma-separated or repeated; users start spread over them in turn.
+    #[arg(long, default_value = "ws://127.0.0.1:8080", value_delimiter = ',', num_args = 1..)]
+    pub target: Vec<String>,
+    /// Lay the users out by conversation: this share of conversations (0 to 1; the
+    /// bare flag means 1) has its members on different nodes, so each message crosses
+    /// one node boundary; the others' members sit together on the node that owns the
+    /// conversation. Needs each node as a --target. Without it users stay where they
+    /// landed (spread over the targets in turn, as a balancer would). Latency is
+    /// reported by node-to-node hops either way.
+    #[arg(long, default_missing_value = "1", num_args = 0..=1)]
+    pub cross_node: Option<f64>,
+    /// A dropped client reconnects (to the next target, with backoff), syncs from the
+    /// positions it holds, sends again what was not acknowledged, and goes on; messages
+    /// seen again are dropped by position (`redelivered`), as a client does. Node kills
+    /// are then judged by acknowledged messages only.
+    #[arg(long)]
+    pub reconnect: bool,
     /// Total connections (one user each).
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
@@ -75,9 +90,10 @@ pub struct RunArgs {
     /// Token cache: users minted once are reused while their tokens are fresh.
     #[arg(long, default_value = "loadgen-users.json")]
     pub user_cache: PathBuf,
-    /// Prometheus endpoint of the gateway. Default: derived from --target.
-    #[arg(long)]
-    pub metrics_url: Option<String>,
+    /// Prometheus endpoints of the gateway nodes (comma-separated; their figures are
+    /// summed). Default: `/metrics` of every --target.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics_url: Vec<String>,
     /// Write the JSON summary here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -113,9 +129,28 @@ fn http_base(target: &str) -> anyhow::Result<String> {
     ))
 }
 
+/// Every node's figures summed (one failed scrape: none).
+fn scrape_all(urls: &[String]) -> Option<crate::scrape::Sample> {
+    let mut sum = crate::scrape::Sample::new();
+    for u in urls {
+        for (k, v) in crate::scrape::scrape(u).ok()? {
+            *sum.entry(k).or_default() += v;
+        }
+    }
+    Some(sum)
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let base = http_base(&args.target)?;
-    let metrics_url = args.metrics_url.clone().unwrap_or_else(|| format!("{base}/metrics"));
+    if args.cross_node.is_some_and(|c| !(0.0..=1.0).contains(&c)) {
+        bail!("--cross-node takes a share between 0 and 1");
+    }
+    let bases = args.target.iter().map(|t| http_base(t)).collect::<anyhow::Result<Vec<_>>>()?;
+    let base = bases.first().ok_or_else(|| anyhow!("no --target"))?.clone();
+    let metrics_url: Vec<String> = if args.metrics_url.is_empty() {
+        bases.iter().map(|b| format!("{b}/metrics")).collect()
+    } else {
+        args.metrics_url.clone()
+    };
     let local = args.workers.unwrap_or_else(|| {
         if args.external_workers > 0 { 0 } else { args.connections.div_ceil(PER_WORKER_MAX).max(1) }
     });
@@ -157,7 +192,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("loadgen: waiting for {} external workers on {addr}", args.external_workers);
     }
 
-    let before = crate::scrape::scrape(&metrics_url).ok();
+    let before = scrape_all(&metrics_url);
     // Assign contiguous slices of users; each worker runs whole conversations.
     let mut workers = Vec::new();
     let per = args.connections.div_ceil(total_workers);
@@ -167,7 +202,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let idle = (slice.len() as f64 * args.idle_fraction).round() as usize;
         let a = Assignment {
             worker: w,
-            target: args.target.clone(),
+            targets: args.target.clone(),
+            cross_node: args.cross_node,
+            reconnect: args.reconnect,
             rate: args.rate * (slice.len() - idle) as f64
                 / (args.connections as f64 * (1.0 - args.idle_fraction)).max(1.0),
             users: slice,
@@ -202,14 +239,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         "loadgen: {}/{} connected ({} errors); sending {} msg/s for {:?}",
         setup.connected, setup.connections, setup.connect_errors, args.rate, args.duration
     );
-    let connected_scrape = crate::scrape::scrape(&metrics_url).ok();
+    let connected_scrape = scrape_all(&metrics_url);
     let start_unix_ms = (crate::worker::now_us() / 1000) + 500;
     // The gateway's cost is measured from the end of the warm-up.
     let warm_scrape = (!args.warmup.is_zero()).then(|| {
         let (url, at_ms) = (metrics_url.clone(), start_unix_ms + args.warmup.as_millis() as u64);
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(at_ms.saturating_sub(crate::worker::now_us() / 1000)));
-            crate::scrape::scrape(&url).ok()
+            scrape_all(&url)
         })
     });
     for r in &mut workers {
@@ -284,7 +321,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             FromWorker::Ready(_) => {}
         }
     }
-    let after = crate::scrape::scrape(&metrics_url).ok();
+    let after = scrape_all(&metrics_url);
     let warm = warm_scrape.and_then(|t| t.join().ok().flatten());
     for mut c in children {
         let _ = c.wait();

@@ -24,8 +24,17 @@ pub struct User {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Assignment {
     pub worker: usize,
-    /// `ws://host:port`
-    pub target: String,
+    /// `ws://host:port` of each gateway node (or one load balancer). Users start
+    /// spread over them in turn.
+    pub targets: Vec<String>,
+    /// Share of conversations whose members sit on different nodes (the rest sit
+    /// together on the node that owns the conversation). Needs several targets.
+    /// `None`: users stay where they landed.
+    #[serde(default)]
+    pub cross_node: Option<f64>,
+    /// A dropped connection reconnects (to the next target), syncs and goes on.
+    #[serde(default)]
+    pub reconnect: bool,
     pub users: Vec<User>,
     pub scenario: Scenario,
     pub group_size: usize,
@@ -71,6 +80,19 @@ pub struct Counters {
     pub duplicates: u64,
     pub out_of_order: u64,
     pub disconnects: u64,
+    /// Successful reconnects (`--reconnect`).
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Messages seen again by a connection after a reconnect or a fail-over, and
+    /// dropped by position as a client does (`--reconnect`; otherwise duplicates).
+    #[serde(default)]
+    pub redelivered: u64,
+    /// Sends sent again: unacknowledged at a drop, or refused with a retryable error.
+    #[serde(default)]
+    pub resent: u64,
+    /// Sends with neither an ack nor an error at the end (`--reconnect`).
+    #[serde(default)]
+    pub unanswered: u64,
 }
 
 impl Counters {
@@ -86,6 +108,10 @@ impl Counters {
         self.duplicates += o.duplicates;
         self.out_of_order += o.out_of_order;
         self.disconnects += o.disconnects;
+        self.reconnects += o.reconnects;
+        self.redelivered += o.redelivered;
+        self.resent += o.resent;
+        self.unanswered += o.unanswered;
     }
 }
 
@@ -112,6 +138,10 @@ pub struct WorkerResult {
     /// Scheduled send time to the moment the frame was written, microseconds.
     #[serde(default)]
     pub send_lag: String,
+    /// send→deliver by the number of node-to-node hops on the message's way
+    /// (0: sender, owner and recipient on one node; 1; 2), base64 HdrHistogram V2, µs.
+    #[serde(default)]
+    pub latency_by_hops: Vec<String>,
     /// Per second since `Go`: (sent, delivered).
     pub timeline: Vec<(u64, u64)>,
 }

@@ -44,12 +44,16 @@ impl Summary {
     ) -> anyhow::Result<Summary> {
         let mut c = Counters::default();
         let mut latency = histogram();
+        let mut by_hops = [histogram(), histogram(), histogram()];
         let mut ack_latency = histogram();
         let mut send_lag = histogram();
         let mut timeline: Vec<(u64, u64)> = Vec::new();
         for r in results {
             c.add(&r.counters);
             latency.add(decode_hist(&r.latency)?)?;
+            for (h, enc) in by_hops.iter_mut().zip(&r.latency_by_hops) {
+                h.add(decode_hist(enc)?)?;
+            }
             ack_latency.add(decode_hist(&r.ack_latency)?)?;
             if !r.send_lag.is_empty() {
                 send_lag.add(decode_hist(&r.send_lag)?)?;
@@ -72,6 +76,7 @@ impl Summary {
         let cpu = delta(from, after, "process_cpu_seconds_total");
         let deliveries = delta(from, after, "switchboard_deliveries_total");
         let stored = delta(from, after, "switchboard_messages_stored_total");
+        let entries = delta(from, after, "switchboard_fleet_entries_sent_total");
         let rss_growth = delta(before, connected, "process_resident_memory_bytes");
         let conns = delta(before, connected, "switchboard_connections");
         let per = |num: Option<f64>, den: Option<f64>| match (num, den) {
@@ -98,14 +103,21 @@ impl Summary {
             "duplicates": c.duplicates,
             "out_of_order": c.out_of_order,
             "disconnects": c.disconnects,
+            "reconnects": c.reconnects,
+            "redelivered": c.redelivered,
+            "resent": c.resent,
+            "unanswered": c.unanswered,
+            "cross_node": args.cross_node,
             "sent_per_s": (c.sent as f64 / secs).round(),
             "delivered_per_s": (c.delivered as f64 / secs).round(),
             "latency_us": percentiles(&latency),
+            "latency_by_hops_us": by_hops.iter().map(percentiles).collect::<Vec<_>>(),
             "ack_latency_us": percentiles(&ack_latency),
             "send_lag_us": percentiles(&send_lag),
             "gateway": {
                 "cpu_us_per_delivery": per(cpu.map(|v| v * 1e6), deliveries),
                 "cpu_us_per_message": per(cpu.map(|v| v * 1e6), stored),
+                "fleet_entries_per_message": per(entries, stored),
                 "rss_bytes": after.and_then(|a| a.get("process_resident_memory_bytes")).copied(),
                 "rss_per_connection_bytes": per(rss_growth, conns),
             },
@@ -128,6 +140,12 @@ pub fn print_table(s: &Summary) {
     println!("  lost             {:>12}", j["lost"]);
     println!("  duplicates       {:>12}", j["duplicates"]);
     println!("  out of order     {:>12}", j["out_of_order"]);
+    if j["reconnects"].as_u64().unwrap_or(0) + j["disconnects"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "  disconnects      {:>12}   ({} reconnects, {} seen again and dropped, {} sends sent again, {} never answered)",
+            j["disconnects"], j["reconnects"], j["redelivered"], j["resent"], j["unanswered"]
+        );
+    }
     println!();
     if let Some(w) = j["warmup_s"].as_f64().filter(|w| *w > 0.0) {
         println!("  latency (ms), after the {w} s warm-up; gateway cost likewise");
@@ -148,11 +166,35 @@ pub fn print_table(s: &Summary) {
             ms(&p["max"])
         );
     }
+    // By hops, when some messages crossed nodes.
+    let hops = ["  0 hops (1 node)", "  1 hop          ", "  2 hops         "];
+    if let Some(list) = j["latency_by_hops_us"].as_array()
+        && list.iter().skip(1).any(|p| p["count"].as_u64().unwrap_or(0) > 0)
+    {
+        println!("  send→deliver by node-to-node hops (count)");
+        for (name, p) in hops.iter().zip(list) {
+            if p["count"].as_u64().unwrap_or(0) == 0 {
+                continue;
+            }
+            println!(
+                "{name}{:>9} {:>9} {:>9} {:>9} {:>9}   ({})",
+                ms(&p["p50"]),
+                ms(&p["p95"]),
+                ms(&p["p99"]),
+                ms(&p["p999"]),
+                ms(&p["max"]),
+                p["count"]
+            );
+        }
+    }
     let g = &j["gateway"];
     println!();
     println!("  gateway CPU per delivery   {} µs", g["cpu_us_per_delivery"]);
     println!("  gateway CPU per message    {} µs", g["cpu_us_per_message"]);
     println!("  gateway RSS per connection {} bytes", g["rss_per_connection_bytes"]);
+    if !g["fleet_entries_per_message"].is_null() {
+        println!("  stream entries per message {}", g["fleet_entries_per_message"]);
+    }
     println!();
 }
 

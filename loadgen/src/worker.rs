@@ -13,9 +13,11 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
-use protocol::{ClientFrame, ClientMsg, MessageKind, ServerFrame, ServerMsg, Subprotocol};
+use protocol::{
+    ClientFrame, ClientMsg, ErrorCode, MessageKind, Position, ServerFrame, ServerMsg, Subprotocol,
+};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -58,6 +60,11 @@ struct ConvTrack {
     expected: u16,
     delivered: Vec<u16>,
     acked: Vec<bool>,
+    /// The node that owns it (by the ring of the nodes seen at set-up), if known.
+    owner: Option<u16>,
+    /// Which send (sender index << 32 | its counter) each position holds: one send
+    /// at two positions is a duplicate however the client dedupes.
+    sends: HashMap<u64, u64>,
 }
 
 impl ConvTrack {
@@ -73,11 +80,15 @@ impl ConvTrack {
 struct State {
     c: Counters,
     latency: Histogram<u64>,
+    /// send→deliver by node-to-node hops (0, 1, 2).
+    by_hops: [Histogram<u64>; 3],
     ack_latency: Histogram<u64>,
     /// How late each send reached the socket after its scheduled time: loadgen's
     /// own timing error, which every latency above includes.
     send_lag: Histogram<u64>,
     convs: HashMap<u64, ConvTrack>,
+    /// The node each local user's connection is on now (from its `connection_id`).
+    node: Vec<u16>,
     timeline: Vec<(u64, u64)>,
     start: Option<Instant>,
     /// Scheduled send times before this (µs, Unix) are warm-up: not in the histograms.
@@ -122,28 +133,50 @@ struct Conn {
     ws: Ws,
     proto: Subprotocol,
     next_id: u64,
+    /// The gateway node holding this connection: the top 16 bits of its `connection_id`.
+    node: u16,
 }
 
 impl Conn {
+    fn message(&self, body: ClientMsg, id: u64) -> Message {
+        let bytes = self.proto.encode_client(&ClientFrame { id, body });
+        match self.proto {
+            Subprotocol::Json => Message::text(String::from_utf8(bytes).expect("json is utf-8")),
+            Subprotocol::FlatBuffers => Message::binary(bytes),
+        }
+    }
+
     async fn send(&mut self, body: ClientMsg) -> anyhow::Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
-        let bytes = self.proto.encode_client(&ClientFrame { id, body });
-        let msg = match self.proto {
-            Subprotocol::Json => Message::text(String::from_utf8(bytes)?),
-            Subprotocol::FlatBuffers => Message::binary(bytes),
-        };
+        let msg = self.message(body, id);
         self.ws.send(msg).await?;
         Ok(id)
     }
 
+    /// Sends a `send` (its answers are events: request id 0).
+    async fn send_frame(&mut self, body: ClientMsg) -> anyhow::Result<()> {
+        let msg = self.message(body, 0);
+        self.ws.send(msg).await?;
+        Ok(())
+    }
+
+    fn decode(&self, m: Message) -> Option<ServerFrame> {
+        match m {
+            Message::Text(t) => self.proto.decode_server(t.as_bytes()).ok(),
+            Message::Binary(b) => self.proto.decode_server(&b).ok(),
+            _ => None,
+        }
+    }
+
     async fn recv(&mut self) -> anyhow::Result<ServerFrame> {
         loop {
-            match self.ws.next().await.ok_or_else(|| anyhow!("connection closed"))?? {
-                Message::Text(t) => return Ok(self.proto.decode_server(t.as_bytes())?),
-                Message::Binary(b) => return Ok(self.proto.decode_server(&b)?),
-                Message::Close(c) => bail!("closed by server: {c:?}"),
-                _ => {}
+            let m = self.ws.next().await.ok_or_else(|| anyhow!("connection closed"))??;
+            if let Message::Close(c) = &m {
+                bail!("closed by server: {c:?}");
+            }
+            if let Some(f) = self.decode(m) {
+                return Ok(f);
             }
         }
     }
@@ -168,7 +201,9 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
 }
 
-async fn connect(a: &Assignment, addr: SocketAddr, token: &str, index: usize) -> anyhow::Result<Conn> {
+/// Opens a connection and waits for `welcome` (no `sync` yet).
+async fn open(a: &Assignment, target: &str, token: &str, index: usize) -> anyhow::Result<Conn> {
+    let addr = resolve(target)?;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(prefix) = &a.source_prefix {
         let ip = format!("{prefix}{}", index % 250 + 1);
@@ -190,15 +225,21 @@ async fn connect(a: &Assignment, addr: SocketAddr, token: &str, index: usize) ->
     let stream = sock.connect(addr).await?;
     stream.set_nodelay(true)?;
     let proto = if a.json_protocol { Subprotocol::Json } else { Subprotocol::FlatBuffers };
-    let mut req = format!("{}/v1/ws", a.target).into_client_request()?;
+    let mut req = format!("{target}/v1/ws").into_client_request()?;
     req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
     req.headers_mut().insert("sec-websocket-protocol", proto.name().parse()?);
     let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config())).await?;
-    let mut c = Conn { ws, proto, next_id: 1 };
+    let mut c = Conn { ws, proto, next_id: 1, node: 0 };
     match c.recv().await?.body {
-        ServerMsg::Welcome { .. } => {}
+        ServerMsg::Welcome { connection_id, .. } => c.node = (connection_id >> 48) as u16,
         other => bail!("expected welcome, got {other:?}"),
     }
+    Ok(c)
+}
+
+/// A fresh connection, synced with no positions (what it missed before is not counted).
+async fn connect(a: &Assignment, target: &str, token: &str, index: usize) -> anyhow::Result<Conn> {
+    let mut c = open(a, target, token, index).await?;
     match c.request(ClientMsg::Sync { positions: vec![] }).await? {
         ServerMsg::SyncDone { .. } => Ok(c),
         other => bail!("expected sync_done, got {other:?}"),
@@ -233,6 +274,24 @@ fn plan_conversations(a: &Assignment, active: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// Where each member of conversation number `index` should sit, given its owner
+/// and the live nodes (sorted): together on the owner, or (the `cross` share of
+/// conversations, spread evenly) the first member on the owner and the others on
+/// the following nodes in turn, so that every message crosses one node boundary.
+fn placement(index: usize, cross: f64, owner: u16, nodes: &[u16], members: usize) -> Vec<u16> {
+    let crossing = (((index + 1) as f64 * cross).floor() - (index as f64 * cross).floor()) >= 1.0;
+    let at = nodes.iter().position(|&n| n == owner).unwrap_or(0);
+    (0..members)
+        .map(|j| {
+            if !crossing || nodes.len() < 2 || j == 0 {
+                owner
+            } else {
+                nodes[(at + 1 + (j - 1) % (nodes.len() - 1)) % nodes.len()]
+            }
+        })
+        .collect()
+}
+
 /// Runs one worker against a coordinator.
 pub async fn run(coordinator: &str) -> anyhow::Result<()> {
     let stream =
@@ -257,60 +316,99 @@ async fn send_line(wr: &mut tokio::net::tcp::OwnedWriteHalf, m: &FromWorker) -> 
     Ok(())
 }
 
-async fn work(
+/// Connects `who` (user indices, with their target) at the ramp rate, many
+/// handshakes in flight. Returns the first error, if any.
+async fn connect_all(
     a: &Assignment,
-    lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
-) -> anyhow::Result<()> {
-    let addr = resolve(&a.target)?;
-    let n = a.users.len();
-    let state = Rc::new(RefCell::new(State {
-        c: Counters { connections: n as u64, ..Default::default() },
-        latency: histogram(),
-        ack_latency: histogram(),
-        send_lag: histogram(),
-        convs: HashMap::new(),
-        timeline: Vec::new(),
-        start: None,
-        measured_from_us: 0,
-    }));
-
-    // 1. Connect at the ramp rate, many handshakes in flight.
-    let mut conns: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
+    who: Vec<(usize, String)>,
+    conns: &mut [Option<Conn>],
+    state: &RefCell<State>,
+) -> Option<anyhow::Error> {
     let gap = Duration::from_secs_f64(1.0 / a.ramp.max(1.0));
     let t0 = Instant::now();
     let mut pending = futures_util::stream::FuturesUnordered::new();
-    for (i, u) in a.users.iter().enumerate() {
-        let at = t0 + gap * i as u32;
-        let token = u.token.clone();
+    for (n, (i, target)) in who.into_iter().enumerate() {
+        let at = t0 + gap * n as u32;
+        let token = a.users[i].token.clone();
         pending.push(async move {
             tokio::time::sleep_until(at.into()).await;
-            (i, connect(a, addr, &token, i).await)
+            (i, connect(a, &target, &token, i).await)
         });
     }
     let mut first_error = None;
     while let Some((i, r)) = pending.next().await {
         match r {
             Ok(c) => {
+                state.borrow_mut().node[i] = c.node;
                 conns[i] = Some(c);
-                state.borrow_mut().c.connected += 1;
             }
             Err(e) => {
-                state.borrow_mut().c.connect_errors += 1;
                 first_error.get_or_insert(e);
             }
         }
     }
-    drop(pending);
-    if let Some(e) = first_error {
+    first_error
+}
+
+/// What every connection's task shares.
+struct Ctx {
+    a: Assignment,
+    state: Rc<RefCell<State>>,
+    timer: crate::clock::Timer,
+    /// Unix µs and `Instant` of the schedule's zero.
+    start_unix_us: u64,
+    start: Instant,
+    /// Sending stops here; reconnecting at `end + grace`.
+    end: Instant,
+    interval: f64,
+    /// The user ids of the worker's users, by index.
+    user_ids: Vec<u64>,
+}
+
+async fn work(
+    a: &Assignment,
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> anyhow::Result<()> {
+    if a.targets.is_empty() {
+        bail!("no target");
+    }
+    let n = a.users.len();
+    let state = Rc::new(RefCell::new(State {
+        c: Counters { connections: n as u64, ..Default::default() },
+        latency: histogram(),
+        by_hops: [histogram(), histogram(), histogram()],
+        ack_latency: histogram(),
+        send_lag: histogram(),
+        convs: HashMap::new(),
+        node: vec![0; n],
+        timeline: Vec::new(),
+        start: None,
+        measured_from_us: 0,
+    }));
+
+    // 1. Connect, each user to the targets in turn.
+    let mut conns: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
+    let who = (0..n).map(|i| (i, a.targets[i % a.targets.len()].clone())).collect();
+    if let Some(e) = connect_all(a, who, &mut conns, &state).await {
         eprintln!("worker {}: connect errors, first: {e:#}", a.worker);
     }
+    // The nodes behind the targets: the ring's live set as far as this worker can tell.
+    let mut node_target: BTreeMap<u16, String> = BTreeMap::new();
+    for (i, c) in conns.iter().enumerate() {
+        if let Some(c) = c {
+            node_target.entry(c.node).or_insert_with(|| a.targets[i % a.targets.len()].clone());
+        }
+    }
+    let nodes: Vec<u16> = node_target.keys().copied().collect();
+    let ring = router::Ring::new(nodes.iter().copied());
 
     // 2. Conversations among the active (non-idle) users that connected.
     let active = n.saturating_sub(a.idle);
     let plan = plan_conversations(a, active);
     let mut conv_of: Vec<Option<u64>> = vec![None; n];
-    for members in &plan {
+    let mut want: Vec<(usize, u16)> = Vec::new();
+    for (index, members) in plan.iter().enumerate() {
         if members.iter().any(|&m| conns[m].is_none()) {
             continue;
         }
@@ -324,19 +422,45 @@ async fn work(
                 .await?
         };
         let ServerMsg::Conversation { conversation } = reply else { bail!("expected a conversation") };
+        let id = conversation.conversation_id;
+        let owner = ring.owner(router::Key::Conversation(id));
         for &m in members {
-            conv_of[m] = Some(conversation.conversation_id);
+            conv_of[m] = Some(id);
         }
-        state.borrow_mut().convs.insert(
-            conversation.conversation_id,
-            ConvTrack { expected: (members.len() - 1) as u16, ..Default::default() },
-        );
+        if let (Some(owner), Some(cross)) = (owner, a.cross_node) {
+            let place = placement(index, cross, owner, &nodes, members.len());
+            want.extend(members.iter().copied().zip(place));
+        }
+        state
+            .borrow_mut()
+            .convs
+            .insert(id, ConvTrack { expected: (members.len() - 1) as u16, owner, ..Default::default() });
     }
-    let senders: usize = conv_of.iter().filter(|c| c.is_some()).count();
+    // 3. Move members to the node their conversation's layout asks for (when the
+    // targets are the nodes themselves; behind one balancer they stay where they landed).
+    if a.targets.len() > 1 && a.cross_node.is_some() {
+        let moves: Vec<(usize, String)> = want
+            .into_iter()
+            .filter(|&(i, node)| conns[i].as_ref().is_some_and(|c| c.node != node))
+            .map(|(i, node)| (i, node_target[&node].clone()))
+            .collect();
+        for (i, _) in &moves {
+            conns[*i] = None;
+        }
+        if let Some(e) = connect_all(a, moves, &mut conns, &state).await {
+            eprintln!("worker {}: reconnect errors while placing users, first: {e:#}", a.worker);
+        }
+    }
+    {
+        let mut s = state.borrow_mut();
+        s.c.connected = conns.iter().filter(|c| c.is_some()).count() as u64;
+        s.c.connect_errors = n as u64 - s.c.connected;
+    }
+    let senders: usize = (0..n).filter(|&i| conv_of[i].is_some() && conns[i].is_some()).count();
     let c = state.borrow().c.clone();
     send_line(wr, &FromWorker::Ready(c)).await?;
 
-    // 3. Wait for Go.
+    // 4. Wait for Go.
     let start_unix_ms =
         match serde_json::from_str(&lines.next_line().await?.ok_or_else(|| anyhow!("coordinator left"))?)? {
             ToWorker::Go { start_unix_ms } => start_unix_ms,
@@ -351,134 +475,26 @@ async fn work(
         s.start = Some(start);
         s.measured_from_us = start_unix_us + a.warmup_ms * 1000;
     }
-    let interval = if a.rate > 0.0 && senders > 0 { senders as f64 / a.rate } else { f64::INFINITY };
-    let timer = crate::clock::Timer::start().context("creating the send timer")?;
+    let ctx = Rc::new(Ctx {
+        a: a.clone(),
+        state: state.clone(),
+        timer: crate::clock::Timer::start().context("creating the send timer")?,
+        start_unix_us,
+        start,
+        end,
+        interval: if a.rate > 0.0 && senders > 0 { senders as f64 / a.rate } else { f64::INFINITY },
+        user_ids: a.users.iter().map(|u| u.user_id.parse().unwrap_or(0)).collect(),
+    });
 
-    // 4. Per connection: a reader, and (if in a conversation) an open-loop sender.
+    // 5. One task per connection: reads, sends open-loop if in a conversation,
+    // and (with --reconnect) reconnects.
     let mut tasks = Vec::new();
     for (i, conn) in conns.into_iter().enumerate() {
         let Some(conn) = conn else { continue };
-        let (mut sink, mut stream) = conn.ws.split();
-        let proto = conn.proto;
-        let st = state.clone();
-        tasks.push(tokio::task::spawn_local(async move {
-            let mut seen: HashMap<u64, Seen> = HashMap::new();
-            while let Some(m) = stream.next().await {
-                let bytes = match m {
-                    Ok(Message::Text(t)) => t.as_bytes().to_vec(),
-                    Ok(Message::Binary(b)) => b.to_vec(),
-                    Ok(Message::Close(_)) | Err(_) => break,
-                    Ok(_) => continue,
-                };
-                let Ok(f) = proto.decode_server(&bytes) else { continue };
-                let now = now_us();
-                let mut s = st.borrow_mut();
-                match f.body {
-                    ServerMsg::Message { message } => {
-                        let (dup, ooo) =
-                            seen.entry(message.conversation_id).or_default().observe(message.seq);
-                        s.c.duplicates += u64::from(dup);
-                        s.c.out_of_order += u64::from(ooo);
-                        if message.kind != MessageKind::Text || dup {
-                            continue;
-                        }
-                        let Some(sched) = message.body.split(':').next().and_then(|v| v.parse::<u64>().ok())
-                        else {
-                            continue;
-                        };
-                        s.c.delivered += 1;
-                        if sched >= s.measured_from_us {
-                            let _ = s.latency.record(now.saturating_sub(sched).max(1));
-                        }
-                        if let Some(t) = s.tick() {
-                            t.1 += 1;
-                        }
-                        if let Some(track) = s.convs.get_mut(&message.conversation_id) {
-                            *ConvTrack::slot(&mut track.delivered, message.seq) += 1;
-                        }
-                    }
-                    ServerMsg::Ack { conversation_id, client_msg_id, seq, .. } => {
-                        let (_, ooo) = seen.entry(conversation_id).or_default().observe(seq);
-                        s.c.out_of_order += u64::from(ooo);
-                        s.c.acked += 1;
-                        if let Some(sched) =
-                            client_msg_id.split('.').nth(1).and_then(|v| v.parse::<u64>().ok())
-                            && sched >= s.measured_from_us
-                        {
-                            let _ = s.ack_latency.record(now.saturating_sub(sched).max(1));
-                        }
-                        if let Some(track) = s.convs.get_mut(&conversation_id) {
-                            *ConvTrack::slot(&mut track.acked, seq) = true;
-                        }
-                    }
-                    ServerMsg::Error { client_msg_id: Some(_), .. } => s.c.send_errors += 1,
-                    _ => {}
-                }
-            }
-            st.borrow_mut().c.disconnects += 1;
-        }));
-        let Some(conv) = conv_of[i] else {
-            // Idle: keep the write half alive so the socket stays open.
-            tasks.push(tokio::task::spawn_local(async move {
-                tokio::time::sleep_until(end.into()).await;
-                drop(sink);
-            }));
-            continue;
-        };
-        let st = state.clone();
-        let size = a.message_size;
-        let timer = timer.clone();
-        tasks.push(tokio::task::spawn_local(async move {
-            let phase = rand::random::<f64>() * interval;
-            let mut k: u64 = 0;
-            let pad = "x".repeat(size);
-            loop {
-                let offset = phase + k as f64 * interval;
-                let at = start + Duration::from_secs_f64(offset.min(1e9));
-                if at >= end {
-                    break;
-                }
-                timer.sleep_until(at).await;
-                let sched = start_unix_us + (offset * 1e6) as u64;
-                let mut body = format!("{sched}:{i}:{k}:");
-                if body.len() < size {
-                    body.push_str(&pad[..size - body.len()]);
-                }
-                let frame = ClientFrame {
-                    id: 0,
-                    body: ClientMsg::Send {
-                        conversation_id: conv,
-                        client_msg_id: format!("{k}.{sched}"),
-                        body,
-                    },
-                };
-                let bytes = proto.encode_client(&frame);
-                let msg = match proto {
-                    Subprotocol::Json => Message::text(String::from_utf8(bytes).expect("json is utf-8")),
-                    Subprotocol::FlatBuffers => Message::binary(bytes),
-                };
-                if sink.send(msg).await.is_err() {
-                    break;
-                }
-                {
-                    let mut s = st.borrow_mut();
-                    if sched >= s.measured_from_us {
-                        let _ = s.send_lag.record(now_us().saturating_sub(sched).max(1));
-                    }
-                    s.c.sent += 1;
-                    if let Some(t) = s.tick() {
-                        t.0 += 1;
-                    }
-                }
-                k += 1;
-            }
-            // Keep the socket open through the grace period.
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(sink);
-        }));
+        tasks.push(tokio::task::spawn_local(drive(ctx.clone(), i, conn, conv_of[i])));
     }
 
-    // 5. Progress once a second until the end, then wait for stragglers up to the grace period.
+    // 6. Progress once a second until the end, then wait for stragglers up to the grace period.
     let mut next = start + Duration::from_secs(1);
     while next <= end {
         tokio::time::sleep_until(next.into()).await;
@@ -493,8 +509,11 @@ async fn work(
     let deadline = end + Duration::from_millis(a.grace_ms);
     loop {
         let missing = count_lost(&state.borrow());
-        let (acked, sent) = (state.borrow().c.acked + state.borrow().c.send_errors, state.borrow().c.sent);
-        if (missing == 0 && acked >= sent) || Instant::now() >= deadline {
+        let answered = {
+            let c = &state.borrow().c;
+            if a.reconnect { c.unanswered == 0 } else { c.acked + c.send_errors >= c.sent }
+        };
+        if (missing == 0 && answered) || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -508,6 +527,7 @@ async fn work(
         WorkerResult {
             counters: s.c.clone(),
             latency: encode_hist(&s.latency),
+            latency_by_hops: s.by_hops.iter().map(encode_hist).collect(),
             ack_latency: encode_hist(&s.ack_latency),
             send_lag: encode_hist(&s.send_lag),
             timeline: s.timeline.clone(),
@@ -515,6 +535,254 @@ async fn work(
     };
     send_line(wr, &FromWorker::Result(Box::new(result))).await?;
     Ok(())
+}
+
+/// One connection's own view: what it has seen, and (with --reconnect) its sends
+/// not yet acknowledged.
+struct Local {
+    i: usize,
+    seen: HashMap<u64, Seen>,
+    /// Send counter → scheduled time, until acknowledged (only with --reconnect).
+    pending: BTreeMap<u64, u64>,
+    /// Sends refused with a retryable error, to send again at the given time.
+    retry: VecDeque<(Instant, u64)>,
+}
+
+/// A send's frame: the body carries its scheduled time, sender and counter.
+fn send_msg(ctx: &Ctx, i: usize, conv: u64, k: u64, sched: u64) -> ClientMsg {
+    let size = ctx.a.message_size;
+    let mut body = format!("{sched}:{i}:{k}:");
+    if body.len() < size {
+        body.push_str(&"x".repeat(size - body.len()));
+    }
+    ClientMsg::Send { conversation_id: conv, client_msg_id: format!("{k}.{sched}"), body }
+}
+
+/// Counts one frame received by user `me.i`'s connection on node `node`.
+fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
+    let now = now_us();
+    let mut s = ctx.state.borrow_mut();
+    let s = &mut *s;
+    match f.body {
+        ServerMsg::Message { message } => {
+            let (dup, ooo) = me.seen.entry(message.conversation_id).or_default().observe(message.seq);
+            if dup {
+                if ctx.a.reconnect {
+                    s.c.redelivered += 1;
+                } else {
+                    s.c.duplicates += 1;
+                }
+                return;
+            }
+            s.c.out_of_order += u64::from(ooo);
+            if message.kind != MessageKind::Text {
+                return;
+            }
+            let mut parts = message.body.split(':');
+            let (Some(sched), Some(from), Some(k)) = (
+                parts.next().and_then(|v| v.parse::<u64>().ok()),
+                parts.next().and_then(|v| v.parse::<usize>().ok()),
+                parts.next().and_then(|v| v.parse::<u64>().ok()),
+            ) else {
+                return;
+            };
+            let Some(track) = s.convs.get_mut(&message.conversation_id) else { return };
+            // One send stored at two positions: a real duplicate.
+            let send = ((from as u64) << 32) | k;
+            match track.sends.insert(send, message.seq) {
+                Some(other) if other != message.seq => s.c.duplicates += 1,
+                _ => {}
+            }
+            if message.sender_id == ctx.user_ids[me.i] {
+                // Our own message, replayed by a sync or shown again after a fail-over:
+                // stored, so as good as its ack; not a delivery.
+                if me.pending.remove(&k).is_some() {
+                    s.c.acked += 1;
+                    s.c.unanswered -= 1;
+                }
+                *ConvTrack::slot(&mut track.acked, message.seq) = true;
+                return;
+            }
+            *ConvTrack::slot(&mut track.delivered, message.seq) += 1;
+            let hops = track
+                .owner
+                .map(|o| usize::from(s.node.get(from).is_some_and(|&n| n != o)) + usize::from(node != o));
+            s.c.delivered += 1;
+            if sched >= s.measured_from_us {
+                let v = now.saturating_sub(sched).max(1);
+                let _ = s.latency.record(v);
+                if let Some(h) = hops {
+                    let _ = s.by_hops[h].record(v);
+                }
+            }
+            if let Some(t) = s.tick() {
+                t.1 += 1;
+            }
+        }
+        ServerMsg::Ack { conversation_id, client_msg_id, seq, .. } => {
+            let (_, ooo) = me.seen.entry(conversation_id).or_default().observe(seq);
+            s.c.out_of_order += u64::from(ooo);
+            let mut id = client_msg_id.split('.');
+            let k = id.next().and_then(|v| v.parse::<u64>().ok());
+            if ctx.a.reconnect && k.is_none_or(|k| me.pending.remove(&k).is_none()) {
+                return; // acknowledged already (by a replay of the message)
+            }
+            if ctx.a.reconnect {
+                s.c.unanswered -= 1;
+            }
+            s.c.acked += 1;
+            if let Some(sched) = id.next().and_then(|v| v.parse::<u64>().ok())
+                && sched >= s.measured_from_us
+            {
+                let _ = s.ack_latency.record(now.saturating_sub(sched).max(1));
+            }
+            if let Some(track) = s.convs.get_mut(&conversation_id) {
+                *ConvTrack::slot(&mut track.acked, seq) = true;
+            }
+        }
+        ServerMsg::Error { client_msg_id: Some(id), code, .. } => {
+            let k = id.split('.').next().and_then(|v| v.parse::<u64>().ok());
+            let retryable = ErrorCode::from_code(code).is_some_and(ErrorCode::retryable);
+            match k {
+                Some(k) if ctx.a.reconnect && retryable && me.pending.contains_key(&k) => {
+                    me.retry.push_back((Instant::now() + RETRY_AFTER, k));
+                }
+                _ => {
+                    if let Some(k) = k
+                        && me.pending.remove(&k).is_some()
+                    {
+                        s.c.unanswered -= 1;
+                    }
+                    s.c.send_errors += 1;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A send refused with a retryable error (1020, 1022) goes again after this.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+/// One connection for the whole run: reads, sends on its schedule, and with
+/// --reconnect comes back after a drop (to the next target), syncs from the
+/// positions it holds and sends again what was not acknowledged.
+async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
+    let mut me = Local { i, seen: HashMap::new(), pending: BTreeMap::new(), retry: VecDeque::new() };
+    let mut k: u64 = 0;
+    let phase = rand::random::<f64>() * ctx.interval;
+    let due = |k: u64| phase + k as f64 * ctx.interval;
+    let at = |k: u64| ctx.start + Duration::from_secs_f64(due(k).min(1e9));
+    let mut sleep = ctx.timer.sleep_until(at(0));
+    let mut target = i % ctx.a.targets.len();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // One session: until the connection drops.
+        loop {
+            let sending = conv.is_some() && at(k) < ctx.end;
+            let retry_at = me.retry.front().map(|r| r.0);
+            tokio::select! {
+                m = conn.ws.next() => {
+                    let m = match m {
+                        Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                        Some(Ok(m)) => m,
+                    };
+                    if let Some(f) = conn.decode(m) {
+                        on_frame(&ctx, &mut me, conn.node, f);
+                    }
+                }
+                () = &mut sleep, if sending => {
+                    let conv = conv.expect("sending");
+                    let sched = ctx.start_unix_us + (due(k) * 1e6) as u64;
+                    let msg = conn.message(send_msg(&ctx, i, conv, k, sched), 0);
+                    if ctx.a.reconnect {
+                        me.pending.insert(k, sched);
+                        ctx.state.borrow_mut().c.unanswered += 1;
+                    }
+                    k += 1;
+                    sleep = ctx.timer.sleep_until(at(k));
+                    // Counted as sent even if the write fails: with --reconnect it goes again.
+                    {
+                        let mut s = ctx.state.borrow_mut();
+                        s.c.sent += 1;
+                        if let Some(t) = s.tick() {
+                            t.0 += 1;
+                        }
+                    }
+                    if conn.ws.send(msg).await.is_err() {
+                        break;
+                    }
+                    let mut s = ctx.state.borrow_mut();
+                    if sched >= s.measured_from_us {
+                        let _ = s.send_lag.record(now_us().saturating_sub(sched).max(1));
+                    }
+                }
+                () = tokio::time::sleep_until(retry_at.unwrap_or(ctx.end).into()), if retry_at.is_some() => {
+                    let (_, rk) = me.retry.pop_front().expect("due");
+                    if let (Some(conv), Some(&sched)) = (conv, me.pending.get(&rk)) {
+                        ctx.state.borrow_mut().c.resent += 1;
+                        if conn.send_frame(send_msg(&ctx, i, conv, rk, sched)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        ctx.state.borrow_mut().c.disconnects += 1;
+        if !ctx.a.reconnect {
+            return;
+        }
+        // Reconnect: the next target, with jittered exponential backoff, until the grace period ends.
+        let give_up = ctx.end + Duration::from_millis(ctx.a.grace_ms);
+        conn = loop {
+            if Instant::now() >= give_up {
+                return;
+            }
+            target = (target + 1) % ctx.a.targets.len();
+            let token = ctx.a.users[i].token.clone();
+            match resume(&ctx, &mut me, &ctx.a.targets[target], &token).await {
+                Ok(c) => break c,
+                Err(_) => {
+                    let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
+                    tokio::time::sleep(backoff + jitter).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        backoff = Duration::from_millis(100);
+        ctx.state.borrow_mut().c.reconnects += 1;
+        // What was not acknowledged goes again, same client_msg_id (the server dedupes).
+        if let Some(conv) = conv {
+            me.retry.clear();
+            let again: Vec<(u64, u64)> = me.pending.iter().map(|(&k, &s)| (k, s)).collect();
+            for (rk, sched) in again {
+                ctx.state.borrow_mut().c.resent += 1;
+                if conn.send_frame(send_msg(&ctx, i, conv, rk, sched)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A new connection for a dropped one: `sync` from the highest position seen in
+/// each conversation, the replay counted like live traffic.
+async fn resume(ctx: &Ctx, me: &mut Local, target: &str, token: &str) -> anyhow::Result<Conn> {
+    let mut c = open(&ctx.a, target, token, me.i).await?;
+    ctx.state.borrow_mut().node[me.i] = c.node;
+    let positions =
+        me.seen.iter().map(|(&conversation_id, s)| Position { conversation_id, seq: s.last }).collect();
+    let id = c.send(ClientMsg::Sync { positions }).await?;
+    loop {
+        let f = c.recv().await?;
+        if f.id == id {
+            return match f.body {
+                ServerMsg::SyncDone { .. } => Ok(c),
+                other => Err(anyhow!("expected sync_done, got {other:?}")),
+            };
+        }
+        on_frame(ctx, me, c.node, f);
+    }
 }
 
 /// Acknowledged messages that have not reached every recipient.
@@ -547,7 +815,7 @@ mod tests {
     #[test]
     fn conversations_cover_active_users() {
         let mut a: Assignment = serde_json::from_value(serde_json::json!({
-            "worker": 0, "target": "ws://x:1", "users": [], "scenario": "mix", "group_size": 4,
+            "worker": 0, "targets": ["ws://x:1"], "users": [], "scenario": "mix", "group_size": 4,
             "group_fraction": 0.5, "idle": 0, "rate": 1.0, "message_size": 10, "duration_ms": 1,
             "grace_ms": 1, "ramp": 1.0, "source_prefix": null, "json_protocol": false
         }))
@@ -557,5 +825,20 @@ mod tests {
         assert_eq!(p.iter().filter(|c| c.len() == 2).count(), 6);
         a.scenario = Scenario::Pairs;
         assert_eq!(plan_conversations(&a, 7).len(), 3, "an odd user out stays idle");
+    }
+
+    #[test]
+    fn placement_spreads_the_crossing_share() {
+        let nodes = [1, 5, 9];
+        // Together on the owner.
+        assert_eq!(placement(0, 0.0, 5, &nodes, 2), vec![5, 5]);
+        // Crossing: the first member on the owner, the others on the next nodes in turn.
+        assert_eq!(placement(0, 1.0, 5, &nodes, 2), vec![5, 9]);
+        assert_eq!(placement(3, 1.0, 9, &nodes, 4), vec![9, 1, 5, 1]);
+        // Half of the conversations cross, every other one.
+        let crossing = (0..100).filter(|&i| placement(i, 0.5, 1, &nodes, 2)[1] != 1).count();
+        assert_eq!(crossing, 50);
+        // One node: nothing to cross to.
+        assert_eq!(placement(0, 1.0, 1, &[1], 3), vec![1, 1, 1]);
     }
 }

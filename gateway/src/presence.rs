@@ -21,9 +21,24 @@
 //! registry, so a missed departure is still announced, one grace period late.
 //! Requests (`get_presence`, `set_privacy`) that find it full get 1020 (overloaded).
 //!
-//! Presence is per node: a fleet needs the router to share it (not built yet).
+//! In a fleet, online means a device on any node, and the grace period is
+//! fleet-wide (`router::location`, "grace marks"):
+//! - A first device here announces `online` only if no other node holds a device
+//!   of the user and no grace period begun on another node is running.
+//! - The last device here leaving starts the grace period only if no other node
+//!   holds a device; the node marks the user in Redis for it.
+//! - When the grace ends, `offline` is announced only if still no node holds a
+//!   device and the mark is this node's (a later departure on another node
+//!   leaves its own mark, and that node announces).
+//! - Announcements reach contacts on other nodes through the fleet's fan-out;
+//!   `get_presence` counts devices and grace periods on every node.
+//!
+//! If Redis cannot be reached, each node decides from what it holds itself.
+//! A user whose only node dies is not announced offline (nobody is left to
+//! notice); it shows offline to `get_presence` once the node's entries go stale.
 
 use crate::auth::now_ms;
+use crate::fleet::{Fanned, Locate, Router};
 use crate::mailbox::{Event, EventKind, Registry};
 use futures_channel::oneshot;
 use protocol::{ErrorCode, PresenceInfo, UserId};
@@ -36,6 +51,8 @@ use storage::{Mutation, Store};
 pub const MAX_QUERY: usize = 100;
 /// Most conversations of a user whose members hear about its presence changes.
 const MAX_CONVERSATIONS: usize = 1000;
+/// Most arrival and departure notices handled together (one fleet lookup for all).
+const BATCH: usize = 256;
 
 #[derive(Debug)]
 enum Cmd {
@@ -57,15 +74,24 @@ pub struct PresenceConfig {
     pub max_group_size: usize,
 }
 
+/// The fleet's side of presence: where users' other devices are, grace marks,
+/// and the fan-out to other nodes. Absent when the node runs alone.
+pub struct FleetPresence {
+    pub locate: Box<dyn Locate>,
+    pub router: Arc<Router>,
+}
+
 impl Presence {
     pub fn start(
         cfg: PresenceConfig,
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
+        fleet: Option<FleetPresence>,
         rejected: prometheus::IntCounter,
     ) -> Presence {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
-        let mut worker = Worker { cfg, store, registry, online: HashMap::new(), leaving: VecDeque::new() };
+        let mut worker =
+            Worker { cfg, store, registry, fleet, online: HashMap::new(), leaving: VecDeque::new() };
         std::thread::Builder::new()
             .name("presence".into())
             .spawn(move || worker.run(rx))
@@ -108,14 +134,24 @@ impl Presence {
 
 /// A user announced online: connected now, or within the grace period.
 struct Online {
-    /// Set while no device is connected: when the last one left (ms) and when the grace ends.
-    leaving: Option<(u64, Instant)>,
+    /// Set while no device is connected.
+    leaving: Option<Leaving>,
+}
+
+struct Leaving {
+    /// When the last device left (ms).
+    left_ms: u64,
+    /// When the grace period ends.
+    until: Instant,
+    /// This departure's grace mark (in a fleet).
+    token: String,
 }
 
 struct Worker {
     cfg: PresenceConfig,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
+    fleet: Option<FleetPresence>,
     online: HashMap<UserId, Online>,
     /// Grace periods in the order they end (all are equally long); stale entries are skipped.
     leaving: VecDeque<(Instant, UserId)>,
@@ -126,24 +162,47 @@ fn internal(e: storage::StorageError) -> ErrorCode {
     ErrorCode::Internal
 }
 
+/// What the fleet knows of a user beyond this node.
+#[derive(Default)]
+struct Elsewhere {
+    /// Another live node holds one of its devices.
+    device: bool,
+    /// The grace mark of its last departure, if its grace period runs.
+    mark: Option<String>,
+}
+
 impl Worker {
     // Runs on: the presence thread.
     fn run(&mut self, rx: crossbeam_channel::Receiver<Cmd>) {
         let mut next_sweep = Instant::now() + self.cfg.grace;
+        let mut changed = Vec::new();
         loop {
             let wake = self.leaving.front().map_or(next_sweep, |(t, _)| (*t).min(next_sweep));
-            match rx.recv_deadline(wake) {
-                Ok(Cmd::Changed(u)) => self.changed(u),
-                Ok(Cmd::Query(asker, users, reply)) => {
-                    let _ = reply.send(self.query(asker, &users));
-                }
-                Ok(Cmd::SetHide(u, hide, reply)) => {
-                    let r =
-                        self.store.commit(&[Mutation::SetHideLastSeen { user: u, hide }]).map_err(internal);
-                    let _ = reply.send(r);
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            let mut next = match rx.recv_deadline(wake) {
+                Ok(cmd) => Some(cmd),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Cmd::Changed(u) => changed.push(u),
+                    Cmd::Query(asker, users, reply) => {
+                        let _ = reply.send(self.query(asker, &users));
+                    }
+                    Cmd::SetHide(u, hide, reply) => {
+                        let r = self
+                            .store
+                            .commit(&[Mutation::SetHideLastSeen { user: u, hide }])
+                            .map_err(internal);
+                        let _ = reply.send(r);
+                    }
+                }
+                if changed.len() < BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !changed.is_empty() {
+                self.changed(std::mem::take(&mut changed));
             }
             let now = Instant::now();
             if now >= next_sweep {
@@ -154,23 +213,90 @@ impl Worker {
         }
     }
 
-    fn changed(&mut self, u: UserId) {
-        let connected = self.registry.is_connected(u);
-        match (self.online.get(&u).map(|o| o.leaving.is_some()), connected) {
-            (None, true) => {
-                self.online.insert(u, Online { leaving: None });
-                self.announce(u, true, None);
+    /// Other nodes' devices and grace marks of `users` (one round trip each).
+    /// Alone, or when the fleet cannot be asked, nothing is known: this node
+    /// decides from what it holds.
+    fn elsewhere(&mut self, users: &[UserId]) -> HashMap<UserId, Elsewhere> {
+        let Some(f) = &mut self.fleet else { return HashMap::new() };
+        if users.is_empty() {
+            return HashMap::new();
+        }
+        let me = f.router.me();
+        let looked = f.locate.nodes_of(users).and_then(|n| Ok((n, f.locate.marks(users)?)));
+        match looked {
+            Ok((nodes, mut marks)) => users
+                .iter()
+                .map(|u| {
+                    let device = nodes.get(u).is_some_and(|ns| ns.iter().any(|&n| n != me));
+                    (*u, Elsewhere { device, mark: marks.remove(u) })
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "presence: the fleet's locations could not be read; deciding locally");
+                HashMap::new()
             }
-            // Back within the grace period: nobody was told it had gone.
-            (Some(true), true) => {
-                self.online.insert(u, Online { leaving: None });
+        }
+    }
+
+    fn clear_mark(&mut self, u: UserId, token: &str) {
+        if let Some(f) = &mut self.fleet
+            && let Err(e) = f.locate.clear_mark(u, token)
+        {
+            tracing::debug!(error = %e, "presence: clearing a grace mark failed (it expires)");
+        }
+    }
+
+    fn changed(&mut self, mut users: Vec<UserId>) {
+        users.sort_unstable();
+        users.dedup();
+        let (mut arrived, mut departed) = (Vec::new(), Vec::new());
+        for u in users {
+            let connected = self.registry.is_connected(u);
+            match (self.online.get(&u).map(|o| o.leaving.is_some()), connected) {
+                (None, true) => arrived.push(u),
+                // Back within the grace period: nobody was told it had gone.
+                (Some(true), true) => {
+                    let left = self.online.insert(u, Online { leaving: None }).and_then(|o| o.leaving);
+                    if let Some(l) = left {
+                        self.clear_mark(u, &l.token);
+                    }
+                }
+                (Some(false), false) => departed.push(u),
+                _ => {}
             }
-            (Some(false), false) => {
-                let until = Instant::now() + self.cfg.grace;
-                self.online.insert(u, Online { leaving: Some((now_ms(), until)) });
-                self.leaving.push_back((until, u));
+        }
+        let all: Vec<UserId> = arrived.iter().chain(&departed).copied().collect();
+        let known = self.elsewhere(&all);
+        for u in arrived {
+            self.online.insert(u, Online { leaving: None });
+            // Online through another node already, or in a grace period begun there:
+            // its contacts never saw it go.
+            if known.get(&u).is_some_and(|e| e.device || e.mark.is_some()) {
+                continue;
             }
-            _ => {}
+            self.announce(u, true, None);
+        }
+        self.depart(departed, &known, Instant::now());
+    }
+
+    /// The last devices here of `users` left: a grace period each, unless another
+    /// node holds a device (that node tells when its own last one leaves).
+    fn depart(&mut self, users: Vec<UserId>, known: &HashMap<UserId, Elsewhere>, now: Instant) {
+        let me = self.fleet.as_ref().map_or(0, |f| f.router.me());
+        for u in users {
+            if known.get(&u).is_some_and(|e| e.device) {
+                self.online.remove(&u);
+                continue;
+            }
+            let (left_ms, until) = (now_ms(), now + self.cfg.grace);
+            let token = format!("{me}:{left_ms}:{:08x}", rand::random::<u32>());
+            if let Some(f) = &mut self.fleet
+                && let Err(e) = f.locate.set_mark(u, &token, 2 * self.cfg.grace + Duration::from_secs(1))
+            {
+                tracing::debug!(error = %e, "presence: setting a grace mark failed");
+            }
+            self.online.insert(u, Online { leaving: Some(Leaving { left_ms, until, token }) });
+            self.leaving.push_back((until, u));
         }
     }
 
@@ -182,33 +308,47 @@ impl Worker {
             .filter(|(u, o)| o.leaving.is_none() && !self.registry.is_connected(**u))
             .map(|(u, _)| *u)
             .collect();
-        for u in gone {
-            let until = now + self.cfg.grace;
-            self.online.insert(u, Online { leaving: Some((now_ms(), until)) });
-            self.leaving.push_back((until, u));
-        }
+        let known = self.elsewhere(&gone);
+        self.depart(gone, &known, now);
     }
 
     /// Announces the users whose grace period is over, after storing their `last_seen`.
     fn expire(&mut self, now: Instant) {
-        let mut gone = Vec::new();
+        let mut due = Vec::new();
         while let Some(&(until, u)) = self.leaving.front() {
             if until > now {
                 break;
             }
             self.leaving.pop_front();
-            let Some(Online { leaving: Some((left_ms, t)) }) = self.online.get(&u) else { continue };
-            if *t != until {
+            let Some(Online { leaving: Some(l) }) = self.online.get(&u) else { continue };
+            if l.until != until {
                 continue; // an older grace period, since cancelled and restarted
             }
-            let left_ms = *left_ms;
             if self.registry.is_connected(u) {
                 // Its arrival notice is still queued: it never really left.
-                self.online.get_mut(&u).expect("present").leaving = None;
+                let l = self.online.get_mut(&u).expect("present").leaving.take().expect("leaving");
+                self.clear_mark(u, &l.token);
                 continue;
             }
-            self.online.remove(&u);
-            gone.push((u, left_ms));
+            due.push(u);
+        }
+        if due.is_empty() {
+            return;
+        }
+        let known = self.elsewhere(&due);
+        let mut gone = Vec::new();
+        for u in due {
+            let Some(Online { leaving: Some(l) }) = self.online.remove(&u) else { continue };
+            match known.get(&u) {
+                // Came back on another node within the grace period.
+                Some(e) if e.device => self.clear_mark(u, &l.token),
+                // Left again on another node later: that node announces.
+                Some(Elsewhere { mark: Some(m), .. }) if *m != l.token => {}
+                _ => {
+                    self.clear_mark(u, &l.token);
+                    gone.push((u, l.left_ms));
+                }
+            }
         }
         if gone.is_empty() {
             return;
@@ -231,9 +371,16 @@ impl Worker {
         };
         let ev = Event::new(EventKind::Presence(PresenceInfo { user_id: u, online, last_seen_ms }));
         let mut delivery = self.registry.delivery();
-        for c in contacts {
+        for &c in &contacts {
             // Reaches only the mailboxes that exist: contacts who are connected.
             delivery.deliver(c, &ev);
+        }
+        // And contacts on other nodes (the fan-out sends only to nodes holding them).
+        if let Some(f) = &self.fleet
+            && !contacts.is_empty()
+        {
+            let to: Arc<[UserId]> = contacts.into_iter().collect();
+            f.router.fanout(vec![Fanned { event: ev, to, push: Vec::new() }]);
         }
     }
 
@@ -254,15 +401,19 @@ impl Worker {
     /// Presence is shown only to contacts (who would get its events): to anyone else
     /// every user looks offline and never seen, so presence neither leaks to
     /// strangers nor tells them whether an account exists.
-    fn query(&self, asker: UserId, users: &[UserId]) -> Result<Vec<PresenceInfo>, ErrorCode> {
+    fn query(&mut self, asker: UserId, users: &[UserId]) -> Result<Vec<PresenceInfo>, ErrorCode> {
         let contacts = self.contacts(asker)?;
+        let visible = |u: &UserId| *u == asker || contacts.contains(u);
+        let here = |w: &Self, u: &UserId| w.online.contains_key(u) || w.registry.is_connected(*u);
+        let ask: Vec<UserId> = users.iter().copied().filter(|u| visible(u) && !here(self, u)).collect();
+        let known = self.elsewhere(&ask);
         users
             .iter()
             .map(|&u| {
-                if u != asker && !contacts.contains(&u) {
+                if !visible(&u) {
                     return Ok(PresenceInfo { user_id: u, online: false, last_seen_ms: None });
                 }
-                if self.online.contains_key(&u) || self.registry.is_connected(u) {
+                if here(self, &u) || known.get(&u).is_some_and(|e| e.device || e.mark.is_some()) {
                     return Ok(PresenceInfo { user_id: u, online: true, last_seen_ms: None });
                 }
                 let rec = self.store.presence(u).map_err(internal)?;

@@ -9,7 +9,7 @@ use crate::ids::IdGen;
 use crate::mailbox::Registry;
 use crate::metrics::Metrics;
 use crate::pool::{FairPool, Pool};
-use crate::presence::{Presence, PresenceConfig};
+use crate::presence::{FleetPresence, Presence, PresenceConfig};
 use crate::push::Push;
 use crate::sequencer::{Sequencer, SequencerConfig};
 use crate::throttle::Throttle;
@@ -213,17 +213,7 @@ pub fn start_with(cfg: Config, parts: Parts) -> anyhow::Result<Running> {
     let registry = Arc::new(Registry::new(shards, metrics.mailbox_overflows.clone()));
     let ids = Arc::new(IdGen::new(cfg.node_id));
     let push = Push::start(&cfg.push, registry.clone(), metrics.clone());
-    let presence = Presence::start(
-        PresenceConfig {
-            grace: std::time::Duration::from_millis(cfg.presence.grace_ms.get()),
-            queue: cfg.presence.queue.get(),
-            max_group_size: cfg.presence.max_group_size.get(),
-        },
-        store.clone(),
-        registry.clone(),
-        metrics.rejected.with_label_values(&["presence"]),
-    );
-    let links = match parts.links {
+    let mut links = match parts.links {
         Some(l) => Some(l),
         None => crate::fleet::redis::links(&cfg)?,
     };
@@ -234,6 +224,20 @@ pub fn start_with(cfg: Config, parts: Parts) -> anyhow::Result<Running> {
         }
         None => (Arc::new(crate::fleet::Router::alone(cfg.node_id, &metrics)), None),
     };
+    let presence = Presence::start(
+        PresenceConfig {
+            grace: std::time::Duration::from_millis(cfg.presence.grace_ms.get()),
+            queue: cfg.presence.queue.get(),
+            max_group_size: cfg.presence.max_group_size.get(),
+        },
+        store.clone(),
+        registry.clone(),
+        links
+            .as_mut()
+            .and_then(|l| l.locate_presence.take())
+            .map(|locate| FleetPresence { locate, router: router.clone() }),
+        metrics.rejected.with_label_values(&["presence"]),
+    );
     let sequencer = Sequencer::start(
         SequencerConfig {
             queue: cfg.storage.sequencer_queue.get(),

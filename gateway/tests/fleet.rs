@@ -10,7 +10,7 @@ mod support;
 use protocol::{ClientMsg, Position, ServerMsg, Subprotocol};
 use router::testkit::TestRedis;
 use router::{Key, Ring};
-use support::{Client, TestGateway, conversation_id, eventually, http_raw};
+use support::{Client, TestGateway, conversation_id, eventually, http_raw, online, presence, query_presence};
 
 struct Fleet {
     nodes: Vec<TestGateway>,
@@ -42,6 +42,11 @@ fn shared_store() -> String {
 }
 
 fn fleet(redis: TestRedis) -> Fleet {
+    fleet_with(redis, "")
+}
+
+/// A fleet whose nodes get `extra` config sections too.
+fn fleet_with(redis: TestRedis, extra_sections: &str) -> Fleet {
     let store = shared_store();
     let o = redis.options();
     let mut nodes = Vec::new();
@@ -49,7 +54,7 @@ fn fleet(redis: TestRedis) -> Fleet {
     for id in 1..=3u16 {
         let dir = tempfile::tempdir().unwrap();
         let extra = format!(
-            "node_id = {id}\n{store}\n[fleet]\nredis_url = {:?}\nredis_cluster = {}\nheartbeat_ms = 200\nttl_ms = 1000\nredis_timeout_ms = 400\n",
+            "node_id = {id}\n{store}\n[fleet]\nredis_url = {:?}\nredis_cluster = {}\nheartbeat_ms = 200\nttl_ms = 1000\nredis_timeout_ms = 400\n{extra_sections}",
             o.redis_url, o.cluster
         );
         // One at a time: the first applies the schema.
@@ -163,6 +168,70 @@ fn chat_across_nodes(f: &Fleet) {
     alice.wait_ack("live");
     assert_eq!(bob.next_message().body, "live");
     let _ = c_id;
+}
+
+/// Presence across nodes: online while a device is on any node, one grace period
+/// for the whole fleet, announcements and queries reaching contacts on every node.
+fn presence_across_nodes(f: &Fleet) {
+    let (a, ta) = f.nodes[0].user("alice");
+    let (_, tb) = f.nodes[1].user("bob");
+    let (c, tc) = f.nodes[0].user("carol");
+    let mut bob = f.device(&tb, 1, Subprotocol::Json);
+    bob.request(ClientMsg::CreateDirect { user_id: a });
+    bob.request(ClientMsg::CreateDirect { user_id: c });
+    let offline_of = |p: &protocol::PresenceInfo| (p.user_id, p.online);
+
+    // alice's first device, on node 1: bob, on node 2, hears it and sees it asked.
+    let alice1 = f.device(&ta, 0, Subprotocol::Json);
+    assert_eq!(presence(&mut bob), online(a));
+    assert_eq!(query_presence(&mut bob, vec![a]), vec![online(a)], "node 2 sees alice's device on node 1");
+
+    // A second device on node 3, then the first one leaving: nobody hears a thing.
+    // carol's arrival and departure on node 1 afterwards are the marker: an
+    // offline for alice from node 1 would reach bob before carol's.
+    let alice2 = f.device(&ta, 2, Subprotocol::FlatBuffers);
+    drop(alice1);
+    let carol = f.device(&tc, 0, Subprotocol::Json);
+    assert_eq!(presence(&mut bob), online(c), "no second online for alice");
+    drop(carol);
+    assert_eq!(
+        offline_of(&presence(&mut bob)),
+        (c, false),
+        "no offline for alice while node 3 holds a device"
+    );
+
+    // The last device leaves node 3 and alice is back on node 2 within the grace
+    // period: no flap (node 2 sees node 3's grace mark; node 3 sees the device on node 2).
+    let t0 = std::time::SystemTime::now();
+    drop(alice2);
+    let alice3 = f.device(&ta, 1, Subprotocol::Json);
+    let carol = f.device(&tc, 2, Subprotocol::Json);
+    assert_eq!(presence(&mut bob), online(c), "no online/offline pair for alice's move");
+    drop(carol);
+    assert_eq!(offline_of(&presence(&mut bob)), (c, false), "alice is still online");
+    assert_eq!(query_presence(&mut bob, vec![a]), vec![online(a)]);
+
+    // Gone from every node: one offline, with last_seen, after the grace period.
+    drop(alice3);
+    let off = presence(&mut bob);
+    assert_eq!(offline_of(&off), (a, false));
+    let seen = off.last_seen_ms.expect("last_seen shown");
+    let t0_ms = t0.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(seen >= t0_ms, "last_seen {seen} is when the last device left");
+    assert_eq!(
+        query_presence(&mut bob, vec![a]),
+        vec![protocol::PresenceInfo { user_id: a, online: false, last_seen_ms: Some(seen) }]
+    );
+}
+
+#[test]
+fn presence_is_fleet_wide() {
+    presence_across_nodes(&fleet_with(TestRedis::start(), "[presence]\ngrace_ms = 1500\n"));
+}
+
+#[test]
+fn presence_is_fleet_wide_on_a_redis_cluster() {
+    presence_across_nodes(&fleet_with(TestRedis::start_cluster(), "[presence]\ngrace_ms = 1500\n"));
 }
 
 #[test]

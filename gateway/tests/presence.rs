@@ -7,25 +7,6 @@ mod support;
 use protocol::{ClientMsg, PresenceInfo, ServerMsg, Subprotocol};
 use support::*;
 
-/// The next `presence` event.
-fn presence(c: &mut Client) -> PresenceInfo {
-    match c.wait_for(|m| matches!(m, ServerMsg::Presence { .. })) {
-        ServerMsg::Presence { presence } => presence,
-        _ => unreachable!(),
-    }
-}
-
-fn query(c: &mut Client, users: Vec<u64>) -> Vec<PresenceInfo> {
-    match c.request(ClientMsg::GetPresence { user_ids: users }) {
-        ServerMsg::PresenceList { users } => users,
-        other => panic!("expected presence_list, got {other:?}"),
-    }
-}
-
-fn online(user_id: u64) -> PresenceInfo {
-    PresenceInfo { user_id, online: true, last_seen_ms: None }
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -70,7 +51,7 @@ fn presence_reaches_contacts_only_and_goes_offline_after_the_last_device() {
         let dave = device(&g, &td, p);
         assert_eq!(presence(&mut bob), online(d), "no flap for alice while a device remains");
         assert_eq!(presence(&mut carol), online(d), "carol never hears about alice");
-        assert_eq!(query(&mut bob, vec![a])[0], online(a));
+        assert_eq!(query_presence(&mut bob, vec![a])[0], online(a));
 
         // The last device leaves: after the grace period bob hears offline with last_seen.
         drop(alice2);
@@ -83,10 +64,10 @@ fn presence_reaches_contacts_only_and_goes_offline_after_the_last_device() {
         // everyone else (strangers, unknown ids) as offline and never seen.
         let never = |user_id| PresenceInfo { user_id, online: false, last_seen_ms: None };
         assert_eq!(
-            query(&mut bob, vec![a, d, b]),
+            query_presence(&mut bob, vec![a, d, b]),
             vec![PresenceInfo { user_id: a, online: false, last_seen_ms: Some(seen) }, online(d), online(b)]
         );
-        let got = query(&mut carol, vec![a, b, c, d, 987_654_321]);
+        let got = query_presence(&mut carol, vec![a, b, c, d, 987_654_321]);
         assert_eq!(got, vec![never(a), never(b), online(c), online(d), never(987_654_321)]);
         assert_eq!(error_code(carol.request(ClientMsg::GetPresence { user_ids: (0..101).collect() })), 1004);
 
@@ -97,7 +78,7 @@ fn presence_reaches_contacts_only_and_goes_offline_after_the_last_device() {
         drop(alice1);
         assert_eq!(presence(&mut bob), PresenceInfo { user_id: a, online: false, last_seen_ms: None });
         assert_eq!(
-            query(&mut bob, vec![a])[0],
+            query_presence(&mut bob, vec![a])[0],
             PresenceInfo { user_id: a, online: false, last_seen_ms: None }
         );
         // Shown again once she says so.
@@ -131,5 +112,5 @@ fn a_device_that_reconnects_within_the_grace_period_does_not_flap() {
     // Gone, but within the grace period: still shown online.
     phone.ws.close(None).unwrap();
     drop(phone);
-    assert_eq!(query(&mut bob, vec![a])[0], online(a));
+    assert_eq!(query_presence(&mut bob, vec![a])[0], online(a));
 }

@@ -11,6 +11,13 @@
 //! go, so a dead node's entries disappear as its users are looked up. A set
 //! with no add for `idle` expires, which bounds what is left of users nobody
 //! looks up.
+//!
+//! Grace marks, `{prefix:u:ID}:away`: when a user's last device on the fleet
+//! leaves a node, that node marks the user for the presence grace period (the
+//! token names the departure). A device arriving on any node meanwhile sees the
+//! mark and announces nothing (the user never looked offline); when the grace
+//! ends, the marking node announces `offline` only if no node holds a device and
+//! the mark is still its own (else a later departure's node announces).
 
 use crate::NodeId;
 use crate::link::{Link, RedisOptions};
@@ -34,6 +41,10 @@ impl LocationOptions {
 
     fn key(&self, user: UserId) -> String {
         format!("{{{}:u:{user}}}:at", self.redis.prefix)
+    }
+
+    fn away_key(&self, user: UserId) -> String {
+        format!("{{{}:u:{user}}}:away", self.redis.prefix)
     }
 }
 
@@ -135,5 +146,37 @@ impl Location {
         // Cleaning up is best effort: the next lookup tries again.
         let _ = self.run(stale);
         Ok(out)
+    }
+
+    /// The grace mark of each of `users` that has one: one round trip.
+    pub fn marks(&mut self, users: &[UserId]) -> Result<HashMap<UserId, String>, redis::RedisError> {
+        if users.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let reads = users
+            .iter()
+            .map(|&u| {
+                let mut c = redis::cmd("GET");
+                c.arg(self.opts.away_key(u));
+                c
+            })
+            .collect();
+        let marks: Vec<Option<String>> = self.link()?.pipeline(reads).inspect_err(|_| self.conn = None)?;
+        Ok(users.iter().zip(marks).filter_map(|(&u, m)| Some((u, m?))).collect())
+    }
+
+    /// Marks `user` as in its grace period, with `token`, for `ttl`.
+    pub fn set_mark(&mut self, user: UserId, token: &str, ttl: Duration) -> Result<(), redis::RedisError> {
+        let mut c = redis::cmd("SET");
+        c.arg(self.opts.away_key(user)).arg(token).arg("PX").arg(ttl.as_millis().max(1) as u64);
+        self.run(vec![c])
+    }
+
+    /// Clears `user`'s grace mark if it is still `token` (a later one stays).
+    pub fn clear_mark(&mut self, user: UserId, token: &str) -> Result<(), redis::RedisError> {
+        const IF_SAME: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+        let mut c = redis::cmd("EVAL");
+        c.arg(IF_SAME).arg(1).arg(self.opts.away_key(user)).arg(token);
+        self.run(vec![c])
     }
 }

@@ -43,6 +43,44 @@ fn on_a_redis_cluster_users_are_found_on_their_nodes() {
     users_on_two_nodes(TestRedis::start_cluster());
 }
 
+/// Grace marks: one per user, the latest wins, a node clears only its own, and
+/// they expire by themselves.
+fn grace_marks(redis: TestRedis) {
+    let (a, _) = Member::join(membership(&redis), 1).unwrap();
+    let (b, _) = Member::join(membership(&redis), 2).unwrap();
+    let (mut la, mut lb) = (location(&redis, &a), location(&redis, &b));
+    assert_eq!(la.marks(&[30, 31]).unwrap(), HashMap::new());
+    la.set_mark(30, "1:first", Duration::from_secs(60)).unwrap();
+    lb.set_mark(31, "2:only", Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        lb.marks(&[30, 31, 32]).unwrap(),
+        HashMap::from([(30, "1:first".to_string()), (31, "2:only".to_string())])
+    );
+    // A later departure on node 2 replaces node 1's mark; node 1 cannot clear it.
+    lb.set_mark(30, "2:later", Duration::from_secs(60)).unwrap();
+    la.clear_mark(30, "1:first").unwrap();
+    assert_eq!(la.marks(&[30]).unwrap(), HashMap::from([(30, "2:later".to_string())]));
+    lb.clear_mark(30, "2:later").unwrap();
+    assert_eq!(la.marks(&[30]).unwrap(), HashMap::new());
+    // A mark nobody clears ends with its time to live.
+    la.set_mark(33, "1:short", Duration::from_millis(50)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !la.marks(&[33]).unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the mark never expired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn grace_marks_are_per_user_and_the_latest_wins() {
+    grace_marks(TestRedis::start());
+}
+
+#[test]
+fn on_a_redis_cluster_grace_marks_are_per_user() {
+    grace_marks(TestRedis::start_cluster());
+}
+
 #[test]
 fn a_dead_or_restarted_nodes_entries_are_ignored_and_removed() {
     let redis = TestRedis::start();

@@ -18,6 +18,8 @@ type Stream = (crossbeam_channel::Sender<Vec<u8>>, crossbeam_channel::Receiver<V
 struct Hub {
     streams: Mutex<HashMap<NodeId, Stream>>,
     located: Mutex<HashMap<UserId, BTreeSet<NodeId>>>,
+    /// Presence grace marks (they do not expire here: tests clear or replace them).
+    marks: Mutex<HashMap<UserId, String>>,
     live: Mutex<BTreeSet<NodeId>>,
     /// Entries sent, per destination (what a test counts).
     sent: Mutex<HashMap<NodeId, u64>>,
@@ -48,6 +50,7 @@ impl MemoryFleet {
             inbound: Box::new(part()),
             locate: Box::new(part()),
             locate_conns: Box::new(part()),
+            locate_presence: Some(Box::new(part())),
             members: Box::new(part()),
             reap: Box::new(part()),
             heartbeat: Duration::from_millis(100),
@@ -119,6 +122,24 @@ impl Locate for Part {
     fn nodes_of(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, Vec<NodeId>>> {
         let l = self.hub.located.lock().unwrap();
         Ok(users.iter().filter_map(|u| l.get(u).map(|s| (*u, s.iter().copied().collect()))).collect())
+    }
+
+    fn marks(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, String>> {
+        let m = self.hub.marks.lock().unwrap();
+        Ok(users.iter().filter_map(|u| m.get(u).map(|t| (*u, t.clone()))).collect())
+    }
+
+    fn set_mark(&mut self, user: UserId, token: &str, _ttl: Duration) -> anyhow::Result<()> {
+        self.hub.marks.lock().unwrap().insert(user, token.to_owned());
+        Ok(())
+    }
+
+    fn clear_mark(&mut self, user: UserId, token: &str) -> anyhow::Result<()> {
+        let mut m = self.hub.marks.lock().unwrap();
+        if m.get(&user).is_some_and(|t| t == token) {
+            m.remove(&user);
+        }
+        Ok(())
     }
 }
 

@@ -81,6 +81,12 @@ pub trait Locate: Send + 'static {
     fn depart(&mut self, users: &[UserId]) -> anyhow::Result<()>;
     /// For each user, the live nodes holding one of its devices (this one included).
     fn nodes_of(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, Vec<NodeId>>>;
+    /// The presence grace mark of each of `users` that has one (`router::location`).
+    fn marks(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, String>>;
+    /// Marks `user` as in its grace period, with `token`, for `ttl`.
+    fn set_mark(&mut self, user: UserId, token: &str, ttl: Duration) -> anyhow::Result<()>;
+    /// Clears `user`'s grace mark if it is still `token`.
+    fn clear_mark(&mut self, user: UserId, token: &str) -> anyhow::Result<()>;
 }
 
 /// This node's membership.
@@ -108,6 +114,8 @@ pub struct Links {
     pub locate: Box<dyn Locate>,
     /// `fleet-loc`'s arrivals and departures.
     pub locate_conns: Box<dyn Locate>,
+    /// The presence thread's lookups and grace marks (taken when it starts).
+    pub locate_presence: Option<Box<dyn Locate>>,
     pub members: Box<dyn Members>,
     pub reap: Box<dyn Reap>,
     pub heartbeat: Duration,
@@ -376,7 +384,8 @@ pub fn start(
     push: Arc<Push>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let Links { wire, inbound, locate, locate_conns, mut members, mut reap, heartbeat } = links;
+    let Links { wire, inbound, locate, locate_conns, mut members, mut reap, heartbeat, locate_presence: _ } =
+        links;
     router.set_ring(members.beat()?.0);
     {
         let (router, registry, metrics) = (router.clone(), registry.clone(), metrics.clone());

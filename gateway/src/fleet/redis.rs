@@ -49,12 +49,13 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
         location: Location::new(LocationOptions::new(redis.clone()), me, member.instance()),
         live: live.clone(),
     };
-    let (locate, locate_conns) = (located(), located());
+    let (locate, locate_conns, locate_presence) = (located(), located(), located());
     Ok(Some(Links {
         wire: Box::new(RedisWire(Outbound::new(transport.clone(), me))),
         inbound: Box::new(RedisIn(inbound)),
         locate: Box::new(locate),
         locate_conns: Box::new(locate_conns),
+        locate_presence: Some(Box::new(locate_presence)),
         reap: Box::new(RedisReap {
             transport: transport.clone(),
             me,
@@ -145,6 +146,18 @@ impl Locate for RedisLocate {
     fn nodes_of(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, Vec<NodeId>>> {
         let live = self.live.lock().expect("live lock").instances();
         Ok(self.location.nodes_of(users, &live)?)
+    }
+
+    fn marks(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, String>> {
+        Ok(self.location.marks(users)?)
+    }
+
+    fn set_mark(&mut self, user: UserId, token: &str, ttl: Duration) -> anyhow::Result<()> {
+        Ok(self.location.set_mark(user, token, ttl)?)
+    }
+
+    fn clear_mark(&mut self, user: UserId, token: &str) -> anyhow::Result<()> {
+        Ok(self.location.clear_mark(user, token)?)
     }
 }
 

@@ -555,6 +555,27 @@ impl Client {
     }
 }
 
+/// The next `presence` event.
+pub fn presence(c: &mut Client) -> protocol::PresenceInfo {
+    match c.wait_for(|m| matches!(m, ServerMsg::Presence { .. })) {
+        ServerMsg::Presence { presence } => presence,
+        _ => unreachable!(),
+    }
+}
+
+/// `get_presence` of `users`.
+pub fn query_presence(c: &mut Client, users: Vec<u64>) -> Vec<protocol::PresenceInfo> {
+    match c.request(ClientMsg::GetPresence { user_ids: users }) {
+        ServerMsg::PresenceList { users } => users,
+        other => panic!("expected presence_list, got {other:?}"),
+    }
+}
+
+/// Online, as presence shows it.
+pub fn online(user_id: u64) -> protocol::PresenceInfo {
+    protocol::PresenceInfo { user_id, online: true, last_seen_ms: None }
+}
+
 /// Reads until the server's close frame; returns the frames before it and its code.
 pub fn close_code(c: &mut Client) -> (Vec<ServerMsg>, u16) {
     let mut before = Vec::new();

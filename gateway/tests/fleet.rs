@@ -180,6 +180,15 @@ fn presence_across_nodes(f: &Fleet) {
     bob.request(ClientMsg::CreateDirect { user_id: a });
     bob.request(ClientMsg::CreateDirect { user_id: c });
     let offline_of = |p: &protocol::PresenceInfo| (p.user_id, p.online);
+    // Events carry state: two nodes may both see alice arrive first and both say
+    // she is online (docs/protocol.md). Repeats of that are skipped; anything
+    // else about her before the marker is a flap.
+    let next_but_online_a = |bob: &mut Client| loop {
+        let p = presence(bob);
+        if p != online(a) {
+            return p;
+        }
+    };
 
     // alice's first device, on node 1: bob, on node 2, hears it and sees it asked.
     let alice1 = f.device(&ta, 0, Subprotocol::Json);
@@ -192,10 +201,10 @@ fn presence_across_nodes(f: &Fleet) {
     let alice2 = f.device(&ta, 2, Subprotocol::FlatBuffers);
     drop(alice1);
     let carol = f.device(&tc, 0, Subprotocol::Json);
-    assert_eq!(presence(&mut bob), online(c), "no second online for alice");
+    assert_eq!(next_but_online_a(&mut bob), online(c));
     drop(carol);
     assert_eq!(
-        offline_of(&presence(&mut bob)),
+        offline_of(&next_but_online_a(&mut bob)),
         (c, false),
         "no offline for alice while node 3 holds a device"
     );
@@ -206,14 +215,14 @@ fn presence_across_nodes(f: &Fleet) {
     drop(alice2);
     let alice3 = f.device(&ta, 1, Subprotocol::Json);
     let carol = f.device(&tc, 2, Subprotocol::Json);
-    assert_eq!(presence(&mut bob), online(c), "no online/offline pair for alice's move");
+    assert_eq!(next_but_online_a(&mut bob), online(c), "no offline for alice's move");
     drop(carol);
-    assert_eq!(offline_of(&presence(&mut bob)), (c, false), "alice is still online");
+    assert_eq!(offline_of(&next_but_online_a(&mut bob)), (c, false), "alice is still online");
     assert_eq!(query_presence(&mut bob, vec![a]), vec![online(a)]);
 
     // Gone from every node: one offline, with last_seen, after the grace period.
     drop(alice3);
-    let off = presence(&mut bob);
+    let off = next_but_online_a(&mut bob);
     assert_eq!(offline_of(&off), (a, false));
     let seen = off.last_seen_ms.expect("last_seen shown");
     let t0_ms = t0.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
@@ -553,4 +562,76 @@ fn a_redis_cluster_master_restart_under_traffic_loses_and_repeats_nothing() {
         f.redis.lock().unwrap().restart_master(0);
         wait_nodes(&f, alive, 3);
     });
+}
+
+/// Redis down for a while: a node's own conversations go on (acknowledged, and
+/// delivered to devices on that node); a command for a conversation another node
+/// owns is refused retryably (1022) within `fleet.send_retry_ms`; once Redis is
+/// back the fleet re-forms by itself, the refused send goes through when retried,
+/// and history holds every acknowledged message once.
+#[test]
+fn with_redis_down_a_node_serves_its_own_and_refuses_the_rest_retryably() {
+    let f = fleet(TestRedis::start());
+    let ring = Ring::new([1u16, 2, 3]);
+    let owner = |conv: u64| usize::from(ring.owner(Key::Conversation(conv)).unwrap()) - 1;
+    let (_, ta) = f.nodes[0].user("alice");
+    let (b_id, tb) = f.nodes[0].user("bob");
+    let (c_id, tc) = f.nodes[0].user("carol");
+    let mut setup = f.device(&ta, 0, Subprotocol::Json);
+    let direct = conversation_id(&setup.request(ClientMsg::CreateDirect { user_id: b_id }));
+    let home = owner(direct);
+    // A group that another node owns.
+    let group = loop {
+        let g = conversation_id(
+            &setup.request(ClientMsg::CreateGroup { title: "elsewhere".into(), members: vec![c_id] }),
+        );
+        if owner(g) != home {
+            break g;
+        }
+    };
+    drop(setup);
+    // alice and bob on the node that owns their direct conversation; carol elsewhere.
+    let mut alice = f.device(&ta, home, Subprotocol::Json);
+    let mut bob = f.device(&tb, home, Subprotocol::FlatBuffers);
+    let _carol = f.device(&tc, owner(group), Subprotocol::Json);
+
+    f.redis.lock().unwrap().kill();
+    for i in 0..5 {
+        alice.send_text(direct, &format!("d{i}"), &format!("down {i}"));
+        assert_eq!(alice.wait_ack(&format!("d{i}")), i + 1, "acknowledged with Redis down");
+    }
+    let got: Vec<String> = (0..5).map(|_| bob.next_message().body).collect();
+    assert_eq!(got, (0..5).map(|i| format!("down {i}")).collect::<Vec<_>>(), "delivered on the same node");
+    alice.send_text(group, "x", "across");
+    assert_eq!(alice.ack_or_error("x"), Err(1022), "a command for another node is refused retryably");
+
+    f.redis.lock().unwrap().revive();
+    let alive: Alive =
+        std::sync::Arc::new((0..3).map(|_| std::sync::atomic::AtomicBool::new(true)).collect());
+    wait_nodes(&f, &alive, 3);
+    // Retried (same client id) until it goes through: the fleet has healed itself.
+    let addrs: Vec<std::net::SocketAddr> = f.nodes.iter().map(|n| n.addr).collect();
+    let mut rider =
+        Rider { token: ta.clone(), node: home, client: None, seen: Default::default(), acked: Vec::new() };
+    drop(alice);
+    rider.send(&addrs, &alive, group, "x");
+    rider.send(&addrs, &alive, direct, "after");
+    let mut reader = f.nodes[owner(group)].connect(&tc, Subprotocol::Json);
+    let history: Vec<(u64, String)> = reader
+        .sync(Vec::new())
+        .into_iter()
+        .filter(|m| m.kind == protocol::MessageKind::Text)
+        .map(|m| (m.conversation_id, m.body))
+        .collect();
+    assert_eq!(history, vec![(group, "x".to_string())], "the refused send stored once, after it was retried");
+    let mut reader = f.nodes[(home + 1) % 3].connect(&tb, Subprotocol::Json);
+    let history: Vec<String> = reader
+        .sync(Vec::new())
+        .into_iter()
+        .filter(|m| m.conversation_id == direct && m.kind == protocol::MessageKind::Text)
+        .map(|m| m.body)
+        .collect();
+    let mut want: Vec<String> = (0..5).map(|i| format!("down {i}")).collect();
+    want.push("after".into());
+    assert_eq!(history, want, "everything acknowledged is stored once, in order");
 }

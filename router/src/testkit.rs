@@ -184,6 +184,13 @@ impl TestRedis {
         cluster_ok(&self.servers);
     }
 
+    /// Starts the servers again after [`kill`](Self::kill), on the same ports (empty).
+    pub fn revive(&mut self) {
+        for s in &mut self.servers {
+            assert!(s.launch(), "redis-server did not come back on port {}", s.port);
+        }
+    }
+
     /// Starts the server again on the same port (empty: no persistence).
     pub fn restart(&mut self) {
         self.kill();

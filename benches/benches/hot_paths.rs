@@ -2,7 +2,8 @@
 //! Quick mode for CI: `cargo bench -p switchboard-benches -- --quick`.
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use gateway::mailbox::{Event, EventKind, Mailbox, Registry};
+use gateway::mailbox::{Mailbox, Registry};
+use gateway::vocab::event::{Event, EventKind};
 use protocol::{ClientFrame, ClientMsg, Message, MessageKind, ServerFrame, ServerMsg, Subprotocol};
 use std::hint::black_box;
 use storage::{BucketRef, FjallStore, Mutation, Store};
@@ -42,7 +43,7 @@ fn codec(c: &mut Criterion) {
             b.iter(|| p.decode_client(black_box(bytes)).unwrap())
         });
         g.bench_with_input(BenchmarkId::new("encode_message_event", format!("{p:?}")), &event, |b, ev| {
-            b.iter(|| gateway::frame::server_frame(p, black_box(ev)))
+            b.iter(|| gateway::vocab::frame::server_frame(p, black_box(ev)))
         });
     }
     g.finish();

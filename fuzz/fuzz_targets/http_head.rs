@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(Some(h)) = gateway::http::parse_head(data) {
+    if let Ok(Some(h)) = gateway::shard::http1::parse_head(data) {
         assert!(h.head_len <= data.len());
         assert!(h.body_len <= 16 * 1024);
         assert!(h.request.headers.len() <= 100);

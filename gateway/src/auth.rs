@@ -1,6 +1,7 @@
 //! Accounts: argon2id password hashes and signed, expiring bearer tokens (JWT, HS256).
 
 use crate::config::AuthConfig;
+use crate::vocab::clock::now_ms;
 use anyhow::Context;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -36,13 +37,6 @@ pub struct Auth {
     /// A real hash of a random password, verified against on unknown usernames so that
     /// "no such user" and "wrong password" take the same time.
     dummy_hash: String,
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Auth {

@@ -22,7 +22,7 @@ impl IdGen {
 
     /// Runs on: any thread.
     pub fn next(&self) -> u64 {
-        let now = crate::auth::now_ms().saturating_sub(EPOCH_MS);
+        let now = crate::vocab::clock::now_ms().saturating_sub(EPOCH_MS);
         let mut cur = self.last.load(Ordering::Relaxed);
         loop {
             // Never go backwards, even if the clock does; borrow from the future if the

@@ -1,12 +1,19 @@
-//! Switchboard's thread-per-core WebSocket gateway.
+//! Switchboard's thread-per-core WebSocket gateway, laid out by the threads that
+//! run the code:
 //!
-//! - [`server::start`]: opens the store, starts the [`sequencer`], the blocking
-//!   [`pool`]s and one [`shard`] per core, each with its own SO_REUSEPORT listener.
-//! - [`shard::ShardCtx`]: a shard's `!Send` state: its users' mailboxes and connections.
+//! - [`server::start`]: assembles a node: opens the store, starts the
+//!   [`sequencer`], the blocking [`pool`]s, [`presence`], [`push`], the [`fleet`]
+//!   threads and one [`shard`] per core, each with its own SO_REUSEPORT listener.
+//!   Nothing depends on it.
+//! - [`node::Shared`]: what every thread of the node shares.
+//! - [`shard`]: a shard's loop and its `!Send` state ([`shard::ShardCtx`]), its
+//!   WebSocket connections ([`shard::conn::Conn`], one per device) and HTTP routes.
+//! - [`sequencer::Sequencer`]: the single writer that orders, persists and fans out.
+//! - [`fleet`]: routing to the node that owns a conversation, the streams between nodes.
 //! - [`mailbox::Mailbox`] / [`mailbox::Registry`]: lock-free per-user queues any
 //!   thread can push into, found by `(user, shard)`.
-//! - [`conn::Conn`]: one WebSocket connection (device).
-//! - [`sequencer::Sequencer`]: the single writer that orders, persists and fans out.
+//! - [`vocab`]: the vocabulary they share (events, commands, the clock, frames),
+//!   which depends on none of them.
 //!
 //! ## Why a sequencer thread rather than sequencing on shards
 //! Positions must be gap-free and every recipient must see one order. One thread
@@ -20,15 +27,12 @@
 pub mod auth;
 pub mod capacity;
 pub mod config;
-pub mod conn;
 pub mod fleet;
-pub mod frame;
 pub mod health;
-pub mod http;
 pub mod ids;
 pub mod mailbox;
 pub mod metrics;
-pub mod netio;
+pub mod node;
 pub mod pool;
 pub mod presence;
 pub mod push;
@@ -38,3 +42,4 @@ pub mod server;
 pub mod shard;
 pub mod shutdown;
 pub mod throttle;
+pub mod vocab;

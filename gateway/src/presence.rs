@@ -37,9 +37,10 @@
 //! A user whose only node dies is not announced offline (nobody is left to
 //! notice); it shows offline to `get_presence` once the node's entries go stale.
 
-use crate::auth::now_ms;
 use crate::fleet::{Fanned, Locate, Router};
-use crate::mailbox::{Event, EventKind, Registry};
+use crate::mailbox::Registry;
+use crate::vocab::clock::now_ms;
+use crate::vocab::event::{Event, EventKind};
 use futures_channel::oneshot;
 use protocol::{ErrorCode, PresenceInfo, UserId};
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -23,10 +23,10 @@
 //! best effort: the messages themselves are stored and reach the user's devices
 //! on their next `sync`.
 
-use crate::auth::now_ms;
 use crate::config::{PushBackend, PushConfig};
 use crate::mailbox::Registry;
 use crate::metrics::Metrics;
+use crate::vocab::clock::now_ms;
 use protocol::{ConversationId, Message, Seq, UserId, id_str};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};

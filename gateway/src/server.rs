@@ -8,6 +8,7 @@ use crate::health::Health;
 use crate::ids::IdGen;
 use crate::mailbox::Registry;
 use crate::metrics::Metrics;
+use crate::node::{LoginThrottles, Shared};
 use crate::pool::{FairPool, Pool};
 use crate::presence::{FleetPresence, Presence, PresenceConfig};
 use crate::push::Push;
@@ -15,40 +16,11 @@ use crate::sequencer::{Sequencer, SequencerConfig};
 use crate::throttle::Throttle;
 use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 use storage::{CassandraStore, FjallStore, PostgresOptions, PostgresStore, Store};
-
-/// What every shard shares (all `Send + Sync`).
-pub struct Shared {
-    pub cfg: Config,
-    pub auth: Auth,
-    pub store: Arc<dyn Store>,
-    pub sequencer: Sequencer,
-    /// Routes commands to the node that owns them (this one, alone).
-    pub router: Arc<crate::fleet::Router>,
-    pub presence: Presence,
-    pub registry: Arc<Registry>,
-    pub readers: Arc<Pool>,
-    /// Password hashing and account writes, shared fairly between client addresses.
-    pub hashers: Arc<FairPool<IpAddr>>,
-    /// Failed-login lockouts by account and by client address.
-    pub logins: LoginThrottles,
-    pub ids: Arc<IdGen>,
-    pub next_conn: AtomicU64,
-    pub metrics: Arc<Metrics>,
-    pub capacity: Arc<Capacity>,
-    pub health: Arc<Health>,
-    /// Every request budget's rate, from `limits`.
-    pub rates: crate::ratelimit::Rates,
-}
-
-pub struct LoginThrottles {
-    pub account: Throttle,
-    pub address: Throttle,
-}
 
 pub struct Running {
     pub addr: SocketAddr,
@@ -316,7 +288,7 @@ pub fn start_with(cfg: Config, parts: Parts) -> anyhow::Result<Running> {
         hashers,
         logins,
         ids,
-        next_conn: AtomicU64::new(crate::mailbox::conn_ids(node_id)),
+        next_conn: AtomicU64::new(crate::vocab::event::conn_ids(node_id)),
         metrics,
         capacity: Capacity::new(max_sockets, cfg_per_user),
         health,

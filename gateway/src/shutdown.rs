@@ -5,7 +5,7 @@
 //! commit), so nothing acked is lost however the wait ends; the 1001 tells clients
 //! to reconnect (to another node, behind a balancer) and `sync`.
 
-use crate::server::Shared;
+use crate::node::Shared;
 use std::time::{Duration, Instant};
 
 /// Blocks SIGTERM and SIGINT in this thread (and the threads it starts after), so

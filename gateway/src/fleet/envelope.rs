@@ -6,8 +6,8 @@
 //! inspectable with `redis-cli XRANGE`. It costs a few microseconds per entry
 //! against a Redis round trip of a hundred or more (benches: `envelope_codec`).
 
-use crate::mailbox::EventKind;
-use crate::sequencer::Command;
+use crate::vocab::command::Command;
+use crate::vocab::event::EventKind;
 use protocol::UserId;
 use serde::{Deserialize, Serialize};
 
@@ -106,8 +106,8 @@ pub fn decode(bytes: &[u8]) -> Result<Body, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mailbox::{Answer, Origin};
-    use crate::sequencer::SendCmd;
+    use crate::vocab::command::SendCmd;
+    use crate::vocab::event::{Answer, Origin};
     use proptest::prelude::*;
     use protocol::{ErrorCode, Message, MessageKind};
 

@@ -1,4 +1,4 @@
-//! An in-process fleet: the [`Links`](super::Links) of several gateway instances
+//! An in-process fleet: the [`Links`] of several gateway instances
 //! in one process, joined by channels. It proves the seams (routing, answers
 //! addressed to an origin, fan-out once per batch per node, the inbound hand-off)
 //! without Redis; the Redis links (`fleet::redis`) replace it in a real fleet.

@@ -33,10 +33,12 @@ pub mod envelope;
 pub mod memory;
 pub mod redis;
 
-use crate::mailbox::{ConnId, Event, EventKind, Registry, node_of};
+use crate::mailbox::Registry;
 use crate::metrics::Metrics;
 use crate::push::Push;
-use crate::sequencer::{Command, Sequencer};
+use crate::sequencer::Sequencer;
+use crate::vocab::command::Command;
+use crate::vocab::event::{ConnId, Event, EventKind, node_of};
 use envelope::{Addressed, AddressedRef, Body};
 use futures_channel::oneshot;
 use protocol::{ErrorCode, UserId};

@@ -16,12 +16,12 @@
 //! waits for it.
 
 use crate::capacity::SocketSlot;
-use crate::http::{Request, choose_subprotocol, error_response};
-use crate::mailbox::{Answer, ConnId, Event, EventKind, Origin};
-use crate::netio::{self, Signal};
 use crate::ratelimit::{Budget, ConnLimits, Verdict, budget_of};
-use crate::sequencer::{Command, SendCmd};
 use crate::shard::ShardCtx;
+use crate::shard::http1::{Request, choose_subprotocol, error_response};
+use crate::shard::netio::{self, Signal};
+use crate::vocab::command::{Command, SendCmd};
+use crate::vocab::event::{Answer, ConnId, Event, EventKind, Origin};
 use bytes::Bytes;
 use monoio::net::TcpStream;
 use protocol::{
@@ -249,7 +249,7 @@ pub async fn upgrade(
         ServerMsg::Welcome {
             user_id: user,
             connection_id: conn.id,
-            server_time_ms: crate::auth::now_ms(),
+            server_time_ms: crate::vocab::clock::now_ms(),
             max_frame_bytes: max_frame,
         },
     );
@@ -387,7 +387,7 @@ impl Conn {
     }
 
     fn reply(&self, id: u64, body: ServerMsg) {
-        self.enqueue(crate::frame::server_frame(self.proto, &ServerFrame { id, body }));
+        self.enqueue(crate::vocab::frame::server_frame(self.proto, &ServerFrame { id, body }));
     }
 
     fn error(&self, id: u64, code: ErrorCode, client_msg_id: Option<String>) {
@@ -434,7 +434,7 @@ impl Conn {
             self.out.borrow_mut().clear();
             self.out_bytes.set(0);
             if self.out_offset.replace(0) == 0 {
-                let q = VecDeque::from([crate::frame::close_frame(code)]);
+                let q = VecDeque::from([crate::vocab::frame::close_frame(code)]);
                 let _ = netio::try_send(&self.stream, &q, 0);
             }
             netio::shutdown(&self.stream);
@@ -639,7 +639,7 @@ impl Conn {
                 // Graceful: the close frame, then only our side shut; the peer's close and
                 // anything it still sends are read (and dropped) until it closes or LINGER
                 // ends, so the socket is not reset under unread input.
-                let q = VecDeque::from([crate::frame::close_frame(code)]);
+                let q = VecDeque::from([crate::vocab::frame::close_frame(code)]);
                 let _ = netio::try_send(&self.stream, &q, 0);
                 netio::shutdown_write(&self.stream);
                 self.flush.set(Flush::Done);
@@ -1352,7 +1352,7 @@ async fn sync(conn: &Rc<Conn>, id: u64, positions: Vec<Position>) {
                     break 'pages;
                 }
                 after = m.seq;
-                let frame = crate::frame::server_frame(
+                let frame = crate::vocab::frame::server_frame(
                     conn.proto,
                     &ServerFrame { id: 0, body: ServerMsg::Message { message: m } },
                 );

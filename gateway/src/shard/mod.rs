@@ -1,11 +1,20 @@
 //! A shard: one thread, pinned to one core, running one monoio runtime with its
 //! own SO_REUSEPORT listener. Everything in [`ShardCtx`] stays on its thread.
+//!
+//! The room holds what runs on a shard: its loop (here), its WebSocket
+//! connections (`conn`), its HTTP routes (`http`) over the HTTP/1.1 codec
+//! (`http1`) and socket I/O (`netio`).
+
+pub mod conn;
+pub mod http;
+pub mod http1;
+pub mod netio;
 
 use crate::config::IoDriver;
-use crate::conn::Conn;
 use crate::mailbox::{Drain, Mailbox};
-use crate::netio::Signal;
-use crate::server::Shared;
+use crate::node::Shared;
+use crate::shard::conn::Conn;
+use crate::shard::netio::Signal;
 use monoio::net::TcpListener;
 use protocol::UserId;
 use std::cell::RefCell;
@@ -146,7 +155,7 @@ async fn dispatch(ctx: Rc<ShardCtx>) {
             // Let the flusher and readers run between large rounds.
             if n >= 1024 {
                 n = 0;
-                crate::netio::yield_now().await;
+                crate::shard::netio::yield_now().await;
             }
         }
     }
@@ -218,7 +227,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, kind: Listene
                             "at the socket cap; answering 503"
                         );
                     }
-                    crate::http::refuse_full(&stream);
+                    crate::shard::http1::refuse_full(&stream);
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -228,8 +237,8 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, kind: Listene
                     Some(std::time::Duration::from_secs(10)),
                     Some(3),
                 );
-                let source = crate::http::source_of(peer.ip());
-                monoio::spawn(crate::http::serve(ctx.clone(), stream, slot, kind, source));
+                let source = crate::shard::http::source_of(peer.ip());
+                monoio::spawn(crate::shard::http::serve(ctx.clone(), stream, slot, kind, source));
             }
             Err(e) => {
                 if let Some(n) = err_log.tick() {

@@ -108,6 +108,14 @@ fn chat_across_nodes(f: &Fleet) {
     assert_eq!(ok, ServerMsg::Ok);
     let re = alice.wait_for(|m| matches!(m, ServerMsg::Reaction { .. }));
     assert!(matches!(re, ServerMsg::Reaction { seq: 3, user_id, .. } if user_id == b_id), "{re:?}");
+    // And edits and deletes.
+    let ok = alice.request(ClientMsg::Edit { conversation_id: direct, seq: 2, body: "edited".into() });
+    assert_eq!(ok, ServerMsg::Ok);
+    let e = bob.next_message();
+    assert_eq!((e.kind, e.target_seq, e.body.as_str()), (protocol::MessageKind::Edit, Some(2), "edited"));
+    assert_eq!(alice.request(ClientMsg::Delete { conversation_id: direct, seq: 4 }), ServerMsg::Ok);
+    let d = bob.next_message();
+    assert_eq!((d.kind, d.target_seq), (protocol::MessageKind::Delete, Some(4)));
 
     // A group with a member on every node (and carol on two): one order for all.
     let group = conversation_id(

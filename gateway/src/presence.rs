@@ -34,8 +34,13 @@
 //!   `get_presence` counts devices and grace periods on every node.
 //!
 //! If Redis cannot be reached, each node decides from what it holds itself.
-//! A user whose only node dies is not announced offline (nobody is left to
-//! notice); it shows offline to `get_presence` once the node's entries go stale.
+//!
+//! A node that dies or leaves cannot announce its users' departures. The node
+//! that takes its work over ([`Presence::node_gone`], from `fleet-ring`) reads
+//! the users it recorded, and starts the grace period for each one that no
+//! other node holds a device of and whose grace is not already running
+//! elsewhere; when it ends, the user is announced offline unless a device came
+//! back meanwhile (the dead node's own location entries are not counted).
 
 use crate::fleet::{Fanned, Locate, Router};
 use crate::mailbox::Registry;
@@ -61,6 +66,8 @@ enum Cmd {
     /// Who asks, and about whom.
     Query(UserId, Vec<UserId>, oneshot::Sender<Result<Vec<PresenceInfo>, ErrorCode>>),
     SetHide(UserId, bool, oneshot::Sender<Result<(), ErrorCode>>),
+    /// A node left the fleet (died, or left): its users left it.
+    NodeGone(router::NodeId),
 }
 
 /// The shards' handle on the presence thread.
@@ -117,6 +124,19 @@ impl Presence {
         let _ = self.submit(Cmd::Changed(user));
     }
 
+    /// Node `node` left the fleet: start its users' grace periods here (see
+    /// the module docs). A callback for `fleet::start`.
+    ///
+    /// Runs on: fleet-ring. Never blocks (a full queue drops it; logged).
+    pub fn on_node_gone(&self) -> Box<dyn Fn(router::NodeId) + Send> {
+        let tx = self.tx.clone();
+        Box::new(move |node| {
+            if tx.try_send(Cmd::NodeGone(node)).is_err() {
+                tracing::warn!(node, "presence queue full: a gone node's users are not announced offline");
+            }
+        })
+    }
+
     /// The presence of `users`, in order.
     /// `users`' presence as `asker` may see it: only their contacts (as for events).
     pub async fn query(&self, asker: UserId, users: Vec<UserId>) -> Result<Vec<PresenceInfo>, ErrorCode> {
@@ -142,6 +162,8 @@ struct Online {
 struct Leaving {
     /// When the last device left (ms).
     left_ms: u64,
+    /// A node that is gone: its location entries (kept for a while) do not count.
+    gone: Option<router::NodeId>,
     /// When the grace period ends.
     until: Instant,
     /// This departure's grace mark (in a fleet).
@@ -166,10 +188,17 @@ fn internal(e: storage::StorageError) -> ErrorCode {
 /// What the fleet knows of a user beyond this node.
 #[derive(Default)]
 struct Elsewhere {
-    /// Another live node holds one of its devices.
-    device: bool,
+    /// The other live nodes holding one of its devices.
+    nodes: Vec<router::NodeId>,
     /// The grace mark of its last departure, if its grace period runs.
     mark: Option<String>,
+}
+
+impl Elsewhere {
+    /// Whether another node holds a device, not counting node `gone`.
+    fn device(&self, gone: Option<router::NodeId>) -> bool {
+        self.nodes.iter().any(|&n| Some(n) != gone)
+    }
 }
 
 impl Worker {
@@ -197,6 +226,7 @@ impl Worker {
                             .map_err(internal);
                         let _ = reply.send(r);
                     }
+                    Cmd::NodeGone(node) => self.node_gone(node),
                 }
                 if changed.len() < BATCH {
                     next = rx.try_recv().ok();
@@ -228,8 +258,8 @@ impl Worker {
             Ok((nodes, mut marks)) => users
                 .iter()
                 .map(|u| {
-                    let device = nodes.get(u).is_some_and(|ns| ns.iter().any(|&n| n != me));
-                    (*u, Elsewhere { device, mark: marks.remove(u) })
+                    let nodes = nodes.get(u).map(|ns| ns.iter().copied().filter(|&n| n != me).collect());
+                    (*u, Elsewhere { nodes: nodes.unwrap_or_default(), mark: marks.remove(u) })
                 })
                 .collect(),
             Err(e) => {
@@ -272,20 +302,66 @@ impl Worker {
             self.online.insert(u, Online { leaving: None });
             // Online through another node already, or in a grace period begun there:
             // its contacts never saw it go.
-            if known.get(&u).is_some_and(|e| e.device || e.mark.is_some()) {
+            if known.get(&u).is_some_and(|e| e.device(None) || e.mark.is_some()) {
                 continue;
             }
             self.announce(u, true, None);
         }
-        self.depart(departed, &known, Instant::now());
+        self.depart(departed, &known, Instant::now(), None);
     }
 
-    /// The last devices here of `users` left: a grace period each, unless another
-    /// node holds a device (that node tells when its own last one leaves).
-    fn depart(&mut self, users: Vec<UserId>, known: &HashMap<UserId, Elsewhere>, now: Instant) {
+    /// Node `gone` left the fleet: the grace period of each of its users that no
+    /// other node holds a device of and whose grace is not running elsewhere (a
+    /// mark of `gone`'s own is taken over).
+    fn node_gone(&mut self, gone: router::NodeId) {
+        let Some(f) = &mut self.fleet else { return };
+        let users = match f.locate.users_of(gone) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(gone, error = %e, "presence: a gone node's users could not be read");
+                return;
+            }
+        };
+        let users: Vec<UserId> = users
+            .into_iter()
+            .filter(|u| !self.online.contains_key(u) && !self.registry.is_connected(*u))
+            .collect();
+        let known = self.elsewhere(&users);
+        let theirs = format!("{gone}:");
+        let left: Vec<UserId> = users
+            .into_iter()
+            .filter(|u| {
+                known.get(u).is_none_or(|e| {
+                    !e.device(Some(gone)) && e.mark.as_ref().is_none_or(|m| m.starts_with(&theirs))
+                })
+            })
+            .collect();
+        tracing::info!(
+            gone,
+            users = left.len(),
+            "presence: a gone node's users start their grace period here"
+        );
+        self.depart(left, &known, Instant::now(), Some(gone));
+        if let Some(f) = &mut self.fleet
+            && let Err(e) = f.locate.forget(gone)
+        {
+            tracing::debug!(gone, error = %e, "presence: forgetting a gone node's users failed");
+        }
+    }
+
+    /// The last devices here (or on node `gone`) of `users` left: a grace period
+    /// each, unless another node holds a device (that node tells when its own last
+    /// one leaves).
+    fn depart(
+        &mut self,
+        users: Vec<UserId>,
+        known: &HashMap<UserId, Elsewhere>,
+        now: Instant,
+        gone: Option<router::NodeId>,
+    ) {
         let me = self.fleet.as_ref().map_or(0, |f| f.router.me());
         for u in users {
-            if known.get(&u).is_some_and(|e| e.device) {
+            if known.get(&u).is_some_and(|e| e.device(gone)) {
                 self.online.remove(&u);
                 continue;
             }
@@ -296,7 +372,7 @@ impl Worker {
             {
                 tracing::debug!(error = %e, "presence: setting a grace mark failed");
             }
-            self.online.insert(u, Online { leaving: Some(Leaving { left_ms, until, token }) });
+            self.online.insert(u, Online { leaving: Some(Leaving { left_ms, gone, until, token }) });
             self.leaving.push_back((until, u));
         }
     }
@@ -310,7 +386,7 @@ impl Worker {
             .map(|(u, _)| *u)
             .collect();
         let known = self.elsewhere(&gone);
-        self.depart(gone, &known, now);
+        self.depart(gone, &known, now, None);
     }
 
     /// Announces the users whose grace period is over, after storing their `last_seen`.
@@ -342,7 +418,7 @@ impl Worker {
             let Some(Online { leaving: Some(l) }) = self.online.remove(&u) else { continue };
             match known.get(&u) {
                 // Came back on another node within the grace period.
-                Some(e) if e.device => self.clear_mark(u, &l.token),
+                Some(e) if e.device(l.gone) => self.clear_mark(u, &l.token),
                 // Left again on another node later: that node announces.
                 Some(Elsewhere { mark: Some(m), .. }) if *m != l.token => {}
                 _ => {
@@ -414,7 +490,7 @@ impl Worker {
                 if !visible(&u) {
                     return Ok(PresenceInfo { user_id: u, online: false, last_seen_ms: None });
                 }
-                if here(self, &u) || known.get(&u).is_some_and(|e| e.device || e.mark.is_some()) {
+                if here(self, &u) || known.get(&u).is_some_and(|e| e.device(None) || e.mark.is_some()) {
                     return Ok(PresenceInfo { user_id: u, online: true, last_seen_ms: None });
                 }
                 let rec = self.store.presence(u).map_err(internal)?;

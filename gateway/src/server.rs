@@ -234,6 +234,7 @@ pub fn start_with(cfg: Config, parts: Parts) -> anyhow::Result<Running> {
             registry.clone(),
             push,
             metrics.clone(),
+            presence.on_node_gone(),
         )
         .context("joining the fleet")?;
     }

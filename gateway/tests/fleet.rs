@@ -239,6 +239,16 @@ fn presence_across_nodes(f: &Fleet) {
         query_presence(&mut bob, vec![a]),
         vec![protocol::PresenceInfo { user_id: a, online: false, last_seen_ms: Some(seen) }]
     );
+
+    // alice's only device is on a node that dies: it cannot tell anyone, so the
+    // node that takes its work over announces her offline once the fleet has
+    // noticed the death and the grace period has run.
+    let _alice4 = f.device(&ta, 2, Subprotocol::Json);
+    assert_eq!(presence(&mut bob), online(a));
+    signal(&f.nodes[2], libc::SIGKILL);
+    let off = next_but_online_a(&mut bob);
+    assert_eq!(offline_of(&off), (a, false), "announced offline after her node died");
+    assert!(off.last_seen_ms.is_some_and(|t| t > seen));
 }
 
 #[test]

@@ -12,6 +12,10 @@
 //! with no add for `idle` expires, which bounds what is left of users nobody
 //! looks up.
 //!
+//! Each node also keeps the set of users it holds, `{prefix:n:NODE}:users`, so
+//! that when it dies or leaves, the node that takes its work over can find its
+//! users and tell their contacts they went offline (unless they came back).
+//!
 //! Grace marks, `{prefix:u:ID}:away`: when a user's last device on the fleet
 //! leaves a node, that node marks the user for the presence grace period (the
 //! token names the departure). A device arriving on any node meanwhile sees the
@@ -43,6 +47,10 @@ impl LocationOptions {
         format!("{{{}:u:{user}}}:at", self.redis.prefix)
     }
 
+    fn node_key(&self, node: NodeId) -> String {
+        format!("{{{}:n:{node}}}:users", self.redis.prefix)
+    }
+
     fn away_key(&self, user: UserId) -> String {
         format!("{{{}:u:{user}}}:away", self.redis.prefix)
     }
@@ -53,13 +61,14 @@ pub struct Location {
     opts: LocationOptions,
     /// This node's entry, `NODE:INSTANCE`.
     me: String,
+    node: NodeId,
     conn: Option<Link>,
 }
 
 impl Location {
     /// `instance` is this process's membership token ([`crate::Member::instance`]).
     pub fn new(opts: LocationOptions, me: NodeId, instance: &str) -> Location {
-        Location { opts, me: format!("{me}:{instance}"), conn: None }
+        Location { opts, me: format!("{me}:{instance}"), node: me, conn: None }
     }
 
     fn link(&mut self) -> Result<&mut Link, redis::RedisError> {
@@ -79,7 +88,15 @@ impl Location {
     /// These users now have a device on this node (their first): one round trip.
     pub fn arrive(&mut self, users: &[UserId]) -> Result<(), redis::RedisError> {
         let idle = self.opts.idle.as_secs().max(1);
-        let mut cmds = Vec::with_capacity(users.len() * 2);
+        let mut cmds = Vec::with_capacity(users.len() * 2 + 2);
+        if !users.is_empty() {
+            let key = self.opts.node_key(self.node);
+            let mut add = redis::cmd("SADD");
+            add.arg(&key).arg(users);
+            let mut exp = redis::cmd("EXPIRE");
+            exp.arg(&key).arg(idle);
+            cmds.extend([add, exp]);
+        }
         for &u in users {
             let key = self.opts.key(u);
             let mut add = redis::cmd("SADD");
@@ -93,7 +110,7 @@ impl Location {
 
     /// These users have no device on this node any more: one round trip.
     pub fn depart(&mut self, users: &[UserId]) -> Result<(), redis::RedisError> {
-        let cmds = users
+        let mut cmds: Vec<redis::Cmd> = users
             .iter()
             .map(|&u| {
                 let mut c = redis::cmd("SREM");
@@ -101,7 +118,27 @@ impl Location {
                 c
             })
             .collect();
+        if !users.is_empty() {
+            let mut c = redis::cmd("SREM");
+            c.arg(self.opts.node_key(self.node)).arg(users);
+            cmds.push(c);
+        }
         self.run(cmds)
+    }
+
+    /// The users node `node` held a device of (as it recorded them).
+    pub fn users_of(&mut self, node: NodeId) -> Result<Vec<UserId>, redis::RedisError> {
+        let mut c = redis::cmd("SMEMBERS");
+        c.arg(self.opts.node_key(node));
+        let r: Vec<Vec<UserId>> = self.link()?.pipeline(vec![c]).inspect_err(|_| self.conn = None)?;
+        Ok(r.into_iter().flatten().collect())
+    }
+
+    /// Forgets node `node`'s set of users (it is gone, and its users were seen to).
+    pub fn forget(&mut self, node: NodeId) -> Result<(), redis::RedisError> {
+        let mut c = redis::cmd("DEL");
+        c.arg(self.opts.node_key(node));
+        self.run(vec![c])
     }
 
     /// The live nodes holding a device of each of `users` (absent: none), given

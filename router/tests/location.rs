@@ -31,6 +31,15 @@ fn users_on_two_nodes(redis: TestRedis) {
     assert_eq!(at, HashMap::from([(10, vec![1]), (11, vec![1, 2]), (12, vec![2])]), "13 is nowhere");
     la.depart(&[11]).unwrap();
     assert_eq!(lb.nodes_of(&[11], &live).unwrap(), HashMap::from([(11, vec![2])]));
+    // Each node's own set of users, for whoever takes over when it is gone.
+    let sorted = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(sorted(lb.users_of(1).unwrap()), vec![10], "node 1 holds 10 (11 left)");
+    assert_eq!(sorted(la.users_of(2).unwrap()), vec![11, 12]);
+    la.forget(2).unwrap();
+    assert_eq!(la.users_of(2).unwrap(), Vec::<u64>::new());
 }
 
 #[test]

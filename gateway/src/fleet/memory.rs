@@ -134,6 +134,18 @@ impl Locate for Part {
         Ok(())
     }
 
+    fn users_of(&mut self, node: NodeId) -> anyhow::Result<Vec<UserId>> {
+        let l = self.hub.located.lock().unwrap();
+        Ok(l.iter().filter(|(_, nodes)| nodes.contains(&node)).map(|(u, _)| *u).collect())
+    }
+
+    fn forget(&mut self, node: NodeId) -> anyhow::Result<()> {
+        for nodes in self.hub.located.lock().unwrap().values_mut() {
+            nodes.remove(&node);
+        }
+        Ok(())
+    }
+
     fn clear_mark(&mut self, user: UserId, token: &str) -> anyhow::Result<()> {
         let mut m = self.hub.marks.lock().unwrap();
         if m.get(&user).is_some_and(|t| t == token) {

@@ -89,6 +89,10 @@ pub trait Locate: Send + 'static {
     fn set_mark(&mut self, user: UserId, token: &str, ttl: Duration) -> anyhow::Result<()>;
     /// Clears `user`'s grace mark if it is still `token`.
     fn clear_mark(&mut self, user: UserId, token: &str) -> anyhow::Result<()>;
+    /// The users node `node` recorded as holding a device of.
+    fn users_of(&mut self, node: NodeId) -> anyhow::Result<Vec<UserId>>;
+    /// Forgets node `node`'s users (it is gone, and they were seen to).
+    fn forget(&mut self, node: NodeId) -> anyhow::Result<()>;
 }
 
 /// This node's membership.
@@ -385,6 +389,7 @@ pub fn start(
     registry: Arc<Registry>,
     push: Arc<Push>,
     metrics: Arc<Metrics>,
+    on_node_gone: Box<dyn Fn(NodeId) + Send>,
 ) -> anyhow::Result<()> {
     let Links { wire, inbound, locate, locate_conns, mut members, mut reap, heartbeat, locate_presence: _ } =
         links;
@@ -440,6 +445,8 @@ pub fn start(
                     if after.nodes().first() == Some(&router.me) {
                         for &dead in before.nodes().iter().filter(|n| !after.contains(**n)) {
                             reap_dead(&mut *reap, dead, &router, &sequencer);
+                            // Its users' contacts hear they went offline, unless they come back.
+                            on_node_gone(dead);
                         }
                     }
                 }

@@ -159,6 +159,14 @@ impl Locate for RedisLocate {
     fn clear_mark(&mut self, user: UserId, token: &str) -> anyhow::Result<()> {
         Ok(self.location.clear_mark(user, token)?)
     }
+
+    fn users_of(&mut self, node: NodeId) -> anyhow::Result<Vec<UserId>> {
+        Ok(self.location.users_of(node)?)
+    }
+
+    fn forget(&mut self, node: NodeId) -> anyhow::Result<()> {
+        Ok(self.location.forget(node)?)
+    }
 }
 
 struct RedisMembers {

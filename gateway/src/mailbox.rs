@@ -269,29 +269,8 @@ impl Drop for Delivery<'_> {
 mod tests {
     use super::*;
     use crate::vocab::event::EventKind;
-    use protocol::Message;
 
-    fn ev(seq: u64) -> Arc<Event> {
-        Event::new(EventKind::Message {
-            message: Message {
-                conversation_id: 1,
-                seq,
-                ts_ms: 0,
-                sender_id: 1,
-                client_msg_id: String::new(),
-                kind: Default::default(),
-                body: String::new(),
-                target_user_id: None,
-                role: None,
-                target_seq: None,
-                edited_ms: None,
-                reactions: Vec::new(),
-                my_reaction: None,
-            },
-            origin: None,
-            to_others: true,
-        })
-    }
+    use crate::vocab::event::test_event as ev;
 
     #[test]
     fn mailbox_is_bounded_fifo_and_hands_back_overflow() {

@@ -153,35 +153,37 @@ impl Event {
     }
 }
 
+/// A message event at position `seq` of conversation 1 (for tests).
+#[cfg(test)]
+pub fn test_event(seq: u64) -> Arc<Event> {
+    Event::new(EventKind::Message {
+        message: Message {
+            conversation_id: 1,
+            seq,
+            ts_ms: 0,
+            sender_id: 1,
+            client_msg_id: String::new(),
+            kind: Default::default(),
+            body: String::new(),
+            target_user_id: None,
+            role: None,
+            target_seq: None,
+            edited_ms: None,
+            reactions: Vec::new(),
+            my_reaction: None,
+        },
+        origin: None,
+        to_others: true,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ev(seq: u64) -> Arc<Event> {
-        Event::new(EventKind::Message {
-            message: Message {
-                conversation_id: 1,
-                seq,
-                ts_ms: 0,
-                sender_id: 1,
-                client_msg_id: String::new(),
-                kind: Default::default(),
-                body: String::new(),
-                target_user_id: None,
-                role: None,
-                target_seq: None,
-                edited_ms: None,
-                reactions: Vec::new(),
-                my_reaction: None,
-            },
-            origin: None,
-            to_others: true,
-        })
-    }
-
     #[test]
     fn encodings_are_made_once_per_subprotocol() {
-        let e = ev(5);
+        let e = test_event(5);
         let f1 = e.broadcast_frame(Subprotocol::Json).unwrap();
         let f2 = e.broadcast_frame(Subprotocol::Json).unwrap();
         assert_eq!(f1.as_ptr(), f2.as_ptr(), "second call shares the first encoding");

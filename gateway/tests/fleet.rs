@@ -582,13 +582,13 @@ fn a_redis_cluster_master_restart_under_traffic_loses_and_repeats_nothing() {
     });
 }
 
-/// Redis down for a while: a node's own conversations go on (acknowledged, and
-/// delivered to devices on that node); a command for a conversation another node
-/// owns is refused retryably (1022) within `fleet.send_retry_ms`; once Redis is
-/// back the fleet re-forms by itself, the refused send goes through when retried,
-/// and history holds every acknowledged message once.
-#[test]
-fn with_redis_down_a_node_serves_its_own_and_refuses_the_rest_retryably() {
+/// Redis unreachable for a while (`stop` to `start`): a node's own conversations
+/// go on (acknowledged, and delivered to devices on that node); a command for a
+/// conversation another node owns is refused retryably (1022) within
+/// `fleet.send_retry_ms`; once Redis is back the fleet re-forms by itself, the
+/// refused send goes through when retried, and history holds every acknowledged
+/// message once.
+fn redis_outage(stop: fn(&mut TestRedis), start: fn(&mut TestRedis)) {
     let f = fleet(TestRedis::start());
     let ring = Ring::new([1u16, 2, 3]);
     let owner = |conv: u64| usize::from(ring.owner(Key::Conversation(conv)).unwrap()) - 1;
@@ -613,7 +613,7 @@ fn with_redis_down_a_node_serves_its_own_and_refuses_the_rest_retryably() {
     let mut bob = f.device(&tb, home, Subprotocol::FlatBuffers);
     let _carol = f.device(&tc, owner(group), Subprotocol::Json);
 
-    f.redis.lock().unwrap().kill();
+    stop(&mut f.redis.lock().unwrap());
     for i in 0..5 {
         alice.send_text(direct, &format!("d{i}"), &format!("down {i}"));
         assert_eq!(alice.wait_ack(&format!("d{i}")), i + 1, "acknowledged with Redis down");
@@ -623,7 +623,7 @@ fn with_redis_down_a_node_serves_its_own_and_refuses_the_rest_retryably() {
     alice.send_text(group, "x", "across");
     assert_eq!(alice.ack_or_error("x"), Err(1022), "a command for another node is refused retryably");
 
-    f.redis.lock().unwrap().revive();
+    start(&mut f.redis.lock().unwrap());
     let alive: Alive =
         std::sync::Arc::new((0..3).map(|_| std::sync::atomic::AtomicBool::new(true)).collect());
     wait_nodes(&f, &alive, 3);
@@ -652,4 +652,16 @@ fn with_redis_down_a_node_serves_its_own_and_refuses_the_rest_retryably() {
     let mut want: Vec<String> = (0..5).map(|i| format!("down {i}")).collect();
     want.push("after".into());
     assert_eq!(history, want, "everything acknowledged is stored once, in order");
+}
+
+#[test]
+fn with_redis_down_a_node_serves_its_own_and_refuses_the_rest_retryably() {
+    // Killed: gone, and back empty.
+    redis_outage(TestRedis::kill, TestRedis::revive);
+}
+
+#[test]
+fn with_redis_stuck_a_node_serves_its_own_and_refuses_the_rest_retryably() {
+    // Frozen: connections open, nothing answered; back with everything it held.
+    redis_outage(TestRedis::pause, TestRedis::resume);
 }

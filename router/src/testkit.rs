@@ -184,6 +184,26 @@ impl TestRedis {
         cluster_ok(&self.servers);
     }
 
+    /// Freezes every server (SIGSTOP): connections stay open and nothing is
+    /// answered, as a stuck or swapping Redis looks to its clients.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws them (SIGCONT), with everything they held.
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        for s in &self.servers {
+            if let Some(c) = &s.child {
+                let sent = Command::new("kill").arg(sig).arg(c.id().to_string()).status();
+                assert!(sent.is_ok_and(|st| st.success()), "kill {sig} redis-server on port {}", s.port);
+            }
+        }
+    }
+
     /// Starts the servers again after [`kill`](Self::kill), on the same ports (empty).
     pub fn revive(&mut self) {
         for s in &mut self.servers {

@@ -2,9 +2,14 @@
 //! multi-node tests run on.
 //!
 //! Same data model as the other backends (`migrations/postgres/`). The driver is
-//! tokio-postgres with a deadpool pool, on a small tokio runtime this store owns
-//! (`pg-io` threads). [`Store`] methods block the calling storage thread on that
-//! runtime; gateway shards never call them.
+//! tokio-postgres with a deadpool pool, on a current-thread tokio runtime this
+//! store owns and no thread of its own: each [`Store`] method blocks the calling
+//! storage thread in `block_on`, and whichever caller is in there drives every
+//! connection's I/O for all of them (the others are woken when their answer is
+//! in). A commit therefore runs on the sequencer's own thread without a hand-off
+//! to a runtime worker and back, which a two-thread runtime cost: 0.81-0.90× the
+//! gateway CPU per message in a 3-node fleet (benches/RESULTS.md). Gateway shards
+//! never call the store.
 //!
 //! A commit is one transaction: every table's rows go in one multi-row statement
 //! (`INSERT … SELECT * FROM UNNEST($1, $2, …)`), all statements pipelined on the
@@ -397,9 +402,7 @@ impl PostgresStore {
             cfg.application_name("switchboard");
         }
         let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pg-io")
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| StorageError::new(ErrorKind::Io, "starting the database runtime", e))?;

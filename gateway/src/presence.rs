@@ -33,7 +33,9 @@
 //! - Announcements reach contacts on other nodes through the fleet's fan-out;
 //!   `get_presence` counts devices and grace periods on every node.
 //!
-//! If Redis cannot be reached, each node decides from what it holds itself.
+//! If Redis cannot be reached, each node decides from what it holds itself (and
+//! asks nothing of Redis for 2 s after a failed call, so a stuck Redis does not
+//! stall `get_presence` behind one timeout after another).
 //!
 //! A node that dies or leaves cannot announce its users' departures. The node
 //! that takes its work over ([`Presence::node_gone`], from `fleet-ring`) reads
@@ -59,6 +61,10 @@ pub const MAX_QUERY: usize = 100;
 const MAX_CONVERSATIONS: usize = 1000;
 /// Most arrival and departure notices handled together (one fleet lookup for all).
 const BATCH: usize = 256;
+/// After a fleet call fails, presence decides locally for this long without
+/// calling again: with Redis down or stuck, every call would wait out its
+/// timeout, and the thread must keep answering `get_presence`.
+const FLEET_BACKOFF: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 enum Cmd {
@@ -98,8 +104,15 @@ impl Presence {
         rejected: prometheus::IntCounter,
     ) -> Presence {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
-        let mut worker =
-            Worker { cfg, store, registry, fleet, online: HashMap::new(), leaving: VecDeque::new() };
+        let mut worker = Worker {
+            cfg,
+            store,
+            registry,
+            fleet,
+            fleet_down_until: None,
+            online: HashMap::new(),
+            leaving: VecDeque::new(),
+        };
         std::thread::Builder::new()
             .name("presence".into())
             .spawn(move || worker.run(rx))
@@ -175,6 +188,8 @@ struct Worker {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     fleet: Option<FleetPresence>,
+    /// Set when a fleet call failed: until then, nothing is asked of the fleet.
+    fleet_down_until: Option<Instant>,
     online: HashMap<UserId, Online>,
     /// Grace periods in the order they end (all are equally long); stale entries are skipped.
     leaving: VecDeque<(Instant, UserId)>,
@@ -244,11 +259,27 @@ impl Worker {
         }
     }
 
+    /// The fleet's side, unless a call failed within [`FLEET_BACKOFF`].
+    fn fleet(&mut self) -> Option<&mut FleetPresence> {
+        if self.fleet_down_until.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        self.fleet.as_mut()
+    }
+
+    /// Notes a failed fleet call: nothing more is asked for [`FLEET_BACKOFF`].
+    fn fleet_failed(&mut self, what: &str, e: &anyhow::Error) {
+        if self.fleet_down_until.is_none_or(|t| Instant::now() >= t) {
+            tracing::warn!(error = %e, "presence: {what} failed; deciding locally for {FLEET_BACKOFF:?}");
+        }
+        self.fleet_down_until = Some(Instant::now() + FLEET_BACKOFF);
+    }
+
     /// Other nodes' devices and grace marks of `users` (one round trip each).
     /// Alone, or when the fleet cannot be asked, nothing is known: this node
     /// decides from what it holds.
     fn elsewhere(&mut self, users: &[UserId]) -> HashMap<UserId, Elsewhere> {
-        let Some(f) = &mut self.fleet else { return HashMap::new() };
+        let Some(f) = self.fleet() else { return HashMap::new() };
         if users.is_empty() {
             return HashMap::new();
         }
@@ -263,17 +294,18 @@ impl Worker {
                 })
                 .collect(),
             Err(e) => {
-                tracing::warn!(error = %e, "presence: the fleet's locations could not be read; deciding locally");
+                self.fleet_failed("reading the fleet's locations", &e);
                 HashMap::new()
             }
         }
     }
 
+    /// Clears a grace mark of this node's (if it cannot, the mark expires).
     fn clear_mark(&mut self, u: UserId, token: &str) {
-        if let Some(f) = &mut self.fleet
+        if let Some(f) = self.fleet()
             && let Err(e) = f.locate.clear_mark(u, token)
         {
-            tracing::debug!(error = %e, "presence: clearing a grace mark failed (it expires)");
+            self.fleet_failed("clearing a grace mark", &e);
         }
     }
 
@@ -314,11 +346,14 @@ impl Worker {
     /// other node holds a device of and whose grace is not running elsewhere (a
     /// mark of `gone`'s own is taken over).
     fn node_gone(&mut self, gone: router::NodeId) {
-        let Some(f) = &mut self.fleet else { return };
+        let Some(f) = self.fleet() else {
+            tracing::warn!(gone, "presence: the fleet is unreachable; a gone node's users are not announced");
+            return;
+        };
         let users = match f.locate.users_of(gone) {
             Ok(u) => u,
             Err(e) => {
-                tracing::warn!(gone, error = %e, "presence: a gone node's users could not be read");
+                self.fleet_failed("reading a gone node's users", &e);
                 return;
             }
         };
@@ -342,10 +377,10 @@ impl Worker {
             "presence: a gone node's users start their grace period here"
         );
         self.depart(left, &known, Instant::now(), Some(gone));
-        if let Some(f) = &mut self.fleet
+        if let Some(f) = self.fleet()
             && let Err(e) = f.locate.forget(gone)
         {
-            tracing::debug!(gone, error = %e, "presence: forgetting a gone node's users failed");
+            self.fleet_failed("forgetting a gone node's users", &e);
         }
     }
 
@@ -367,10 +402,11 @@ impl Worker {
             }
             let (left_ms, until) = (now_ms(), now + self.cfg.grace);
             let token = format!("{me}:{left_ms}:{:08x}", rand::random::<u32>());
-            if let Some(f) = &mut self.fleet
-                && let Err(e) = f.locate.set_mark(u, &token, 2 * self.cfg.grace + Duration::from_secs(1))
+            let ttl = 2 * self.cfg.grace + Duration::from_secs(1);
+            if let Some(f) = self.fleet()
+                && let Err(e) = f.locate.set_mark(u, &token, ttl)
             {
-                tracing::debug!(error = %e, "presence: setting a grace mark failed");
+                self.fleet_failed("setting a grace mark", &e);
             }
             self.online.insert(u, Online { leaving: Some(Leaving { left_ms, gone, until, token }) });
             self.leaving.push_back((until, u));

@@ -622,6 +622,8 @@ fn redis_outage(stop: fn(&mut TestRedis), start: fn(&mut TestRedis)) {
     assert_eq!(got, (0..5).map(|i| format!("down {i}")).collect::<Vec<_>>(), "delivered on the same node");
     alice.send_text(group, "x", "across");
     assert_eq!(alice.ack_or_error("x"), Err(1022), "a command for another node is refused retryably");
+    // Presence still answers, from what the node holds itself.
+    assert_eq!(query_presence(&mut alice, vec![b_id]), vec![online(b_id)], "bob is here, so online");
 
     start(&mut f.redis.lock().unwrap());
     let alive: Alive =

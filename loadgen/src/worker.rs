@@ -363,6 +363,8 @@ struct Ctx {
     interval: f64,
     /// The user ids of the worker's users, by index.
     user_ids: Vec<u64>,
+    /// `message_size` bytes of padding, made once: a body is its header plus the rest of this.
+    pad: String,
 }
 
 async fn work(
@@ -374,6 +376,7 @@ async fn work(
         bail!("no target");
     }
     let n = a.users.len();
+    let user_ids: Vec<u64> = a.users.iter().map(|u| u.user_id.parse().unwrap_or(0)).collect();
     let state = Rc::new(RefCell::new(State {
         c: Counters { connections: n as u64, ..Default::default() },
         latency: histogram(),
@@ -412,7 +415,7 @@ async fn work(
         if members.iter().any(|&m| conns[m].is_none()) {
             continue;
         }
-        let ids: Vec<u64> = members[1..].iter().map(|&m| a.users[m].user_id.parse().unwrap_or(0)).collect();
+        let ids: Vec<u64> = members[1..].iter().map(|&m| user_ids[m]).collect();
         let creator = conns[members[0]].as_mut().expect("checked");
         let reply = if members.len() == 2 {
             creator.request(ClientMsg::CreateDirect { user_id: ids[0] }).await?
@@ -483,7 +486,8 @@ async fn work(
         start,
         end,
         interval: if a.rate > 0.0 && senders > 0 { senders as f64 / a.rate } else { f64::INFINITY },
-        user_ids: a.users.iter().map(|u| u.user_id.parse().unwrap_or(0)).collect(),
+        user_ids,
+        pad: "x".repeat(a.message_size),
     });
 
     // 5. One task per connection: reads, sends open-loop if in a conversation,
@@ -550,10 +554,9 @@ struct Local {
 
 /// A send's frame: the body carries its scheduled time, sender and counter.
 fn send_msg(ctx: &Ctx, i: usize, conv: u64, k: u64, sched: u64) -> ClientMsg {
-    let size = ctx.a.message_size;
     let mut body = format!("{sched}:{i}:{k}:");
-    if body.len() < size {
-        body.push_str(&"x".repeat(size - body.len()));
+    if body.len() < ctx.pad.len() {
+        body.push_str(&ctx.pad[body.len()..]);
     }
     ClientMsg::Send { conversation_id: conv, client_msg_id: format!("{k}.{sched}"), body }
 }

@@ -266,6 +266,22 @@ fn tokens(c: &mut Criterion) {
     c.bench_function("token_verify", |b| b.iter(|| auth.verify(black_box(&token)).unwrap()));
 }
 
+/// One request's rate-limit check (GCRA on the connection's budget), as every
+/// client request pays it.
+fn rate_limit(c: &mut Criterion) {
+    let limits = gateway::config::Config::default().limits;
+    let rates = gateway::ratelimit::Rates::new(&limits);
+    let conn = gateway::ratelimit::ConnLimits::default();
+    let mut now = 0u64;
+    c.bench_function("rate_limit_check", |b| {
+        b.iter(|| {
+            // A send every 100 ms: within the default 20/s, so every check allows.
+            now += 100_000_000;
+            black_box(conn.check(&rates, gateway::ratelimit::Budget::Send, black_box(now)))
+        })
+    });
+}
+
 /// Who owns a conversation, on fleets of 3 and 32 live nodes (rendezvous: one
 /// hash per node).
 fn ring(c: &mut Criterion) {
@@ -319,5 +335,5 @@ fn transport(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, mailbox, fanout, store, tokens, ring, transport);
+criterion_group!(benches, codec, mailbox, fanout, store, tokens, rate_limit, ring, transport);
 criterion_main!(benches);

@@ -22,6 +22,9 @@ pub enum IoDriver {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Log filter (`tracing` directives, e.g. `info` or `info,gateway::fleet=debug`).
+    /// The `SWITCHBOARD_LOG` environment variable, when set, wins over it. Reloads on SIGHUP.
+    pub log: String,
     /// Address for HTTP and WebSocket (one listener per shard, SO_REUSEPORT). Port 0 picks a free port.
     pub listen: SocketAddr,
     /// Where `/metrics` is served (with `/healthz` and `/readyz`), e.g. `127.0.0.1:9090`
@@ -96,6 +99,7 @@ impl FleetSettings {
             out_queue: self.out_queue.get(),
             loc_queue: self.loc_queue.get(),
             send_retry: std::time::Duration::from_millis(self.send_retry_ms.get()),
+            ttl: std::time::Duration::from_millis(self.ttl_ms.get()),
         }
     }
 }
@@ -204,9 +208,14 @@ pub struct Limits {
     pub max_connections_per_user: NonZeroU32,
     /// Time a new WebSocket connection has to send `sync`, seconds; past it, close 4010.
     pub sync_deadline_secs: NonZeroU64,
-    /// On SIGTERM or SIGINT: how long connections get to take their queued frames and
-    /// the 1001 close before the process exits anyway, seconds.
+    /// On SIGTERM or SIGINT: the deadline for the whole drain (readiness notice,
+    /// 1001 closes, leaving the fleet), seconds; the process exits by then whatever is left.
     pub shutdown_grace_secs: NonZeroU64,
+    /// On SIGTERM or SIGINT: how long `/readyz` fails while the node still serves,
+    /// before it closes its connections, milliseconds: long enough for the balancer's
+    /// health checks to take it out (HAProxy `inter` x `fall`), so reconnecting
+    /// clients go to other nodes.
+    pub drain_notice_ms: u64,
     /// Sends one connection may make per second, sustained. Beyond it: error 1021.
     pub send_per_sec: NonZeroU32,
     /// Sends one connection may make at once before `send_per_sec` applies.
@@ -397,6 +406,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".parse().expect("valid default"),
+            log: "info".into(),
             metrics_listen: None,
             data_dir: PathBuf::from("./data"),
             shards: None,
@@ -428,6 +438,7 @@ impl Default for Limits {
             max_connections_per_user: nz32(16),
             sync_deadline_secs: nz64(30),
             shutdown_grace_secs: nz64(10),
+            drain_notice_ms: 3000,
             send_per_sec: nz32(20),
             send_burst: nz32(100),
             typing_per_sec: nz32(2),
@@ -509,6 +520,14 @@ impl Config {
             && s.len() < 32
         {
             bail!("auth.admin_secret must be at least 32 characters");
+        }
+        if self.limits.drain_notice_ms >= self.limits.shutdown_grace_secs.get().saturating_mul(1000) {
+            bail!(
+                "limits.drain_notice_ms must be shorter than limits.shutdown_grace_secs (the whole drain's deadline)"
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            bail!("log: not a log filter ({e}); e.g. \"info\" or \"info,gateway::fleet=debug\"");
         }
         if self.limits.max_body_bytes.get() >= self.limits.max_frame_bytes.get() {
             bail!("limits.max_body_bytes must be smaller than limits.max_frame_bytes");

@@ -4,7 +4,8 @@
 //!   every write until a restart (a poisoned embedded store): restarting is the fix.
 //! - Ready: it should get new clients. Also fails once a store call has failed
 //!   (even a retryable one, until a write succeeds), while the socket cap is
-//!   reached, and while the process is draining for shutdown.
+//!   reached, while the process is draining for shutdown, and in a fleet until
+//!   the node is in the ring (or once its heartbeats have failed for a TTL).
 
 use crate::capacity::Capacity;
 use protocol::{ConversationId, Seq, UserId};
@@ -22,6 +23,8 @@ pub struct Health {
     /// The last store failure since the last write that landed, and whether it is permanent.
     store: Mutex<Option<(String, bool)>>,
     draining: AtomicBool,
+    /// Draining, past the notice: connections are being closed, new sockets refused.
+    closing: AtomicBool,
 }
 
 impl Health {
@@ -55,6 +58,16 @@ impl Health {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Runs on: main, at shutdown, once the readiness notice has run out.
+    pub fn start_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// Connections are to close with 1001 and new sockets to get 503.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
     /// `Err(why)`: the process should be restarted.
     pub fn live(&self) -> Result<(), String> {
         match &*self.store.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -70,7 +83,7 @@ impl Health {
             return Err(format!("the store failed and no write has succeeded since: {why}"));
         }
         if self.draining() {
-            return Err("shutting down".into());
+            return Err("draining for shutdown".into());
         }
         if capacity.full() {
             return Err(format!("at the socket cap ({})", capacity.max_sockets()));

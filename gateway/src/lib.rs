@@ -37,9 +37,13 @@ pub mod pool;
 pub mod presence;
 pub mod push;
 pub mod ratelimit;
+pub mod reload;
 pub mod sequencer;
 pub mod server;
 pub mod shard;
 pub mod shutdown;
 pub mod throttle;
 pub mod vocab;
+
+/// The environment variable whose log filter wins over the config's `log`.
+pub const LOG_ENV: &str = "SWITCHBOARD_LOG";

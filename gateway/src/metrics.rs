@@ -52,6 +52,18 @@ pub struct Metrics {
     pub fleet_received: IntCounter,
     /// Live nodes in this node's ring (1 when alone).
     pub fleet_nodes: IntGauge,
+    /// SIGHUP reloads, by result (`applied`, `failed`).
+    pub config_reloads: IntCounterVec,
+    /// Settings the config file changes that take effect only on a restart.
+    pub config_restart_pending: IntGauge,
+    /// 1 from SIGTERM/SIGINT on (readiness fails), else 0.
+    pub draining: IntGauge,
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -85,6 +97,12 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(rejected.clone())).expect("unique metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new("config_reloads_total", "SIGHUP config reloads by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(config_reloads.clone())).expect("unique metric");
         let process = Registry::new();
         // A counter in meaning; exposed through a gauge because it is read, not incremented.
         let cpu_seconds = Gauge::new("process_cpu_seconds_total", "User and system CPU time, seconds")
@@ -143,6 +161,13 @@ impl Metrics {
                 "Stream entries read from this node's stream",
             ),
             fleet_nodes,
+            config_reloads,
+            config_restart_pending: gauge(
+                &r,
+                "config_restart_pending",
+                "Settings changed in the config file that take effect only on a restart",
+            ),
+            draining: gauge(&r, "draining", "1 while the node drains for shutdown"),
             registry: r,
         }
     }

@@ -13,6 +13,7 @@ use protocol::ClientMsg;
 use std::cell::Cell;
 use std::num::NonZeroU32;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// What a limited request may do.
@@ -87,29 +88,49 @@ impl Rate {
     }
 }
 
-/// Every budget's rate, from the config; shared by all connections.
-#[derive(Debug, Clone)]
+/// Every budget's rate, from the config; shared by all connections. A SIGHUP
+/// reload replaces them in place ([`Rates::set`]): each value is an atomic read
+/// with `Relaxed` ordering (a plain load on x86-64 and AArch64), so the check
+/// costs what it did with plain fields; a request racing a reload may see one
+/// budget's old interval with its new tolerance, which errs by one request at most.
+#[derive(Debug)]
 pub struct Rates {
-    budgets: [Rate; BUDGETS],
-    abuse: Rate,
+    /// Per budget in `Budget` order, then the abuse budget: (interval, tolerance).
+    cells: [(AtomicU64, AtomicU64); BUDGETS + 1],
 }
 
 impl Rates {
     pub fn new(l: &Limits) -> Rates {
-        // In `Budget` order.
-        Rates {
-            budgets: [
-                Rate::new(l.send_per_sec, l.send_burst),
-                Rate::new(l.typing_per_sec, l.typing_burst),
-                Rate::new(l.receipts_per_sec, l.receipts_burst),
-                Rate::new(l.edits_per_sec, l.edits_burst),
-                Rate::new(l.groups_per_sec, l.groups_burst),
-                Rate::new(l.settings_per_sec, l.settings_burst),
-                Rate::new(l.reads_per_sec, l.reads_burst),
-                Rate::new(l.pings_per_sec, l.pings_burst),
-            ],
-            abuse: Rate::new(l.send_per_sec, l.abuse_budget),
+        let r = Rates { cells: Default::default() };
+        r.set(l);
+        r
+    }
+
+    /// Takes the rates from `l`, for every connection's next request.
+    ///
+    /// Runs on: main (start, SIGHUP).
+    pub fn set(&self, l: &Limits) {
+        // In `Budget` order, then the abuse budget.
+        let rates = [
+            Rate::new(l.send_per_sec, l.send_burst),
+            Rate::new(l.typing_per_sec, l.typing_burst),
+            Rate::new(l.receipts_per_sec, l.receipts_burst),
+            Rate::new(l.edits_per_sec, l.edits_burst),
+            Rate::new(l.groups_per_sec, l.groups_burst),
+            Rate::new(l.settings_per_sec, l.settings_burst),
+            Rate::new(l.reads_per_sec, l.reads_burst),
+            Rate::new(l.pings_per_sec, l.pings_burst),
+            Rate::new(l.send_per_sec, l.abuse_budget),
+        ];
+        for ((interval, tolerance), r) in self.cells.iter().zip(rates) {
+            interval.store(r.interval, Ordering::Relaxed);
+            tolerance.store(r.tolerance, Ordering::Relaxed);
         }
+    }
+
+    fn get(&self, i: usize) -> Rate {
+        let (interval, tolerance) = &self.cells[i];
+        Rate { interval: interval.load(Ordering::Relaxed), tolerance: tolerance.load(Ordering::Relaxed) }
     }
 }
 
@@ -141,9 +162,9 @@ fn take(tat: &Cell<u64>, r: Rate, now: u64) -> bool {
 impl ConnLimits {
     /// Runs on: the owning shard.
     pub fn check(&self, rates: &Rates, budget: Budget, now: u64) -> Verdict {
-        if take(&self.tat[budget as usize], rates.budgets[budget as usize], now) {
+        if take(&self.tat[budget as usize], rates.get(budget as usize), now) {
             Verdict::Allow
-        } else if take(&self.tat[BUDGETS], rates.abuse, now) {
+        } else if take(&self.tat[BUDGETS], rates.get(BUDGETS), now) {
             Verdict::Refuse
         } else {
             Verdict::Close
@@ -174,6 +195,19 @@ mod tests {
                 Verdict::Close
             ]
         );
+    }
+
+    #[test]
+    fn new_rates_apply_to_connections_already_open() {
+        let mut l = crate::config::Config::default().limits;
+        l.send_per_sec = NonZeroU32::new(1).unwrap();
+        l.send_burst = NonZeroU32::new(1).unwrap();
+        let (rates, c) = (Rates::new(&l), ConnLimits::default());
+        assert_eq!(c.check(&rates, Budget::Send, 0), Verdict::Allow);
+        assert_eq!(c.check(&rates, Budget::Send, 0), Verdict::Refuse, "burst of 1");
+        l.send_burst = NonZeroU32::new(5).unwrap();
+        rates.set(&l);
+        assert_eq!(c.check(&rates, Budget::Send, 0), Verdict::Allow, "the reloaded burst, same connection");
     }
 
     #[test]

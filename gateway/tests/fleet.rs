@@ -47,6 +47,11 @@ fn fleet(redis: TestRedis) -> Fleet {
 
 /// A fleet whose nodes get `extra` config sections too.
 fn fleet_with(redis: TestRedis, extra_sections: &str) -> Fleet {
+    fleet_ttl(redis, 1000, extra_sections)
+}
+
+/// A fleet whose nodes count one dead after `ttl_ms` without heartbeats.
+fn fleet_ttl(redis: TestRedis, ttl_ms: u64, extra_sections: &str) -> Fleet {
     let store = shared_store();
     let o = redis.options();
     let mut nodes = Vec::new();
@@ -54,7 +59,7 @@ fn fleet_with(redis: TestRedis, extra_sections: &str) -> Fleet {
     for id in 1..=3u16 {
         let dir = tempfile::tempdir().unwrap();
         let extra = format!(
-            "node_id = {id}\n{store}\n[fleet]\nredis_url = {:?}\nredis_cluster = {}\nheartbeat_ms = 200\nttl_ms = 1000\nredis_timeout_ms = 400\n{extra_sections}",
+            "node_id = {id}\n{store}\n[fleet]\nredis_url = {:?}\nredis_cluster = {}\nheartbeat_ms = 200\nttl_ms = {ttl_ms}\nredis_timeout_ms = 400\n{extra_sections}",
             o.redis_url, o.cluster
         );
         // One at a time: the first applies the schema.
@@ -65,6 +70,7 @@ fn fleet_with(redis: TestRedis, extra_sections: &str) -> Fleet {
         eventually("every node sees three live nodes", || {
             http_raw(n.addr, "GET", "/metrics", &[], None).1.contains("switchboard_fleet_nodes 3")
         });
+        assert_eq!(n.readyz(), (200, String::new()), "in the ring: ready");
     }
     Fleet { nodes, redis: std::sync::Mutex::new(redis), _dirs: dirs }
 }
@@ -519,8 +525,7 @@ fn traffic_through(f: &Fleet, per_user: usize, fault: impl FnOnce(usize, &Alive)
 }
 
 fn signal(g: &TestGateway, sig: i32) {
-    // SAFETY: plain kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(g.pid() as i32, sig) }, 0);
+    g.signal(sig);
 }
 
 fn wait_nodes(f: &Fleet, alive: &Alive, n: usize) {
@@ -541,6 +546,20 @@ fn killing_the_owner_under_traffic_loses_and_repeats_nothing() {
     traffic_through(&f, 30, |owner, alive| {
         alive[owner].store(false, std::sync::atomic::Ordering::SeqCst);
         signal(&f.nodes[owner], libc::SIGKILL);
+        wait_nodes(&f, alive, 2);
+    });
+}
+
+/// SIGTERM on the owner under traffic: it drains (its clients get 1001 and go to
+/// the other nodes) and leaves the ring, and the others take its conversations
+/// over at once: the TTL here is a minute, longer than any wait of this test, so
+/// only the node's leaving can make them do it.
+#[test]
+fn draining_the_owner_under_traffic_hands_its_conversations_over() {
+    let f = fleet_ttl(TestRedis::start(), 60_000, "[limits]\ndrain_notice_ms = 300\n");
+    traffic_through(&f, 30, |owner, alive| {
+        alive[owner].store(false, std::sync::atomic::Ordering::SeqCst);
+        signal(&f.nodes[owner], libc::SIGTERM);
         wait_nodes(&f, alive, 2);
     });
 }
@@ -624,11 +643,16 @@ fn redis_outage(stop: fn(&mut TestRedis), start: fn(&mut TestRedis)) {
     assert_eq!(alice.ack_or_error("x"), Err(1022), "a command for another node is refused retryably");
     // Presence still answers, from what the node holds itself.
     assert_eq!(query_presence(&mut alice, vec![b_id]), vec![online(b_id)], "bob is here, so online");
+    // Without heartbeats for a TTL, the others count this node dead: not ready.
+    eventually("readiness fails without heartbeats", || f.nodes[home].readyz().1.contains("heartbeat"));
 
     start(&mut f.redis.lock().unwrap());
     let alive: Alive =
         std::sync::Arc::new((0..3).map(|_| std::sync::atomic::AtomicBool::new(true)).collect());
     wait_nodes(&f, &alive, 3);
+    for n in &f.nodes {
+        eventually("ready again", || n.readyz().0 == 200);
+    }
     // Retried (same client id) until it goes through: the fleet has healed itself.
     let addrs: Vec<std::net::SocketAddr> = f.nodes.iter().map(|n| n.addr).collect();
     let mut rider =

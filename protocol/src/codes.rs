@@ -128,7 +128,7 @@ impl CloseCode {
 
     pub fn reason(self) -> &'static str {
         match self {
-            CloseCode::GoingAway => "server shutting down",
+            CloseCode::GoingAway => "server shutting down: reconnect (another node serves you) and sync",
             CloseCode::ProtocolError => "websocket protocol error",
             CloseCode::InvalidPayload => "invalid utf-8 in text frame",
             CloseCode::MessageTooBig => "frame too large",

@@ -134,6 +134,8 @@ pub struct FleetConfig {
     pub loc_queue: usize,
     /// How long `fleet-out` retries a failing send before dropping it.
     pub send_retry: Duration,
+    /// A node whose heartbeats fail this long is taken for dead by the others.
+    pub ttl: Duration,
 }
 
 /// Something for `fleet-out` to send.
@@ -176,6 +178,11 @@ pub struct Router {
     leave: Option<crossbeam_channel::Sender<crossbeam_channel::Sender<()>>>,
     rejected: prometheus::IntCounter,
     nodes: prometheus::IntGauge,
+    /// When this node's heartbeat last succeeded (`now_ms`; 0: never), and the TTL it
+    /// must renew within: for readiness.
+    beat_ms: AtomicU64,
+    ttl: Duration,
+    left: AtomicBool,
 }
 
 /// The receiving ends, for [`start`].
@@ -199,6 +206,9 @@ impl Router {
             leave: None,
             rejected: metrics.rejected.with_label_values(&["fleet"]),
             nodes: metrics.fleet_nodes.clone(),
+            beat_ms: AtomicU64::new(0),
+            ttl: Duration::MAX,
+            left: AtomicBool::new(false),
         }
     }
 
@@ -211,6 +221,7 @@ impl Router {
             out: Some(out_tx),
             loc: Some(loc_tx),
             leave: Some(leave_tx),
+            ttl: cfg.ttl,
             ..Router::alone(me, metrics)
         };
         (r, Receivers { out, loc, leave })
@@ -223,6 +234,7 @@ impl Router {
     /// Runs on: main, at shutdown.
     pub fn leave(&self, wait: Duration) {
         let Some(leave) = &self.leave else { return };
+        self.left.store(true, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(1);
         if leave.try_send(tx).is_ok() {
             let _ = rx.recv_timeout(wait);
@@ -231,6 +243,35 @@ impl Router {
 
     pub fn me(&self) -> NodeId {
         self.me
+    }
+
+    /// For readiness: `Err(why)` unless this node is in the fleet's ring (always
+    /// true alone) and its last heartbeat is younger than the TTL, so the others
+    /// count it live and route its users' events to it.
+    pub fn joined(&self) -> Result<(), String> {
+        if !self.in_fleet() {
+            return Ok(());
+        }
+        if self.left.load(Ordering::Relaxed) {
+            return Err("left the fleet ring".into());
+        }
+        let at = self.beat_ms.load(Ordering::Relaxed);
+        if at == 0 || !self.ring().contains(self.me) {
+            return Err("not in the fleet ring yet".into());
+        }
+        let age = Duration::from_millis(crate::vocab::clock::now_ms().saturating_sub(at));
+        if age >= self.ttl {
+            return Err(format!(
+                "no fleet heartbeat for {} ms (ttl {} ms): the others may count this node dead",
+                age.as_millis(),
+                self.ttl.as_millis()
+            ));
+        }
+        Ok(())
+    }
+
+    fn beat_ok(&self) {
+        self.beat_ms.store(crate::vocab::clock::now_ms(), Ordering::Relaxed);
     }
 
     pub fn in_fleet(&self) -> bool {
@@ -394,6 +435,7 @@ pub fn start(
     let Links { wire, inbound, locate, locate_conns, mut members, mut reap, heartbeat, locate_presence: _ } =
         links;
     router.set_ring(members.beat()?.0);
+    router.beat_ok();
     {
         let (router, registry, metrics) = (router.clone(), registry.clone(), metrics.clone());
         std::thread::Builder::new().name("fleet-out".into()).spawn(move || {
@@ -423,7 +465,10 @@ pub fn start(
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
                 }
                 let (nodes, fresh) = match members.beat() {
-                    Ok(b) => b,
+                    Ok(b) => {
+                        router.beat_ok();
+                        b
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "fleet heartbeat failed; keeping the last ring");
                         continue;

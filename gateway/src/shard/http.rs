@@ -21,7 +21,11 @@ use storage::UserRecord;
 /// `{"status":"failing","reason"}`.
 fn health(shard: &ShardCtx, ready: bool) -> (u16, serde_json::Value) {
     let h = &shard.shared.health;
-    let r = if ready { h.ready(&shard.shared.capacity) } else { h.live() };
+    let r = if ready {
+        h.ready(&shard.shared.capacity).and_then(|()| shard.shared.router.joined())
+    } else {
+        h.live()
+    };
     match r {
         Ok(()) => (200, serde_json::json!({"status": "ok"})),
         Err(reason) => (503, serde_json::json!({"status": "failing", "reason": reason})),

@@ -177,13 +177,14 @@ async fn flusher(ctx: Rc<ShardCtx>) {
     }
 }
 
-/// On shutdown (the process sets `health.draining`): closes every connection on this
-/// shard with 1001 after its queued frames. New sockets get 503 from then on.
+/// On shutdown, once the readiness notice is over (the process sets `health.closing`):
+/// closes every connection on this shard with 1001 after its queued frames. New
+/// sockets get 503 from then on.
 ///
 /// Runs on: the owning shard.
 async fn drain_on_shutdown(ctx: Rc<ShardCtx>) {
     // A flag checked 10 times a second: shutdown is rare and needs no faster wake-up.
-    while !ctx.shared.health.draining() {
+    while !ctx.shared.health.closing() {
         monoio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let conns: Vec<Rc<Conn>> =
@@ -216,7 +217,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, kind: Listene
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = std::time::Duration::from_millis(10);
-                let slot = ctx.shared.capacity.admit_socket().filter(|_| !ctx.shared.health.draining());
+                let slot = ctx.shared.capacity.admit_socket().filter(|_| !ctx.shared.health.closing());
                 let Some(slot) = slot else {
                     refused.inc();
                     if let Some(n) = full_log.tick() {

@@ -213,7 +213,7 @@ impl TestGateway {
         // many tests pipeline hundreds of sends or set groups up with fresh users;
         // tests/rate_limits.rs and tests/hardening.rs check those rules themselves.
         let base = format!(
-            "shards = 2\n[auth]\ntoken_secret = \"{SECRET}\"\nadmin_secret = \"{ADMIN}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n[limits]\nsend_per_sec = 1000000\nsend_burst = 1000000\ngroup_adds = \"anyone\"\ngroups_burst = 1000000\n"
+            "shards = 2\n[auth]\ntoken_secret = \"{SECRET}\"\nadmin_secret = \"{ADMIN}\"\nargon2_memory_kib = 256\nargon2_iterations = 1\n[limits]\nsend_per_sec = 1000000\nsend_burst = 1000000\ngroup_adds = \"anyone\"\ngroups_burst = 1000000\ndrain_notice_ms = 0\n"
         );
         let mut config: toml::Table = base.parse().unwrap();
         for (k, v) in extra.parse::<toml::Table>().expect("extra config is TOML") {
@@ -306,6 +306,23 @@ impl TestGateway {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`, `libc::SIGHUP`) and returns at once.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Waits for the process to end by itself.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
+    /// `/readyz`: the status and the reason it gives when failing ("" when ready).
+    pub fn readyz(&self) -> (u16, String) {
+        let (status, body) = self.http("GET", "/readyz", None);
+        (status, body["reason"].as_str().unwrap_or_default().to_owned())
     }
 
     /// SIGKILL, no shutdown path at all.
@@ -578,10 +595,16 @@ pub fn online(user_id: u64) -> protocol::PresenceInfo {
 
 /// Reads until the server's close frame; returns the frames before it and its code.
 pub fn close_code(c: &mut Client) -> (Vec<ServerMsg>, u16) {
+    let (before, code, _) = close_frame(c);
+    (before, code)
+}
+
+/// Reads until the server's close frame; returns the frames before it, its code and its reason.
+pub fn close_frame(c: &mut Client) -> (Vec<ServerMsg>, u16, String) {
     let mut before = Vec::new();
     loop {
         match c.ws.read() {
-            Ok(Message::Close(Some(f))) => return (before, f.code.into()),
+            Ok(Message::Close(Some(f))) => return (before, f.code.into(), f.reason.to_string()),
             Ok(Message::Text(t)) => before.push(c.proto.decode_server(t.as_bytes()).unwrap().body),
             Ok(Message::Binary(b)) => before.push(c.proto.decode_server(&b).unwrap().body),
             Ok(_) => {}

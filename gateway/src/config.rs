@@ -55,6 +55,9 @@ pub struct FleetSettings {
     pub redis_url: Option<String>,
     /// `redis_url` names a Redis Cluster.
     pub redis_cluster: bool,
+    /// Ignore `node_id` and take the first id (1..=1023, from a random start) that
+    /// no live node holds, for nodes that are all alike (a Kubernetes Deployment).
+    pub auto_node_id: bool,
     /// Prefix of every Redis key the fleet uses (several fleets can share a Redis).
     pub redis_prefix: String,
     /// Redis connect, read and write timeout, milliseconds.
@@ -81,6 +84,7 @@ impl Default for FleetSettings {
         FleetSettings {
             redis_url: None,
             redis_cluster: false,
+            auto_node_id: false,
             redis_prefix: "sb".into(),
             redis_timeout_ms: nz64(1000),
             heartbeat_ms: nz64(1000),
@@ -577,9 +581,11 @@ impl Config {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// TOML config file; flags override it.
+    /// TOML config file; flags override it. Repeat it to layer files: each is
+    /// merged over the ones before, table by table (e.g. a secrets file with
+    /// `[auth] token_secret` over a shared config, as a Kubernetes Secret over a ConfigMap).
     #[arg(long, short = 'c', global = true)]
-    pub config: Option<PathBuf>,
+    pub config: Vec<PathBuf>,
     /// Listen address, e.g. 127.0.0.1:8080 (port 0: any free port).
     #[arg(long, global = true)]
     pub listen: Option<SocketAddr>,
@@ -608,14 +614,18 @@ pub enum Command {
 
 impl Cli {
     pub fn load(&self) -> anyhow::Result<Config> {
-        let mut cfg = match &self.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-            }
-            None => Config::default(),
-        };
+        let mut merged = toml::Table::new();
+        for path in &self.config {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            merge(&mut merged, table);
+        }
+        let mut cfg: Config = merged.try_into().with_context(|| {
+            let names: Vec<String> = self.config.iter().map(|p| p.display().to_string()).collect();
+            format!("parsing {}", names.join(" + "))
+        })?;
         if let Some(v) = self.listen {
             cfg.listen = v;
         }
@@ -633,9 +643,37 @@ impl Cli {
     }
 }
 
+/// `over` merged into `base`: tables key by key, any other value replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layered_files_merge_table_by_table() {
+        let mut base: toml::Table = toml::from_str(
+            "node_id = 1\n[auth]\ntoken_ttl_secs = 60\n[storage.postgres]\nurl = \"a\"\npool_size = 3",
+        )
+        .unwrap();
+        let over: toml::Table =
+            toml::from_str("[auth]\ntoken_secret = \"s\"\n[storage.postgres]\nurl = \"b\"").unwrap();
+        merge(&mut base, over);
+        let want: toml::Table = toml::from_str(
+            "node_id = 1\n[auth]\ntoken_ttl_secs = 60\ntoken_secret = \"s\"\n[storage.postgres]\nurl = \"b\"\npool_size = 3",
+        )
+        .unwrap();
+        assert_eq!(base, want);
+    }
 
     #[test]
     fn unknown_fields_are_rejected() {

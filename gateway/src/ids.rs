@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const EPOCH_MS: u64 = 1_735_689_600_000;
 
+/// The highest node id (10 bits).
+pub const MAX_NODE_ID: u16 = 1023;
+
 pub struct IdGen {
     node: u64,
     /// `(ms << 12) | seq` of the last id handed out.
@@ -16,7 +19,7 @@ pub struct IdGen {
 
 impl IdGen {
     pub fn new(node: u16) -> IdGen {
-        assert!(node < 1024, "node id is 10 bits");
+        assert!(node <= MAX_NODE_ID, "node id is 10 bits");
         IdGen { node: u64::from(node), last: AtomicU64::new(0) }
     }
 

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub fleet_received: IntCounter,
     /// Live nodes in this node's ring (1 when alone).
     pub fleet_nodes: IntGauge,
+    /// From an entry's append to another node's stream (its Redis-assigned id's
+    /// time) to its read by that node's `fleet-in`.
+    pub fleet_stream_lag_seconds: Histogram,
     /// SIGHUP reloads, by result (`applied`, `failed`).
     pub config_reloads: IntCounterVec,
     /// Settings the config file changes that take effect only on a restart.
@@ -135,7 +138,7 @@ impl Metrics {
                 &r,
                 "delivery_seconds",
                 "Send queued to the sequencer until its frame is queued on a recipient connection",
-                latency,
+                latency.clone(),
             ),
             slow_consumers: counter(&r, "slow_consumers_total", "Connections closed with 4008"),
             sync_backlogs: counter(&r, "sync_backlogs_total", "Connections closed with 4009"),
@@ -161,6 +164,12 @@ impl Metrics {
                 "Stream entries read from this node's stream",
             ),
             fleet_nodes,
+            fleet_stream_lag_seconds: histogram(
+                &r,
+                "fleet_stream_lag_seconds",
+                "Entry appended to this node's Redis stream until read here (Redis clock vs this node's)",
+                latency.clone(),
+            ),
             config_reloads,
             config_restart_pending: gauge(
                 &r,

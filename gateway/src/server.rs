@@ -169,7 +169,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Running> {
     start_with(cfg, Parts::default())
 }
 
-pub fn start_with(cfg: Config, parts: Parts) -> anyhow::Result<Running> {
+pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let max_sockets = socket_cap(&cfg)?;
     tracing::info!(max_sockets, "socket cap");
@@ -183,12 +183,19 @@ pub fn start_with(cfg: Config, parts: Parts) -> anyhow::Result<Running> {
     let shards = cfg.shard_count();
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(shards, metrics.mailbox_overflows.clone()));
-    let ids = Arc::new(IdGen::new(cfg.node_id));
     let push = Push::start(&cfg.push, registry.clone(), metrics.clone());
     let mut links = match parts.links {
         Some(l) => Some(l),
-        None => crate::fleet::redis::links(&cfg)?,
+        None => match crate::fleet::redis::links(&cfg)? {
+            Some((links, me)) => {
+                cfg.node_id = me;
+                Some(links)
+            }
+            None => None,
+        },
     };
+    // After the fleet's links: `fleet.auto_node_id` picks the id there.
+    let ids = Arc::new(IdGen::new(cfg.node_id));
     let (router, fleet_rx) = match &links {
         Some(_) => {
             let (r, rx) = crate::fleet::Router::member(cfg.node_id, &cfg.fleet.threads(), &metrics);

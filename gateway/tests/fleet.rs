@@ -691,3 +691,34 @@ fn with_redis_stuck_a_node_serves_its_own_and_refuses_the_rest_retryably() {
     // Frozen: connections open, nothing answered; back with everything it held.
     redis_outage(TestRedis::pause, TestRedis::resume);
 }
+
+/// Nodes that are all alike (one config, as in a Kubernetes Deployment) with
+/// `fleet.auto_node_id`: each claims an id no live node holds, and they chat.
+#[test]
+fn alike_nodes_claim_their_own_ids() {
+    let redis = TestRedis::start();
+    let o = redis.options();
+    let config = format!(
+        "{}\n[fleet]\nredis_url = {:?}\nauto_node_id = true\nheartbeat_ms = 200\nttl_ms = 1000\nredis_timeout_ms = 400\n",
+        shared_store(),
+        o.redis_url
+    );
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<TestGateway> = dirs.iter().map(|d| TestGateway::start_in(d.path(), &config)).collect();
+    for n in &nodes {
+        eventually("both nodes in the ring", || {
+            http_raw(n.addr, "GET", "/metrics", &[], None).1.contains("switchboard_fleet_nodes 2")
+        });
+        assert!(n.log().contains("claimed a node id"), "{}", n.log());
+    }
+    let (_, ta) = nodes[0].user("amy");
+    let (b, tb) = nodes[0].user("ben");
+    let mut amy = nodes[0].connect(&ta, Subprotocol::Json);
+    amy.sync(Vec::new());
+    let mut ben = nodes[1].connect(&tb, Subprotocol::Json);
+    ben.sync(Vec::new());
+    let conv = conversation_id(&amy.request(ClientMsg::CreateDirect { user_id: b }));
+    amy.send_text(conv, "hi", "across alike nodes");
+    amy.wait_ack("hi");
+    assert_eq!(ben.next_message().body, "across alike nodes");
+}

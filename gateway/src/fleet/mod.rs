@@ -761,6 +761,11 @@ fn inbound_loop(
                     continue;
                 }
             };
+            // A Redis stream id is `<ms>-<n>`, the ms of Redis's clock at the append.
+            if let Some(at) = id.split('-').next().and_then(|ms| ms.parse::<u64>().ok()) {
+                let lag_ms = crate::vocab::clock::now_ms().saturating_sub(at);
+                metrics.fleet_stream_lag_seconds.observe(lag_ms as f64 / 1000.0);
+            }
             ids.push(id);
             metrics.fleet_received.inc();
             match envelope::decode(&payload) {

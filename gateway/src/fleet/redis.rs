@@ -29,17 +29,40 @@ pub fn options(cfg: &Config) -> MembershipOptions {
     }
 }
 
-/// Joins the fleet `[fleet]` names and returns this node's links; `None` when no
-/// fleet is configured. Fails if a live process holds this node's id.
-pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
+/// Joins the fleet `[fleet]` names and returns this node's links and its node id
+/// (`cfg.node_id`, or with `fleet.auto_node_id` the first id no live process
+/// holds); `None` when no fleet is configured. Fails if a live process holds
+/// this node's id (every id, with `auto_node_id`).
+pub fn links(cfg: &Config) -> anyhow::Result<Option<(Links, NodeId)>> {
     if cfg.fleet.redis_url.is_none() {
         return Ok(None);
     }
     let opts = options(cfg);
-    let me = cfg.node_id;
     let heartbeat = opts.heartbeat;
     let redis = opts.redis.clone();
-    let (member, beat) = Member::join(opts, me).context("joining the fleet's membership in Redis")?;
+    let (me, (member, beat)) = if cfg.fleet.auto_node_id {
+        // From a random start, so nodes starting together rarely race for one id.
+        let start = rand::random::<u16>() % crate::ids::MAX_NODE_ID;
+        let mut joined = None;
+        for i in 0..crate::ids::MAX_NODE_ID {
+            let id = 1 + (start + i) % crate::ids::MAX_NODE_ID;
+            match Member::join(opts.clone(), id) {
+                Ok(j) => {
+                    joined = Some((id, j));
+                    break;
+                }
+                Err(router::MembershipError::IdTaken(_)) => continue,
+                Err(e) => return Err(e).context("joining the fleet's membership in Redis"),
+            }
+        }
+        let joined =
+            joined.context("fleet.auto_node_id: every node id (1..=1023) is held by a live process")?;
+        tracing::info!(node_id = joined.0, "fleet.auto_node_id: claimed a node id");
+        joined
+    } else {
+        let me = cfg.node_id;
+        (me, Member::join(opts, me).context("joining the fleet's membership in Redis")?)
+    };
     let live = Arc::new(Mutex::new(Routable::default()));
     live.lock().expect("live lock").saw(&beat.instances, 3 * cfg.fleet.ttl_ms.get());
     let transport =
@@ -50,7 +73,7 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
         live: live.clone(),
     };
     let (locate, locate_conns, locate_presence) = (located(), located(), located());
-    Ok(Some(Links {
+    let links = Links {
         wire: Box::new(RedisWire(Outbound::new(transport.clone(), me))),
         inbound: Box::new(RedisIn(inbound)),
         locate: Box::new(locate),
@@ -68,7 +91,8 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<Links>> {
             first: Some(beat.ring.nodes().to_vec()),
         }),
         heartbeat,
-    }))
+    };
+    Ok(Some((links, me)))
 }
 
 struct RedisWire(Outbound);

@@ -94,6 +94,14 @@ impl Metrics {
         let errors = IntCounterVec::new(Opts::new("errors_total", "Error replies by code name"), &["code"])
             .expect("valid metric");
         r.register(Box::new(errors.clone())).expect("unique metric");
+        // Every label value from the start, at 0: a rate over a series that appears
+        // only with its first error would miss that error.
+        for code in protocol::ErrorCode::ALL {
+            errors.with_label_values(&[code.name()]);
+        }
+        for code in ["commit_fenced", "commit_failed"] {
+            errors.with_label_values(&[code]);
+        }
         let rejected = IntCounterVec::new(
             Opts::new("queue_rejections_total", "Work refused by a full queue"),
             &["queue"],
@@ -106,6 +114,9 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(config_reloads.clone())).expect("unique metric");
+        for result in ["applied", "failed"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let process = Registry::new();
         // A counter in meaning; exposed through a gauge because it is read, not incremented.
         let cpu_seconds = Gauge::new("process_cpu_seconds_total", "User and system CPU time, seconds")

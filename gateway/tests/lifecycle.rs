@@ -125,3 +125,29 @@ fn health_answers_on_both_paths() {
     let (status, body) = g.http("GET", "/healthz", None);
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
 }
+
+/// Under systemd (`Type=notify`, deploy/systemd): the gateway says READY=1 once
+/// it serves, RELOADING=1 (with the monotonic time systemd 253+ needs) then
+/// READY=1 around a SIGHUP, and STOPPING=1 when it starts draining.
+#[test]
+fn tells_systemd_ready_reloading_and_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let g = TestGateway::start_with_env(tmp.path(), "", &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    assert_eq!(next(), "READY=1\n");
+    assert_eq!(g.http("GET", "/readyz", None).0, 200, "serving by the time it said so");
+    g.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading:?}");
+    assert_eq!(next(), "READY=1\n");
+    g.signal(libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1\n");
+    assert!(g.wait_exit().success());
+}

@@ -235,17 +235,29 @@ impl TestGateway {
 
     /// Starts with exactly this config file text.
     pub fn start_with_config(dir: &Path, config: &str, args: &[&str]) -> TestGateway {
-        Self::spawn(dir, config, args, None)
+        Self::spawn(dir, config, args, None, &[])
+    }
+
+    /// Like [`start_in`](Self::start_in), with these environment variables set.
+    pub fn start_with_env(dir: &Path, extra: &str, env: &[(&str, &str)]) -> TestGateway {
+        let text = Self::config_text(dir, extra);
+        Self::spawn(dir, &text, &[], None, env)
     }
 
     /// Like [`start_in`](Self::start_in), with the process's open-files limit (soft and
     /// hard) set to `nofile`, as an operator's `LimitNOFILE` would.
     pub fn start_with_nofile(dir: &Path, extra: &str, nofile: u64) -> TestGateway {
         let text = Self::config_text(dir, extra);
-        Self::spawn(dir, &text, &[], Some(nofile))
+        Self::spawn(dir, &text, &[], Some(nofile), &[])
     }
 
-    fn spawn(dir: &Path, config: &str, args: &[&str], nofile: Option<u64>) -> TestGateway {
+    fn spawn(
+        dir: &Path,
+        config: &str,
+        args: &[&str],
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> TestGateway {
         let cfg = dir.join("gateway.toml");
         std::fs::write(&cfg, config).unwrap();
         let log =
@@ -265,6 +277,7 @@ impl TestGateway {
             }
         }
         let mut child = cmd
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(&cfg)
             .arg("--listen")

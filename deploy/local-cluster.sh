@@ -10,6 +10,12 @@
 #   deploy/local-cluster.sh status   each part's health; exits 1 if any is unwell
 #   deploy/local-cluster.sh down     stop exactly what `up` started, remove its files
 #
+# And for rolling restarts and failure drills (scripts/chaos drives these):
+#   deploy/local-cluster.sh node N start|stop|restart|kill|pause|resume
+#       stop/restart drain (SIGTERM); kill is kill -9; pause/resume are SIGSTOP/SIGCONT
+#   deploy/local-cluster.sh redis restart       (comes back empty: the fleet re-forms)
+#   deploy/local-cluster.sh postgres restart
+#
 # Addresses (override with the environment before `up`):
 #   clients (HAProxy)   ws://127.0.0.1:${SB_PORT:-8000}/v1/ws
 #   nodes               127.0.0.1:${SB_NODE_PORTS:-8081 8082 8083}
@@ -34,11 +40,16 @@ dir=${SWITCHBOARD_CLUSTER_DIR:-${TMPDIR:-/tmp}/switchboard-local-cluster}
 profile=${PROFILE:-release}
 bin=$repo/target/$profile
 port=${SB_PORT:-8000}
-read -r -a node_ports <<< "${SB_NODE_PORTS:-8081 8082 8083}"
+node_list=${SB_NODE_PORTS:-8081 8082 8083}
 stats_port=${SB_STATS_PORT:-8404}
 prom_port=${SB_PROMETHEUS_PORT:-9090}
 redis_port=${SB_REDIS_PORT:-6390}
 pg_port=${SB_PG_PORT:-5440}
+# A cluster that is up keeps the addresses and binaries it started with.
+if [[ "${1:-}" != up && -f "$dir/env" ]]; then
+  . "$dir/env"
+fi
+read -r -a node_ports <<< "$node_list"
 # The readiness notice covers HAProxy's checks (inter 1s, fall 2) and one check's time.
 drain_notice_ms=2500
 
@@ -67,8 +78,11 @@ port_free() {
   python3 -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1",int(sys.argv[1])))' "$1" 2>/dev/null
 }
 
-# Records a started part: name and pid, one per line, in start order.
-record() { echo "$1 $2" >> "$dir/pids"; }
+# Records a started part: name and pid, one per line (a restart replaces its line).
+record() {
+  sed -i "/^$1 /d" "$dir/pids"
+  echo "$1 $2" >> "$dir/pids"
+}
 
 pid_of() { awk -v n="$1" '$1 == n {print $2}' "$dir/pids" 2>/dev/null; }
 
@@ -93,6 +107,7 @@ up() {
   mkdir -p "$dir"
   chmod 755 "$dir"
   : > "$dir/pids"
+  declare -p bin port node_list stats_port prom_port redis_port pg_port > "$dir/env"
   # A failed `up` leaves nothing running.
   trap 'say "up failed: stopping what started"; down_quiet' EXIT
 
@@ -243,9 +258,78 @@ down() {
   say "down"
 }
 
+need_up() { [[ -f "$dir/pids" ]] || fleet_fail "not up (no $dir/pids)"; }
+
+# Waits until pid $1 has exited (up to $2 tenths of a second).
+wait_gone() {
+  for _ in $(seq "$2"); do alive "$1" || return 0; sleep 0.1; done
+  return 1
+}
+
+node() {
+  need_up
+  local n=$1 action=$2 pid np
+  [[ "$n" =~ ^[0-9]+$ && "$n" -ge 1 && "$n" -le ${#node_ports[@]} ]] || fleet_fail "no node $n (1..${#node_ports[@]})"
+  pid=$(pid_of "node$n")
+  np=${node_ports[$((n - 1))]}
+  case "$action" in
+    start)
+      ! alive "$pid" || fleet_fail "node$n is running (pid $pid)"
+      fleet_start_gateway "$bin" "$dir/node$n.toml" "$dir/node$n" "127.0.0.1:$np" "$dir/node$n"
+      record "node$n" "$fleet_gateway_pid"
+      # Back in service: in the ring and ready (HAProxy sends it clients again).
+      for _ in $(seq 300); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$np/readyz") == 200 ]] && break
+        sleep 0.1
+      done
+      say "node$n started (pid $fleet_gateway_pid)"
+      ;;
+    stop)
+      alive "$pid" || fleet_fail "node$n is not running"
+      kill -TERM "$pid"
+      wait_gone "$pid" 200 || fleet_fail "node$n did not finish draining" "$dir/node$n.log"
+      say "node$n drained and stopped"
+      ;;
+    restart) node "$n" stop; node "$n" start ;;
+    kill)
+      alive "$pid" || fleet_fail "node$n is not running"
+      kill -9 "$pid"
+      wait_gone "$pid" 50 || true
+      say "node$n killed (-9)"
+      ;;
+    pause) kill -STOP "$pid"; say "node$n paused (SIGSTOP)" ;;
+    resume) kill -CONT "$pid"; say "node$n resumed (SIGCONT)" ;;
+    *) fleet_fail "node N start|stop|restart|kill|pause|resume" ;;
+  esac
+}
+
+redis() {
+  need_up
+  [[ "${1:-}" == restart ]] || fleet_fail "redis restart"
+  local pid
+  pid=$(pid_of redis)
+  kill -TERM "$pid" 2>/dev/null || true
+  wait_gone "$pid" 100 || kill -9 "$pid" 2>/dev/null || true
+  fleet_start_redis "$dir" "$redis_port"
+  record redis "$fleet_redis_pid"
+  say "redis restarted, empty (pid $fleet_redis_pid)"
+}
+
+postgres() {
+  need_up
+  [[ "${1:-}" == restart ]] || fleet_fail "postgres restart"
+  "${fleet_as_pg[@]}" "$fleet_pgbin/pg_ctl" -D "$dir/pg" -l "$dir/pg/log" -m fast -w restart > /dev/null \
+    || fleet_fail "postgres did not restart" "$dir/pg/log"
+  record postgres "$(head -1 "$dir/pg/postmaster.pid")"
+  say "postgres restarted (pid $(pid_of postgres))"
+}
+
 case "${1:-}" in
   up) up ;;
   status) status ;;
   down) down ;;
-  *) echo "usage: $0 up|status|down" >&2; exit 2 ;;
+  node) node "${2:-}" "${3:-}" ;;
+  redis) redis "${2:-}" ;;
+  postgres) postgres "${2:-}" ;;
+  *) echo "usage: $0 up|status|down|node N start|stop|restart|kill|pause|resume|redis restart|postgres restart" >&2; exit 2 ;;
 esac

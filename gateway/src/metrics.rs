@@ -36,6 +36,8 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     pub slow_consumers: IntCounter,
     pub sync_backlogs: IntCounter,
+    /// Connections closed with 4008 because a conversation's next event skipped a position.
+    pub order_gaps: IntCounter,
     pub mailbox_overflows: IntCounter,
     pub rejected: IntCounterVec,
     /// Notifications handed to the push backend.
@@ -153,6 +155,11 @@ impl Metrics {
             ),
             slow_consumers: counter(&r, "slow_consumers_total", "Connections closed with 4008"),
             sync_backlogs: counter(&r, "sync_backlogs_total", "Connections closed with 4009"),
+            order_gaps: counter(
+                &r,
+                "order_gaps_total",
+                "Connections resynced (4008) because an event skipped a position (a fail-over's lost events)",
+            ),
             mailbox_overflows: counter(&r, "mailbox_overflows_total", "Events dropped by a full mailbox"),
             rejected,
             push_notifications: counter(

@@ -291,6 +291,10 @@ struct Rider {
     seen: std::collections::BTreeMap<u64, String>,
     /// Its sends' acknowledged positions, by client id.
     acked: Vec<(String, u64)>,
+    /// The last group position its current connection showed (message or ack).
+    shown: u64,
+    /// Where a connection broke the group's order: a position shown twice or skipped.
+    breaks: Vec<String>,
 }
 
 /// Nodes a rider may connect to (a killed or stopped node is not).
@@ -308,8 +312,21 @@ impl Rider {
 
     fn note(&mut self, group: u64, m: protocol::Message) {
         if m.conversation_id == group {
+            if m.seq != self.shown + 1 {
+                self.breaks.push(format!("position {} after {} on node {}", m.seq, self.shown, self.node));
+            }
+            self.shown = self.shown.max(m.seq);
             self.seen.insert(m.seq, m.body);
         }
+    }
+
+    /// An ack takes its place in the connection's order too (one for a resend may
+    /// name a position shown already).
+    fn note_ack(&mut self, seq: u64) {
+        if seq > self.shown + 1 {
+            self.breaks.push(format!("ack of position {seq} after {} on node {}", self.shown, self.node));
+        }
+        self.shown = self.shown.max(seq);
     }
 
     /// Connects to the first live node from its current one on, and syncs.
@@ -322,6 +339,8 @@ impl Rider {
                 }
                 let mut c = Client::connect(addrs[n], &self.token, Subprotocol::Json);
                 c.ws.get_mut().set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+                self.shown = self.upto();
+                self.node = n;
                 let id = c.send(ClientMsg::Sync {
                     positions: vec![Position { conversation_id: group, seq: self.upto() }],
                 });
@@ -368,6 +387,7 @@ impl Rider {
             }
             match answer {
                 Some(Ok(seq)) => {
+                    self.note_ack(seq);
                     self.seen.insert(seq, id.into());
                     self.acked.push((id.into(), seq));
                     return;
@@ -443,8 +463,15 @@ fn traffic_through(f: &Fleet, per_user: usize, fault: impl FnOnce(usize, &Alive)
         .map(|(i, (_, token))| {
             let (addrs, alive, acks, token) = (addrs.clone(), alive.clone(), acks.clone(), token.clone());
             std::thread::spawn(move || {
-                let mut r =
-                    Rider { token, node: i % 3, client: None, seen: Default::default(), acked: Vec::new() };
+                let mut r = Rider {
+                    token,
+                    node: i % 3,
+                    client: None,
+                    seen: Default::default(),
+                    acked: Vec::new(),
+                    shown: 0,
+                    breaks: Vec::new(),
+                };
                 for j in 0..per_user {
                     r.send(&addrs, &alive, group, &format!("r{i}-{j}"));
                     acks.fetch_add(1, Ordering::SeqCst);
@@ -521,6 +548,9 @@ fn traffic_through(f: &Fleet, per_user: usize, fault: impl FnOnce(usize, &Alive)
         for (seq, body) in &history {
             assert_eq!(r.seen.get(seq), Some(body), "rider {i} was shown position {seq} as stored");
         }
+        // Each connection showed the group in order, nothing twice (a new owner's
+        // re-shown tail included), nothing skipped.
+        assert!(r.breaks.is_empty(), "rider {i}'s connections broke the group's order: {:?}", r.breaks);
     }
 }
 
@@ -655,8 +685,15 @@ fn redis_outage(stop: fn(&mut TestRedis), start: fn(&mut TestRedis)) {
     }
     // Retried (same client id) until it goes through: the fleet has healed itself.
     let addrs: Vec<std::net::SocketAddr> = f.nodes.iter().map(|n| n.addr).collect();
-    let mut rider =
-        Rider { token: ta.clone(), node: home, client: None, seen: Default::default(), acked: Vec::new() };
+    let mut rider = Rider {
+        token: ta.clone(),
+        node: home,
+        client: None,
+        seen: Default::default(),
+        acked: Vec::new(),
+        shown: 0,
+        breaks: Vec::new(),
+    };
     drop(alice);
     rider.send(&addrs, &alive, group, "x");
     rider.send(&addrs, &alive, direct, "after");

@@ -144,4 +144,12 @@ pub struct WorkerResult {
     pub latency_by_hops: Vec<String>,
     /// Per second since `Go`: (sent, delivered).
     pub timeline: Vec<(u64, u64)>,
+    /// With --reconnect: from a connection's drop to its `sync` done on a new one,
+    /// base64 HdrHistogram V2, µs.
+    #[serde(default)]
+    pub reconnect_time: String,
+    /// The longest any recipient waited for a message (scheduled send to first
+    /// sight, warm-up included): the longest gap a client saw in a conversation, µs.
+    #[serde(default)]
+    pub longest_delivery_us: u64,
 }

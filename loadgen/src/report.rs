@@ -47,6 +47,8 @@ impl Summary {
         let mut by_hops = [histogram(), histogram(), histogram()];
         let mut ack_latency = histogram();
         let mut send_lag = histogram();
+        let mut reconnect_time = histogram();
+        let mut longest_delivery_us = 0;
         let mut timeline: Vec<(u64, u64)> = Vec::new();
         for r in results {
             c.add(&r.counters);
@@ -58,6 +60,10 @@ impl Summary {
             if !r.send_lag.is_empty() {
                 send_lag.add(decode_hist(&r.send_lag)?)?;
             }
+            if !r.reconnect_time.is_empty() {
+                reconnect_time.add(decode_hist(&r.reconnect_time)?)?;
+            }
+            longest_delivery_us = longest_delivery_us.max(r.longest_delivery_us);
             if timeline.len() < r.timeline.len() {
                 timeline.resize(r.timeline.len(), (0, 0));
             }
@@ -114,6 +120,8 @@ impl Summary {
             "latency_by_hops_us": by_hops.iter().map(percentiles).collect::<Vec<_>>(),
             "ack_latency_us": percentiles(&ack_latency),
             "send_lag_us": percentiles(&send_lag),
+            "reconnect_us": percentiles(&reconnect_time),
+            "longest_delivery_gap_us": longest_delivery_us,
             "gateway": {
                 "cpu_us_per_delivery": per(cpu.map(|v| v * 1e6), deliveries),
                 "cpu_us_per_message": per(cpu.map(|v| v * 1e6), stored),
@@ -187,6 +195,22 @@ pub fn print_table(s: &Summary) {
             );
         }
     }
+    if j["reconnect_us"]["count"].as_u64().unwrap_or(0) > 0 {
+        let p = &j["reconnect_us"];
+        println!(
+            "  reconnect      {:>9} {:>9} {:>9} {:>9} {:>9}   ({}; drop to sync done)",
+            ms(&p["p50"]),
+            ms(&p["p95"]),
+            ms(&p["p99"]),
+            ms(&p["p999"]),
+            ms(&p["max"]),
+            p["count"]
+        );
+    }
+    println!(
+        "  longest delivery gap {} ms (the longest any recipient waited for a message, warm-up included)",
+        ms(&j["longest_delivery_gap_us"])
+    );
     let g = &j["gateway"];
     println!();
     println!("  gateway CPU per delivery   {} µs", g["cpu_us_per_delivery"]);

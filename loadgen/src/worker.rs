@@ -86,6 +86,13 @@ struct State {
     /// How late each send reached the socket after its scheduled time: loadgen's
     /// own timing error, which every latency above includes.
     send_lag: Histogram<u64>,
+    /// With --reconnect: drop to `sync` done on the next connection.
+    reconnect_time: Histogram<u64>,
+    /// The longest scheduled-send-to-first-sight of any delivery, warm-up included.
+    longest_delivery_us: u64,
+    /// Out-of-order and duplicate observations so far (the first few of each are logged).
+    anomalies: u64,
+    duplicates_noted: u64,
     convs: HashMap<u64, ConvTrack>,
     /// The node each local user's connection is on now (from its `connection_id`).
     node: Vec<u16>,
@@ -383,6 +390,10 @@ async fn work(
         by_hops: [histogram(), histogram(), histogram()],
         ack_latency: histogram(),
         send_lag: histogram(),
+        reconnect_time: histogram(),
+        longest_delivery_us: 0,
+        anomalies: 0,
+        duplicates_noted: 0,
         convs: HashMap::new(),
         node: vec![0; n],
         timeline: Vec::new(),
@@ -535,6 +546,8 @@ async fn work(
             ack_latency: encode_hist(&s.ack_latency),
             send_lag: encode_hist(&s.send_lag),
             timeline: s.timeline.clone(),
+            reconnect_time: encode_hist(&s.reconnect_time),
+            longest_delivery_us: s.longest_delivery_us,
         }
     };
     send_line(wr, &FromWorker::Result(Box::new(result))).await?;
@@ -578,6 +591,14 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
                 return;
             }
             s.c.out_of_order += u64::from(ooo);
+            if ooo {
+                note_anomaly(&mut s.anomalies, s.start, || {
+                    format!(
+                        "out of order: user {} on node {node} got conversation {} position {} after {}",
+                        me.i, message.conversation_id, message.seq, me.seen[&message.conversation_id].last
+                    )
+                });
+            }
             if message.kind != MessageKind::Text {
                 return;
             }
@@ -592,8 +613,19 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
             let Some(track) = s.convs.get_mut(&message.conversation_id) else { return };
             // One send stored at two positions: a real duplicate.
             let send = ((from as u64) << 32) | k;
-            match track.sends.insert(send, message.seq) {
-                Some(other) if other != message.seq => s.c.duplicates += 1,
+            let twice = track.sends.insert(send, message.seq).filter(|&other| other != message.seq);
+            match twice {
+                Some(other) => {
+                    s.c.duplicates += 1;
+                    let conv = message.conversation_id;
+                    note_anomaly(&mut s.duplicates_noted, s.start, || {
+                        format!(
+                            "duplicate: send {from}/{k} stored at positions {other} and {} of conversation {conv} \
+                             (seen by user {} on node {node})",
+                            message.seq, me.i
+                        )
+                    });
+                }
                 _ => {}
             }
             if message.sender_id == ctx.user_ids[me.i] {
@@ -611,6 +643,7 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
                 .owner
                 .map(|o| usize::from(s.node.get(from).is_some_and(|&n| n != o)) + usize::from(node != o));
             s.c.delivered += 1;
+            s.longest_delivery_us = s.longest_delivery_us.max(now.saturating_sub(sched));
             if sched >= s.measured_from_us {
                 let v = now.saturating_sub(sched).max(1);
                 let _ = s.latency.record(v);
@@ -625,6 +658,14 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
         ServerMsg::Ack { conversation_id, client_msg_id, seq, .. } => {
             let (_, ooo) = me.seen.entry(conversation_id).or_default().observe(seq);
             s.c.out_of_order += u64::from(ooo);
+            if ooo {
+                note_anomaly(&mut s.anomalies, s.start, || {
+                    format!(
+                        "out of order: user {} on node {node} got the ack of conversation {conversation_id} position {seq} after {}",
+                        me.i, me.seen[&conversation_id].last
+                    )
+                });
+            }
             let mut id = client_msg_id.split('.');
             let k = id.next().and_then(|v| v.parse::<u64>().ok());
             if ctx.a.reconnect && k.is_none_or(|k| me.pending.remove(&k).is_none()) {
@@ -661,6 +702,19 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
             }
         }
         _ => {}
+    }
+}
+
+/// Logs the first few anomalies (out of order, duplicate) a worker sees, with what
+/// identifies them, for whoever reads a failed run's log.
+fn note_anomaly(count: &mut u64, start: Option<Instant>, what: impl FnOnce() -> String) {
+    *count += 1;
+    if *count <= 10 {
+        eprintln!(
+            "loadgen worker: {} (+{} ms into the run)",
+            what(),
+            start.map_or(0, |t| t.elapsed().as_millis())
+        );
     }
 }
 
@@ -735,6 +789,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
         if !ctx.a.reconnect {
             return;
         }
+        let dropped = Instant::now();
         // Reconnect: the next target, with jittered exponential backoff, until the grace period ends.
         let give_up = ctx.end + Duration::from_millis(ctx.a.grace_ms);
         conn = loop {
@@ -753,7 +808,11 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
             }
         };
         backoff = Duration::from_millis(100);
-        ctx.state.borrow_mut().c.reconnects += 1;
+        {
+            let mut s = ctx.state.borrow_mut();
+            s.c.reconnects += 1;
+            let _ = s.reconnect_time.record((dropped.elapsed().as_micros() as u64).max(1));
+        }
         // What was not acknowledged goes again, same client_msg_id (the server dedupes).
         if let Some(conv) = conv {
             me.retry.clear();

@@ -59,10 +59,12 @@ fleet_stop_postgres() {
 
 # fleet_start_gateway BIN CONFIG DATA_DIR LISTEN OUT_PREFIX: starts a gateway and
 # waits for its readiness line; sets fleet_gateway_pid and fleet_gateway_addr.
-# Its stdout goes to OUT_PREFIX.out, its log to OUT_PREFIX.log.
+# Its stdout goes to OUT_PREFIX.out, its log to OUT_PREFIX.log (appended).
 fleet_start_gateway() {
   local bin=$1 config=$2 data=$3 listen=$4 out=$5 line=""
-  "${fleet_detach[@]}" "$bin/gateway" --config "$config" --listen "$listen" --data-dir "$data" > "$out.out" 2> "$out.log" &
+  # Emptied here, before the start: a restart must not read the last run's line.
+  : > "$out.out"
+  "${fleet_detach[@]}" "$bin/gateway" --config "$config" --listen "$listen" --data-dir "$data" > "$out.out" 2>> "$out.log" &
   fleet_gateway_pid=$!
   for _ in $(seq 600); do
     line=$(head -1 "$out.out" 2>/dev/null || true)

@@ -112,10 +112,14 @@ struct SyncState {
     started: bool,
     /// Events held until then (bounded by `max_pending_events`).
     pending: VecDeque<Arc<Event>>,
-    /// Per conversation, the highest position the client already has (by its word or by
-    /// the replay). An event committed before the replay read may still be on its way
-    /// through the mailbox when live delivery starts; it is dropped here. An entry goes
-    /// once a later position arrives, so this holds at most the replayed conversations.
+    /// Per conversation, the highest position the client has (by its word, the replay
+    /// or live delivery): the connection's order. A live event at or below it is not
+    /// shown again (one committed before the replay read, still on its way through the
+    /// mailbox; a new owner's re-shown tail after a fail-over; a deposed owner's late
+    /// event). One past it is shown and moves it. Further on, a position was skipped
+    /// (its event was lost in a fail-over): the connection is closed with 4008 so the
+    /// client syncs the gap from the store, in order. At most [`ORDER_TRACKED`]
+    /// conversations per connection (past that, new ones go unchecked).
     floor: HashMap<ConversationId, Seq>,
 }
 
@@ -446,13 +450,66 @@ impl Conn {
         self.out_drained.notify();
     }
 
+    /// Keeps the connection's order for a message event (see `SyncState::floor`):
+    /// false when it is not to be shown. An ack (`mine`) is always shown (the
+    /// client waits for it) unless a position before it was skipped.
+    ///
+    /// Runs on: the owning shard.
+    fn in_order(&self, m: &protocol::Message, mine: bool) -> bool {
+        let mut sync = self.sync.borrow_mut();
+        // Before `sync`, events are held and offered again once it is done.
+        if !sync.synced {
+            return true;
+        }
+        let conv = m.conversation_id;
+        let removed =
+            matches!(m.kind, protocol::MessageKind::MemberRemoved | protocol::MessageKind::MemberLeft)
+                && m.target_user_id == Some(self.user);
+        match sync.floor.get(&conv).copied() {
+            Some(last) if m.seq <= last => return mine,
+            Some(last) if m.seq > last + 1 => {
+                drop(sync);
+                let gaps = &self.shard.shared.metrics.order_gaps;
+                gaps.inc();
+                if gaps.get() == 1 {
+                    tracing::warn!(
+                        user = self.user,
+                        conversation = conv,
+                        after = last,
+                        got = m.seq,
+                        "an event skipped a position: the connection resyncs (logged once)"
+                    );
+                }
+                self.close(Some(CloseCode::SlowConsumer));
+                return false;
+            }
+            Some(_) => {
+                sync.floor.insert(conv, m.seq);
+            }
+            None if sync.floor.len() < ORDER_TRACKED => {
+                sync.floor.insert(conv, m.seq);
+            }
+            None => {}
+        }
+        // Removed from it: what comes after (if added again) is not this order's next.
+        if removed {
+            sync.floor.remove(&conv);
+        }
+        true
+    }
+
     /// Shows an event from the user's mailbox to this connection.
     ///
     /// Runs on: the owning shard (the user slot's drain task).
     pub fn offer(&self, ev: &Arc<Event>) {
         match &ev.kind {
             EventKind::Message { message, origin, to_others } => {
-                if *origin == Some(self.id) {
+                // The connection's order (see `SyncState::floor`); acks take their place in it too.
+                let mine = *origin == Some(self.id);
+                if (mine || *to_others) && !self.in_order(message, mine) {
+                    return;
+                }
+                if mine {
                     self.shard.shared.metrics.acks.inc();
                     // Queued before `settled`: the close frame, if waiting, goes after it.
                     self.reply(
@@ -479,12 +536,6 @@ impl Conn {
                         sync.pending.push_back(ev.clone());
                     }
                     return;
-                }
-                if let Some(&floor) = sync.floor.get(&message.conversation_id) {
-                    if message.seq <= floor {
-                        return;
-                    }
-                    sync.floor.remove(&message.conversation_id);
                 }
                 drop(sync);
                 if let Some(f) = ev.broadcast_frame(self.proto) {
@@ -1300,6 +1351,9 @@ fn removal_after(
     }
     Ok(None)
 }
+
+/// Most conversations whose order one connection keeps (`SyncState::floor`).
+const ORDER_TRACKED: usize = 1024;
 
 /// Replays what the client missed, then switches the connection to live events.
 ///

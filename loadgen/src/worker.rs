@@ -614,19 +614,16 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
             // One send stored at two positions: a real duplicate.
             let send = ((from as u64) << 32) | k;
             let twice = track.sends.insert(send, message.seq).filter(|&other| other != message.seq);
-            match twice {
-                Some(other) => {
-                    s.c.duplicates += 1;
-                    let conv = message.conversation_id;
-                    note_anomaly(&mut s.duplicates_noted, s.start, || {
-                        format!(
-                            "duplicate: send {from}/{k} stored at positions {other} and {} of conversation {conv} \
-                             (seen by user {} on node {node})",
-                            message.seq, me.i
-                        )
-                    });
-                }
-                _ => {}
+            if let Some(other) = twice {
+                s.c.duplicates += 1;
+                let conv = message.conversation_id;
+                note_anomaly(&mut s.duplicates_noted, s.start, || {
+                    format!(
+                        "duplicate: send {from}/{k} stored at positions {other} and {} of conversation {conv} \
+                         (seen by user {} on node {node})",
+                        message.seq, me.i
+                    )
+                });
             }
             if message.sender_id == ctx.user_ids[me.i] {
                 // Our own message, replayed by a sync or shown again after a fail-over:

@@ -78,6 +78,11 @@ impl Sequencer {
         Sequencer { tx, rejected }
     }
 
+    /// Commands waiting in the queue (not counting a batch being committed).
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
     /// Queues a command; hands it back if the queue is full.
     ///
     /// Runs on: any shard. Never blocks.

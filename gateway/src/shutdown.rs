@@ -10,9 +10,12 @@
 //!    are not read (they have no answer; the client resends them after reconnecting,
 //!    with the same `client_msg_id`, and the store's idempotency keys answer them
 //!    with the first outcome). Commands already queued in the node still commit.
-//! 3. Once the connections are gone, or 2 s before the deadline: the node leaves
-//!    the fleet's ring, and the others take its conversations over at their next
-//!    heartbeat (claiming them fences this node's writes), instead of after its TTL.
+//! 3. Once the connections are gone, or 2 s before the deadline: in a fleet, the
+//!    node stops reading its stream, finishes the commands it read and sends the
+//!    replies and events queued for other nodes (their clients wait for them),
+//!    then leaves the fleet's ring, and the others take its conversations over at
+//!    their next heartbeat (claiming them fences this node's writes; the lowest
+//!    reaps what was left unread in its stream), instead of after its TTL.
 //! 4. The process exits (a watchdog thread ends it at the deadline, whatever is left).
 //!
 //! Every acknowledged message is already durable (an ack is sent only after its
@@ -96,8 +99,14 @@ pub fn drain(shared: &Shared, notice: Duration, grace: Duration) -> i64 {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    // In a fleet: leave now, so the others take this node's conversations over at
-    // their next heartbeat rather than after its registration expires.
+    // In a fleet: stop reading this node's stream and finish what was read (the
+    // replies to other nodes' clients go out), then leave, so the others take this
+    // node's conversations over at their next heartbeat rather than after its
+    // registration expires (and reap what is left in its stream).
+    let rest = deadline.saturating_duration_since(Instant::now());
+    if !shared.router.quiesce(&shared.sequencer, rest.saturating_sub(LEAVE_BUDGET / 2).min(LEAVE_BUDGET)) {
+        tracing::warn!("draining: the fleet queues did not empty in time");
+    }
     shared.router.leave(deadline.saturating_duration_since(Instant::now()).min(LEAVE_BUDGET));
     left
 }

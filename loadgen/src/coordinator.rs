@@ -193,6 +193,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
 
     let before = scrape_all(&metrics_url);
+    // From here to every worker's Ready: connecting (paced by --ramp), each
+    // connection's sync, and the workers' conversations set up.
+    let connecting = std::time::Instant::now();
     // Assign contiguous slices of users; each worker runs whole conversations.
     let mut workers = Vec::new();
     let per = args.connections.div_ceil(total_workers);
@@ -235,9 +238,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             other => bail!("unexpected {other:?}"),
         }
     }
+    let connect_secs = connecting.elapsed().as_secs_f64();
     eprintln!(
-        "loadgen: {}/{} connected ({} errors); sending {} msg/s for {:?}",
-        setup.connected, setup.connections, setup.connect_errors, args.rate, args.duration
+        "loadgen: {}/{} connected ({} errors) in {connect_secs:.1} s ({:.0}/s, synced and set up); sending {} msg/s for {:?}",
+        setup.connected,
+        setup.connections,
+        setup.connect_errors,
+        setup.connected as f64 / connect_secs.max(1e-3),
+        args.rate,
+        args.duration
     );
     let connected_scrape = scrape_all(&metrics_url);
     let start_unix_ms = (crate::worker::now_us() / 1000) + 500;
@@ -328,7 +337,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
 
     let results: Vec<WorkerResult> = results.into_iter().flatten().collect();
-    let summary = Summary::build(
+    let mut summary = Summary::build(
         &args,
         &results,
         before.as_ref(),
@@ -336,6 +345,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         warm.as_ref(),
         after.as_ref(),
     )?;
+    summary.json["connect_seconds"] = serde_json::json!((connect_secs * 10.0).round() / 10.0);
     report::print_table(&summary);
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&summary.json)?)?;

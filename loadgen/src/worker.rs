@@ -560,7 +560,8 @@ struct Local {
     i: usize,
     seen: HashMap<u64, Seen>,
     /// Send counter → scheduled time, until acknowledged (only with --reconnect).
-    pending: BTreeMap<u64, u64>,
+    /// (scheduled time, when it last went out.)
+    pending: BTreeMap<u64, (u64, Instant)>,
     /// Sends refused with a retryable error, to send again at the given time.
     retry: VecDeque<(Instant, u64)>,
 }
@@ -715,6 +716,9 @@ fn note_anomaly(count: &mut u64, start: Option<Instant>, what: impl FnOnce() -> 
     }
 }
 
+/// A send with no answer this long on a live connection goes again (same id).
+const RESEND_AFTER: Duration = Duration::from_secs(10);
+
 /// A send refused with a retryable error (1020, 1022) goes again after this.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
 
@@ -730,6 +734,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
     let mut sleep = ctx.timer.sleep_until(at(0));
     let mut target = i % ctx.a.targets.len();
     let mut backoff = Duration::from_millis(100);
+    let mut resend_check = Instant::now() + Duration::from_secs(1);
     loop {
         // One session: until the connection drops.
         loop {
@@ -750,7 +755,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                     let sched = ctx.start_unix_us + (due(k) * 1e6) as u64;
                     let msg = conn.message(send_msg(&ctx, i, conv, k, sched), 0);
                     if ctx.a.reconnect {
-                        me.pending.insert(k, sched);
+                        me.pending.insert(k, (sched, Instant::now()));
                         ctx.state.borrow_mut().c.unanswered += 1;
                     }
                     k += 1;
@@ -771,9 +776,32 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                         let _ = s.send_lag.record(now_us().saturating_sub(sched).max(1));
                     }
                 }
+                // No answer on a live connection for RESEND_AFTER (its reply was lost
+                // with a node that failed after committing it): send it again, as a
+                // client does; the server answers a resend with the first outcome.
+                () = tokio::time::sleep_until(resend_check.into()), if ctx.a.reconnect && !me.pending.is_empty() => {
+                    resend_check = Instant::now() + Duration::from_secs(1);
+                    let stale: Vec<(u64, u64)> = me
+                        .pending
+                        .iter()
+                        .filter(|(_, (_, at))| at.elapsed() >= RESEND_AFTER)
+                        .map(|(&k, &(s, _))| (k, s))
+                        .collect();
+                    if let Some(conv) = conv {
+                        for (rk, sched) in stale {
+                            ctx.state.borrow_mut().c.resent += 1;
+                            if let Some(p) = me.pending.get_mut(&rk) {
+                                p.1 = Instant::now();
+                            }
+                            if conn.send_frame(send_msg(&ctx, i, conv, rk, sched)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
                 () = tokio::time::sleep_until(retry_at.unwrap_or(ctx.end).into()), if retry_at.is_some() => {
                     let (_, rk) = me.retry.pop_front().expect("due");
-                    if let (Some(conv), Some(&sched)) = (conv, me.pending.get(&rk)) {
+                    if let (Some(conv), Some(&(sched, _))) = (conv, me.pending.get(&rk)) {
                         ctx.state.borrow_mut().c.resent += 1;
                         if conn.send_frame(send_msg(&ctx, i, conv, rk, sched)).await.is_err() {
                             break;
@@ -813,7 +841,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
         // What was not acknowledged goes again, same client_msg_id (the server dedupes).
         if let Some(conv) = conv {
             me.retry.clear();
-            let again: Vec<(u64, u64)> = me.pending.iter().map(|(&k, &s)| (k, s)).collect();
+            let again: Vec<(u64, u64)> = me.pending.iter().map(|(&k, &(s, _))| (k, s)).collect();
             for (rk, sched) in again {
                 ctx.state.borrow_mut().c.resent += 1;
                 if conn.send_frame(send_msg(&ctx, i, conv, rk, sched)).await.is_err() {

@@ -183,6 +183,10 @@ pub struct Router {
     beat_ms: AtomicU64,
     ttl: Duration,
     left: AtomicBool,
+    /// `fleet-in` reads this node's stream while set (cleared at shutdown) ...
+    reading: AtomicBool,
+    /// ... and sets this once it has handed its last read on.
+    reader_done: AtomicBool,
 }
 
 /// The receiving ends, for [`start`].
@@ -209,6 +213,8 @@ impl Router {
             beat_ms: AtomicU64::new(0),
             ttl: Duration::MAX,
             left: AtomicBool::new(false),
+            reading: AtomicBool::new(true),
+            reader_done: AtomicBool::new(false),
         }
     }
 
@@ -243,6 +249,32 @@ impl Router {
 
     pub fn me(&self) -> NodeId {
         self.me
+    }
+
+    /// At shutdown: `fleet-in` stops reading this node's stream (what is left there
+    /// goes to the node that reaps it once this one has left the ring), and
+    /// returns once every command it read has been handed to the sequencer and
+    /// every event to a mailbox, then the sequencer's queue is empty and
+    /// `fleet-out` has sent everything queued (the replies to other nodes'
+    /// clients among it), or `wait` has passed. True if it got there.
+    ///
+    /// Runs on: main, at shutdown.
+    pub fn quiesce(&self, sequencer: &Sequencer, wait: Duration) -> bool {
+        let Some(out) = &self.out else { return true };
+        self.reading.store(false, Ordering::Release);
+        let until = Instant::now() + wait;
+        // Idle several checks in a row: a batch being committed or a round being
+        // sent has left its queue already.
+        let mut idle = 0;
+        while Instant::now() < until {
+            let done = self.reader_done.load(Ordering::Acquire) && sequencer.queued() == 0 && out.is_empty();
+            idle = if done { idle + 1 } else { 0 };
+            if idle >= 5 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// For readiness: `Err(why)` unless this node is in the fleet's ring (always
@@ -736,6 +768,10 @@ fn inbound_loop(
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
+        if !router.reading.load(Ordering::Acquire) {
+            router.reader_done.store(true, Ordering::Release);
+            return;
+        }
         let got = match inbound.recv(256, Duration::from_secs(1)) {
             Ok(g) => {
                 backoff = Duration::from_millis(10);

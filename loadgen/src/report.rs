@@ -138,6 +138,17 @@ pub fn print_table(s: &Summary) {
     let j = &s.json;
     let ms =
         |v: &serde_json::Value| v.as_u64().map(|us| format!("{:.3}", us as f64 / 1000.0)).unwrap_or_default();
+    // One row of percentiles, in milliseconds.
+    let cells = |p: &serde_json::Value| {
+        format!(
+            "{:>9} {:>9} {:>9} {:>9} {:>9}",
+            ms(&p["p50"]),
+            ms(&p["p95"]),
+            ms(&p["p99"]),
+            ms(&p["p999"]),
+            ms(&p["max"])
+        )
+    };
     println!();
     println!(
         "  connections      {:>12} ({} connected, {} errors)",
@@ -164,15 +175,7 @@ pub fn print_table(s: &Summary) {
         ("  send→ack       ", "ack_latency_us"),
         ("  send lag       ", "send_lag_us"),
     ] {
-        let p = &j[key];
-        println!(
-            "{name}{:>9} {:>9} {:>9} {:>9} {:>9}",
-            ms(&p["p50"]),
-            ms(&p["p95"]),
-            ms(&p["p99"]),
-            ms(&p["p999"]),
-            ms(&p["max"])
-        );
+        println!("{name}{}", cells(&j[key]));
     }
     // By hops, when some messages crossed nodes.
     let hops = ["  0 hops (1 node)", "  1 hop          ", "  2 hops         "];
@@ -184,28 +187,12 @@ pub fn print_table(s: &Summary) {
             if p["count"].as_u64().unwrap_or(0) == 0 {
                 continue;
             }
-            println!(
-                "{name}{:>9} {:>9} {:>9} {:>9} {:>9}   ({})",
-                ms(&p["p50"]),
-                ms(&p["p95"]),
-                ms(&p["p99"]),
-                ms(&p["p999"]),
-                ms(&p["max"]),
-                p["count"]
-            );
+            println!("{name}{}   ({})", cells(p), p["count"]);
         }
     }
     if j["reconnect_us"]["count"].as_u64().unwrap_or(0) > 0 {
         let p = &j["reconnect_us"];
-        println!(
-            "  reconnect      {:>9} {:>9} {:>9} {:>9} {:>9}   ({}; drop to sync done)",
-            ms(&p["p50"]),
-            ms(&p["p95"]),
-            ms(&p["p99"]),
-            ms(&p["p999"]),
-            ms(&p["max"]),
-            p["count"]
-        );
+        println!("  reconnect      {}   ({}; drop to sync done)", cells(p), p["count"]);
     }
     println!(
         "  longest delivery gap {} ms (the longest any recipient waited for a message, warm-up included)",

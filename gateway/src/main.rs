@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     let signals = gateway::shutdown::block_signals()?;
     let notice = std::time::Duration::from_millis(cfg.limits.drain_notice_ms);
     let grace = std::time::Duration::from_secs(cfg.limits.shutdown_grace_secs.get());
-    let mut reloader = gateway::reload::Reloader { cli, current: cfg.clone(), set_log };
+    let mut reloader = gateway::reload::Reloader::new(cli, &cfg, set_log);
     let running = gateway::server::start(cfg)?;
     tracing::info!(
         addr = %running.addr,

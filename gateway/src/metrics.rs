@@ -86,13 +86,10 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new_custom(Some("switchboard".into()), None).expect("valid registry");
-        let fleet_nodes =
-            IntGauge::new("fleet_nodes", "Live nodes in this node's ring").expect("valid gauge");
+        let fleet_nodes = gauge(&r, "fleet_nodes", "Live nodes in this node's ring");
         fleet_nodes.set(1);
-        r.register(Box::new(fleet_nodes.clone())).expect("unique metric");
         let latency = prometheus::exponential_buckets(0.000_025, 2.0, 16).expect("valid buckets");
-        let connections = IntGauge::new("connections", "Open WebSocket connections").expect("valid metric");
-        r.register(Box::new(connections.clone())).expect("unique metric");
+        let connections = gauge(&r, "connections", "Open WebSocket connections");
         let errors = IntCounterVec::new(Opts::new("errors_total", "Error replies by code name"), &["code"])
             .expect("valid metric");
         r.register(Box::new(errors.clone())).expect("unique metric");

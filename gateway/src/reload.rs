@@ -56,11 +56,13 @@ fn diff(path: &str, a: Option<&toml::Value>, b: Option<&toml::Value>, out: &mut 
 /// Sets the process's log filter.
 pub type SetLog = Box<dyn Fn(&str) -> anyhow::Result<()> + Send>;
 
-/// What main keeps for reloads: the settings in force.
+/// What main keeps for reloads.
 pub struct Reloader {
     pub cli: Cli,
-    /// The config in force: the start's, with every reload's applied settings.
-    pub current: Config,
+    /// The config the process started with: what restart-only settings are compared with.
+    pub started: Config,
+    /// The last config loaded (at start or by a reload): what "applied" is reported against.
+    pub last: Config,
     pub set_log: SetLog,
 }
 
@@ -72,43 +74,26 @@ pub struct Outcome {
 }
 
 impl Reloader {
+    pub fn new(cli: Cli, cfg: &Config, set_log: SetLog) -> Reloader {
+        Reloader { cli, started: cfg.clone(), last: cfg.clone(), set_log }
+    }
+
     /// Runs on: main, on SIGHUP.
     pub fn reload(&mut self, shared: &Shared) -> anyhow::Result<Outcome> {
         let new = self.cli.load()?;
-        let mut out = Outcome::default();
-        for path in changed(&self.current, &new) {
-            if RELOADABLE.contains(&path.as_str()) {
-                out.applied.push(path);
-            } else {
-                out.need_restart.push(path);
-            }
+        let reloadable = |p: &String| RELOADABLE.contains(&p.as_str());
+        let out = Outcome {
+            applied: changed(&self.last, &new).into_iter().filter(reloadable).collect(),
+            need_restart: changed(&self.started, &new).into_iter().filter(|p| !reloadable(p)).collect(),
+        };
+        // Every reloadable setting is taken from the new file, changed or not.
+        if std::env::var_os(crate::LOG_ENV).is_none() {
+            (self.set_log)(&new.log)?;
+        } else if out.applied.iter().any(|p| p == "log") {
+            tracing::warn!("log: {} is set and wins over the file; unchanged", crate::LOG_ENV);
         }
-        if out.applied.iter().any(|p| p == "log") {
-            if std::env::var_os(crate::LOG_ENV).is_some() {
-                tracing::warn!("log: {} is set and wins over the file; unchanged", crate::LOG_ENV);
-            } else {
-                (self.set_log)(&new.log)?;
-                self.current.log = new.log.clone();
-            }
-        }
-        if out.applied.iter().any(|p| p.starts_with("limits.")) {
-            shared.rates.set(&new.limits);
-            let l = &mut self.current.limits;
-            let n = &new.limits;
-            (l.send_per_sec, l.send_burst) = (n.send_per_sec, n.send_burst);
-            (l.typing_per_sec, l.typing_burst) = (n.typing_per_sec, n.typing_burst);
-            (l.receipts_per_sec, l.receipts_burst) = (n.receipts_per_sec, n.receipts_burst);
-            (l.edits_per_sec, l.edits_burst) = (n.edits_per_sec, n.edits_burst);
-            (l.groups_per_sec, l.groups_burst) = (n.groups_per_sec, n.groups_burst);
-            (l.settings_per_sec, l.settings_burst) = (n.settings_per_sec, n.settings_burst);
-            (l.reads_per_sec, l.reads_burst) = (n.reads_per_sec, n.reads_burst);
-            (l.pings_per_sec, l.pings_burst) = (n.pings_per_sec, n.pings_burst);
-            l.abuse_budget = n.abuse_budget;
-        }
-        debug_assert!(
-            changed(&self.current, &new).iter().all(|p| !RELOADABLE.contains(&p.as_str()) || p == "log"),
-            "every reloadable setting is copied into `current`"
-        );
+        shared.rates.set(&new.limits);
+        self.last = new;
         Ok(out)
     }
 

@@ -90,5 +90,16 @@ for u in urls:
 PY
 }
 
+# fleet_cluster_env NAME: points deploy/local-cluster.sh at a cluster of its own
+# (free loopback ports, a fresh state dir named after NAME), for scripts that
+# start one and must not collide with a user's cluster or with each other.
+fleet_cluster_env() {
+  export SWITCHBOARD_CLUSTER_DIR SB_PORT SB_STATS_PORT SB_PROMETHEUS_PORT SB_REDIS_PORT SB_PG_PORT SB_NODE_PORTS
+  SWITCHBOARD_CLUSTER_DIR=$(mktemp -u "${TMPDIR:-/tmp}/switchboard-$1.XXXXXX")
+  SB_PORT=$(fleet_free_port) SB_STATS_PORT=$(fleet_free_port) SB_PROMETHEUS_PORT=$(fleet_free_port)
+  SB_REDIS_PORT=$(fleet_free_port) SB_PG_PORT=$(fleet_free_port)
+  SB_NODE_PORTS="$(fleet_free_port) $(fleet_free_port) $(fleet_free_port)"
+}
+
 # fleet_secret: 48 hex characters.
 fleet_secret() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }

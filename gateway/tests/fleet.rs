@@ -337,7 +337,10 @@ impl Rider {
                 if !alive[n].load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
                 }
-                let mut c = Client::connect(addrs[n], &self.token, Subprotocol::Json);
+                // Refused or closed at once (its node going down, a fail-over's resync): on.
+                let Some(mut c) = Client::try_connect(addrs[n], &self.token, Subprotocol::Json) else {
+                    continue;
+                };
                 c.ws.get_mut().set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
                 self.shown = self.upto();
                 self.node = n;

@@ -566,7 +566,13 @@ impl Conn {
                     self.settled();
                 }
             }
-            EventKind::Resync => self.close(Some(CloseCode::SlowConsumer)),
+            // One that has not asked for `sync` yet reads the store when it does: it
+            // has nothing to resync (closing it would only cost it a reconnect).
+            EventKind::Resync => {
+                if self.sync.borrow().started {
+                    self.close(Some(CloseCode::SlowConsumer));
+                }
+            }
             EventKind::Receipt { .. }
             | EventKind::Typing { .. }
             | EventKind::Reaction { .. }

@@ -434,23 +434,35 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr, token: &str, proto: Subprotocol) -> Client {
+        Client::try_connect(addr, token, proto).expect("connected")
+    }
+
+    /// Like `connect`, but `None` when the node refuses the socket or closes it
+    /// before its welcome (a node going down, or a fleet fail-over's resync).
+    pub fn try_connect(addr: SocketAddr, token: &str, proto: Subprotocol) -> Option<Client> {
         let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
         req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         req.headers_mut().insert("sec-websocket-protocol", proto.name().parse().unwrap());
-        let stream = TcpStream::connect(addr).unwrap();
+        let stream = TcpStream::connect(addr).ok()?;
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let (ws, resp) = tungstenite::client(req, stream).expect("websocket handshake");
+        let (ws, resp) = tungstenite::client(req, stream).ok()?;
         assert_eq!(
             resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap()),
             Some(proto.name()),
             "server picked our subprotocol"
         );
         let mut c = Client { ws, proto, next_id: 1, backlog: VecDeque::new(), user_id: 0 };
-        match c.recv().body {
+        let welcome = match c.ws.read().ok()? {
+            Message::Text(t) => proto.decode_server(t.as_bytes()),
+            Message::Binary(b) => proto.decode_server(&b),
+            Message::Close(_) => return None,
+            other => panic!("expected welcome, got {other:?}"),
+        };
+        match welcome.expect("valid server frame").body {
             ServerMsg::Welcome { user_id, .. } => c.user_id = user_id,
             other => panic!("expected welcome, got {other:?}"),
         }
-        c
+        Some(c)
     }
 
     pub fn send_raw(&mut self, msg: Message) {

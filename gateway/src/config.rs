@@ -388,7 +388,10 @@ pub struct StorageConfig {
     /// (microseconds). Only a batch that follows a batch of two or more waits, so a
     /// lone message never does. Default: none (a batch is what queued during the last commit).
     pub commit_window_us: Option<NonZeroU32>,
-    /// Commands waiting for the sequencer before new ones get error 1020 (overloaded).
+    /// Sequencer partitions (threads, each ordering and committing its share of the
+    /// conversations). Default: one per shard.
+    pub sequencers: Option<NonZeroUsize>,
+    /// Commands waiting for one sequencer partition before new ones get error 1020 (overloaded).
     pub sequencer_queue: NonZeroUsize,
     /// Threads serving history and list reads, off the shards.
     pub reader_threads: NonZeroUsize,
@@ -492,6 +495,7 @@ impl Default for StorageConfig {
             cassandra: CassandraSettings::default(),
             commit_batch_max: nzu(1024),
             commit_window_us: None,
+            sequencers: None,
             sequencer_queue: nzu(65536),
             reader_threads: nzu(2),
             reader_queue: nzu(4096),
@@ -566,6 +570,10 @@ impl Config {
             _ => {}
         }
         Ok(())
+    }
+
+    pub fn sequencer_count(&self) -> usize {
+        self.storage.sequencers.map_or_else(|| self.shard_count(), NonZeroUsize::get)
     }
 
     pub fn shard_count(&self) -> usize {

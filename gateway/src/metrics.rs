@@ -19,6 +19,8 @@ pub struct Metrics {
     cpu_seconds: Gauge,
     rss_bytes: IntGauge,
     pub connections: IntGauge,
+    /// Open connections by shard (how evenly the kernel's SO_REUSEPORT spreads them).
+    pub shard_connections: prometheus::IntGaugeVec,
     pub connections_total: IntCounter,
     pub frames_in: IntCounter,
     pub frames_out: IntCounter,
@@ -101,6 +103,12 @@ impl Metrics {
         for code in ["commit_fenced", "commit_failed"] {
             errors.with_label_values(&[code]);
         }
+        let shard_connections = prometheus::IntGaugeVec::new(
+            Opts::new("shard_connections", "Open WebSocket connections by shard"),
+            &["shard"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(shard_connections.clone())).expect("unique metric");
         let rejected = IntCounterVec::new(
             Opts::new("queue_rejections_total", "Work refused by a full queue"),
             &["queue"],
@@ -129,6 +137,7 @@ impl Metrics {
             cpu_seconds,
             rss_bytes,
             connections,
+            shard_connections,
             connections_total: counter(&r, "connections_total", "WebSocket connections accepted"),
             frames_in: counter(&r, "frames_in_total", "Data frames received"),
             frames_out: counter(&r, "frames_out_total", "Frames queued to sockets"),

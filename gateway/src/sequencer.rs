@@ -1,17 +1,22 @@
-//! The sequencer: the one thread that changes conversations.
+//! The sequencer: the threads that change conversations.
 //!
-//! Shards submit [`Command`]s through a bounded queue. The sequencer takes them in
-//! batches: checks membership, permissions and idempotency against its cache,
-//! assigns each message the next position and a server timestamp, writes the
-//! whole batch with one durable [`Store::commit`] (group commit: one fsync for up
-//! to `commit_batch_max` commands), and only then fans the resulting events out
-//! to the recipients' mailboxes, in position order. Because one thread does
-//! this, every mailbox sees a conversation's events in conversation order, and a
-//! sender's `ack` lands in its place in that order.
+//! Conversations are partitioned over `parts` sequencer threads (by default one per
+//! shard, pinned to its shard's core) by [`router::Key::partition`], the key the
+//! fleet's ring hashes: ring → node → partition is one scheme, and each
+//! conversation has one writer in the fleet. Shards submit [`Command`]s through a
+//! bounded queue per partition. A partition takes them in batches: checks
+//! membership, permissions and idempotency against its cache, assigns each message
+//! the next position and a server timestamp, writes the whole batch with one
+//! durable [`Store::commit`] (group commit: one fsync for up to `commit_batch_max`
+//! commands), and only then fans the resulting events out to the recipients'
+//! mailboxes, in position order. Because one thread orders each conversation,
+//! every mailbox sees a conversation's events in conversation order, and a
+//! sender's `ack` lands in its place in that order. Partitions share nothing but
+//! the store, the mailboxes and the metrics.
 //!
-//! Overflow policy: the queue holds `sequencer_queue` commands; a shard whose
-//! submit finds it full answers the client with 1020 (overloaded, retry) and the
-//! `rejected` counter goes up.
+//! Overflow policy: each partition's queue holds `sequencer_queue` commands; a
+//! shard whose submit finds its partition's queue full answers the client with
+//! 1020 (overloaded, retry) and the `rejected` counter goes up.
 
 use crate::fleet::Router;
 use crate::ids::IdGen;
@@ -30,14 +35,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::{BucketRef, ConversationRecord, Mutation, Order, Positions, Store, bucket_of, pair};
 
-/// The shards' handle on the sequencer.
+/// The shards' handle on the sequencer partitions.
 #[derive(Clone)]
 pub struct Sequencer {
-    tx: crossbeam_channel::Sender<Command>,
+    parts: Arc<[crossbeam_channel::Sender<Command>]>,
     rejected: prometheus::IntCounter,
 }
 
 pub struct SequencerConfig {
+    /// Partitions (threads); at least 1.
+    pub parts: usize,
     pub queue: usize,
     pub batch_max: usize,
     /// Longest a loaded batch waits for company (see `StorageConfig::commit_window_us`).
@@ -55,41 +62,60 @@ impl Sequencer {
         push: Arc<Push>,
         router: Arc<Router>,
     ) -> Sequencer {
-        let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
+        let parts = cfg.parts.max(1);
         let rejected = metrics.rejected.with_label_values(&["sequencer"]);
-        let mut worker = Worker {
-            store,
-            registry,
-            ids,
-            metrics,
-            push,
-            router,
-            ring_seen: 0,
-            swept: Instant::now(),
-            member_cap: cfg.member_cap,
-            convs: HashMap::new(),
-            adopted: Vec::new(),
-        };
-        let (batch_max, window) = (cfg.batch_max, cfg.window);
-        std::thread::Builder::new()
-            .name("sequencer".into())
-            .spawn(move || worker.run(rx, batch_max, window))
-            .expect("spawning the sequencer");
-        Sequencer { tx, rejected }
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let txs: Vec<_> = (0..parts)
+            .map(|part| {
+                let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
+                let mut worker = Worker {
+                    part,
+                    parts,
+                    store: store.clone(),
+                    registry: registry.clone(),
+                    ids: ids.clone(),
+                    metrics: metrics.clone(),
+                    push: push.clone(),
+                    router: router.clone(),
+                    ring_seen: 0,
+                    swept: Instant::now(),
+                    member_cap: cfg.member_cap,
+                    convs: HashMap::new(),
+                    adopted: Vec::new(),
+                };
+                let (batch_max, window) = (cfg.batch_max, cfg.window);
+                // Next to its shard (shard i runs on core i), so a partition's wake-ups
+                // and cache stay on one core.
+                let core = (!cores.is_empty()).then(|| cores[part % cores.len()]);
+                std::thread::Builder::new()
+                    .name(format!("sequencer-{part}"))
+                    .spawn(move || {
+                        if let Some(core) = core {
+                            core_affinity::set_for_current(core);
+                        }
+                        worker.run(rx, batch_max, window)
+                    })
+                    .expect("spawning a sequencer partition");
+                tx
+            })
+            .collect();
+        Sequencer { parts: txs.into(), rejected }
     }
 
-    /// Commands waiting in the queue (not counting a batch being committed).
+    /// Commands waiting in the queues (not counting batches being committed).
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.parts.iter().map(|p| p.len()).sum()
     }
 
-    /// Queues a command; hands it back if the queue is full.
+    /// Queues a command with the partition that orders its key; hands it back if
+    /// that queue is full.
     ///
-    /// Runs on: any shard. Never blocks.
+    /// Runs on: any shard, and `fleet-in`. Never blocks.
     pub fn submit(&self, cmd: Command) -> Result<(), Command> {
-        self.tx.try_send(cmd).map_err(|e| {
+        let part = &self.parts[cmd.key().partition(self.parts.len())];
+        part.try_send(cmd).map_err(|e| {
             if self.rejected.get() == 0 {
-                tracing::warn!("sequencer queue full; answering overloaded (logged once)");
+                tracing::warn!("a sequencer queue is full; answering overloaded (logged once)");
             }
             self.rejected.inc();
             e.into_inner()
@@ -171,15 +197,20 @@ impl ConvState {
     }
 
     fn snapshot(&self) -> Conversation {
-        Conversation {
-            conversation_id: self.rec.id,
-            kind: self.rec.kind,
-            title: self.rec.title.clone(),
-            members: self.members.iter().map(|(&user_id, &role)| Member { user_id, role }).collect(),
-            last_seq: self.rec.last_seq,
-            last_ts_ms: self.rec.last_ts_ms,
-            created_ms: self.rec.created_ms,
-        }
+        view(&self.rec, self.members.iter().map(|(&u, &r)| (u, r)))
+    }
+}
+
+/// What a client is shown of a conversation.
+fn view(rec: &ConversationRecord, members: impl Iterator<Item = (UserId, Role)>) -> Conversation {
+    Conversation {
+        conversation_id: rec.id,
+        kind: rec.kind,
+        title: rec.title.clone(),
+        members: members.map(|(user_id, role)| Member { user_id, role }).collect(),
+        last_seq: rec.last_seq,
+        last_ts_ms: rec.last_ts_ms,
+        created_ms: rec.created_ms,
     }
 }
 
@@ -213,6 +244,9 @@ struct Batch {
 }
 
 struct Worker {
+    /// This partition, of `parts`.
+    part: usize,
+    parts: usize,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     ids: Arc<IdGen>,
@@ -224,7 +258,8 @@ struct Worker {
     /// When the cache was last swept for old claims.
     swept: Instant,
     member_cap: usize,
-    /// Only conversations this node owns (see [`Worker::forget_moved`]).
+    /// Only conversations this partition of this node orders (see [`Worker::mine`]
+    /// and [`Worker::forget_moved`]).
     convs: HashMap<ConversationId, ConvState>,
     /// Stored messages adopted by a head repair, shown with the next batch
     /// (already committed, so whatever that batch's fate).
@@ -281,6 +316,13 @@ impl Worker {
             let router = &self.router;
             self.convs.retain(|id, _| router.owns(router::Key::Conversation(*id)));
         }
+    }
+
+    /// Whether this partition of this node orders conversation `id` (only those
+    /// stay in its cache and are claimed by it).
+    fn mine(&self, id: ConversationId) -> bool {
+        let key = router::Key::Conversation(id);
+        key.partition(self.parts) == self.part && self.router.owns(key)
     }
 
     /// Whether this node owns `cmd`'s key; if not, forwards it to the owner (or, past
@@ -808,6 +850,11 @@ impl Worker {
             None => self.store.direct(user, peer).map_err(internal)?,
         };
         if let Some(id) = existing {
+            // Ordered elsewhere (another partition or node, by its id): read, not
+            // loaded, since loading claims it and would fence its writer's next commit.
+            if !self.mine(id) && !batch.created.contains(&id) {
+                return self.read_snapshot(id);
+            }
             return Ok(self.load(id)?.snapshot());
         }
         if !self.user_exists(peer)? {
@@ -823,6 +870,13 @@ impl Worker {
         batch.directs.insert(key, id);
         batch.touched.insert(id);
         Ok(self.convs[&id].snapshot())
+    }
+
+    /// A conversation as stored, for one this partition does not order.
+    fn read_snapshot(&self, id: ConversationId) -> Result<Conversation, Fail> {
+        let rec = self.store.conversation(id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
+        let members = self.store.members(id).map_err(internal)?;
+        Ok(view(&rec, members.into_iter()))
     }
 
     fn create_group(
@@ -1044,7 +1098,11 @@ impl Worker {
                 false
             }
         };
-        let mut messages = 0;
+        // Counted before anyone is shown them (a client that saw one finds it counted).
+        let stored = |e: &Effect| u64::from(matches!(e.0.kind, EventKind::Message { to_others: true, .. }));
+        let messages: u64 = self.adopted.iter().map(stored).sum::<u64>()
+            + if committed { batch.effects.iter().map(stored).sum() } else { 0 };
+        self.metrics.messages_stored.inc_by(messages);
         let registry = self.registry.clone();
         let mut delivery = registry.delivery();
         let fleet = self.router.in_fleet();
@@ -1056,7 +1114,6 @@ impl Worker {
             // Each effect's recipients were chosen when it was built; a failed commit
             // turns new messages into errors for their sender and successes into errors.
             let (ev, recipients) = if committed || stored {
-                messages += u64::from(matches!(ev.kind, EventKind::Message { to_others: true, .. }));
                 (ev, recipients)
             } else {
                 match &ev.kind {
@@ -1117,17 +1174,13 @@ impl Worker {
         // Wakes the shards before the fleet's round trip starts.
         drop(delivery);
         self.router.fanout(remote);
-        if fleet {
-            // A direct conversation created here for a pair this node owns may belong
-            // to another node by its id: keep only what this node owns.
-            let router = &self.router;
-            for id in &batch.touched {
-                if !router.owns(router::Key::Conversation(*id)) {
-                    self.convs.remove(id);
-                }
+        // A direct conversation created here (its pair's partition) may be ordered by
+        // another partition or node by its id: keep only what this partition orders.
+        for id in &batch.created {
+            if !self.mine(*id) {
+                self.convs.remove(id);
             }
         }
-        self.metrics.messages_stored.inc_by(messages);
     }
 }
 

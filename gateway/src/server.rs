@@ -219,6 +219,7 @@ pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
     );
     let sequencer = Sequencer::start(
         SequencerConfig {
+            parts: cfg.sequencer_count(),
             queue: cfg.storage.sequencer_queue.get(),
             batch_max: cfg.storage.commit_batch_max.get(),
             window: cfg.storage.commit_window_us.map(|us| std::time::Duration::from_micros(us.get().into())),

@@ -55,6 +55,24 @@ impl Key {
     }
 }
 
+impl Key {
+    /// Which of a node's `parts` sequencer partitions (one per shard) orders `key`:
+    /// the same key bytes the ring scores, hashed once with a seed no node id takes
+    /// (ids stop at 1023), so the partition does not lean on which node won the key.
+    /// A partition count is fixed for a process's life; a restart with another
+    /// count only moves caches (the store holds the state).
+    pub fn partition(self, parts: usize) -> usize {
+        if parts <= 1 {
+            return 0;
+        }
+        let mut buf = [0u8; 17];
+        (xxh3_64_with_seed(self.bytes(&mut buf), PARTITION_SEED) % parts as u64) as usize
+    }
+}
+
+/// The seed of [`Key::partition`]: above every [`NodeId`].
+const PARTITION_SEED: u64 = 1 << 32;
+
 /// Node `node`'s score for `key`; the highest score owns the key.
 pub fn score(node: NodeId, key: Key) -> u64 {
     let mut buf = [0u8; 17];
@@ -98,6 +116,27 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_spread_keys_evenly_and_do_not_follow_the_owner() {
+        let ring = Ring::new([1u16, 2]);
+        // counts[owner][partition]
+        let mut counts = [[0u32; 4]; 2];
+        for c in 0..40_000u64 {
+            let key = Key::Conversation(c);
+            let p = key.partition(4);
+            assert_eq!(p, key.partition(4), "a key's partition is fixed");
+            counts[usize::from(ring.owner(key).unwrap() - 1)][p] += 1;
+        }
+        // Each node's keys fall evenly over its 4 partitions (5,000 expected each).
+        for n in counts {
+            for c in n {
+                assert!((4_500..5_500).contains(&c), "{counts:?}");
+            }
+        }
+        assert_eq!(Key::pair(7, 9).partition(1), 0);
+        assert_eq!(Key::pair(7, 9).partition(8), Key::pair(9, 7).partition(8));
+    }
     use proptest::prelude::*;
 
     /// Golden vectors: these owners are part of the fleet's behaviour. Nodes of

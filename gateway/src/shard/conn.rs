@@ -247,6 +247,7 @@ pub async fn upgrade(
     // (held until `sync`), so a sync's store read and the live stream overlap, never gap.
     shard.attach(conn.clone());
     shard.shared.metrics.connections.inc();
+    shard.connections.inc();
     shard.shared.metrics.connections_total.inc();
     conn.reply(
         0,
@@ -323,6 +324,7 @@ async fn run(conn: Rc<Conn>) {
     conn.shard.detach(&conn);
     conn.shard.shared.router.depart(conn.user);
     conn.shard.shared.metrics.connections.dec();
+    conn.shard.connections.dec();
 }
 
 type Accepted = (UserId, Subprotocol, bool, String);

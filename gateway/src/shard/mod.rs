@@ -34,6 +34,8 @@ pub struct UserSlot {
 
 pub struct ShardCtx {
     pub id: u16,
+    /// This shard's series of `shard_connections`.
+    pub connections: prometheus::IntGauge,
     pub shared: Arc<Shared>,
     pub users: RefCell<HashMap<UserId, Rc<UserSlot>>>,
     /// The one read buffer every connection on this shard reads into.
@@ -278,6 +280,7 @@ pub fn spawn(
             let main = move |name: &'static str| async move {
                 let ctx = Rc::new(ShardCtx {
                     id,
+                    connections: shared.metrics.shard_connections.with_label_values(&[&id.to_string()]),
                     shared,
                     users: RefCell::new(HashMap::new()),
                     scratch: RefCell::new(vec![0; SCRATCH]),

@@ -50,8 +50,8 @@ fn conversations_on_both_partitions_reach_every_device_on_both_shards_in_order_o
     // A group of all six and user 0's direct chats with the others; more groups until
     // both partitions order at least one conversation.
     let mut convs: Vec<(u64, Vec<usize>)> = Vec::new();
-    for i in 1..6 {
-        let id = conversation_id(&devices[0][0].request(ClientMsg::CreateDirect { user_id: users[i].0 }));
+    for (i, (peer, _)) in users.iter().enumerate().skip(1) {
+        let id = conversation_id(&devices[0][0].request(ClientMsg::CreateDirect { user_id: *peer }));
         convs.push((id, vec![0, i]));
     }
     while convs.iter().map(|(c, _)| partition(*c)).collect::<std::collections::HashSet<_>>().len() < 2

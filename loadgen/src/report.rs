@@ -83,6 +83,12 @@ impl Summary {
         let deliveries = delta(from, after, "switchboard_deliveries_total");
         let stored = delta(from, after, "switchboard_messages_stored_total");
         let entries = delta(from, after, "switchboard_fleet_entries_sent_total");
+        // Group commit: how many commits, how full, and how much of the window the
+        // store's commit held (summed over sequencer partitions: above 1 they overlap).
+        let commits = delta(from, after, "switchboard_commit_seconds_count");
+        let committing = delta(from, after, "switchboard_commit_seconds_sum");
+        let batched = delta(from, after, "switchboard_commit_batch_size_sum");
+        let window = if args.warmup.is_zero() { secs } else { args.duration.as_secs_f64().max(1e-3) };
         let rss_growth = delta(before, connected, "process_resident_memory_bytes");
         let conns = delta(before, connected, "switchboard_connections");
         let per = |num: Option<f64>, den: Option<f64>| match (num, den) {
@@ -126,6 +132,9 @@ impl Summary {
                 "cpu_us_per_delivery": per(cpu.map(|v| v * 1e6), deliveries),
                 "cpu_us_per_message": per(cpu.map(|v| v * 1e6), stored),
                 "fleet_entries_per_message": per(entries, stored),
+                "commits_per_s": per(commits, Some(window)),
+                "commands_per_commit": per(batched, commits),
+                "commit_busy": per(committing, Some(window)),
                 "rss_bytes": after.and_then(|a| a.get("process_resident_memory_bytes")).copied(),
                 "rss_per_connection_bytes": per(rss_growth, conns),
             },
@@ -203,6 +212,10 @@ pub fn print_table(s: &Summary) {
     println!("  gateway CPU per delivery   {} µs", g["cpu_us_per_delivery"]);
     println!("  gateway CPU per message    {} µs", g["cpu_us_per_message"]);
     println!("  gateway RSS per connection {} bytes", g["rss_per_connection_bytes"]);
+    println!(
+        "  store commits              {}/s, {} commands each, busy {} of the window",
+        g["commits_per_s"], g["commands_per_commit"], g["commit_busy"]
+    );
     if !g["fleet_entries_per_message"].is_null() {
         println!("  stream entries per message {}", g["fleet_entries_per_message"]);
     }

@@ -121,13 +121,22 @@ impl Observed {
     }
 }
 
-impl Store for Observed {
-    fn commit(&self, batch: &[Mutation]) -> storage::Result<()> {
-        match self.inner.commit(batch) {
+impl Observed {
+    fn committed(&self, r: storage::Result<()>, batch: &[Mutation]) -> storage::Result<()> {
+        match r {
             // Fenced: the store answered (another node owns the conversation now).
             Err(e) if e.kind == storage::ErrorKind::Fenced => Err(e),
             r => self.written(r, !batch.is_empty()),
         }
+    }
+}
+
+impl Store for Observed {
+    fn commit(&self, batch: &[Mutation]) -> storage::Result<()> {
+        self.committed(self.inner.commit(batch), batch)
+    }
+    fn commit_lane(&self, lane: usize, batch: &[Mutation]) -> storage::Result<()> {
+        self.committed(self.inner.commit_lane(lane, batch), batch)
     }
     fn claim(&self, conv: ConversationId) -> storage::Result<u64> {
         self.written(self.inner.claim(conv), true)

@@ -8,18 +8,21 @@
 //! - [`node::Shared`]: what every thread of the node shares.
 //! - [`shard`]: a shard's loop and its `!Send` state ([`shard::ShardCtx`]), its
 //!   WebSocket connections ([`shard::conn::Conn`], one per device) and HTTP routes.
-//! - [`sequencer::Sequencer`]: the single writer that orders, persists and fans out.
+//! - [`sequencer::Sequencer`]: the partitions (one thread per shard) that order,
+//!   persist and fan out, each the single writer of its conversations.
 //! - [`fleet`]: routing to the node that owns a conversation, the streams between nodes.
 //! - [`mailbox::Mailbox`] / [`mailbox::Registry`]: lock-free per-user queues any
 //!   thread can push into, found by `(user, shard)`.
 //! - [`vocab`]: the vocabulary they share (events, commands, the clock, frames),
 //!   which depends on none of them.
 //!
-//! ## Why a sequencer thread rather than sequencing on shards
+//! ## Why sequencer partitions beside the shards
 //! Positions must be gap-free and every recipient must see one order. One thread
-//! that assigns positions, commits a batch with one fsync and then pushes the
-//! batch's events into mailboxes in position order gives both, and batches
-//! naturally as load rises (docs/design/why-one-sequencer.md).
+//! per conversation that assigns positions, commits a batch with one fsync and
+//! then pushes the batch's events into mailboxes in position order gives both,
+//! and batches naturally as load rises. Conversations are split over one such
+//! thread per shard by the fleet ring's key, so no one thread caps the node
+//! (docs/design/why-sequencer-partitions.md).
 //!
 //! See docs/architecture.md for one message's path and CONCURRENCY.md for who
 //! talks to whom.

@@ -419,7 +419,7 @@ impl Worker {
                     rec.last_seq = after;
                     repair.push(Mutation::PutConversation(rec.clone()));
                     repair.push(Mutation::Fence { conversation: id, epoch });
-                    self.store.commit(&repair).map_err(|e| {
+                    self.store.commit_lane(self.part, &repair).map_err(|e| {
                         if e.kind == storage::ErrorKind::Fenced {
                             ErrorCode::Unavailable
                         } else {
@@ -1072,7 +1072,7 @@ impl Worker {
         let started = Instant::now();
         // What a refused batch's commands are answered with.
         let mut failure = ErrorCode::Internal;
-        let committed = match self.store.commit(&batch.muts) {
+        let committed = match self.store.commit_lane(self.part, &batch.muts) {
             Ok(()) => {
                 self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 true

@@ -1,9 +1,10 @@
 //! The embedded backend: fjall (an LSM tree) in one directory.
 //!
 //! One keyspace per table of the shared data model. Keys are big-endian so that
-//! range scans walk a partition in position order. A commit is one fjall write
-//! batch plus one `fdatasync` of the journal: the group commit the sequencer
-//! relies on.
+//! range scans walk a partition in position order. A commit is one record in its
+//! lane's write-ahead log with one `fdatasync` (the group commit the sequencer
+//! relies on; lanes sync concurrently, see `wal`), then one fjall write batch
+//! without fjall's own fsync.
 //!
 //! Text bodies are sealed under per-message keys kept in a key vault beside the
 //! LSM files (`message-keys.vault`, see `seal`): a delete erases the key in place,
@@ -12,6 +13,7 @@
 
 use crate::codec::{self, corrupt, key2, u64_at};
 use crate::seal::{self, Key, Pending, Vault};
+use crate::wal::{self, Op, Wal};
 use crate::{
     BucketRef, ConversationId, ConversationRecord, ErrorKind, Message, MessageKind, Mutation, OrErr, Order,
     Positions, Result, Role, Seq, StorageError, Store, UserId, UserRecord, bucket_of, pair,
@@ -19,7 +21,7 @@ use crate::{
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 pub struct FjallStore {
     db: Database,
@@ -40,13 +42,15 @@ pub struct FjallStore {
     vault: Vault,
     /// Serialises username uniqueness checks (registration is rare; fjall has no CAS).
     register: Mutex<()>,
-    /// Serialises commits that merge positions with stored ones (read, max, write).
-    /// The gateway has one writer (the sequencer), so it is never contended there.
+    /// Serialises the applies that merge positions with stored ones (read, max,
+    /// write): held only while a logged commit is applied, never across an fsync.
     merge: Mutex<()>,
     /// Conversations' owner epochs. In memory: the embedded store belongs to one
-    /// process, whose owners all claim anew after a restart. Held across a fenced
-    /// commit, so a claim waits for it.
-    epochs: Mutex<HashMap<ConversationId, u64>>,
+    /// process, whose owners all claim anew after a restart. Read-held across a
+    /// fenced commit, so a claim (write) waits for commits under way.
+    epochs: RwLock<HashMap<ConversationId, u64>>,
+    /// One write-ahead log per commit lane (see `wal`).
+    wal: Wal,
 }
 
 impl std::fmt::Debug for FjallStore {
@@ -78,7 +82,8 @@ impl FjallStore {
             .map_err(io("opening the embedded store"))?;
         let ks =
             |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(io("opening a keyspace"));
-        Ok(FjallStore {
+        let (wal, records) = Wal::open(dir)?;
+        let store = FjallStore {
             users: ks("users")?,
             usernames: ks("usernames")?,
             convs: ks("conversations")?,
@@ -95,9 +100,23 @@ impl FjallStore {
             vault: Vault::open(&dir.join("message-keys.vault"))?,
             register: Mutex::new(()),
             merge: Mutex::new(()),
-            epochs: Mutex::new(HashMap::new()),
+            epochs: RwLock::new(HashMap::new()),
+            wal,
             db,
-        })
+        };
+        // Commits whose logs were synced but whose fjall writes may not have been:
+        // applied again in commit order (each is a set of final values, so again
+        // is harmless), then made durable in fjall and the logs emptied.
+        let replayed = records.len();
+        for r in records {
+            store.apply(r.ops, &Pending { runs: r.keys })?;
+        }
+        store.vault.settle()?;
+        store.checkpoint(false)?;
+        if replayed > 0 {
+            tracing::info!(commits = replayed, "replayed the write-ahead logs");
+        }
+        Ok(store)
     }
 
     fn idem_key(conv: ConversationId, sender: UserId, cmid: &str) -> Vec<u8> {
@@ -210,6 +229,144 @@ impl FjallStore {
             .collect()
     }
 
+    /// A batch's table writes and new vault keys; `erased` when it erased a key.
+    fn ops(&self, batch: &[Mutation]) -> Result<(Vec<Op>, Pending, bool)> {
+        let mut ops = Vec::with_capacity(batch.len() * 2);
+        let put = |table: u8, key: Vec<u8>, value: Vec<u8>| Op::Put { table, key, value };
+        let remove = |table: u8, key: Vec<u8>| Op::Remove { table, key };
+        let (mut keys, mut new, mut erased) = (HashMap::new(), Pending::default(), false);
+        for m in batch {
+            match m {
+                Mutation::PutMessage(msg) => ops.push(put(
+                    T_MESSAGES,
+                    codec::message_key(msg.conversation_id, bucket_of(msg.ts_ms), msg.seq).to_vec(),
+                    self.message_row(msg, &mut keys, &mut new, &mut erased)?,
+                )),
+                Mutation::PutIdempotency { conversation, sender, client_msg_id, seq } => ops.push(put(
+                    T_IDEM,
+                    Self::idem_key(*conversation, *sender, client_msg_id),
+                    seq.to_be_bytes().to_vec(),
+                )),
+                Mutation::PutBucket { conversation, bucket } => ops.push(put(
+                    T_BUCKETS,
+                    codec::bucket_key(*conversation, bucket.bucket).to_vec(),
+                    bucket.first_seq.to_be_bytes().to_vec(),
+                )),
+                Mutation::PutConversation(c) => ops.push(put(
+                    T_CONVS,
+                    c.id.to_be_bytes().to_vec(),
+                    postcard::to_stdvec(c).or_err(ErrorKind::Corrupt, "encoding a conversation")?,
+                )),
+                Mutation::PutMember { conversation, user, role } => {
+                    ops.push(put(
+                        T_MEMBERS,
+                        key2(*conversation, *user).to_vec(),
+                        vec![codec::role_to_u8(*role)],
+                    ));
+                    ops.push(put(T_USER_CONVS, key2(*user, *conversation).to_vec(), Vec::new()));
+                }
+                Mutation::RemoveMember { conversation, user } => {
+                    ops.push(remove(T_MEMBERS, key2(*conversation, *user).to_vec()));
+                    ops.push(remove(T_USER_CONVS, key2(*user, *conversation).to_vec()));
+                }
+                Mutation::SetMuted { conversation, user, muted: true } => {
+                    ops.push(put(T_MUTES, key2(*conversation, *user).to_vec(), Vec::new()))
+                }
+                Mutation::SetMuted { conversation, user, muted: false } => {
+                    ops.push(remove(T_MUTES, key2(*conversation, *user).to_vec()))
+                }
+                Mutation::PutPositions { conversation, user, positions } => ops.push(Op::Positions {
+                    key: key2(*conversation, *user),
+                    delivered: positions.delivered,
+                    read: positions.read,
+                }),
+                Mutation::PutReaction { conversation, seq, user, emoji } => {
+                    let k = codec::reaction_key(*conversation, *seq, *user).to_vec();
+                    ops.push(if emoji.is_empty() {
+                        remove(T_REACTIONS, k)
+                    } else {
+                        put(T_REACTIONS, k, emoji.as_bytes().to_vec())
+                    })
+                }
+                Mutation::PutLastSeen { user, ms } => ops.push(put(
+                    T_PRESENCE,
+                    key2(*user, PRESENCE_LAST_SEEN).to_vec(),
+                    ms.to_be_bytes().to_vec(),
+                )),
+                Mutation::SetHideLastSeen { user, hide: true } => {
+                    ops.push(put(T_PRESENCE, key2(*user, PRESENCE_HIDE).to_vec(), Vec::new()))
+                }
+                Mutation::SetHideLastSeen { user, hide: false } => {
+                    ops.push(remove(T_PRESENCE, key2(*user, PRESENCE_HIDE).to_vec()))
+                }
+                Mutation::PutDirect { a, b: other, conversation } => {
+                    let (x, y) = pair(*a, *other);
+                    ops.push(put(T_DIRECT, key2(x, y).to_vec(), conversation.to_be_bytes().to_vec()));
+                }
+                Mutation::Fence { .. } => {}
+            }
+        }
+        Ok((ops, new, erased))
+    }
+
+    /// Applies a logged commit: its vault keys, then its writes as one fjall batch
+    /// written to fjall's journal without an fsync (the lane's log made it durable).
+    fn apply(&self, ops: Vec<Op>, new: &Pending) -> Result<()> {
+        // New keys before the rows that name them.
+        if !new.is_empty() {
+            self.vault.write(new)?;
+        }
+        let mut b = self.db.batch().durability(Some(PersistMode::Buffer));
+        let mut positions = std::collections::BTreeMap::<[u8; 16], Positions>::new();
+        for op in ops {
+            match op {
+                Op::Put { table, key, value } => b.insert(self.table(table)?, key, value),
+                Op::Remove { table, key } => b.remove(self.table(table)?, key),
+                Op::Positions { key, delivered, read } => {
+                    let p = positions.entry(key).or_default();
+                    p.delivered = p.delivered.max(delivered);
+                    p.read = p.read.max(read);
+                }
+            }
+        }
+        // Positions only move forward, whoever writes them: merge with the stored row.
+        let _merging = (!positions.is_empty()).then(|| self.merge.lock().unwrap_or_else(|p| p.into_inner()));
+        for (k, mut p) in positions {
+            if let Some(v) = self.positions.get(k).map_err(io("reading positions"))? {
+                let old = decode_positions(&v)?;
+                p.delivered = p.delivered.max(old.delivered);
+                p.read = p.read.max(old.read);
+            }
+            b.insert(&self.positions, k.to_vec(), encode_positions(&p));
+        }
+        b.commit().map_err(write_err("committing a batch"))
+    }
+
+    /// Makes fjall's journal and the vault durable, then empties the logs
+    /// (overwriting them first when `scrub`).
+    fn checkpoint(&self, scrub: bool) -> Result<()> {
+        self.wal.checkpoint(scrub, || {
+            self.db.persist(PersistMode::SyncData).map_err(write_err("persisting the journal"))?;
+            self.vault.sync()
+        })
+    }
+
+    fn table(&self, t: u8) -> Result<&Keyspace> {
+        Ok(match t {
+            T_CONVS => &self.convs,
+            T_MEMBERS => &self.members,
+            T_USER_CONVS => &self.user_convs,
+            T_DIRECT => &self.direct,
+            T_MESSAGES => &self.messages,
+            T_BUCKETS => &self.buckets,
+            T_IDEM => &self.idem,
+            T_MUTES => &self.mutes,
+            T_REACTIONS => &self.reactions,
+            T_PRESENCE => &self.presence,
+            _ => return Err(corrupt("a log record names an unknown table")),
+        })
+    }
+
     fn get_postcard<T: serde::de::DeserializeOwned>(ks: &Keyspace, key: &[u8]) -> Result<Option<T>> {
         match ks.get(key).map_err(io("reading a row"))? {
             Some(v) => Ok(Some(postcard::from_bytes(&v).or_err(ErrorKind::Corrupt, "decoding a row")?)),
@@ -217,6 +374,18 @@ impl FjallStore {
         }
     }
 }
+
+/// Tables a log record names (never renumbered: logs outlive builds).
+const T_CONVS: u8 = 1;
+const T_MEMBERS: u8 = 2;
+const T_USER_CONVS: u8 = 3;
+const T_DIRECT: u8 = 4;
+const T_MESSAGES: u8 = 5;
+const T_BUCKETS: u8 = 6;
+const T_IDEM: u8 = 7;
+const T_MUTES: u8 = 8;
+const T_REACTIONS: u8 = 9;
+const T_PRESENCE: u8 = 10;
 
 /// Column tags of the `presence` keyspace (`user | tag`).
 const PRESENCE_LAST_SEEN: u64 = 0;
@@ -235,10 +404,16 @@ fn decode_positions(v: &[u8]) -> Result<Positions> {
 
 impl Store for FjallStore {
     fn commit(&self, batch: &[Mutation]) -> Result<()> {
+        // Writers without a lane of their own (presence, tools) share the last one.
+        self.commit_lane(wal::LANES - 1, batch)
+    }
+
+    fn commit_lane(&self, lane: usize, batch: &[Mutation]) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+        // Read-held across the commit: a claim (write) waits for commits under way.
+        let epochs = self.epochs.read().unwrap_or_else(|p| p.into_inner());
         for m in batch {
             if let Mutation::Fence { conversation, epoch } = m
                 && epochs.get(conversation).copied().unwrap_or(0) != *epoch
@@ -250,106 +425,25 @@ impl Store for FjallStore {
                 ));
             }
         }
-        let mut b = self.db.batch().durability(Some(PersistMode::SyncData));
-        let mut positions_in_batch = std::collections::BTreeMap::<[u8; 16], Positions>::new();
-        let (mut keys, mut new, mut erased) = (HashMap::new(), Pending::default(), false);
-        for m in batch {
-            match m {
-                Mutation::PutMessage(msg) => b.insert(
-                    &self.messages,
-                    codec::message_key(msg.conversation_id, bucket_of(msg.ts_ms), msg.seq).to_vec(),
-                    self.message_row(msg, &mut keys, &mut new, &mut erased)?,
-                ),
-                Mutation::PutIdempotency { conversation, sender, client_msg_id, seq } => b.insert(
-                    &self.idem,
-                    Self::idem_key(*conversation, *sender, client_msg_id),
-                    seq.to_be_bytes().to_vec(),
-                ),
-                Mutation::PutBucket { conversation, bucket } => b.insert(
-                    &self.buckets,
-                    codec::bucket_key(*conversation, bucket.bucket).to_vec(),
-                    bucket.first_seq.to_be_bytes().to_vec(),
-                ),
-                Mutation::PutConversation(c) => b.insert(
-                    &self.convs,
-                    c.id.to_be_bytes().to_vec(),
-                    postcard::to_stdvec(c).or_err(ErrorKind::Corrupt, "encoding a conversation")?,
-                ),
-                Mutation::PutMember { conversation, user, role } => {
-                    b.insert(
-                        &self.members,
-                        key2(*conversation, *user).to_vec(),
-                        vec![codec::role_to_u8(*role)],
-                    );
-                    b.insert(&self.user_convs, key2(*user, *conversation).to_vec(), Vec::new());
-                }
-                Mutation::RemoveMember { conversation, user } => {
-                    b.remove(&self.members, key2(*conversation, *user).to_vec());
-                    b.remove(&self.user_convs, key2(*user, *conversation).to_vec());
-                }
-                Mutation::SetMuted { conversation, user, muted: true } => {
-                    b.insert(&self.mutes, key2(*conversation, *user).to_vec(), Vec::new())
-                }
-                Mutation::SetMuted { conversation, user, muted: false } => {
-                    b.remove(&self.mutes, key2(*conversation, *user).to_vec())
-                }
-                Mutation::PutPositions { conversation, user, positions } => {
-                    let p = positions_in_batch.entry(key2(*conversation, *user)).or_default();
-                    p.delivered = p.delivered.max(positions.delivered);
-                    p.read = p.read.max(positions.read);
-                }
-                Mutation::PutReaction { conversation, seq, user, emoji } => {
-                    let k = codec::reaction_key(*conversation, *seq, *user).to_vec();
-                    if emoji.is_empty() {
-                        b.remove(&self.reactions, k)
-                    } else {
-                        b.insert(&self.reactions, k, emoji.as_bytes().to_vec())
-                    }
-                }
-                Mutation::PutLastSeen { user, ms } => b.insert(
-                    &self.presence,
-                    key2(*user, PRESENCE_LAST_SEEN).to_vec(),
-                    ms.to_be_bytes().to_vec(),
-                ),
-                Mutation::SetHideLastSeen { user, hide: true } => {
-                    b.insert(&self.presence, key2(*user, PRESENCE_HIDE).to_vec(), Vec::new())
-                }
-                Mutation::SetHideLastSeen { user, hide: false } => {
-                    b.remove(&self.presence, key2(*user, PRESENCE_HIDE).to_vec())
-                }
-                Mutation::PutDirect { a, b: other, conversation } => {
-                    let (x, y) = pair(*a, *other);
-                    b.insert(&self.direct, key2(x, y).to_vec(), conversation.to_be_bytes().to_vec());
-                }
-                Mutation::Fence { .. } => {}
-            }
+        let (ops, new, erased) = self.ops(batch)?;
+        let mut held = self.wal.lane(lane);
+        // Durable in the lane's log, then visible: applied to fjall without its fsync.
+        let due = self.wal.append(&mut held, lane, &ops, &new.runs)?;
+        self.apply(ops, &new)?;
+        drop(held);
+        // An erased key must be gone from the logs too before the tombstone is acknowledged.
+        if due || erased {
+            self.checkpoint(erased)?;
         }
-        // Positions only move forward, whoever writes them: merge with the stored row.
-        let _merging =
-            (!positions_in_batch.is_empty()).then(|| self.merge.lock().unwrap_or_else(|p| p.into_inner()));
-        for (k, mut p) in positions_in_batch {
-            if let Some(v) = self.positions.get(k).map_err(io("reading positions"))? {
-                let old = decode_positions(&v)?;
-                p.delivered = p.delivered.max(old.delivered);
-                p.read = p.read.max(old.read);
-            }
-            b.insert(&self.positions, k.to_vec(), encode_positions(&p));
-        }
-        // New keys before the rows that name them; erased keys before the tombstones.
-        if !new.is_empty() || erased {
-            self.vault.write(&new)?;
-            self.vault.sync()?;
-        }
-        let r = b.commit().map_err(write_err("committing a batch"));
         drop(epochs);
-        r
+        Ok(())
     }
 
     fn claim(&self, conv: ConversationId) -> Result<u64> {
         if self.conversation(conv)?.is_none() {
             return Ok(0);
         }
-        let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut epochs = self.epochs.write().unwrap_or_else(|p| p.into_inner());
         let e = epochs.entry(conv).or_default();
         *e += 1;
         Ok(*e)
@@ -514,5 +608,57 @@ impl Store for FjallStore {
             Order::Descending => iter.rev().take(limit).map(decode).collect::<Result<Vec<_>>>()?,
         };
         self.unseal(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::msg;
+
+    /// A commit whose log record was synced but whose fjall writes were lost (a
+    /// power cut before fjall's journal reached the disk) is there after a restart.
+    #[test]
+    fn a_logged_commit_missing_from_fjall_is_replayed_at_open() {
+        let (src, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let c = 31;
+        let m = Message { body: "replayed-3c9e".into(), ..msg(c, 1, 1_700_000_000_000, 7) };
+        let batch = [
+            Mutation::PutConversation(ConversationRecord {
+                id: c,
+                kind: protocol::ConversationKind::Direct,
+                title: String::new(),
+                created_ms: 1,
+                created_by: 7,
+                last_seq: 1,
+                last_ts_ms: m.ts_ms,
+            }),
+            Mutation::PutBucket {
+                conversation: c,
+                bucket: BucketRef { bucket: bucket_of(m.ts_ms), first_seq: 1 },
+            },
+            Mutation::PutMessage(m.clone()),
+            Mutation::PutPositions {
+                conversation: c,
+                user: 7,
+                positions: Positions { delivered: 1, read: 1 },
+            },
+        ];
+        // The record a commit would log, written to a fresh directory's lane 4 only.
+        let (ops, new, _) = FjallStore::open(src.path()).unwrap().ops(&batch).unwrap();
+        {
+            let (wal, _) = Wal::open(dir.path()).unwrap();
+            wal.append(&mut wal.lane(4), 4, &ops, &new.runs).unwrap();
+        }
+        let s = FjallStore::open(dir.path()).unwrap();
+        assert_eq!(s.conversation(c).unwrap().map(|r| r.last_seq), Some(1));
+        assert_eq!(crate::message_at(&s, c, 1).unwrap().map(|m| m.body), Some("replayed-3c9e".into()));
+        assert_eq!(s.positions(c, 7).unwrap(), Positions { delivered: 1, read: 1 });
+        // Replayed, made durable and the log emptied; new keys go after the replayed one.
+        assert_eq!(std::fs::metadata(dir.path().join("wal-04.log")).unwrap().len(), 0);
+        let m2 = Message { body: "after-77aa".into(), ..msg(c, 2, m.ts_ms + 1, 7) };
+        s.commit_lane(4, &[Mutation::PutMessage(m2)]).unwrap();
+        assert_eq!(crate::message_at(&s, c, 1).unwrap().map(|m| m.body), Some("replayed-3c9e".into()));
+        assert_eq!(crate::message_at(&s, c, 2).unwrap().map(|m| m.body), Some("after-77aa".into()));
     }
 }

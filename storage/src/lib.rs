@@ -32,6 +32,7 @@ mod rows;
 mod seal;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod wal;
 
 pub use cassandra_store::{
     CassandraOptions, CassandraStore, REACTION_BLOCK, SCHEMA as CASSANDRA_SCHEMA,
@@ -244,6 +245,14 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 pub trait Store: Send + Sync + 'static {
     /// Applies `batch` atomically; durable (fsynced or replicated) when it returns `Ok`.
     fn commit(&self, batch: &[Mutation]) -> Result<()>;
+
+    /// [`Store::commit`] from writer `lane` (a sequencer partition). Commits from
+    /// different lanes may make themselves durable concurrently (the embedded
+    /// store keeps a log per lane); one lane's commits are one caller's, in order.
+    fn commit_lane(&self, lane: usize, batch: &[Mutation]) -> Result<()> {
+        let _ = lane;
+        self.commit(batch)
+    }
 
     /// Makes the caller the conversation's owner: bumps its owner epoch and returns
     /// the new one (0 for a conversation that does not exist). Every commit fenced

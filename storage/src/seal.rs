@@ -174,7 +174,7 @@ const SLOT: u64 = 32;
 /// One commit's new keys, as runs of consecutive slots.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
-    runs: Vec<(u64, Vec<u8>)>,
+    pub(crate) runs: Vec<(u64, Vec<u8>)>,
 }
 
 impl Pending {
@@ -285,6 +285,14 @@ impl Vault {
 
     pub(crate) fn sync(&self) -> Result<()> {
         self.file.sync_data().map_err(vault_io("syncing the key vault"))
+    }
+
+    /// After keys were written past the slots given out (a log replay at open):
+    /// new slots start after them.
+    pub(crate) fn settle(&self) -> Result<()> {
+        let len = self.file.metadata().map_err(vault_io("reading the key vault's size"))?.len();
+        self.next.fetch_max(len.div_ceil(SLOT), Ordering::Relaxed);
+        Ok(())
     }
 }
 

@@ -1,22 +1,29 @@
-//! The embedded store's write-ahead logs: one file per commit lane, so that
+//! The embedded store's write-ahead logs: one per commit lane, so that
 //! commits from different lanes (the gateway's sequencer partitions) make
 //! themselves durable with concurrent `fdatasync`s instead of queueing behind
 //! fjall's one journal lock, which fjall holds across its own fsync
 //! (docs/design/why-sequencer-partitions.md).
 //!
 //! A commit appends one [`Record`] (its table writes, and the new vault keys
-//! its rows are sealed under) to its lane's file, syncs it, and only then
-//! applies it to fjall without fjall's fsync: nothing is visible before it is
-//! durable. A checkpoint (every [`CHECKPOINT_BYTES`] of any lane, at open, and
-//! after a key is erased) takes every lane's lock, makes fjall's journal and
-//! the vault durable, then empties every lane's file. So the files only ever
-//! hold records since the last checkpoint, and replaying them in `seqno` order
-//! (taken under the lane lock, after the previous commit's apply: causal order)
-//! rebuilds exactly what fjall may have lost.
+//! its rows are sealed under) to its lane's current segment file, syncs it, and
+//! only then applies it to fjall without fjall's fsync: nothing is visible
+//! before it is durable. Every record takes a `seqno` under its lane's lock,
+//! after the previous commit it depends on was applied: seqno order is commit
+//! order for every row two commits share.
+//!
+//! A checkpoint (when a lane's segment passes [`CHECKPOINT_BYTES`], at open,
+//! and after a key is erased) holds every lane's lock only to rotate: each lane
+//! moves to a new segment, and every record before that instant (all applied)
+//! has a seqno below the counter `S` read then. Without any lock it then makes
+//! fjall's journal and the vault durable, records "durable below S" in
+//! `wal.durable` (written aside, synced, renamed), and deletes the old
+//! segments (zeroed first when a key was erased). Replay at open applies, in
+//! seqno order, the records at or above the recorded `S`: exactly what fjall
+//! may have lost, whichever old segments a crash left behind.
 //!
 //! Record framing: `len: u32 LE | crc32(payload): u32 LE | payload` (postcard).
-//! Reading stops at the first short or mismatching record: a torn tail was
-//! never synced, so nobody was told it was stored.
+//! Reading a segment stops at the first short or mismatching record: a torn
+//! tail was never synced, so nobody was told it was stored.
 
 use crate::{ErrorKind, Result, StorageError};
 use serde::{Deserialize, Serialize};
@@ -62,6 +69,7 @@ pub(crate) struct Record {
 }
 
 pub(crate) struct Lane {
+    /// The current segment (created on the lane's first append in a generation).
     file: Option<File>,
     len: u64,
 }
@@ -70,46 +78,76 @@ pub(crate) struct Wal {
     dir: PathBuf,
     lanes: Vec<Mutex<Lane>>,
     seqno: AtomicU64,
+    /// The segment generation new segments are created in.
+    generation: AtomicU64,
+    /// Segments whose records are all below the last recorded durable mark (or
+    /// will be once the running checkpoint records it): deleted by the next one.
+    stale: Mutex<Vec<PathBuf>>,
+    /// One checkpoint at a time.
+    checkpointing: Mutex<()>,
 }
 
 fn wal_io(context: &'static str) -> impl FnOnce(std::io::Error) -> StorageError {
     move |e| StorageError::new(ErrorKind::Io, context, e)
 }
 
-fn lock(m: &Mutex<Lane>) -> MutexGuard<'_, Lane> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `wal-LL-GGGGGGGGGG.log`: lane and generation.
+fn parse_segment(name: &str) -> Option<(usize, u64)> {
+    let rest = name.strip_prefix("wal-")?.strip_suffix(".log")?;
+    let (lane, generation) = rest.split_once('-')?;
+    Some((lane.parse().ok()?, generation.parse().ok()?))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(wal_io("syncing the store's directory"))
+}
+
 impl Wal {
-    fn path(dir: &Path, lane: usize) -> PathBuf {
-        dir.join(format!("wal-{lane:02}.log"))
+    fn segment(&self, lane: usize, generation: u64) -> PathBuf {
+        self.dir.join(format!("wal-{lane:02}-{generation:010}.log"))
     }
 
-    /// Opens the lanes in `dir` and returns the records they hold, in `seqno`
-    /// order, for the caller to apply before anything else; then it must
-    /// [`Wal::checkpoint`].
+    fn mark_path(dir: &Path) -> PathBuf {
+        dir.join("wal.durable")
+    }
+
+    /// Opens the logs in `dir` and returns the records fjall may lack, in
+    /// `seqno` order, for the caller to apply before anything else; then it
+    /// must [`Wal::checkpoint`].
     pub(crate) fn open(dir: &Path) -> Result<(Wal, Vec<Record>)> {
-        let mut records = Vec::new();
-        let mut lanes = Vec::with_capacity(LANES);
-        for i in 0..LANES {
-            let path = Self::path(dir, i);
-            let lane = if path.exists() {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&path)
-                    .map_err(wal_io("opening a write-ahead log"))?;
-                let bytes = std::fs::read(&path).map_err(wal_io("reading a write-ahead log"))?;
-                records.extend(decode_all(&bytes));
-                Lane { len: bytes.len() as u64, file: Some(file) }
-            } else {
-                Lane { file: None, len: 0 }
-            };
-            lanes.push(Mutex::new(lane));
+        let durable = match std::fs::read(Self::mark_path(dir)) {
+            Ok(b) => u64::from_le_bytes(
+                b.get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| crate::codec::corrupt("wal.durable is not 8 bytes"))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(wal_io("reading wal.durable")(e)),
+        };
+        let (mut records, mut stale, mut generation) = (Vec::new(), Vec::new(), 0);
+        for entry in std::fs::read_dir(dir).map_err(wal_io("listing the store's directory"))? {
+            let entry = entry.map_err(wal_io("listing the store's directory"))?;
+            let Some((_, g)) = entry.file_name().to_str().and_then(parse_segment) else { continue };
+            generation = generation.max(g + 1);
+            let bytes = std::fs::read(entry.path()).map_err(wal_io("reading a write-ahead log"))?;
+            records.extend(decode_all(&bytes).into_iter().filter(|r| r.seqno >= durable));
+            stale.push(entry.path());
         }
         records.sort_by_key(|r| r.seqno);
-        let next = records.last().map_or(0, |r| r.seqno + 1);
-        Ok((Wal { dir: dir.to_owned(), lanes, seqno: AtomicU64::new(next) }, records))
+        let next = records.last().map_or(durable, |r| r.seqno + 1).max(durable);
+        let wal = Wal {
+            dir: dir.to_owned(),
+            lanes: (0..LANES).map(|_| Mutex::new(Lane { file: None, len: 0 })).collect(),
+            seqno: AtomicU64::new(next),
+            generation: AtomicU64::new(generation),
+            stale: Mutex::new(stale),
+            checkpointing: Mutex::new(()),
+        };
+        Ok((wal, records))
     }
 
     pub(crate) fn lane(&self, lane: usize) -> MutexGuard<'_, Lane> {
@@ -132,53 +170,86 @@ impl Wal {
             ops: &'a [Op],
             keys: &'a [(u64, Vec<u8>)],
         }
-        let seqno = self.seqno.fetch_add(1, Ordering::Relaxed);
+        if lane.file.is_none() {
+            let path = self.segment(index % LANES, self.generation.load(Ordering::Acquire));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(wal_io("creating a write-ahead log"))?;
+            // Its name must be durable before a record in it is acknowledged.
+            sync_dir(&self.dir)?;
+            lane.file = Some(file);
+            lane.len = 0;
+        }
+        let seqno = self.seqno.fetch_add(1, Ordering::AcqRel);
         let payload = postcard::to_stdvec(&RecordRef { seqno, ops, keys })
             .map_err(|e| StorageError::new(ErrorKind::Corrupt, "encoding a log record", e))?;
         let mut framed = Vec::with_capacity(8 + payload.len());
         framed.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         framed.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         framed.extend_from_slice(&payload);
-        if lane.file.is_none() {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(Self::path(&self.dir, index % LANES))
-                .map_err(wal_io("creating a write-ahead log"))?;
-            lane.file = Some(file);
-        }
-        let file = lane.file.as_ref().expect("just opened");
+        let file = lane.file.as_ref().expect("opened above");
         file.write_all_at(&framed, lane.len).map_err(wal_io("appending to a write-ahead log"))?;
         file.sync_data().map_err(wal_io("syncing a write-ahead log"))?;
         lane.len += framed.len() as u64;
         Ok(lane.len >= CHECKPOINT_BYTES)
     }
 
-    /// With every lane held (so no commit is between its append and its apply):
-    /// `persist` makes everything applied durable elsewhere, then every lane's
-    /// file is emptied (first overwritten with zeros when `scrub`: an erased key
-    /// must not survive in a log). Callers hold no lane (lanes are taken in order).
+    /// See the module's text. Callers hold no lane. `persist` makes everything
+    /// applied so far durable outside the logs. With `scrub` (a key was erased)
+    /// it always runs, waiting for one under way, and overwrites the old
+    /// segments with zeros before deleting them; without, it gives way to one
+    /// already running.
     pub(crate) fn checkpoint(&self, scrub: bool, persist: impl FnOnce() -> Result<()>) -> Result<()> {
-        let mut lanes: Vec<MutexGuard<'_, Lane>> = self.lanes.iter().map(lock).collect();
+        let _one = if scrub {
+            lock(&self.checkpointing)
+        } else {
+            match self.checkpointing.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            }
+        };
+        // Rotate: every lane held at once, so every record in an old segment has a
+        // seqno below `durable_below` and every later one at or above it.
+        let durable_below = {
+            let mut lanes: Vec<MutexGuard<'_, Lane>> = self.lanes.iter().map(lock).collect();
+            let generation = self.generation.load(Ordering::Acquire);
+            let mut stale = lock(&self.stale);
+            for (i, lane) in lanes.iter_mut().enumerate() {
+                if lane.file.take().is_some() {
+                    stale.push(self.segment(i, generation));
+                }
+                lane.len = 0;
+            }
+            self.generation.store(generation + 1, Ordering::Release);
+            self.seqno.load(Ordering::Acquire)
+        };
         persist()?;
-        for lane in lanes.iter_mut() {
-            let Some(file) = &lane.file else { continue };
-            if lane.len == 0 {
-                continue;
+        let mark = Self::mark_path(&self.dir);
+        let aside = self.dir.join("wal.durable.new");
+        std::fs::write(&aside, durable_below.to_le_bytes()).map_err(wal_io("writing wal.durable"))?;
+        File::open(&aside).and_then(|f| f.sync_all()).map_err(wal_io("syncing wal.durable"))?;
+        std::fs::rename(&aside, &mark).map_err(wal_io("renaming wal.durable"))?;
+        sync_dir(&self.dir)?;
+        let old = std::mem::take(&mut *lock(&self.stale));
+        for path in old {
+            if scrub && let Ok(f) = OpenOptions::new().write(true).open(&path) {
+                let len = f.metadata().map_err(wal_io("scrubbing a log"))?.len();
+                f.write_all_at(&vec![0u8; len as usize], 0).map_err(wal_io("scrubbing a log"))?;
+                f.sync_data().map_err(wal_io("scrubbing a log"))?;
             }
-            if scrub {
-                file.write_all_at(&vec![0u8; lane.len as usize], 0).map_err(wal_io("scrubbing a log"))?;
-                file.sync_data().map_err(wal_io("scrubbing a log"))?;
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(wal_io("deleting a write-ahead log")(e));
+                }
+                _ => {}
             }
-            file.set_len(0).map_err(wal_io("emptying a write-ahead log"))?;
-            // The new length must be durable before anything is appended again:
-            // replaying a record older than the checkpoint could undo later writes.
-            file.sync_all().map_err(wal_io("emptying a write-ahead log"))?;
-            lane.len = 0;
         }
-        Ok(())
+        sync_dir(&self.dir)
     }
 }
 
@@ -206,40 +277,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_come_back_in_seqno_order_up_to_a_torn_tail() {
+    fn records_come_back_in_seqno_order_up_to_a_torn_tail_and_not_after_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
+        let put = |n: u8| [Op::Put { table: 1, key: vec![n], value: vec![n; 3] }];
         {
             let (wal, old) = Wal::open(dir.path()).unwrap();
             assert!(old.is_empty());
             for (lane, n) in [(3usize, 0u8), (5, 1), (3, 2)] {
-                let mut l = wal.lane(lane);
-                let ops = [Op::Put { table: 1, key: vec![n], value: vec![n; 3] }];
-                wal.append(&mut l, lane, &ops, &[(7, vec![n; 32])]).unwrap();
+                wal.append(&mut wal.lane(lane), lane, &put(n), &[(7, vec![n; 32])]).unwrap();
             }
         }
         // A torn record after lane 3's two: never synced whole, never replayed.
-        let p = Wal::path(dir.path(), 3);
+        let p = dir.path().join("wal-03-0000000000.log");
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         std::io::Write::write_all(&mut f, &[40, 0, 0, 0, 1, 2, 3, 4, 9]).unwrap();
+        let seqnos_and_keys = |got: &[Record]| -> Vec<(u64, u8)> {
+            got.iter()
+                .map(|r| match &r.ops[0] {
+                    Op::Put { key, .. } => (r.seqno, key[0]),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
         let (wal, got) = Wal::open(dir.path()).unwrap();
-        let keys: Vec<(u64, u8)> = got
-            .iter()
-            .map(|r| match &r.ops[0] {
-                Op::Put { key, .. } => (r.seqno, key[0]),
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(keys, [(0, 0), (1, 1), (2, 2)]);
+        assert_eq!(seqnos_and_keys(&got), [(0, 0), (1, 1), (2, 2)]);
         assert_eq!(got[1].keys, [(7, vec![1; 32])]);
-        // Emptied by a checkpoint: nothing to replay next time; seqnos go on.
+        // A checkpoint: what came before it is not replayed, even from a segment a
+        // crash left behind (this one is written back by hand); what came after is.
+        let before = std::fs::read(&p).unwrap();
         wal.checkpoint(true, || Ok(())).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
-        {
-            let mut l = wal.lane(9);
-            wal.append(&mut l, 9, &[Op::Remove { table: 2, key: vec![1] }], &[]).unwrap();
-        }
+        assert!(!p.exists());
+        std::fs::write(&p, before).unwrap();
+        wal.append(&mut wal.lane(9), 9, &put(3), &[]).unwrap();
         let (_, got) = Wal::open(dir.path()).unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].seqno, 3);
+        assert_eq!(seqnos_and_keys(&got), [(3, 3)]);
     }
 }

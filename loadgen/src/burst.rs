@@ -107,10 +107,9 @@ async fn prepare(args: &BurstArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Default)]
 struct Tally {
-    acks: Option<Histogram<u64>>,
-    deliveries: Option<Histogram<u64>>,
+    acks: Histogram<u64>,
+    deliveries: Histogram<u64>,
     errors: u64,
 }
 
@@ -135,8 +134,7 @@ async fn burst(args: &BurstArgs) -> anyhow::Result<()> {
         .await;
     let mut conns = opened.into_iter().collect::<anyhow::Result<Vec<Conn>>>()?;
     eprintln!("loadgen burst: {} users connected and synced; sending {n} messages at once", 2 * n);
-    let tally =
-        Rc::new(RefCell::new(Tally { acks: Some(histogram()), deliveries: Some(histogram()), errors: 0 }));
+    let tally = Rc::new(RefCell::new(Tally { acks: histogram(), deliveries: histogram(), errors: 0 }));
     let recipients = conns.split_off(n);
     let mut tasks = Vec::with_capacity(2 * n);
     for (mut c, &conv) in recipients.into_iter().zip(&conversations) {
@@ -149,7 +147,7 @@ async fn burst(args: &BurstArgs) -> anyhow::Result<()> {
                 {
                     let sent: u64 = message.body.parse().context("a burst message's body")?;
                     let mut t = tally.borrow_mut();
-                    t.deliveries.as_mut().expect("set").record(now_us().saturating_sub(sent).max(1))?;
+                    t.deliveries.record(now_us().saturating_sub(sent).max(1))?;
                     return anyhow::Ok(());
                 }
             }
@@ -173,7 +171,7 @@ async fn burst(args: &BurstArgs) -> anyhow::Result<()> {
                 match c.recv().await?.body {
                     ServerMsg::Ack { conversation_id, .. } if conversation_id == conv => {
                         let mut t = tally.borrow_mut();
-                        t.acks.as_mut().expect("set").record(now_us().saturating_sub(at).max(1))?;
+                        t.acks.record(now_us().saturating_sub(at).max(1))?;
                         return anyhow::Ok(());
                     }
                     ServerMsg::Error { name, .. } => {
@@ -191,7 +189,7 @@ async fn burst(args: &BurstArgs) -> anyhow::Result<()> {
     let all = futures_util::future::join_all(tasks);
     let timed_out = tokio::time::timeout(args.timeout, all).await.is_err();
     let t = tally.borrow();
-    let (acks, deliveries) = (t.acks.as_ref().expect("set"), t.deliveries.as_ref().expect("set"));
+    let (acks, deliveries) = (&t.acks, &t.deliveries);
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
     let row = |h: &Histogram<u64>| {
         format!(

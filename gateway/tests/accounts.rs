@@ -236,3 +236,36 @@ fn metrics_count_what_happened() {
     assert!(value("process_resident_memory_bytes") > 1e6);
     assert!(value("process_cpu_seconds_total") >= 0.0);
 }
+
+#[test]
+fn users_are_found_by_name_and_named_by_id_with_a_token() {
+    let g = TestGateway::start();
+    let (alice, token) = g.user("alice");
+    let (bob, _) = g.user("Bob");
+    let get = |path: &str, token: &str| {
+        let auth = format!("Bearer {token}");
+        let (s, body) = http_raw(g.addr, "GET", path, &[("authorization", &auth)], None);
+        (s, serde_json::from_str::<serde_json::Value>(&body).unwrap())
+    };
+
+    let (s, r) = get("/v1/users?username=bob", &token);
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r, serde_json::json!({"user_id": bob.to_string(), "username": "Bob"}), "found case-insensitively");
+    let (s, r) = get("/v1/users?username=nobody", &token);
+    assert_eq!((s, r["error"]["name"].as_str()), (404, Some("user_not_found")));
+
+    let (s, r) = get(&format!("/v1/users?ids={bob},12345,{alice}"), &token);
+    assert_eq!(s, 200, "{r}");
+    let names: Vec<_> = r["users"].as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Bob", "alice"], "the known users, in the order asked");
+
+    let too_many = vec!["1"; 101].join(",");
+    for bad in ["/v1/users", "/v1/users?ids=", "/v1/users?ids=1,x", &format!("/v1/users?ids={too_many}")] {
+        let (s, r) = get(bad, &token);
+        assert_eq!((s, r["error"]["name"].as_str()), (400, Some("invalid_request")), "{bad}");
+    }
+    let (s, r) = get("/v1/users?username=a%20b", &token);
+    assert_eq!((s, r["error"]["name"].as_str()), (400, Some("invalid_username")));
+    let (s, r) = get("/v1/users?username=bob", "not-a-token");
+    assert_eq!((s, r["error"]["name"].as_str()), (401, Some("unauthorized")), "no lookups without an account");
+}

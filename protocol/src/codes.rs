@@ -82,6 +82,7 @@ error_codes! {
     HeadersTooLarge = 2013, "headers_too_large", false, 431, "The HTTP request has more header fields than the server accepts (100).";
     TooManyAttempts = 2014, "too_many_attempts", true, 429, "Too many failed logins for this account or from this address, or too many logins and registrations in flight from this address; retry after the Retry-After seconds.";
     TooManyConnections = 2015, "too_many_connections", true, 429, "This user already has the most connections (devices) the server allows; close one, or retry later.";
+    UserNotFound = 2016, "user_not_found", false, 404, "No user has that username.";
 }
 
 /// WebSocket close codes the server sends, each with its reconnect rule.

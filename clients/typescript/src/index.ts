@@ -7,5 +7,6 @@ export type {
   WebSocketLike,
 } from "./client.js";
 export { SwitchboardError } from "./errors.js";
-export { login, register } from "./http.js";
+export { findUser, getUsers, login, register } from "./http.js";
+export type { UserInfo } from "./http.js";
 export type * from "./types.js";

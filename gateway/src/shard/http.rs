@@ -80,7 +80,8 @@ pub async fn serve(shard: Rc<ShardCtx>, stream: TcpStream, slot: SocketSlot, kin
                 continue;
             }
             ("POST", "/v1/admin/users") if public => admin_users(&shard, &req, source).await,
-            (_, "/v1/ws" | "/v1/register" | "/v1/login" | "/v1/admin/users") if public => {
+            ("GET", "/v1/users") if public => users(&shard, &req).await,
+            (_, "/v1/ws" | "/v1/register" | "/v1/login" | "/v1/admin/users" | "/v1/users") if public => {
                 err(ErrorCode::MethodNotAllowed, "method not allowed here")
             }
             (_, "/metrics") if metrics_here => err(ErrorCode::MethodNotAllowed, "method not allowed here"),
@@ -195,6 +196,64 @@ async fn admin_users(shard: &ShardCtx, req: &Request, source: IpAddr) -> (u16, s
         Ok(Ok(users)) => (201, serde_json::json!({ "users": users })),
         Ok(Err(code)) => err(code, code.description()),
         Err(r) => refused(r),
+    }
+}
+
+/// Most ids one `GET /v1/users?ids=` names.
+const USERS_PER_LOOKUP: usize = 100;
+
+/// `GET /v1/users?username=NAME` (one user, or 404 `user_not_found`) or
+/// `GET /v1/users?ids=ID,ID,...` (the known ones among at most 100, in the order
+/// asked): how a client finds whom to chat with and shows names for ids. Needs a
+/// bearer token, like the WebSocket.
+async fn users(shard: &ShardCtx, req: &Request) -> (u16, serde_json::Value) {
+    let token = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    if shard.shared.auth.verify(token).is_err() {
+        return err(ErrorCode::Unauthorized, "a bearer token from /v1/login is required");
+    }
+    enum Lookup {
+        Name(String),
+        Ids(Vec<u64>),
+    }
+    let lookup = match (req.query_param("username"), req.query_param("ids")) {
+        (Some(name), None) if valid_username(name) => Lookup::Name(name.to_owned()),
+        (Some(_), None) => return err(ErrorCode::InvalidUsername, ErrorCode::InvalidUsername.description()),
+        (None, Some(list)) => {
+            let ids: Result<Vec<u64>, _> = list.split(',').map(str::parse::<u64>).collect();
+            match ids {
+                Ok(ids) if !ids.is_empty() && ids.len() <= USERS_PER_LOOKUP => Lookup::Ids(ids),
+                _ => return err(ErrorCode::InvalidRequest, "ids must be 1 to 100 decimal user ids, comma-separated"),
+            }
+        }
+        _ => return err(ErrorCode::InvalidRequest, "give exactly one of ?username= or ?ids="),
+    };
+    let store = shard.shared.store.clone();
+    let job = move || -> Result<Vec<UserRecord>, storage::StorageError> {
+        match lookup {
+            Lookup::Name(name) => Ok(store.user_by_name(&name)?.into_iter().collect()),
+            Lookup::Ids(ids) => {
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    out.extend(store.user(id)?);
+                }
+                Ok(out)
+            }
+        }
+    };
+    let single = req.query_param("username").is_some();
+    let found = match shard.shared.readers.run(job).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "a user lookup failed");
+            return err(ErrorCode::HttpInternal, "try again");
+        }
+        Err(_) => return err(ErrorCode::HttpOverloaded, "busy; retry"),
+    };
+    let json = |u: &UserRecord| serde_json::json!({"user_id": u.id.to_string(), "username": u.username});
+    match (single, found.first()) {
+        (true, Some(u)) => (200, json(u)),
+        (true, None) => err(ErrorCode::UserNotFound, ErrorCode::UserNotFound.description()),
+        (false, _) => (200, serde_json::json!({"users": found.iter().map(json).collect::<Vec<_>>()})),
     }
 }
 

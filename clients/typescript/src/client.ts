@@ -57,6 +57,11 @@ export interface ClientOptions {
   backoff?: { initialMs?: number; maxMs?: number };
   /** How long a request waits for its answer once sent (ms, default 15,000). */
   requestTimeoutMs?: number;
+  /** In a browser, follow the window's `offline`/`online` events (default true):
+   * drop the socket when the network goes, wait without retrying, reconnect at
+   * once when it comes back. A socket that outlives a lost network (a laptop
+   * lid, a changed Wi-Fi) otherwise looks alive until TCP gives up. */
+  watchNetwork?: boolean;
 }
 
 export type ConnectionState = "connecting" | "syncing" | "live" | "offline" | "closed";
@@ -129,6 +134,8 @@ export class SwitchboardClient {
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private closedByApp = false;
   private started = false;
+  private networkDown = false;
+  private unwatch: (() => void) | null = null;
   /** The user this client is logged in as (from `welcome`). */
   userId: Id | null = null;
 
@@ -147,6 +154,7 @@ export class SwitchboardClient {
     const live = this.whenLive();
     if (!this.started) {
       this.started = true;
+      this.watchNetwork();
       void this.open();
     }
     return live;
@@ -155,6 +163,8 @@ export class SwitchboardClient {
   /** Closes for good: pending sends and requests reject with `closed`. */
   close(): void {
     this.closedByApp = true;
+    this.unwatch?.();
+    this.unwatch = null;
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
     this.ws?.close(1000, "closed by the app");
     this.ws = null;
@@ -257,6 +267,37 @@ export class SwitchboardClient {
     };
   }
 
+  private watchNetwork(): void {
+    const win = globalThis as {
+      addEventListener?: (type: string, fn: () => void) => void;
+      removeEventListener?: (type: string, fn: () => void) => void;
+    };
+    if (this.opts.watchNetwork === false || !win.addEventListener || !win.removeEventListener) return;
+    const offline = () => {
+      this.networkDown = true;
+      if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+      this.reconnectTimer = null;
+      const ws = this.ws;
+      if (!ws) return;
+      // Detached first: whatever the old socket still says is not this session's.
+      this.ws = null;
+      ws.close(1000, "network offline");
+      this.onClose(1006, "network offline");
+    };
+    const online = () => {
+      if (!this.networkDown) return;
+      this.networkDown = false;
+      this.attempt = 0;
+      if (!this.ws && !this.reconnectTimer && !this.closedByApp) void this.open();
+    };
+    win.addEventListener("offline", offline);
+    win.addEventListener("online", online);
+    this.unwatch = () => {
+      win.removeEventListener!("offline", offline);
+      win.removeEventListener!("online", online);
+    };
+  }
+
   private onClose(code: number, reason: string): void {
     this.ws = null;
     for (const p of this.pending.values()) p.onWire = false;
@@ -268,7 +309,8 @@ export class SwitchboardClient {
   }
 
   private scheduleReconnect(): void {
-    if (this.closedByApp || this.reconnectTimer) return;
+    // While the network is down, the `online` event reconnects.
+    if (this.closedByApp || this.reconnectTimer || this.networkDown) return;
     const initial = this.opts.backoff?.initialMs ?? 250;
     const max = this.opts.backoff?.maxMs ?? 10_000;
     const ceiling = Math.min(max, initial * 2 ** Math.min(this.attempt, 20));

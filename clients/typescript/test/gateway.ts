@@ -32,8 +32,9 @@ export class Gateway {
     this.dir = dir;
   }
 
-  /** A gateway on a fresh data directory, listening on a port the kernel picks. */
-  static async start(): Promise<Gateway> {
+  /** A gateway on a fresh data directory, listening on a port the kernel picks;
+   * `extra` is appended to its config file (TOML sections). */
+  static async start(extra = ""): Promise<Gateway> {
     const g = new Gateway(mkdtempSync(join(tmpdir(), "switchboard-sdk-")));
     writeFileSync(
       join(g.dir, "gateway.toml"),
@@ -49,7 +50,7 @@ send_burst = 1000000
 group_adds = "anyone"
 groups_burst = 1000000
 drain_notice_ms = 0
-`,
+${extra}`,
     );
     await g.spawn("127.0.0.1:0");
     return g;

@@ -138,6 +138,9 @@ export class SwitchboardClient {
   private unwatch: (() => void) | null = null;
   /** The user this client is logged in as (from `welcome`). */
   userId: Id | null = null;
+  /** The current connection's id (from `welcome`; its top 16 bits are the
+   * gateway node's `node_id`, for logs and support). */
+  connectionId: Id | null = null;
 
   constructor(options: ClientOptions) {
     this.opts = { requestTimeoutMs: 15_000, ...options };
@@ -342,6 +345,7 @@ export class SwitchboardClient {
       case "welcome": {
         const w = f as unknown as Welcome;
         this.userId = String(w.user_id);
+        this.connectionId = String(w.connection_id);
         this.setState("syncing");
         this.syncId = this.nextId++;
         const positions = [...this.positions].map(([conversation_id, seq]) => ({ conversation_id, seq }));

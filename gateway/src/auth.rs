@@ -34,6 +34,8 @@ pub struct Auth {
     /// Seals list cursors (a key derived from the token secret, so every node of a
     /// fleet opens every other node's cursors).
     cursor_key: Hmac<Sha256>,
+    /// Keys for other purposes derive from this one (see [`Auth::derive`]).
+    derivation: Hmac<Sha256>,
     /// A real hash of a random password, verified against on unknown usernames so that
     /// "no such user" and "wrong password" take the same time.
     dummy_hash: String,
@@ -65,10 +67,19 @@ impl Auth {
                 k.update(b"switchboard list cursor v1");
                 Hmac::new_from_slice(&k.finalize().into_bytes()).expect("HMAC takes any key length")
             },
+            derivation: Hmac::new_from_slice(&secret).expect("HMAC takes any key length"),
             dummy_hash: String::new(),
         };
         auth.dummy_hash = auth.hash_password(&format!("{:x}", rand::random::<u128>()))?;
         Ok(auth)
+    }
+
+    /// A key for `purpose`, derived from the token secret: every node of a fleet
+    /// (which shares that secret) derives the same one.
+    pub fn derive(&self, purpose: &[u8]) -> [u8; 32] {
+        let mut m = self.derivation.clone();
+        m.update(purpose);
+        m.finalize().into_bytes().into()
     }
 
     /// Slow by design (tens of milliseconds): call it on a hashing thread.

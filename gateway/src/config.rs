@@ -43,6 +43,56 @@ pub struct Config {
     pub presence: PresenceSettings,
     pub push: PushConfig,
     pub fleet: FleetSettings,
+    pub attachments: AttachmentsConfig,
+}
+
+/// Attachments: files kept beside the chat store and moved by presigned URLs
+/// (docs/protocol.md, "Attachments").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttachmentsConfig {
+    /// Directory of the embedded blob backend (objects and partial uploads). Default: `<data_dir>/blobs`.
+    pub dir: Option<PathBuf>,
+    /// Largest attachment, bytes.
+    pub max_bytes: NonZeroU64,
+    /// Media types accepted (exact, lowercase `type/subtype`).
+    pub media_types: Vec<String>,
+    /// How long a presigned upload or download URL works, seconds.
+    pub url_ttl_secs: NonZeroU64,
+    /// Upload bytes one user may reserve per hour (slots asked for, on this node).
+    pub upload_bytes_per_hour: NonZeroU64,
+    /// Threads that write and read blob files (never a shard: a disk stall must not stall connections).
+    pub io_threads: NonZeroUsize,
+    /// Blob file operations waiting for those threads; beyond: 503 `overloaded`.
+    pub io_queue: NonZeroUsize,
+}
+
+impl Default for AttachmentsConfig {
+    fn default() -> Self {
+        AttachmentsConfig {
+            dir: None,
+            max_bytes: nz64(100 << 20),
+            media_types: [
+                "image/jpeg",
+                "image/png",
+                "image/gif",
+                "image/webp",
+                "audio/mpeg",
+                "audio/ogg",
+                "audio/mp4",
+                "video/mp4",
+                "application/pdf",
+                "application/zip",
+                "text/plain",
+            ]
+            .map(String::from)
+            .to_vec(),
+            url_ttl_secs: nz64(900),
+            upload_bytes_per_hour: nz64(1 << 30),
+            io_threads: nzu(2),
+            io_queue: nzu(1024),
+        }
+    }
 }
 
 /// Running as one node of a fleet (docs/architecture.md, "the fleet path").
@@ -425,6 +475,7 @@ impl Default for Config {
             presence: PresenceSettings::default(),
             push: PushConfig::default(),
             fleet: FleetSettings::default(),
+            attachments: AttachmentsConfig::default(),
         }
     }
 }

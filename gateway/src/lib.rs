@@ -27,6 +27,7 @@
 //! See docs/architecture.md for one message's path and CONCURRENCY.md for who
 //! talks to whom.
 
+pub mod attachments;
 pub mod auth;
 pub mod capacity;
 pub mod config;

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub order_gaps: IntCounter,
     pub mailbox_overflows: IntCounter,
     pub rejected: IntCounterVec,
+    /// Attachment bytes through the embedded backend, by direction (`uploaded`, `downloaded`).
+    pub attachment_bytes: IntCounterVec,
     /// Notifications handed to the push backend.
     pub push_notifications: IntCounter,
     /// Notifications not sent because the user came back within the window.
@@ -115,6 +117,12 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(rejected.clone())).expect("unique metric");
+        let attachment_bytes = IntCounterVec::new(
+            Opts::new("attachment_bytes_total", "Attachment bytes through the embedded blob backend"),
+            &["direction"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(attachment_bytes.clone())).expect("unique metric");
         let config_reloads = IntCounterVec::new(
             Opts::new("config_reloads_total", "SIGHUP config reloads by result"),
             &["result"],
@@ -168,6 +176,7 @@ impl Metrics {
             ),
             mailbox_overflows: counter(&r, "mailbox_overflows_total", "Events dropped by a full mailbox"),
             rejected,
+            attachment_bytes,
             push_notifications: counter(
                 &r,
                 "push_notifications_total",

@@ -271,6 +271,19 @@ pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
         }
     };
     let auth = Auth::new(&cfg.auth, &cfg.data_dir)?;
+    let blob_io = Pool::new(
+        "blob-io",
+        cfg.attachments.io_threads.get(),
+        cfg.attachments.io_queue.get(),
+        metrics.rejected.with_label_values(&["blob-io"]),
+    );
+    let attachments = crate::attachments::Attachments::open(
+        &cfg.attachments,
+        &cfg.data_dir,
+        &auth.derive(b"switchboard blob url v1"),
+        blob_io,
+    )
+    .context("opening the attachments directory")?;
 
     // The first listener fixes the port (port 0 picks one); the others share it.
     let first = listener(cfg.listen)?;
@@ -288,6 +301,7 @@ pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
     let shared = Arc::new(Shared {
         cfg,
         auth,
+        attachments,
         store,
         sequencer,
         router,

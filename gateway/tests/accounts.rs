@@ -250,13 +250,18 @@ fn users_are_found_by_name_and_named_by_id_with_a_token() {
 
     let (s, r) = get("/v1/users?username=bob", &token);
     assert_eq!(s, 200, "{r}");
-    assert_eq!(r, serde_json::json!({"user_id": bob.to_string(), "username": "Bob"}), "found case-insensitively");
+    assert_eq!(
+        r,
+        serde_json::json!({"user_id": bob.to_string(), "username": "Bob"}),
+        "found case-insensitively"
+    );
     let (s, r) = get("/v1/users?username=nobody", &token);
     assert_eq!((s, r["error"]["name"].as_str()), (404, Some("user_not_found")));
 
     let (s, r) = get(&format!("/v1/users?ids={bob},12345,{alice}"), &token);
     assert_eq!(s, 200, "{r}");
-    let names: Vec<_> = r["users"].as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
+    let names: Vec<_> =
+        r["users"].as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
     assert_eq!(names, ["Bob", "alice"], "the known users, in the order asked");
 
     let too_many = vec!["1"; 101].join(",");
@@ -267,5 +272,9 @@ fn users_are_found_by_name_and_named_by_id_with_a_token() {
     let (s, r) = get("/v1/users?username=a%20b", &token);
     assert_eq!((s, r["error"]["name"].as_str()), (400, Some("invalid_username")));
     let (s, r) = get("/v1/users?username=bob", "not-a-token");
-    assert_eq!((s, r["error"]["name"].as_str()), (401, Some("unauthorized")), "no lookups without an account");
+    assert_eq!(
+        (s, r["error"]["name"].as_str()),
+        (401, Some("unauthorized")),
+        "no lookups without an account"
+    );
 }

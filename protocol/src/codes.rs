@@ -83,6 +83,17 @@ error_codes! {
     TooManyAttempts = 2014, "too_many_attempts", true, 429, "Too many failed logins for this account or from this address, or too many logins and registrations in flight from this address; retry after the Retry-After seconds.";
     TooManyConnections = 2015, "too_many_connections", true, 429, "This user already has the most connections (devices) the server allows; close one, or retry later.";
     UserNotFound = 2016, "user_not_found", false, 404, "No user has that username.";
+    UrlInvalid = 2017, "url_invalid", false, 403, "The presigned URL does not verify: it was changed, or it was made for another object or method.";
+    UrlExpired = 2018, "url_expired", false, 403, "The presigned URL has expired. Ask for a new one.";
+    AttachmentMismatch = 2019, "attachment_mismatch", false, 400, "The upload is not what its slot declared: another size, media type or SHA-256. Nothing was stored.";
+    AttachmentTooLarge = 2020, "attachment_too_large", false, 413, "The attachment is larger than the server accepts (attachments.max_bytes).";
+    MediaTypeNotAllowed = 2021, "media_type_not_allowed", false, 415, "The server does not accept attachments of that media type (attachments.media_types).";
+    UploadBudgetExceeded = 2022, "upload_budget_exceeded", true, 429, "You have reserved as many upload bytes this hour as the server allows (attachments.upload_bytes_per_hour); retry after the Retry-After seconds.";
+    NotAMember = 2023, "not_a_member", false, 403, "You are not a member of that conversation (or it does not exist).";
+    AttachmentNotFound = 2024, "attachment_not_found", false, 404, "No such attachment: never uploaded, removed, or not of a conversation you are in.";
+    AlreadyUploaded = 2025, "already_uploaded", false, 409, "That attachment is uploaded already; an upload slot is used once.";
+    InvalidFileName = 2026, "invalid_file_name", false, 400, "File names are 1 to 255 bytes of UTF-8 with no path separators, control characters or leading dot-only names.";
+    StorageUnavailable = 2027, "storage_unavailable", true, 503, "The object store could not be reached or failed; nothing was stored. Retry with backoff.";
 }
 
 /// WebSocket close codes the server sends, each with its reconnect rule.

@@ -5,6 +5,7 @@
 
 use crate::auth::{valid_password, valid_username};
 use crate::capacity::SocketSlot;
+use crate::shard::blobs;
 use crate::shard::http1::{ReadError, Request, error_body, error_response, read_request, response};
 use crate::shard::netio::send_all;
 use crate::shard::{Listener, ShardCtx};
@@ -81,9 +82,34 @@ pub async fn serve(shard: Rc<ShardCtx>, stream: TcpStream, slot: SocketSlot, kin
             }
             ("POST", "/v1/admin/users") if public => admin_users(&shard, &req, source).await,
             ("GET", "/v1/users") if public => users(&shard, &req).await,
-            (_, "/v1/ws" | "/v1/register" | "/v1/login" | "/v1/admin/users" | "/v1/users") if public => {
-                err(ErrorCode::MethodNotAllowed, "method not allowed here")
+            ("POST", "/v1/attachments") if public => blobs::slot(&shard, &req).await,
+            ("GET", p) if public && p.starts_with("/v1/attachments/") => {
+                blobs::download_url(&shard, &req).await
             }
+            ("PUT", p) if public && p.starts_with("/v1/blobs/") => {
+                let (reply, consumed) = blobs::upload(&shard, &stream, &req, &mut buf).await;
+                let keep = keep && consumed;
+                if send_all(&stream, response(reply.0, &reply.1, keep)).await.is_err() {
+                    return;
+                }
+                if !consumed {
+                    blobs::linger(&stream, &mut buf).await;
+                }
+                if !keep {
+                    return;
+                }
+                continue;
+            }
+            ("GET" | "HEAD", p) if public && p.starts_with("/v1/blobs/") => {
+                if !blobs::download(&shard, &stream, &req).await {
+                    return;
+                }
+                continue;
+            }
+            (
+                _,
+                "/v1/ws" | "/v1/register" | "/v1/login" | "/v1/admin/users" | "/v1/users" | "/v1/attachments",
+            ) if public => err(ErrorCode::MethodNotAllowed, "method not allowed here"),
             (_, "/metrics") if metrics_here => err(ErrorCode::MethodNotAllowed, "method not allowed here"),
             (_, "/healthz" | "/readyz") => err(ErrorCode::MethodNotAllowed, "method not allowed here"),
             _ => err(ErrorCode::HttpNotFound, "no such endpoint"),
@@ -222,7 +248,12 @@ async fn users(shard: &ShardCtx, req: &Request) -> (u16, serde_json::Value) {
             let ids: Result<Vec<u64>, _> = list.split(',').map(str::parse::<u64>).collect();
             match ids {
                 Ok(ids) if !ids.is_empty() && ids.len() <= USERS_PER_LOOKUP => Lookup::Ids(ids),
-                _ => return err(ErrorCode::InvalidRequest, "ids must be 1 to 100 decimal user ids, comma-separated"),
+                _ => {
+                    return err(
+                        ErrorCode::InvalidRequest,
+                        "ids must be 1 to 100 decimal user ids, comma-separated",
+                    );
+                }
             }
         }
         _ => return err(ErrorCode::InvalidRequest, "give exactly one of ?username= or ?ids="),

@@ -23,6 +23,15 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     pub keep_alive: bool,
     pub body: Vec<u8>,
+    /// The body length the head declares. For a streamed body (a blob upload) the
+    /// body is not read into `body`: its handler reads it from the socket.
+    pub content_length: u64,
+}
+
+/// A request whose body is streamed by its handler rather than buffered: a
+/// blob upload (`PUT /v1/blobs/...`), up to `attachments.max_bytes`.
+pub fn streamed(method: &str, path: &str) -> bool {
+    method == "PUT" && path.starts_with("/v1/blobs/")
 }
 
 impl Request {
@@ -73,6 +82,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, ReadError> {
                 keep_alive: req.version == Some(1),
                 headers,
                 body: Vec::new(),
+                content_length: 0,
             };
             if let Some(c) = r.header("connection") {
                 let c = c.to_ascii_lowercase();
@@ -82,7 +92,16 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, ReadError> {
                     r.keep_alive = true;
                 }
             }
-            let body_len = framing(&r, req.version == Some(1))?;
+            let declared = framing(&r, req.version == Some(1))?;
+            r.content_length = declared;
+            // A streamed body stays on the socket: no buffered body at all.
+            let body_len = if streamed(&r.method, &r.path) {
+                0
+            } else if declared <= MAX_BODY as u64 {
+                declared as usize
+            } else {
+                return Err(ReadError::Reject(ErrorCode::PayloadTooLarge, "body too large"));
+            };
             Ok(Some(Head { request: r, head_len, body_len }))
         }
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
@@ -135,7 +154,7 @@ pub async fn read_request(
 /// The body length a request's head declares, by RFC 9112's rules for a server
 /// that may sit behind a proxy: anything ambiguous is refused rather than guessed,
 /// because a proxy that guessed differently would read the rest as another request.
-fn framing(r: &Request, http11: bool) -> Result<usize, ReadError> {
+fn framing(r: &Request, http11: bool) -> Result<u64, ReadError> {
     let reject = |m| Err(ReadError::Reject(ErrorCode::InvalidRequest, m));
     if r.header("transfer-encoding").is_some() {
         return reject("chunked bodies are not supported");
@@ -152,17 +171,14 @@ fn framing(r: &Request, http11: bool) -> Result<usize, ReadError> {
         if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
             return reject("bad content-length");
         }
-        let n: usize =
+        let n: u64 =
             v.parse().map_err(|_| ReadError::Reject(ErrorCode::InvalidRequest, "bad content-length"))?;
         if len.is_some_and(|l| l != n) {
             return reject("conflicting content-length headers");
         }
         len = Some(n);
     }
-    match len.unwrap_or(0) {
-        n if n <= MAX_BODY => Ok(n),
-        _ => Err(ReadError::Reject(ErrorCode::PayloadTooLarge, "body too large")),
-    }
+    Ok(len.unwrap_or(0))
 }
 
 fn reason(status: u16) -> &'static str {
@@ -172,10 +188,12 @@ fn reason(status: u16) -> &'static str {
         201 => "Created",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
         413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",

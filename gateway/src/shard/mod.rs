@@ -5,6 +5,7 @@
 //! connections (`conn`), its HTTP routes (`http`) over the HTTP/1.1 codec
 //! (`http1`) and socket I/O (`netio`).
 
+pub mod blobs;
 pub mod conn;
 pub mod http;
 pub mod http1;

@@ -23,6 +23,7 @@ fn message(seq: u64, body_len: usize) -> Message {
         edited_ms: None,
         reactions: Vec::new(),
         my_reaction: None,
+        attachment: None,
     }
 }
 
@@ -34,6 +35,7 @@ fn codec(c: &mut Criterion) {
             conversation_id: 250_583_497_679_306_752,
             client_msg_id: "3f2a9c1e-0d4b-4c55-9e61-1b2c3d4e5f60".into(),
             body: "x".repeat(100),
+            attachment: None,
         },
     };
     let event = ServerFrame { id: 0, body: ServerMsg::Message { message: message(42, 100) } };

@@ -283,8 +283,99 @@ impl Attachments {
         File::open(self.dir.join("objects"))?.sync_all()
     }
 
+    fn linked_path(&self, key: &ObjectKey) -> PathBuf {
+        self.dir.join("objects").join(format!("{key}.linked"))
+    }
+
+    /// Marks an uploaded object as named by a message (durably: the sweeper
+    /// removes only objects never named) and returns what was uploaded; `None`
+    /// if nothing was. Called before the message's commit: a send that then
+    /// fails leaves the object kept, never a stored message without its object.
+    pub fn link(&self, key: &ObjectKey) -> std::io::Result<Option<BlobMeta>> {
+        let Some(meta) = self.stat(key)? else { return Ok(None) };
+        let marker = self.linked_path(key);
+        if !marker.exists() {
+            File::create(&marker)?.sync_all()?;
+            File::open(self.dir.join("objects"))?.sync_all()?;
+        }
+        Ok(Some(meta))
+    }
+
+    /// Removes an object and what describes it (its message was deleted, or it
+    /// was never named). The meta goes first: an object without one is not
+    /// served, and the sweeper finishes what a crash interrupts.
+    pub fn remove(&self, key: &ObjectKey) -> std::io::Result<()> {
+        for path in [self.meta_path(key), self.object(key), self.linked_path(key)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of the sweeper: removes objects older than `grace` that no
+    /// message ever named, and leftovers of interrupted removals. Returns how
+    /// many objects it removed.
+    pub fn sweep(&self, grace: Duration) -> std::io::Result<usize> {
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for entry in std::fs::read_dir(self.dir.join("objects"))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(key) = name.to_str().and_then(ObjectKey::parse) else { continue };
+            let age = entry.metadata()?.modified().ok().and_then(|m| now.duration_since(m).ok());
+            let orphan = !self.meta_path(&key).exists() || !self.linked_path(&key).exists();
+            if orphan && age.is_some_and(|a| a >= grace) {
+                self.remove(&key)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Opens a stored object for reading.
     pub fn open_object(&self, key: &ObjectKey) -> std::io::Result<File> {
         File::open(self.object(key))
     }
+}
+
+/// Removes the objects of deleted messages, on the `blob-io` pool.
+impl crate::sequencer::AttachmentLinks for Arc<Attachments> {
+    fn unlinked(&self, ids: Vec<String>) {
+        fn remove_all(a: &Attachments, ids: &[String]) {
+            for key in ids.iter().filter_map(|id| ObjectKey::parse(id)) {
+                if let Err(e) = a.remove(&key) {
+                    tracing::error!(error = %e, object = %key, "removing a deleted message's attachment failed");
+                }
+            }
+        }
+        let (me, queued) = (self.clone(), ids.clone());
+        // With the queue full, here and now (rare, and a few unlink calls): the
+        // objects are named, so the sweeper would keep them for ever.
+        if self.io.spawn(move || remove_all(&me, &queued)).is_err() {
+            remove_all(self, &ids);
+        }
+    }
+}
+
+/// The sweeper: a thread of its own that wakes every `sweep_interval_secs` and
+/// removes objects no message named within `orphan_grace_secs`.
+pub fn start_sweeper(a: Arc<Attachments>) {
+    let interval = Duration::from_secs(a.cfg.sweep_interval_secs.get());
+    let grace = Duration::from_secs(a.cfg.orphan_grace_secs.get());
+    std::thread::Builder::new()
+        .name("blob-sweeper".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                match a.sweep(grace) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "swept attachments no message names"),
+                    Err(e) => tracing::error!(error = %e, "sweeping attachments failed"),
+                }
+            }
+        })
+        .expect("spawning the blob sweeper");
 }

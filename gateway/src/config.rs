@@ -65,6 +65,10 @@ pub struct AttachmentsConfig {
     pub io_threads: NonZeroUsize,
     /// Blob file operations waiting for those threads; beyond: 503 `overloaded`.
     pub io_queue: NonZeroUsize,
+    /// An uploaded object that no message names is removed once it is this old, seconds.
+    pub orphan_grace_secs: NonZeroU64,
+    /// How often the sweeper looks for such objects, seconds.
+    pub sweep_interval_secs: NonZeroU64,
 }
 
 impl Default for AttachmentsConfig {
@@ -91,6 +95,8 @@ impl Default for AttachmentsConfig {
             upload_bytes_per_hour: nz64(1 << 30),
             io_threads: nzu(2),
             io_queue: nzu(1024),
+            orphan_grace_secs: nz64(24 * 3600),
+            sweep_interval_secs: nz64(3600),
         }
     }
 }

@@ -21,7 +21,7 @@ use storage::Store;
 pub struct Shared {
     pub cfg: Config,
     pub auth: Auth,
-    pub attachments: crate::attachments::Attachments,
+    pub attachments: Arc<crate::attachments::Attachments>,
     pub store: Arc<dyn Store>,
     pub sequencer: Sequencer,
     /// Routes commands to the node that owns them (this one, alone).

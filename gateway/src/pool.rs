@@ -44,6 +44,19 @@ impl Pool {
         Arc::new(Pool { name, tx, rejected })
     }
 
+    /// Queues `f` for a pool thread without waiting for it (callable from any
+    /// thread, never blocks); `Err(Full)` when the queue is full (`f` is dropped).
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> Result<(), Full> {
+        if self.tx.try_send(Box::new(f)).is_err() {
+            if self.rejected.get() == 0 {
+                tracing::warn!(pool = self.name, "pool queue full; rejecting work (logged once)");
+            }
+            self.rejected.inc();
+            return Err(Full);
+        }
+        Ok(())
+    }
+
     /// Runs `f` on a pool thread and resolves with its result.
     ///
     /// # Cancel safety

@@ -42,6 +42,15 @@ pub struct Sequencer {
     rejected: prometheus::IntCounter,
 }
 
+/// What the sequencer tells the attachment store after a commit: the
+/// attachments whose message it deleted. (A send marks its attachment as
+/// referred to itself, before its commit: see `conn::attachment_of`.)
+///
+/// Runs on: a sequencer partition (must not block: queue the file work).
+pub trait AttachmentLinks: Send + Sync {
+    fn unlinked(&self, ids: Vec<String>);
+}
+
 pub struct SequencerConfig {
     /// Partitions (threads); at least 1.
     pub parts: usize,
@@ -50,6 +59,8 @@ pub struct SequencerConfig {
     /// Longest a loaded batch waits for company (see `StorageConfig::commit_window_us`).
     pub window: Option<Duration>,
     pub member_cap: usize,
+    /// Told, after each commit, the attachments of the messages it deleted.
+    pub attachments: Arc<dyn AttachmentLinks>,
 }
 
 impl Sequencer {
@@ -80,6 +91,7 @@ impl Sequencer {
                     ring_seen: 0,
                     swept: Instant::now(),
                     member_cap: cfg.member_cap,
+                    attachments: cfg.attachments.clone(),
                     convs: HashMap::new(),
                     adopted: Vec::new(),
                 };
@@ -241,11 +253,14 @@ struct Batch {
     reactions: HashMap<(ConversationId, Seq), BTreeMap<UserId, String>>,
     /// Conversations this batch creates (no stored owner epoch to fence with yet).
     created: HashSet<ConversationId>,
+    /// Attachments of the messages this batch deletes.
+    unlinked: Vec<String>,
 }
 
 struct Worker {
     /// This partition, of `parts`.
     part: usize,
+    attachments: Arc<dyn AttachmentLinks>,
     parts: usize,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
@@ -492,6 +507,20 @@ impl Worker {
         client_msg_id: String,
         about: About,
     ) -> Message {
+        Self::append_with(st, batch, sender, kind, body, client_msg_id, about, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_with(
+        st: &mut ConvState,
+        batch: &mut Batch,
+        sender: UserId,
+        kind: MessageKind,
+        body: String,
+        client_msg_id: String,
+        about: About,
+        attachment: Option<Box<protocol::Attachment>>,
+    ) -> Message {
         let ts = now_ms().max(st.rec.last_ts_ms);
         let seq = st.rec.last_seq + 1;
         let b = bucket_of(ts);
@@ -519,6 +548,7 @@ impl Worker {
             edited_ms: None,
             reactions: Vec::new(),
             my_reaction: None,
+            attachment,
         };
         batch.muts.push(Mutation::PutMessage(m.clone()));
         m
@@ -669,8 +699,16 @@ impl Worker {
                 (Message { body: body.clone(), edited_ms, ..original }, MessageKind::Edit, body)
             }
             None => {
-                let tombstone =
-                    Message { kind: MessageKind::Deleted, body: String::new(), edited_ms: None, ..original };
+                if let Some(a) = &original.attachment {
+                    batch.unlinked.push(a.attachment_id.clone());
+                }
+                let tombstone = Message {
+                    kind: MessageKind::Deleted,
+                    body: String::new(),
+                    edited_ms: None,
+                    attachment: None,
+                    ..original
+                };
                 (tombstone, MessageKind::Delete, String::new())
             }
         };
@@ -755,7 +793,7 @@ impl Worker {
     }
 
     fn send(&mut self, cmd: SendCmd, batch: &mut Batch) -> Result<(), Fail> {
-        let SendCmd { conversation, sender, client_msg_id, body, origin, submitted } = cmd;
+        let SendCmd { conversation, sender, client_msg_id, body, attachment, origin, submitted } = cmd;
         let origin = origin.conn;
         let store = self.store.clone();
         let st = self.member(conversation, sender)?;
@@ -781,7 +819,16 @@ impl Worker {
             ));
             return Ok(());
         }
-        let m = Self::append(st, batch, sender, MessageKind::Text, body, key.2.clone(), About::Nothing);
+        let m = Self::append_with(
+            st,
+            batch,
+            sender,
+            MessageKind::Text,
+            body,
+            key.2.clone(),
+            About::Nothing,
+            attachment,
+        );
         // Your own messages are read: they never count as unread for you.
         st.advance(batch, sender, m.seq, true);
         batch.muts.push(Mutation::PutIdempotency {
@@ -1098,6 +1145,9 @@ impl Worker {
                 false
             }
         };
+        if committed && !batch.unlinked.is_empty() {
+            self.attachments.unlinked(std::mem::take(&mut batch.unlinked));
+        }
         // Counted before anyone is shown them (a client that saw one finds it counted).
         let stored = |e: &Effect| u64::from(matches!(e.0.kind, EventKind::Message { to_others: true, .. }));
         let messages: u64 = self.adopted.iter().map(stored).sum::<u64>()

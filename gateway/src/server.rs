@@ -217,6 +217,23 @@ pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
             .map(|locate| FleetPresence { locate, router: router.clone() }),
         metrics.rejected.with_label_values(&["presence"]),
     );
+    let auth = Auth::new(&cfg.auth, &cfg.data_dir)?;
+    let blob_io = Pool::new(
+        "blob-io",
+        cfg.attachments.io_threads.get(),
+        cfg.attachments.io_queue.get(),
+        metrics.rejected.with_label_values(&["blob-io"]),
+    );
+    let attachments = Arc::new(
+        crate::attachments::Attachments::open(
+            &cfg.attachments,
+            &cfg.data_dir,
+            &auth.derive(b"switchboard blob url v1"),
+            blob_io,
+        )
+        .context("opening the attachments directory")?,
+    );
+    crate::attachments::start_sweeper(attachments.clone());
     let sequencer = Sequencer::start(
         SequencerConfig {
             parts: cfg.sequencer_count(),
@@ -224,6 +241,7 @@ pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
             batch_max: cfg.storage.commit_batch_max.get(),
             window: cfg.storage.commit_window_us.map(|us| std::time::Duration::from_micros(us.get().into())),
             member_cap: cfg.limits.group_member_cap.get() as usize,
+            attachments: Arc::new(attachments.clone()),
         },
         store.clone(),
         registry.clone(),
@@ -270,20 +288,6 @@ pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
             address: Throttle::new(a.login_free_failures_per_address, base, max, 100_000),
         }
     };
-    let auth = Auth::new(&cfg.auth, &cfg.data_dir)?;
-    let blob_io = Pool::new(
-        "blob-io",
-        cfg.attachments.io_threads.get(),
-        cfg.attachments.io_queue.get(),
-        metrics.rejected.with_label_values(&["blob-io"]),
-    );
-    let attachments = crate::attachments::Attachments::open(
-        &cfg.attachments,
-        &cfg.data_dir,
-        &auth.derive(b"switchboard blob url v1"),
-        blob_io,
-    )
-    .context("opening the attachments directory")?;
 
     // The first listener fixes the port (port 0 picks one); the others share it.
     let first = listener(cfg.listen)?;

@@ -257,3 +257,161 @@ fn presigned_urls_expire() {
     let (s, r) = c.put(&url, "text/plain", b"abc");
     assert_eq!((s, name(&r)), (403, "url_expired"));
 }
+
+/// Uploads `data` to the chat's conversation as `token`'s; returns the attachment id.
+fn uploaded(c: &Chat, token: &str, data: &[u8], media_type: &str, file: &str) -> String {
+    let (s, slot) = c.slot(token, data.len() as u64, media_type, &sha(data), file);
+    assert_eq!(s, 201, "{slot}");
+    let (s, r) = c.put(slot["upload_url"].as_str().unwrap(), media_type, data);
+    assert_eq!(s, 201, "{r}");
+    slot["attachment_id"].as_str().unwrap().to_owned()
+}
+
+fn with_attachment(conversation_id: u64, cmid: &str, caption: &str, id: &str) -> ClientMsg {
+    ClientMsg::Send {
+        conversation_id,
+        client_msg_id: cmid.into(),
+        body: caption.into(),
+        attachment: Some(protocol::AttachmentRef {
+            attachment_id: id.into(),
+            width: Some(640),
+            height: Some(480),
+            preview: "thumb".into(),
+        }),
+    }
+}
+
+#[test]
+fn a_message_with_an_attachment_is_stored_delivered_and_deleted_with_its_object() {
+    for proto in both() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = chat("", tmp.path());
+        let photo = bytes(300_000, 9);
+        let id = uploaded(&c, &c.alice, &photo, "image/jpeg", "cat.jpg");
+        let mut a = c.g.connect(&c.alice, proto);
+        let mut b = c.g.connect(&c.bob, proto);
+        a.sync(vec![]);
+        b.sync(vec![]);
+
+        a.send(with_attachment(c.conv, "p1", "our cat", &id));
+        let seq = a.wait_ack("p1");
+        let got = b.next_message();
+        assert_eq!((got.seq, got.body.as_str()), (seq, "our cat"));
+        let att = got.attachment.expect("the attachment reaches the recipient");
+        assert_eq!(
+            (att.attachment_id.as_str(), att.file_name.as_str(), att.media_type.as_str(), att.size),
+            (id.as_str(), "cat.jpg", "image/jpeg", photo.len() as u64),
+            "size, type and name come from the upload"
+        );
+        assert_eq!(
+            (att.sha256, att.width, att.height, att.preview.as_str()),
+            (sha(&photo), Some(640), Some(480), "thumb")
+        );
+        // Resent with its key: the same message, nothing new.
+        a.send(with_attachment(c.conv, "p1", "our cat", &id));
+        assert_eq!(a.wait_ack("p1"), seq);
+
+        // In history after a restart (sealed with the caption), on a new device.
+        drop((a, b));
+        drop(c.g);
+        let g = TestGateway::start_in(tmp.path(), "");
+        let c = Chat { g, ..c };
+        let mut b = c.g.connect(&c.bob, proto);
+        let replay = b.sync(vec![]);
+        let stored = replay.iter().find(|m| m.seq == seq).expect("replayed");
+        assert_eq!(stored.attachment.as_ref().map(|a| a.attachment_id.as_str()), Some(id.as_str()));
+        assert_eq!(stored.body, "our cat");
+
+        // Deleting the message: a tombstone without it, and the object goes.
+        let mut a = c.g.connect(&c.alice, proto);
+        a.sync(vec![]);
+        assert!(matches!(
+            a.request(ClientMsg::Delete { conversation_id: c.conv, seq }),
+            protocol::ServerMsg::Ok
+        ));
+        let history = match b.request(ClientMsg::History {
+            conversation_id: c.conv,
+            before: None,
+            after: None,
+            limit: None,
+        }) {
+            protocol::ServerMsg::History { messages, .. } => messages,
+            other => panic!("{other:?}"),
+        };
+        let tomb = history.iter().find(|m| m.seq == seq).unwrap();
+        assert_eq!((tomb.kind, tomb.attachment.is_none()), (protocol::MessageKind::Deleted, true));
+        eventually("the deleted message's object to go", || {
+            name(&c.download_url(&c.bob, &id).1) == "attachment_not_found"
+        });
+    }
+}
+
+#[test]
+fn a_send_naming_an_attachment_it_may_not_is_refused_and_stores_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = chat("", tmp.path());
+    let bob_token = c.bob.clone();
+    let (dave_id, _) = c.g.user("dave");
+    let mut a = c.g.connect(&c.alice, Subprotocol::Json);
+    a.sync(vec![]);
+    let other_conv = conversation_id(&a.request(ClientMsg::CreateDirect { user_id: dave_id }));
+
+    // A slot never uploaded to.
+    let (_, slot) = c.slot(&c.alice, 5, "text/plain", &sha(b"hello"), "a.txt");
+    let never = slot["attachment_id"].as_str().unwrap().to_owned();
+    // Bob's upload, in the same conversation.
+    let bobs = uploaded(&c, &bob_token, b"bob's file", "text/plain", "b.txt");
+    // Alice's own upload, to her other conversation.
+    let (s, slot) = {
+        let body = serde_json::json!({
+            "conversation_id": other_conv.to_string(), "size": 4, "media_type": "text/plain",
+            "sha256": sha(b"dave"), "file_name": "d.txt",
+        })
+        .to_string();
+        let auth = format!("Bearer {}", c.alice);
+        let (s, _, b) =
+            exchange(c.g.addr, "POST", "/v1/attachments", &[("authorization", &auth)], body.as_bytes());
+        (s, json(&b))
+    };
+    assert_eq!(s, 201);
+    assert_eq!(c.put(slot["upload_url"].as_str().unwrap(), "text/plain", b"dave").0, 201);
+    let elsewhere = slot["attachment_id"].as_str().unwrap().to_owned();
+
+    for (i, bad) in [never.as_str(), bobs.as_str(), elsewhere.as_str(), "1.2.0000000000000003", "../../x"]
+        .iter()
+        .enumerate()
+    {
+        let cmid = format!("bad{i}");
+        a.send(with_attachment(c.conv, &cmid, "look", bad));
+        assert_eq!(a.ack_or_error(&cmid), Err(1016), "{bad}");
+    }
+    // A preview too large, and a body with U+0000.
+    let mine = uploaded(&c, &c.alice, b"mine", "text/plain", "m.txt");
+    let mut big = with_attachment(c.conv, "big", "", &mine);
+    if let ClientMsg::Send { attachment: Some(a), .. } = &mut big {
+        a.preview = "x".repeat(8 * 1024 + 1);
+    }
+    a.send(big);
+    assert_eq!(a.ack_or_error("big"), Err(1004));
+    a.send_text(c.conv, "nul", "a\0b");
+    assert_eq!(a.ack_or_error("nul"), Err(1004));
+    // None of it was stored; the connection goes on, and an empty caption is fine.
+    a.send(with_attachment(c.conv, "ok", "", &mine));
+    assert_eq!(a.wait_ack("ok"), 1, "the refused sends took no position");
+}
+
+#[test]
+fn the_sweeper_removes_uploads_no_message_names_and_keeps_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = chat("[attachments]\norphan_grace_secs = 1\nsweep_interval_secs = 1\n", tmp.path());
+    let kept = uploaded(&c, &c.alice, b"named", "text/plain", "named.txt");
+    let orphan = uploaded(&c, &c.alice, b"never named", "text/plain", "orphan.txt");
+    let mut a = c.g.connect(&c.alice, Subprotocol::Json);
+    a.sync(vec![]);
+    a.send(with_attachment(c.conv, "k", "", &kept));
+    a.wait_ack("k");
+    eventually("the sweeper to remove the upload no message names", || {
+        name(&c.download_url(&c.bob, &orphan).1) == "attachment_not_found"
+    });
+    assert_eq!(c.download_url(&c.bob, &kept).0, 200, "a named upload stays");
+}

@@ -110,6 +110,7 @@ fn bad_json_frames_get_codes_and_the_connection_stays_usable() {
         conversation_id: w.conv,
         client_msg_id: "big".into(),
         body: "x".repeat(16 * 1024 + 1),
+        attachment: None,
     });
     match c.recv().body {
         ServerMsg::Error { code, client_msg_id, .. } => {

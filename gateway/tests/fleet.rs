@@ -373,6 +373,7 @@ impl Rider {
                 conversation_id: group,
                 client_msg_id: id.into(),
                 body: id.into(),
+                attachment: None,
             });
             let mut answer = None;
             while sent && answer.is_none() {

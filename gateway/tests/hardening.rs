@@ -285,6 +285,7 @@ fn a_flood_close_is_graceful_and_acks_what_was_stored() {
                     conversation_id: conv,
                     client_msg_id: format!("f{i}"),
                     body: "flood".into(),
+                    attachment: None,
                 },
             };
             let mut raw = Vec::new();

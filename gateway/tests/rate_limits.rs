@@ -76,6 +76,7 @@ fn sends_over_the_limit_are_refused_and_persisting_closes_only_that_connection()
                 conversation_id: conv,
                 client_msg_id: format!("{p:?}-flood-{i}"),
                 body: "x".into(),
+                attachment: None,
             };
             if !alice.try_send(flood) {
                 break; // already cut off

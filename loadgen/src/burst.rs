@@ -165,6 +165,7 @@ async fn burst(args: &BurstArgs) -> anyhow::Result<()> {
                 conversation_id: conv,
                 client_msg_id: format!("burst-{i}"),
                 body: at.to_string(),
+                attachment: None,
             };
             c.send_frame(send).await?;
             loop {

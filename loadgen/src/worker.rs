@@ -590,7 +590,7 @@ fn send_msg(ctx: &Ctx, i: usize, conv: u64, k: u64, sched: u64) -> ClientMsg {
     if body.len() < ctx.pad.len() {
         body.push_str(&ctx.pad[body.len()..]);
     }
-    ClientMsg::Send { conversation_id: conv, client_msg_id: format!("{k}.{sched}"), body }
+    ClientMsg::Send { conversation_id: conv, client_msg_id: format!("{k}.{sched}"), body, attachment: None }
 }
 
 /// Counts one frame received by user `me.i`'s connection on node `node`.

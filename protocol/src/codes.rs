@@ -64,6 +64,7 @@ error_codes! {
     MemberCap = 1013, "member_cap", false, 0, "The group would exceed its member cap.";
     BadCursor = 1014, "bad_cursor", false, 0, "A pagination position or cursor is invalid: both before and after given, a position past the conversation's end, or a cursor this server did not issue.";
     NotAContact = 1015, "not_a_contact", false, 0, "You may add someone to a group only once they have chatted with you: sent or read a message in your direct conversation.";
+    AttachmentInvalid = 1016, "attachment_invalid", false, 0, "The attachment named was never uploaded, was uploaded by someone else, or belongs to another conversation.";
     Overloaded = 1020, "overloaded", true, 0, "A server queue is full; the request was not accepted. Retry with backoff.";
     RateLimited = 1021, "rate_limited", true, 0, "This connection sent more of this request than its rate limit allows; the request was not accepted. Slow down and resend later. Persisting closes the connection with 1008.";
     Unavailable = 1022, "unavailable", true, 0, "The node that owns this conversation could not be reached (ownership is moving between gateway nodes, or the link between them is down); the request was not accepted. Retry with backoff.";

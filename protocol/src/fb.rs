@@ -96,12 +96,20 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             let o = fb::SyncReq::create(&mut b, &fb::SyncReqArgs { positions });
             (fb::ClientBody::SyncReq, o.as_union_value())
         }
-        ClientMsg::Send { conversation_id, client_msg_id, body } => {
+        ClientMsg::Send { conversation_id, client_msg_id, body, attachment } => {
             let client_msg_id = Some(b.create_string(client_msg_id));
             let body = Some(b.create_string(body));
+            let attachment = attachment.as_ref().map(|a| {
+                let attachment_id = Some(b.create_string(&a.attachment_id));
+                let preview = Some(b.create_string(&a.preview));
+                fb::AttachmentRef::create(
+                    &mut b,
+                    &fb::AttachmentRefArgs { attachment_id, width: a.width, height: a.height, preview },
+                )
+            });
             let o = fb::SendReq::create(
                 &mut b,
-                &fb::SendReqArgs { conversation_id: *conversation_id, client_msg_id, body },
+                &fb::SendReqArgs { conversation_id: *conversation_id, client_msg_id, body, attachment },
             );
             (fb::ClientBody::SendReq, o.as_union_value())
         }
@@ -281,6 +289,12 @@ pub fn decode_client(buf: &[u8]) -> Result<ClientFrame, DecodeError> {
                 conversation_id: r.conversation_id(),
                 client_msg_id: req_str(r.client_msg_id(), "client_msg_id")?.to_owned(),
                 body: r.body().unwrap_or_default().to_owned(),
+                attachment: r.attachment().map(|a| AttachmentRef {
+                    attachment_id: a.attachment_id().unwrap_or_default().to_owned(),
+                    width: a.width(),
+                    height: a.height(),
+                    preview: a.preview().unwrap_or_default().to_owned(),
+                }),
             }
         }
         fb::ClientBody::CreateDirectReq => {
@@ -435,6 +449,19 @@ fn message_fb<'b>(b: &mut FlatBufferBuilder<'b>, m: &Message) -> WIPOffset<fb::M
     let body = Some(b.create_string(&m.body));
     let reactions = reactions_fb(b, &m.reactions);
     let my_reaction = m.my_reaction.as_deref().map(|r| b.create_string(r));
+    let attachment = m.attachment.as_ref().map(|a| {
+        let args = fb::AttachmentArgs {
+            attachment_id: Some(b.create_string(&a.attachment_id)),
+            file_name: Some(b.create_string(&a.file_name)),
+            media_type: Some(b.create_string(&a.media_type)),
+            size: a.size,
+            sha256: Some(b.create_string(&a.sha256)),
+            width: a.width,
+            height: a.height,
+            preview: Some(b.create_string(&a.preview)),
+        };
+        fb::Attachment::create(b, &args)
+    });
     fb::Message::create(
         b,
         &fb::MessageArgs {
@@ -451,6 +478,7 @@ fn message_fb<'b>(b: &mut FlatBufferBuilder<'b>, m: &Message) -> WIPOffset<fb::M
             edited_ms: m.edited_ms,
             reactions,
             my_reaction,
+            attachment,
         },
     )
 }
@@ -470,6 +498,18 @@ fn message_from_fb(m: fb::Message<'_>) -> Result<Message, DecodeError> {
         edited_ms: m.edited_ms(),
         reactions: reactions_from_fb(m.reactions()),
         my_reaction: m.my_reaction().map(str::to_owned),
+        attachment: m.attachment().map(|a| {
+            Box::new(Attachment {
+                attachment_id: a.attachment_id().unwrap_or_default().to_owned(),
+                file_name: a.file_name().unwrap_or_default().to_owned(),
+                media_type: a.media_type().unwrap_or_default().to_owned(),
+                size: a.size(),
+                sha256: a.sha256().unwrap_or_default().to_owned(),
+                width: a.width(),
+                height: a.height(),
+                preview: a.preview().unwrap_or_default().to_owned(),
+            })
+        }),
     })
 }
 

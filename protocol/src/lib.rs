@@ -183,7 +183,12 @@ mod tests {
     fn client_samples() -> Vec<ClientFrame> {
         let msgs = vec![
             ClientMsg::Sync { positions: vec![Position { conversation_id: u64::MAX - 3, seq: 7 }] },
-            ClientMsg::Send { conversation_id: 42, client_msg_id: "c-1".into(), body: "héllo ✓".into() },
+            ClientMsg::Send {
+                conversation_id: 42,
+                client_msg_id: "c-1".into(),
+                body: "héllo ✓".into(),
+                attachment: None,
+            },
             ClientMsg::CreateDirect { user_id: 9 },
             ClientMsg::CreateGroup { title: "team".into(), members: vec![1, 2, 3] },
             ClientMsg::AddMembers { conversation_id: 5, user_ids: vec![8] },
@@ -226,6 +231,7 @@ mod tests {
             edited_ms: None,
             reactions: vec![],
             my_reaction: None,
+            attachment: None,
         };
         let reactions = vec![
             ReactionCount { emoji: "❤️".into(), count: 3 },

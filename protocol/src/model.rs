@@ -143,7 +143,11 @@ pub enum ClientMsg {
         #[serde(with = "id_str")]
         conversation_id: ConversationId,
         client_msg_id: String,
+        /// The text; with an attachment, its caption (may be empty).
+        #[serde(default)]
         body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attachment: Option<AttachmentRef>,
     },
     CreateDirect {
         #[serde(with = "id_str")]
@@ -291,6 +295,42 @@ pub struct Message {
     /// In history and replays: the reader's own reaction to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub my_reaction: Option<String>,
+    /// A text message's attachment (`body` is then its caption). Boxed: most
+    /// messages have none, and messages are moved and cloned on the hot path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<Box<Attachment>>,
+}
+
+/// What a `send` names: an attachment uploaded to this conversation by the
+/// sender, and how to show it (the server fills in the rest from the upload).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentRef {
+    pub attachment_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// A small inline preview (e.g. a base64 thumbnail), at most 8 KiB.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub preview: String,
+}
+
+/// An attachment as a message carries it: what was uploaded (size, type and
+/// checksum as the server checked them) and how to show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub attachment_id: String,
+    pub file_name: String,
+    pub media_type: String,
+    pub size: u64,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub preview: String,
 }
 
 /// How many members reacted to a message with one emoji.

@@ -1699,7 +1699,7 @@ impl Store for CassandraStore {
             for (at, key_seq, body) in sealed {
                 // No key: the message was deleted, and its text with it.
                 if let Some(key) = keys.get(&key_seq) {
-                    out[at].body = seal::open_text(key, conv, out[at].seq, &body)?;
+                    seal::open_into(&mut out[at], key, &body)?;
                 }
             }
         }
@@ -1972,6 +1972,7 @@ mod tests {
             edited_ms: None,
             reactions: vec![],
             my_reaction: None,
+            attachment: None,
         }
     }
 

@@ -206,6 +206,7 @@ pub(crate) fn decode_row(conv: u64, seq: u64, b: &[u8]) -> Result<Row, StorageEr
         edited_ms,
         reactions: Vec::new(),
         my_reaction: None,
+        attachment: None,
     };
     Ok((m, sealed))
 }
@@ -259,6 +260,7 @@ pub(crate) fn message_from_columns(conv: u64, c: MessageColumns) -> Result<Messa
         edited_ms: c.9.map(u),
         reactions: Vec::new(),
         my_reaction: None,
+        attachment: None,
     })
 }
 
@@ -282,6 +284,7 @@ mod tests {
             edited_ms: None,
             reactions: Vec::new(),
             my_reaction: None,
+            attachment: None,
         };
         assert_eq!(decode_row(5, 9, &encode_message(&m)).unwrap().0, m);
         m.edited_ms = Some(456);

@@ -17,6 +17,7 @@ pub fn run_all(open: Open<'_>) {
     idempotent_reappend(open);
     positions_strictly_increase(open);
     edits_and_deletes(open);
+    attachments(open);
     idempotency_keys(open);
     member_positions(open);
     unread_counts_and_list_order(open);
@@ -69,6 +70,7 @@ pub fn msg(conv: ConversationId, seq: Seq, ts_ms: u64, sender: UserId) -> Messag
         edited_ms: None,
         reactions: Vec::new(),
         my_reaction: None,
+        attachment: None,
     }
 }
 
@@ -256,6 +258,51 @@ pub fn edits_and_deletes(open: Open<'_>) {
         ]
     );
     assert_eq!(p.messages[0].target_seq, Some(3));
+}
+
+/// A message's attachment is stored with it (sealed with its caption), kept
+/// through an edit of the caption, and gone from its tombstone.
+pub fn attachments(open: Open<'_>) {
+    let s = open();
+    let c = 3401;
+    let a = protocol::Attachment {
+        attachment_id: format!("{c}.7.00000000000000aa"),
+        file_name: "report \"final\" ☀.pdf".into(),
+        media_type: "application/pdf".into(),
+        size: 12345,
+        sha256: "ab".repeat(32),
+        width: None,
+        height: Some(10),
+        preview: "data".into(),
+    };
+    append(&*s, c, 2, 10);
+    let (one, two) = (message_at(&*s, c, 1).unwrap().unwrap(), message_at(&*s, c, 2).unwrap().unwrap());
+    let with = Message { body: String::new(), attachment: Some(Box::new(a.clone())), ..one };
+    let caption_starting_like_an_envelope = Message { body: "{\"body\":\"x\"}".into(), ..two };
+    s.commit(&[
+        Mutation::PutMessage(with.clone()),
+        Mutation::PutMessage(caption_starting_like_an_envelope.clone()),
+    ])
+    .unwrap();
+    assert_eq!(message_at(&*s, c, 1).unwrap().unwrap(), with);
+    assert_eq!(
+        message_at(&*s, c, 2).unwrap().unwrap(),
+        caption_starting_like_an_envelope,
+        "plain text stays text"
+    );
+    let edited = Message { body: "new caption".into(), edited_ms: Some(1_500), ..with.clone() };
+    s.commit(&[Mutation::PutMessage(edited.clone())]).unwrap();
+    let p = page(&*s, c, Anchor::Latest, 10).unwrap();
+    assert_eq!(p.messages.iter().find(|m| m.seq == 1), Some(&edited), "an edit keeps the attachment");
+    let tombstone = Message {
+        kind: MessageKind::Deleted,
+        body: String::new(),
+        edited_ms: None,
+        attachment: None,
+        ..edited
+    };
+    s.commit(&[Mutation::PutMessage(tombstone.clone())]).unwrap();
+    assert_eq!(message_at(&*s, c, 1).unwrap().unwrap(), tombstone);
 }
 
 pub fn idempotency_keys(open: Open<'_>) {

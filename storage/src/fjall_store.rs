@@ -184,7 +184,7 @@ impl FjallStore {
     ) -> Result<Vec<u8>> {
         let (c, seq) = (msg.conversation_id, msg.seq);
         let sealed = |(slot, key): (u64, Key)| {
-            codec::encode_row(msg, Some((slot, &seal::seal(&key, c, seq, msg.body.as_bytes()))))
+            codec::encode_row(msg, Some((slot, &seal::seal(&key, c, seq, &seal::plaintext(msg)))))
         };
         match msg.kind {
             MessageKind::Text => {
@@ -265,8 +265,7 @@ impl FjallStore {
                 if let Some((slot, bytes)) = sealed
                     && let Some(key) = keys.get(&slot)
                 {
-                    let plain = seal::open(key, m.conversation_id, m.seq, &bytes)?;
-                    m.body = String::from_utf8(plain).map_err(|_| corrupt("body not utf-8"))?;
+                    seal::open_into(&mut m, key, &bytes)?;
                 }
                 Ok(m)
             })

@@ -597,6 +597,7 @@ mod tests {
                         edited_ms: None,
                         reactions: vec![],
                         my_reaction: None,
+                        attachment: None,
                     })
                     .collect())
             }

@@ -128,7 +128,7 @@ fn message_row(conv: ConversationId, r: &Row) -> Result<Message> {
     let mut m = message_from_columns(conv, columns)?;
     let (sealed, key): (Option<Vec<u8>>, Option<Vec<u8>>) = (r.get(10), r.get(11));
     if let (Some(sealed), Some(key)) = (sealed, key) {
-        m.body = seal::open_text(&seal::key_from_bytes(key)?, conv, m.seq, &sealed)?;
+        seal::open_into(&mut m, &seal::key_from_bytes(key)?, &sealed)?;
     }
     Ok(m)
 }

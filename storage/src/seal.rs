@@ -79,8 +79,51 @@ pub(crate) fn open(key: &Key, conv: ConversationId, seq: Seq, sealed: &[u8]) -> 
 }
 
 /// The plaintext of a sealed body as text.
+#[cfg(test)]
 pub(crate) fn open_text(key: &Key, conv: ConversationId, seq: Seq, sealed: &[u8]) -> Result<String> {
     String::from_utf8(open(key, conv, seq, sealed)?).map_err(|_| crate::codec::corrupt("body not utf-8"))
+}
+
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    body: &'a str,
+    attachment: &'a protocol::Attachment,
+}
+
+#[derive(serde::Deserialize)]
+struct OwnedEnvelope {
+    body: String,
+    attachment: protocol::Attachment,
+}
+
+/// What a text row seals: its body, or, for a message with an attachment, a NUL
+/// byte and then JSON `{"body", "attachment"}`. (Bodies never hold U+0000, so
+/// the two cannot be confused.) The attachment's name, preview and id are sealed
+/// with the caption: deleting the message erases them too.
+pub(crate) fn plaintext(m: &Message) -> std::borrow::Cow<'_, [u8]> {
+    match &m.attachment {
+        None => std::borrow::Cow::Borrowed(m.body.as_bytes()),
+        Some(attachment) => {
+            let mut v = vec![0u8];
+            serde_json::to_writer(&mut v, &Envelope { body: &m.body, attachment })
+                .expect("an attachment serialises");
+            std::borrow::Cow::Owned(v)
+        }
+    }
+}
+
+/// Opens a sealed row into `m`: its body, and its attachment if it has one.
+pub(crate) fn open_into(m: &mut Message, key: &Key, sealed: &[u8]) -> Result<()> {
+    let plain = open(key, m.conversation_id, m.seq, sealed)?;
+    if plain.first() == Some(&0) {
+        let e: OwnedEnvelope = serde_json::from_slice(&plain[1..])
+            .map_err(|_| crate::codec::corrupt("bad attachment envelope"))?;
+        m.body = e.body;
+        m.attachment = Some(Box::new(e.attachment));
+    } else {
+        m.body = String::from_utf8(plain).map_err(|_| crate::codec::corrupt("body not utf-8"))?;
+    }
+    Ok(())
 }
 
 /// A key as stored in a database column.
@@ -137,7 +180,7 @@ impl Sealing {
                 out.put_keys.push((id.0, id.1, k));
                 k
             });
-            out.sealed.insert(id, seal(&key, id.0, id.1, m.body.as_bytes()));
+            out.sealed.insert(id, seal(&key, id.0, id.1, &plaintext(m)));
         }
         for m in rows.messages.values() {
             match (m.kind, m.target_seq) {
@@ -145,7 +188,7 @@ impl Sealing {
                     if let Some(key) = keys.get(&(m.conversation_id, t)) {
                         out.sealed.insert(
                             (m.conversation_id, m.seq),
-                            seal(key, m.conversation_id, m.seq, m.body.as_bytes()),
+                            seal(key, m.conversation_id, m.seq, &plaintext(m)),
                         );
                     }
                 }

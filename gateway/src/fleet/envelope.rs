@@ -126,6 +126,7 @@ mod tests {
             edited_ms: Some(5),
             reactions: Vec::new(),
             my_reaction: None,
+            attachment: None,
         }
     }
 
@@ -154,8 +155,7 @@ mod tests {
                 client_msg_id: cmid.clone(),
                 body: body.clone(),
                 origin: Origin { conn, request, hops },
-                submitted: std::time::Instant::now(),
-            });
+                submitted: std::time::Instant::now(), attachment: None, });
             let Body::Command { cmd: back } = decode(&encode_command(&cmd)).unwrap() else { panic!("a command") };
             // `submitted` is local to a process: the rest must match.
             let (Command::Send(a), Command::Send(b)) = (&cmd, &*back) else { panic!("a send") };

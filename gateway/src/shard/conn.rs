@@ -876,8 +876,11 @@ fn handle_frame(conn: &Rc<Conn>, payload: &[u8], is_text: bool) -> Option<Pin<Bo
         return None;
     }
     match frame {
-        ClientFrame { id, body: ClientMsg::Send { conversation_id, client_msg_id, body } } => {
-            send(conn, id, conversation_id, client_msg_id, body);
+        ClientFrame {
+            id,
+            body: ClientMsg::Send { conversation_id, client_msg_id, body, attachment: None },
+        } => {
+            send(conn, id, conversation_id, client_msg_id, body, None);
             None
         }
         ClientFrame { id, body: ClientMsg::Ping } => {
@@ -936,12 +939,65 @@ fn member_head(store: &dyn storage::Store, conv: ConversationId, user: UserId) -
     Ok(rec.last_seq)
 }
 
+/// Largest inline preview a send may carry with its attachment, bytes.
+const MAX_PREVIEW: usize = 8 * 1024;
+
+/// The attachment a send names, once its upload is checked: uploaded, by this
+/// user, to this conversation. The size, type, checksum and name come from the
+/// upload, not from the client.
+async fn attachment_of(
+    conn: &Conn,
+    conversation: ConversationId,
+    r: protocol::AttachmentRef,
+) -> Result<protocol::Attachment, ErrorCode> {
+    let key = crate::attachments::ObjectKey::parse(&r.attachment_id).ok_or(ErrorCode::AttachmentInvalid)?;
+    if key.conversation != conversation || key.uploader != conn.user {
+        return Err(ErrorCode::AttachmentInvalid);
+    }
+    let dimension = |d: Option<u32>| d.is_some_and(|d| d == 0 || d > 100_000);
+    if r.preview.len() > MAX_PREVIEW || dimension(r.width) || dimension(r.height) {
+        return Err(ErrorCode::InvalidField);
+    }
+    let shared = conn.shard.shared.clone();
+    // Marked as named before the commit (see `Attachments::link`).
+    match conn.shard.shared.attachments.io.run(move || shared.attachments.link(&key)).await {
+        Ok(Ok(Some(meta))) => Ok(protocol::Attachment {
+            attachment_id: r.attachment_id,
+            file_name: meta.file_name,
+            media_type: meta.media_type,
+            size: meta.size,
+            sha256: meta.sha256,
+            width: r.width,
+            height: r.height,
+            preview: r.preview,
+        }),
+        Ok(Ok(None)) => Err(ErrorCode::AttachmentInvalid),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "checking an attachment failed");
+            Err(ErrorCode::Unavailable)
+        }
+        Err(_) => Err(ErrorCode::Overloaded),
+    }
+}
+
 /// Validates a send and queues it for the sequencer; the ack (or error) comes back
 /// through the user's mailbox in conversation order.
-fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: String, body: String) {
+fn send(
+    conn: &Conn,
+    id: u64,
+    conversation_id: ConversationId,
+    client_msg_id: String,
+    body: String,
+    attachment: Option<Box<protocol::Attachment>>,
+) {
     let user = conn.user;
     let shared = &conn.shard.shared;
-    let bad = if client_msg_id.is_empty() || client_msg_id.len() > 64 || body.is_empty() {
+    // A body may be empty only as an attachment's caption; U+0000 is never in one.
+    let bad = if client_msg_id.is_empty()
+        || client_msg_id.len() > 64
+        || (body.is_empty() && attachment.is_none())
+        || body.contains('\0')
+    {
         Some(ErrorCode::InvalidField)
     } else if body.len() > conn.limits().max_body_bytes.get() as usize {
         Some(ErrorCode::BodyTooLarge)
@@ -956,6 +1012,7 @@ fn send(conn: &Conn, id: u64, conversation_id: ConversationId, client_msg_id: St
         sender: user,
         client_msg_id,
         body,
+        attachment,
         origin: Origin::new(conn.id, id),
         submitted: std::time::Instant::now(),
     });
@@ -1036,8 +1093,18 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
                 Err(code) => conn.error(id, code, None),
             }
         }
-        ClientMsg::Send { conversation_id, client_msg_id, body } => {
-            send(conn, id, conversation_id, client_msg_id, body)
+        ClientMsg::Send { conversation_id, client_msg_id, body, attachment } => {
+            // Only sends with an attachment come here: its upload is checked first.
+            // (A connection's requests are handled one after another, so this send
+            // still takes its place among the connection's others.)
+            let checked = match attachment {
+                Some(a) => attachment_of(conn, conversation_id, a).await.map(|a| Some(Box::new(a))),
+                None => Ok(None),
+            };
+            match checked {
+                Ok(a) => send(conn, id, conversation_id, client_msg_id, body, a),
+                Err(code) => conn.error(id, code, Some(client_msg_id)),
+            }
         }
         ClientMsg::React { conversation_id, seq, emoji } => {
             if !valid_emoji(&emoji) {
@@ -1103,7 +1170,7 @@ async fn handle(conn: &Rc<Conn>, id: u64, msg: ClientMsg) {
             command(conn, id, |origin| Command::Leave { actor: user, conversation: conversation_id, origin })
         }
         ClientMsg::Edit { conversation_id, seq, body } => {
-            if body.is_empty() {
+            if body.is_empty() || body.contains('\0') {
                 return conn.error(id, ErrorCode::InvalidField, None);
             }
             if body.len() > conn.limits().max_body_bytes.get() as usize {

@@ -102,6 +102,9 @@ pub struct SendCmd {
     pub sender: UserId,
     pub client_msg_id: String,
     pub body: String,
+    /// An attachment the shard checked is uploaded (to this conversation, by the sender).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<Box<protocol::Attachment>>,
     /// The connection that sent it: it gets the ack.
     pub origin: Origin,
     /// When the shard queued it (for the delivery-latency metric; a forwarded command

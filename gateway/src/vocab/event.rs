@@ -171,6 +171,7 @@ pub fn test_event(seq: u64) -> Arc<Event> {
             edited_ms: None,
             reactions: Vec::new(),
             my_reaction: None,
+            attachment: None,
         },
         origin: None,
         to_others: true,

@@ -565,6 +565,7 @@ impl Client {
             conversation_id,
             client_msg_id: client_msg_id.into(),
             body: body.into(),
+            attachment: None,
         });
     }
 

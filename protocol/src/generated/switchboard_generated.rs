@@ -838,6 +838,7 @@ impl<'a> SendReq<'a> {
   pub const VT_CONVERSATION_ID: ::flatbuffers::VOffsetT = 4;
   pub const VT_CLIENT_MSG_ID: ::flatbuffers::VOffsetT = 6;
   pub const VT_BODY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ATTACHMENT: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -850,6 +851,7 @@ impl<'a> SendReq<'a> {
   ) -> ::flatbuffers::WIPOffset<SendReq<'bldr>> {
     let mut builder = SendReqBuilder::new(_fbb);
     builder.add_conversation_id(args.conversation_id);
+    if let Some(x) = args.attachment { builder.add_attachment(x); }
     if let Some(x) = args.body { builder.add_body(x); }
     if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
     builder.finish()
@@ -877,6 +879,13 @@ impl<'a> SendReq<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SendReq::VT_BODY, None)}
   }
+  #[inline]
+  pub fn attachment(&self) -> Option<AttachmentRef<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<AttachmentRef>>(SendReq::VT_ATTACHMENT, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SendReq<'_> {
@@ -888,6 +897,7 @@ impl ::flatbuffers::Verifiable for SendReq<'_> {
      .visit_field::<u64>("conversation_id", Self::VT_CONVERSATION_ID, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("client_msg_id", Self::VT_CLIENT_MSG_ID, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("body", Self::VT_BODY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<AttachmentRef>>("attachment", Self::VT_ATTACHMENT, false)?
      .finish();
     Ok(())
   }
@@ -896,6 +906,7 @@ pub struct SendReqArgs<'a> {
     pub conversation_id: u64,
     pub client_msg_id: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub body: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub attachment: Option<::flatbuffers::WIPOffset<AttachmentRef<'a>>>,
 }
 impl<'a> Default for SendReqArgs<'a> {
   #[inline]
@@ -904,6 +915,7 @@ impl<'a> Default for SendReqArgs<'a> {
       conversation_id: 0,
       client_msg_id: None,
       body: None,
+      attachment: None,
     }
   }
 }
@@ -926,6 +938,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SendReqBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SendReq::VT_BODY, body);
   }
   #[inline]
+  pub fn add_attachment(&mut self, attachment: ::flatbuffers::WIPOffset<AttachmentRef<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<AttachmentRef>>(SendReq::VT_ATTACHMENT, attachment);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SendReqBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SendReqBuilder {
@@ -946,6 +962,371 @@ impl ::core::fmt::Debug for SendReq<'_> {
       ds.field("conversation_id", &self.conversation_id());
       ds.field("client_msg_id", &self.client_msg_id());
       ds.field("body", &self.body());
+      ds.field("attachment", &self.attachment());
+      ds.finish()
+  }
+}
+pub enum AttachmentRefOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// What a send names: an uploaded attachment, and how to show it.
+pub struct AttachmentRef<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AttachmentRef<'a> {
+  type Inner = AttachmentRef<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AttachmentRef<'a> {
+  pub const VT_ATTACHMENT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_WIDTH: ::flatbuffers::VOffsetT = 6;
+  pub const VT_HEIGHT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PREVIEW: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AttachmentRef { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AttachmentRefArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<AttachmentRef<'bldr>> {
+    let mut builder = AttachmentRefBuilder::new(_fbb);
+    if let Some(x) = args.preview { builder.add_preview(x); }
+    if let Some(x) = args.height { builder.add_height(x); }
+    if let Some(x) = args.width { builder.add_width(x); }
+    if let Some(x) = args.attachment_id { builder.add_attachment_id(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn attachment_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(AttachmentRef::VT_ATTACHMENT_ID, None)}
+  }
+  #[inline]
+  pub fn width(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(AttachmentRef::VT_WIDTH, None)}
+  }
+  #[inline]
+  pub fn height(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(AttachmentRef::VT_HEIGHT, None)}
+  }
+  #[inline]
+  pub fn preview(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(AttachmentRef::VT_PREVIEW, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AttachmentRef<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("attachment_id", Self::VT_ATTACHMENT_ID, false)?
+     .visit_field::<u32>("width", Self::VT_WIDTH, false)?
+     .visit_field::<u32>("height", Self::VT_HEIGHT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("preview", Self::VT_PREVIEW, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AttachmentRefArgs<'a> {
+    pub attachment_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub preview: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for AttachmentRefArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AttachmentRefArgs {
+      attachment_id: None,
+      width: None,
+      height: None,
+      preview: None,
+    }
+  }
+}
+
+pub struct AttachmentRefBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AttachmentRefBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_attachment_id(&mut self, attachment_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AttachmentRef::VT_ATTACHMENT_ID, attachment_id);
+  }
+  #[inline]
+  pub fn add_width(&mut self, width: u32) {
+    self.fbb_.push_slot_always::<u32>(AttachmentRef::VT_WIDTH, width);
+  }
+  #[inline]
+  pub fn add_height(&mut self, height: u32) {
+    self.fbb_.push_slot_always::<u32>(AttachmentRef::VT_HEIGHT, height);
+  }
+  #[inline]
+  pub fn add_preview(&mut self, preview: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AttachmentRef::VT_PREVIEW, preview);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AttachmentRefBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AttachmentRefBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AttachmentRef<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AttachmentRef<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AttachmentRef");
+      ds.field("attachment_id", &self.attachment_id());
+      ds.field("width", &self.width());
+      ds.field("height", &self.height());
+      ds.field("preview", &self.preview());
+      ds.finish()
+  }
+}
+pub enum AttachmentOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// An attachment as a message carries it.
+pub struct Attachment<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Attachment<'a> {
+  type Inner = Attachment<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Attachment<'a> {
+  pub const VT_ATTACHMENT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_FILE_NAME: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MEDIA_TYPE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SIZE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_SHA256: ::flatbuffers::VOffsetT = 12;
+  pub const VT_WIDTH: ::flatbuffers::VOffsetT = 14;
+  pub const VT_HEIGHT: ::flatbuffers::VOffsetT = 16;
+  pub const VT_PREVIEW: ::flatbuffers::VOffsetT = 18;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Attachment { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AttachmentArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Attachment<'bldr>> {
+    let mut builder = AttachmentBuilder::new(_fbb);
+    builder.add_size(args.size);
+    if let Some(x) = args.preview { builder.add_preview(x); }
+    if let Some(x) = args.height { builder.add_height(x); }
+    if let Some(x) = args.width { builder.add_width(x); }
+    if let Some(x) = args.sha256 { builder.add_sha256(x); }
+    if let Some(x) = args.media_type { builder.add_media_type(x); }
+    if let Some(x) = args.file_name { builder.add_file_name(x); }
+    if let Some(x) = args.attachment_id { builder.add_attachment_id(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn attachment_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Attachment::VT_ATTACHMENT_ID, None)}
+  }
+  #[inline]
+  pub fn file_name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Attachment::VT_FILE_NAME, None)}
+  }
+  #[inline]
+  pub fn media_type(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Attachment::VT_MEDIA_TYPE, None)}
+  }
+  #[inline]
+  pub fn size(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Attachment::VT_SIZE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn sha256(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Attachment::VT_SHA256, None)}
+  }
+  #[inline]
+  pub fn width(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Attachment::VT_WIDTH, None)}
+  }
+  #[inline]
+  pub fn height(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Attachment::VT_HEIGHT, None)}
+  }
+  #[inline]
+  pub fn preview(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Attachment::VT_PREVIEW, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Attachment<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("attachment_id", Self::VT_ATTACHMENT_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("file_name", Self::VT_FILE_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("media_type", Self::VT_MEDIA_TYPE, false)?
+     .visit_field::<u64>("size", Self::VT_SIZE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("sha256", Self::VT_SHA256, false)?
+     .visit_field::<u32>("width", Self::VT_WIDTH, false)?
+     .visit_field::<u32>("height", Self::VT_HEIGHT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("preview", Self::VT_PREVIEW, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AttachmentArgs<'a> {
+    pub attachment_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub file_name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub media_type: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub size: u64,
+    pub sha256: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub preview: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for AttachmentArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AttachmentArgs {
+      attachment_id: None,
+      file_name: None,
+      media_type: None,
+      size: 0,
+      sha256: None,
+      width: None,
+      height: None,
+      preview: None,
+    }
+  }
+}
+
+pub struct AttachmentBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AttachmentBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_attachment_id(&mut self, attachment_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Attachment::VT_ATTACHMENT_ID, attachment_id);
+  }
+  #[inline]
+  pub fn add_file_name(&mut self, file_name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Attachment::VT_FILE_NAME, file_name);
+  }
+  #[inline]
+  pub fn add_media_type(&mut self, media_type: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Attachment::VT_MEDIA_TYPE, media_type);
+  }
+  #[inline]
+  pub fn add_size(&mut self, size: u64) {
+    self.fbb_.push_slot::<u64>(Attachment::VT_SIZE, size, 0);
+  }
+  #[inline]
+  pub fn add_sha256(&mut self, sha256: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Attachment::VT_SHA256, sha256);
+  }
+  #[inline]
+  pub fn add_width(&mut self, width: u32) {
+    self.fbb_.push_slot_always::<u32>(Attachment::VT_WIDTH, width);
+  }
+  #[inline]
+  pub fn add_height(&mut self, height: u32) {
+    self.fbb_.push_slot_always::<u32>(Attachment::VT_HEIGHT, height);
+  }
+  #[inline]
+  pub fn add_preview(&mut self, preview: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Attachment::VT_PREVIEW, preview);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AttachmentBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AttachmentBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Attachment<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Attachment<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Attachment");
+      ds.field("attachment_id", &self.attachment_id());
+      ds.field("file_name", &self.file_name());
+      ds.field("media_type", &self.media_type());
+      ds.field("size", &self.size());
+      ds.field("sha256", &self.sha256());
+      ds.field("width", &self.width());
+      ds.field("height", &self.height());
+      ds.field("preview", &self.preview());
       ds.finish()
   }
 }
@@ -4220,6 +4601,7 @@ impl<'a> Message<'a> {
   pub const VT_EDITED_MS: ::flatbuffers::VOffsetT = 24;
   pub const VT_REACTIONS: ::flatbuffers::VOffsetT = 26;
   pub const VT_MY_REACTION: ::flatbuffers::VOffsetT = 28;
+  pub const VT_ATTACHMENT: ::flatbuffers::VOffsetT = 30;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4238,6 +4620,7 @@ impl<'a> Message<'a> {
     builder.add_ts_ms(args.ts_ms);
     builder.add_seq(args.seq);
     builder.add_conversation_id(args.conversation_id);
+    if let Some(x) = args.attachment { builder.add_attachment(x); }
     if let Some(x) = args.my_reaction { builder.add_my_reaction(x); }
     if let Some(x) = args.reactions { builder.add_reactions(x); }
     if let Some(x) = args.body { builder.add_body(x); }
@@ -4339,6 +4722,13 @@ impl<'a> Message<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Message::VT_MY_REACTION, None)}
   }
+  #[inline]
+  pub fn attachment(&self) -> Option<Attachment<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Attachment>>(Message::VT_ATTACHMENT, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Message<'_> {
@@ -4360,6 +4750,7 @@ impl ::flatbuffers::Verifiable for Message<'_> {
      .visit_field::<u64>("edited_ms", Self::VT_EDITED_MS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ReactionCount>>>>("reactions", Self::VT_REACTIONS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("my_reaction", Self::VT_MY_REACTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Attachment>>("attachment", Self::VT_ATTACHMENT, false)?
      .finish();
     Ok(())
   }
@@ -4378,6 +4769,7 @@ pub struct MessageArgs<'a> {
     pub edited_ms: Option<u64>,
     pub reactions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReactionCount<'a>>>>>,
     pub my_reaction: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub attachment: Option<::flatbuffers::WIPOffset<Attachment<'a>>>,
 }
 impl<'a> Default for MessageArgs<'a> {
   #[inline]
@@ -4396,6 +4788,7 @@ impl<'a> Default for MessageArgs<'a> {
       edited_ms: None,
       reactions: None,
       my_reaction: None,
+      attachment: None,
     }
   }
 }
@@ -4458,6 +4851,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MessageBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Message::VT_MY_REACTION, my_reaction);
   }
   #[inline]
+  pub fn add_attachment(&mut self, attachment: ::flatbuffers::WIPOffset<Attachment<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Attachment>>(Message::VT_ATTACHMENT, attachment);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MessageBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     MessageBuilder {
@@ -4488,6 +4885,7 @@ impl ::core::fmt::Debug for Message<'_> {
       ds.field("edited_ms", &self.edited_ms());
       ds.field("reactions", &self.reactions());
       ds.field("my_reaction", &self.my_reaction());
+      ds.field("attachment", &self.attachment());
       ds.finish()
   }
 }

@@ -14,8 +14,11 @@
 // - Your own sends appear as `message` events too, when acknowledged.
 
 import { SwitchboardError, closed, connectionLost } from "./errors.js";
+import { downloadUrl, requestUploadSlot, sha256Hex, upload } from "./http.js";
 import type {
   Ack,
+  Attachment,
+  AttachmentRef,
   Conversation,
   ConversationList,
   HistoryPage,
@@ -89,6 +92,9 @@ interface PendingSend {
   conversationId: Id;
   clientMsgId: string;
   body: string;
+  attachment?: AttachmentRef;
+  /** The attachment as the message will carry it (for the local `message` on ack). */
+  carried?: Attachment;
   attempts: number;
   /** Sent on the current connection (its answer is awaited there). */
   onWire: boolean;
@@ -431,6 +437,7 @@ export class SwitchboardClient {
       client_msg_id: a.client_msg_id,
       kind: "text",
       body: p.body,
+      ...(p.carried ? { attachment: p.carried } : {}),
     });
   }
 
@@ -503,19 +510,98 @@ export class SwitchboardClient {
 
   /** Sends a text message; resolves with its `ack` (durable, with its `seq`). */
   send(conversationId: Id, body: string, clientMsgId: string = newClientMsgId()): Promise<Ack> {
+    return this.queueSend({ conversationId, clientMsgId, body });
+  }
+
+  private queueSend(s: {
+    conversationId: Id;
+    clientMsgId: string;
+    body: string;
+    attachment?: AttachmentRef;
+    carried?: Attachment;
+  }): Promise<Ack> {
     if (this.closedByApp) return Promise.reject(closed());
-    const existing = this.pending.get(clientMsgId);
-    if (existing) return Promise.reject(new Error(`a send with client_msg_id ${clientMsgId} is pending`));
+    const existing = this.pending.get(s.clientMsgId);
+    if (existing) return Promise.reject(new Error(`a send with client_msg_id ${s.clientMsgId} is pending`));
     return new Promise<Ack>((resolve, reject) => {
-      const p: PendingSend = { conversationId, clientMsgId, body, attempts: 0, onWire: false, resolve, reject };
-      this.pending.set(clientMsgId, p);
+      const p: PendingSend = { ...s, attempts: 0, onWire: false, resolve, reject };
+      this.pending.set(s.clientMsgId, p);
       if (this.current === "live") this.transmit(p);
     });
   }
 
   private transmit(p: PendingSend): void {
     p.onWire = true;
-    this.write({ type: "send", conversation_id: p.conversationId, client_msg_id: p.clientMsgId, body: p.body });
+    this.write({
+      type: "send",
+      conversation_id: p.conversationId,
+      client_msg_id: p.clientMsgId,
+      body: p.body,
+      ...(p.attachment ? { attachment: p.attachment } : {}),
+    });
+  }
+
+  private async currentToken(): Promise<string> {
+    return typeof this.opts.token === "function" ? await this.opts.token() : this.opts.token;
+  }
+
+  /**
+   * Sends a file: asks for an upload slot, uploads the bytes straight to the
+   * object store (never through the WebSocket), then sends a message naming it,
+   * with `caption` as its body. Resolves with the message's `ack`. Upload
+   * failures reject with the HTTP error's code (e.g. `attachment_too_large`,
+   * `media_type_not_allowed`, `upload_budget_exceeded`); the message itself is
+   * queued and retried like any send once the upload is done.
+   */
+  async sendFile(
+    conversationId: Id,
+    file: Blob | ArrayBuffer | Uint8Array,
+    options: {
+      caption?: string;
+      fileName?: string;
+      mediaType?: string;
+      width?: number;
+      height?: number;
+      preview?: string;
+      onProgress?: (sent: number, total: number) => void;
+      clientMsgId?: string;
+    } = {},
+  ): Promise<Ack> {
+    const blob = typeof Blob !== "undefined" && file instanceof Blob ? file : null;
+    const bytes = blob
+      ? new Uint8Array(await blob.arrayBuffer())
+      : file instanceof Uint8Array
+        ? file
+        : new Uint8Array(file as ArrayBuffer);
+    const fileName = options.fileName ?? (blob as { name?: string } | null)?.name ?? "file";
+    const mediaType = (options.mediaType ?? (blob?.type || "application/octet-stream")).toLowerCase();
+    const sha256 = await sha256Hex(bytes);
+    const token = await this.currentToken();
+    const slot = await requestUploadSlot(this.opts.url, token, {
+      conversation_id: conversationId,
+      size: bytes.length,
+      media_type: mediaType,
+      sha256,
+      file_name: fileName,
+    });
+    await upload(this.opts.url, slot, bytes, options.onProgress);
+    const ref: AttachmentRef = { attachment_id: slot.attachment_id };
+    if (options.width) ref.width = options.width;
+    if (options.height) ref.height = options.height;
+    if (options.preview) ref.preview = options.preview;
+    return this.queueSend({
+      conversationId,
+      clientMsgId: options.clientMsgId ?? newClientMsgId(),
+      body: options.caption ?? "",
+      attachment: ref,
+      carried: { ...ref, file_name: fileName, media_type: mediaType, size: bytes.length, sha256 },
+    });
+  }
+
+  /** A download URL for an attachment (for members of its conversation; it expires). */
+  async downloadUrl(attachment: Attachment | string): Promise<string> {
+    const id = typeof attachment === "string" ? attachment : attachment.attachment_id;
+    return (await downloadUrl(this.opts.url, await this.currentToken(), id)).url;
   }
 
   /** A request answered by a frame with its `id`; waits for a live connection first. */

@@ -7,6 +7,6 @@ export type {
   WebSocketLike,
 } from "./client.js";
 export { SwitchboardError } from "./errors.js";
-export { findUser, getUsers, login, register } from "./http.js";
-export type { UserInfo } from "./http.js";
+export { absolute, downloadUrl, findUser, getUsers, login, register, requestUploadSlot, sha256Hex, upload } from "./http.js";
+export type { UploadSlot, UserInfo } from "./http.js";
 export type * from "./types.js";

@@ -36,6 +36,29 @@ export interface Message {
   edited_ms?: number;
   reactions?: ReactionCount[];
   my_reaction?: string;
+  /** A file sent with the message (`body` is its caption). */
+  attachment?: Attachment;
+}
+
+/** An attachment as messages carry it: size, type, checksum and name as the server checked the upload. */
+export interface Attachment {
+  attachment_id: string;
+  file_name: string;
+  media_type: string;
+  size: number;
+  sha256: string;
+  width?: number;
+  height?: number;
+  /** A small inline preview the sender chose (e.g. a base64 data URL thumbnail). */
+  preview?: string;
+}
+
+/** What a send names: an uploaded attachment and how to show it. */
+export interface AttachmentRef {
+  attachment_id: string;
+  width?: number;
+  height?: number;
+  preview?: string;
 }
 
 export interface Member {

@@ -210,3 +210,40 @@ test("typing expires, receipts and reactions arrive as typed events", { timeout:
   alice.c.close();
   bob.c.close();
 });
+
+test("sendFile uploads straight to the store and the message carries the attachment; refusals are coded", async () => {
+  const { alice, bob, conv } = await pair("files");
+  const bytes = new Uint8Array(700_000).map((_, i) => (i * 7) & 0xff);
+  const progress: number[] = [];
+  const ack = await alice.c.sendFile(conv, bytes, {
+    caption: "the plan",
+    fileName: "plan.pdf",
+    mediaType: "application/pdf",
+    onProgress: (sent) => progress.push(sent),
+  });
+  assert.equal(progress.at(-1), bytes.length, "progress reaches the whole file");
+  await until("the message with its attachment at bob", () => bob.seen.some((m) => m.seq === ack.seq));
+  const m = bob.seen.find((x) => x.seq === ack.seq)!;
+  assert.equal(m.body, "the plan");
+  assert.deepEqual(
+    [m.attachment?.file_name, m.attachment?.media_type, m.attachment?.size],
+    ["plan.pdf", "application/pdf", bytes.length],
+  );
+  // Bob downloads it by its URL: the same bytes.
+  const url = await bob.c.downloadUrl(m.attachment!);
+  const got = new Uint8Array(await (await fetch(url)).arrayBuffer());
+  assert.equal(Buffer.compare(Buffer.from(got), Buffer.from(bytes)), 0);
+  // The sender's own message carries it too.
+  assert.equal(alice.seen.find((x) => x.seq === ack.seq)?.attachment?.sha256, m.attachment?.sha256);
+
+  await assert.rejects(alice.c.sendFile(conv, bytes, { mediaType: "text/html", fileName: "x.html" }), (e: Error) => {
+    assert.equal((e as { name: string }).name, "media_type_not_allowed");
+    return true;
+  });
+  await assert.rejects(alice.c.sendFile(conv, bytes, { mediaType: "application/pdf", fileName: "../x.pdf" }), (e: Error) => {
+    assert.equal((e as { name: string }).name, "invalid_file_name");
+    return true;
+  });
+  alice.c.close();
+  bob.c.close();
+});

@@ -3,6 +3,7 @@
 // textContent only, so no message can inject markup).
 
 import {
+  type Attachment,
   type ConnectionState,
   type Conversation,
   type ConversationItem,
@@ -38,6 +39,8 @@ interface Local {
   clientMsgId: string;
   body: string;
   failed?: string;
+  /** A file being sent: its name and how much is uploaded. */
+  file?: { name: string; sent: number; total: number };
 }
 
 let client: SwitchboardClient | null = null;
@@ -114,7 +117,7 @@ function preview(m: Message | undefined): string {
   if (!m) return "";
   switch (m.kind) {
     case "text":
-      return `${m.sender_id === me ? "You: " : ""}${m.body}`;
+      return `${m.sender_id === me ? "You: " : ""}${m.attachment ? `📎 ${m.attachment.file_name} ` : ""}${m.body}`;
     case "deleted":
     case "delete":
       return "message deleted";
@@ -508,6 +511,99 @@ function onTypingInput(value: string): void {
   }
 }
 
+// ---- attachments ----------------------------------------------------------------
+
+/** Download URLs by attachment id, reused until shortly before they expire. */
+const urls = new Map<string, { url: string; until: number }>();
+const asked = new Set<string>();
+
+/** The download URL if known; otherwise asks for it and fills in the elements
+ * showing that attachment when it comes. */
+function urlOf(a: Attachment): string | null {
+  const hit = urls.get(a.attachment_id);
+  if (hit && hit.until > Date.now()) return hit.url;
+  if (!asked.has(a.attachment_id) && client) {
+    asked.add(a.attachment_id);
+    client
+      .downloadUrl(a)
+      .then((url) => {
+        // URLs last 15 minutes by default: reuse one for 10.
+        urls.set(a.attachment_id, { url, until: Date.now() + 10 * 60_000 });
+        for (const el of document.querySelectorAll<HTMLElement>(`[data-attachment="${a.attachment_id}"]`)) {
+          if (el instanceof HTMLImageElement) el.src = url;
+          else if (el instanceof HTMLAnchorElement) el.href = url;
+        }
+      })
+      .catch(say)
+      .finally(() => asked.delete(a.attachment_id));
+  }
+  return null;
+}
+
+function size(n: number): string {
+  return n < 1024 ? `${n} B` : n < 1 << 20 ? `${(n / 1024).toFixed(0)} KB` : `${(n / (1 << 20)).toFixed(1)} MB`;
+}
+
+function attachmentView(a: Attachment): HTMLElement {
+  const url = urlOf(a);
+  if (a.media_type.startsWith("image/")) {
+    const img = h("img", { class: "attachment", alt: a.file_name, "data-attachment": a.attachment_id });
+    if (a.width && a.height) img.style.aspectRatio = `${a.width} / ${a.height}`;
+    const src = url ?? a.preview;
+    if (src) img.src = src;
+    return img;
+  }
+  const link = h("a", { class: "file", download: a.file_name, "data-attachment": a.attachment_id }, `📄 ${a.file_name}`);
+  if (url) link.href = url;
+  return h("span", { class: "file-row" }, link, h("span", { class: "meta" }, ` ${size(a.size)}`));
+}
+
+/** Width, height and a tiny inline preview (≤ 8 KiB) of an image file. */
+async function describeImage(file: File): Promise<{ width?: number; height?: number; preview?: string }> {
+  if (!file.type.startsWith("image/")) return {};
+  try {
+    const bitmap = await createImageBitmap(file);
+    const scale = Math.min(1, 48 / Math.max(bitmap.width, bitmap.height));
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    canvas.getContext("2d")?.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    const preview = canvas.toDataURL("image/jpeg", 0.6);
+    return { width: bitmap.width, height: bitmap.height, ...(preview.length <= 8192 ? { preview } : {}) };
+  } catch {
+    return {};
+  }
+}
+
+function sendFiles(files: FileList | File[]): void {
+  const c = client;
+  const conv = openId;
+  if (!c || !conv) return;
+  for (const file of files) {
+    const id = `web-${crypto.randomUUID()}`;
+    const local: Local = { clientMsgId: id, body: "", file: { name: file.name, sent: 0, total: file.size } };
+    outbox.set(conv, [...(outbox.get(conv) ?? []), local]);
+    void describeImage(file)
+      .then((shape) =>
+        c.sendFile(conv, file, {
+          fileName: file.name,
+          mediaType: file.type || "application/octet-stream",
+          clientMsgId: id,
+          ...shape,
+          onProgress: (sent) => {
+            local.file!.sent = sent;
+            if (conv === openId) renderMessages(false);
+          },
+        }),
+      )
+      .catch((e: Error) => {
+        local.failed = e.message;
+        if (conv === openId) renderMessages(false);
+      });
+  }
+  renderMessages(true);
+}
+
 // ---- rendering ------------------------------------------------------------------
 
 function renderShell(): void {
@@ -607,6 +703,11 @@ function renderConversation(): void {
       renderComposer();
     }
   });
+  const picker = h("input", { id: "file", type: "file", multiple: "", hidden: "" });
+  picker.addEventListener("change", () => {
+    if (picker.files?.length) sendFiles([...picker.files]);
+    picker.value = "";
+  });
   const messages = h("div", { id: "messages" });
   messages.addEventListener("scroll", () => {
     if (messages.scrollTop < 40) void loadOlder().catch(say);
@@ -616,9 +717,21 @@ function renderConversation(): void {
     h("section", { id: "members" }),
     messages,
     h("div", { id: "typing", class: "typing" }),
-    h("div", { class: "composer" }, h("span", { id: "editing" }), input,
+    h("div", { class: "composer" }, h("span", { id: "editing" }), picker,
+      h("button", { id: "attach", title: "Send a file", click: () => picker.click() }, "📎"), input,
       h("button", { id: "send", click: () => (send(input.value), (input.value = ""), (typingOn = false)) }, "Send")),
   );
+  // Files dropped anywhere on the conversation are sent to it.
+  main.ondragover = (e) => {
+    e.preventDefault();
+    main.classList.add("dropping");
+  };
+  main.ondragleave = () => main.classList.remove("dropping");
+  main.ondrop = (e) => {
+    e.preventDefault();
+    main.classList.remove("dropping");
+    if (e.dataTransfer?.files.length) sendFiles([...e.dataTransfer.files]);
+  };
   renderHeader();
   renderMembers();
   renderMessages(true);
@@ -731,7 +844,8 @@ function renderMessages(toBottom: boolean): void {
         "div",
         { class: `msg${mine ? " mine" : ""}${deleted ? " deleted" : ""}`, "data-seq": String(m.seq) },
         !mine && conv.item.kind === "group" && h("span", { class: "sender" }, nameOf(m.sender_id)),
-        h("span", { class: "body" }, deleted ? "message deleted" : m.body),
+        !deleted && m.attachment && attachmentView(m.attachment),
+        (deleted || m.body || !m.attachment) && h("span", { class: "body" }, deleted ? "message deleted" : m.body),
         h(
           "span",
           { class: "meta" },
@@ -777,8 +891,20 @@ function renderMessages(toBottom: boolean): void {
       h(
         "div",
         { class: "msg mine pending", "data-client-msg-id": l.clientMsgId },
-        h("span", { class: "body" }, l.body),
-        h("span", { class: "meta" }, h("span", { class: "receipt" }, l.failed ? `not sent: ${l.failed}` : "sending")),
+        h("span", { class: "body" }, l.file ? `📎 ${l.file.name}` : l.body),
+        h(
+          "span",
+          { class: "meta" },
+          h(
+            "span",
+            { class: "receipt" },
+            l.failed
+              ? `not sent: ${l.failed}`
+              : l.file && l.file.sent < l.file.total
+                ? `uploading ${Math.floor((100 * l.file.sent) / Math.max(1, l.file.total))}%`
+                : "sending",
+          ),
+        ),
       ),
     );
   }

@@ -227,6 +227,44 @@ test("history scrolls back page by page; groups with members; edit, delete and r
   await d.context.close();
 });
 
+test("an image sent from one window is shown in the other; a dropped file arrives as a download link", async () => {
+  const [hana, ivan] = await gateway.users("pics", 2);
+  const h = await personWithToken(hana);
+  const i = await personWithToken(ivan);
+  await h.page.fill("#new-chat", ivan.username);
+  await h.page.click("#start-chat");
+  await h.page.locator("#conversation-title", { hasText: ivan.username }).waitFor();
+  await type(h.page, "a photo for you");
+  await i.page.locator(".conv", { hasText: "a photo for you" }).click();
+  await i.page.locator("#messages .msg .body", { hasText: "a photo for you" }).waitFor();
+
+  // A real PNG (a piece of this very page), through the file picker.
+  const png = await h.page.screenshot({ clip: { x: 0, y: 0, width: 300, height: 200 } });
+  await h.page.setInputFiles("#file", { name: "view.png", mimeType: "image/png", buffer: png });
+  await waitFor(h.page, "the upload to be acknowledged", () => !document.querySelector("#messages .pending"));
+  // Ivan's window renders it from its download URL, at its size.
+  await waitFor(i.page, "the image to render in the other window", () => {
+    const img = document.querySelector("#messages img.attachment");
+    return !!img && img.complete && img.naturalWidth === 300 && img.src.includes("/v1/blobs/");
+  });
+  await i.page.screenshot({ path: join(shots, "image-received.png") });
+
+  // A text file dropped on the conversation: a download link with its name and bytes.
+  await h.page.evaluate(() => {
+    const dt = new DataTransfer();
+    dt.items.add(new File(["meeting notes\n"], "notes.txt", { type: "text/plain" }));
+    document.querySelector("#conversation").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true }));
+  });
+  const link = i.page.locator("#messages a.file", { hasText: "notes.txt" });
+  await link.waitFor();
+  await waitFor(i.page, "the link's URL", () => !!document.querySelector("#messages a.file")?.getAttribute("href"));
+  const text = await link.evaluate(async (a) => (await fetch(a.href)).text());
+  assert.equal(text, "meeting notes\n");
+  assert.equal(await h.page.textContent("#notice"), "");
+  await h.context.close();
+  await i.context.close();
+});
+
 test("a bad password and a taken name are shown on the login form", async () => {
   const taken = await fetch(`${gateway.url}/v1/register`, {
     method: "POST",

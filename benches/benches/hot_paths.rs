@@ -268,6 +268,42 @@ fn tokens(c: &mut Criterion) {
     c.bench_function("token_verify", |b| b.iter(|| auth.verify(black_box(&token)).unwrap()));
 }
 
+/// What an upload slot and a download URL cost the gateway in CPU: signing a
+/// presigned URL, and verifying one when it is used (the bytes themselves go to
+/// the blob store, not through this path).
+fn attachments(c: &mut Criterion) {
+    use gateway::attachments::{Attachments, BlobMeta, ObjectKey};
+    let dir = tempfile::tempdir().unwrap();
+    let io = gateway::pool::Pool::new("bench-io", 1, 16, prometheus::IntCounter::new("x", "x").unwrap());
+    let a = Attachments::open(&Default::default(), dir.path(), &[7u8; 32], io).unwrap();
+    let key = ObjectKey {
+        conversation: 250_583_497_679_306_752,
+        uploader: 250_582_937_072_828_416,
+        nonce: 0x9f3c_2b1a_0000_0001,
+    };
+    let meta = BlobMeta {
+        size: 48_213,
+        media_type: "image/jpeg".into(),
+        sha256: "ab".repeat(32),
+        file_name: "IMG_2041 beach.jpg".into(),
+    };
+    let exp = 4_000_000_000_000;
+    let mut g = c.benchmark_group("attachments");
+    g.bench_function("upload_slot_sign", |b| {
+        b.iter(|| {
+            a.check(black_box(&meta)).unwrap();
+            black_box(a.upload_url(black_box(&key), &meta, exp))
+        })
+    });
+    let put = a.upload_url(&key, &meta, exp);
+    let (path, query) = put.split_once('?').unwrap();
+    g.bench_function("upload_url_verify", |b| {
+        b.iter(|| black_box(a.verify("PUT", black_box(path), black_box(query), 1).unwrap()))
+    });
+    g.bench_function("download_url_sign", |b| b.iter(|| black_box(a.download_url(black_box(&key), exp))));
+    g.finish();
+}
+
 /// One request's rate-limit check (GCRA on the connection's budget), as every
 /// client request pays it.
 fn rate_limit(c: &mut Criterion) {
@@ -408,5 +444,17 @@ fn lanes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, mailbox, fanout, store, lanes, tokens, rate_limit, ring, transport);
+criterion_group!(
+    benches,
+    codec,
+    mailbox,
+    fanout,
+    store,
+    lanes,
+    tokens,
+    attachments,
+    rate_limit,
+    ring,
+    transport
+);
 criterion_main!(benches);

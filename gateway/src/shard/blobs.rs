@@ -10,7 +10,8 @@
 
 use crate::attachments::{Attachments, BlobMeta, ObjectKey, hex};
 use crate::shard::ShardCtx;
-use crate::shard::http1::{Request, error_body};
+use crate::shard::http::{bearer, err, retry_after};
+use crate::shard::http1::Request;
 use crate::shard::netio::{recv_into, send_all};
 use crate::vocab::clock::now_ms;
 use bytes::Bytes;
@@ -27,19 +28,6 @@ use std::time::Duration;
 const CHUNK: usize = 256 * 1024;
 
 type Reply = (u16, serde_json::Value);
-
-fn err(code: ErrorCode, message: &str) -> Reply {
-    (code.http_status(), error_body(code, message))
-}
-
-fn bearer(shard: &ShardCtx, req: &Request) -> Result<u64, Reply> {
-    let token = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-    shard
-        .shared
-        .auth
-        .verify(token)
-        .map_err(|_| err(ErrorCode::Unauthorized, "a bearer token from /v1/login is required"))
-}
 
 /// Runs a file operation on the `blob-io` pool.
 async fn io<T: Send + 'static>(
@@ -116,11 +104,7 @@ pub async fn slot(shard: &ShardCtx, req: &Request) -> Reply {
     let now = now_ms();
     if let Err(wait) = att.reserve(user, meta.size, now) {
         let code = ErrorCode::UploadBudgetExceeded;
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let body = serde_json::json!({"error": {
-            "code": code.code(), "name": code.name(), "message": code.description(), "retry_after_secs": secs,
-        }});
-        return (code.http_status(), body);
+        return retry_after(code, code.description(), wait);
     }
     let key = ObjectKey { conversation: conv, uploader: user, nonce: rand::random() };
     let exp = now + att.cfg.url_ttl_secs.get() * 1000;

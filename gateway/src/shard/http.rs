@@ -151,12 +151,26 @@ fn refused(r: crate::pool::Refused) -> (u16, serde_json::Value) {
 
 /// 429 `too_many_attempts` with `retry_after_secs` (also sent as `Retry-After`).
 fn retry_later(message: &str, after: Duration) -> (u16, serde_json::Value) {
-    let code = ErrorCode::TooManyAttempts;
+    retry_after(ErrorCode::TooManyAttempts, message, after)
+}
+
+/// `code` (a 429 or 503) with `retry_after_secs` (also sent as `Retry-After`).
+pub(super) fn retry_after(code: ErrorCode, message: &str, after: Duration) -> (u16, serde_json::Value) {
     let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
     let body = serde_json::json!({"error": {
         "code": code.code(), "name": code.name(), "message": message, "retry_after_secs": secs,
     }});
     (code.http_status(), body)
+}
+
+/// The user of the request's bearer token, or 401 `unauthorized`.
+pub(super) fn bearer(shard: &ShardCtx, req: &Request) -> Result<u64, (u16, serde_json::Value)> {
+    let token = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    shard
+        .shared
+        .auth
+        .verify(token)
+        .map_err(|_| err(ErrorCode::Unauthorized, "a bearer token from /v1/login is required"))
 }
 
 #[derive(Deserialize)]
@@ -233,9 +247,8 @@ const USERS_PER_LOOKUP: usize = 100;
 /// asked): how a client finds whom to chat with and shows names for ids. Needs a
 /// bearer token, like the WebSocket.
 async fn users(shard: &ShardCtx, req: &Request) -> (u16, serde_json::Value) {
-    let token = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-    if shard.shared.auth.verify(token).is_err() {
-        return err(ErrorCode::Unauthorized, "a bearer token from /v1/login is required");
+    if let Err(r) = bearer(shard, req) {
+        return r;
     }
     enum Lookup {
         Name(String),
@@ -288,7 +301,7 @@ async fn users(shard: &ShardCtx, req: &Request) -> (u16, serde_json::Value) {
     }
 }
 
-fn err(code: ErrorCode, message: &str) -> (u16, serde_json::Value) {
+pub(super) fn err(code: ErrorCode, message: &str) -> (u16, serde_json::Value) {
     (code.http_status(), error_body(code, message))
 }
 

@@ -498,20 +498,8 @@ impl Worker {
     }
 
     /// Appends a message at the conversation's next position.
-    fn append(
-        st: &mut ConvState,
-        batch: &mut Batch,
-        sender: UserId,
-        kind: MessageKind,
-        body: String,
-        client_msg_id: String,
-        about: About,
-    ) -> Message {
-        Self::append_with(st, batch, sender, kind, body, client_msg_id, about, None)
-    }
-
     #[allow(clippy::too_many_arguments)]
-    fn append_with(
+    fn append(
         st: &mut ConvState,
         batch: &mut Batch,
         sender: UserId,
@@ -570,7 +558,7 @@ impl Worker {
         target: UserId,
         role: Option<Role>,
     ) -> Message {
-        Self::append(st, batch, actor, kind, String::new(), String::new(), About::Member(target, role))
+        Self::append(st, batch, actor, kind, String::new(), String::new(), About::Member(target, role), None)
     }
 
     /// Removes `user` and tells everyone who was a member, `user` included.
@@ -713,7 +701,7 @@ impl Worker {
             }
         };
         batch.muts.push(Mutation::PutMessage(updated));
-        let m = Self::append(st, batch, actor, kind, body, String::new(), About::Message(seq));
+        let m = Self::append(st, batch, actor, kind, body, String::new(), About::Message(seq), None);
         Self::event(batch, m, st.recipients.clone());
         Ok(())
     }
@@ -819,7 +807,7 @@ impl Worker {
             ));
             return Ok(());
         }
-        let m = Self::append_with(
+        let m = Self::append(
             st,
             batch,
             sender,
@@ -961,8 +949,16 @@ impl Worker {
             batch.muts.push(Mutation::PutMember { conversation: id, user: u, role });
         }
         let st = self.convs.get_mut(&id).expect("just created");
-        let m =
-            Self::append(st, batch, owner, MessageKind::GroupCreated, title, String::new(), About::Nothing);
+        let m = Self::append(
+            st,
+            batch,
+            owner,
+            MessageKind::GroupCreated,
+            title,
+            String::new(),
+            About::Nothing,
+            None,
+        );
         let (recipients, snap) = (st.recipients.clone(), st.snapshot());
         Self::event(batch, m, recipients);
         Ok(snap)

@@ -114,6 +114,8 @@ pub async fn serve(shard: Rc<ShardCtx>, stream: TcpStream, slot: SocketSlot, kin
             (_, "/healthz" | "/readyz") => err(ErrorCode::MethodNotAllowed, "method not allowed here"),
             _ => err(ErrorCode::HttpNotFound, "no such endpoint"),
         };
+        // A streamed body (a blob upload) that no route read is still on the socket.
+        let keep = keep && !(crate::shard::http1::streamed(&req.method, &req.path) && req.content_length > 0);
         if send_all(&stream, response(status, &body, keep)).await.is_err() || !keep {
             return;
         }

@@ -56,6 +56,11 @@ export interface ClientOptions {
   WebSocket?: WebSocketConstructor;
   /** Highest `seq` held per conversation (from an earlier session), for the first `sync`. */
   positions?: Record<Id, number>;
+  /** With no positions held (a new device): `"all"` (default) replays every
+   * conversation from its start; `"latest"` lists the conversations first and
+   * syncs from their newest message, so nothing old is replayed (page it with
+   * `history` when shown). */
+  startAt?: "all" | "latest";
   /** Reconnect backoff: a random delay up to min(maxMs, initialMs * 2^attempt). */
   backoff?: { initialMs?: number; maxMs?: number };
   /** How long a request waits for its answer once sent (ms, default 15,000). */
@@ -141,6 +146,8 @@ export class SwitchboardClient {
   private closedByApp = false;
   private started = false;
   private networkDown = false;
+  /** The conversations' newest positions were read (`startAt: "latest"`). */
+  private startedLatest = false;
   private unwatch: (() => void) | null = null;
   /** The user this client is logged in as (from `welcome`). */
   userId: Id | null = null;
@@ -353,9 +360,11 @@ export class SwitchboardClient {
         this.userId = String(w.user_id);
         this.connectionId = String(w.connection_id);
         this.setState("syncing");
-        this.syncId = this.nextId++;
-        const positions = [...this.positions].map(([conversation_id, seq]) => ({ conversation_id, seq }));
-        this.write({ type: "sync", id: this.syncId, positions });
+        if (this.opts.startAt === "latest" && !this.startedLatest && this.positions.size === 0) {
+          void this.startLatest();
+          return;
+        }
+        this.sendSync();
         return;
       }
       case "sync_done":
@@ -391,6 +400,34 @@ export class SwitchboardClient {
         }
       }
     }
+  }
+
+  private sendSync(): void {
+    this.syncId = this.nextId++;
+    const positions = [...this.positions].map(([conversation_id, seq]) => ({ conversation_id, seq }));
+    this.write({ type: "sync", id: this.syncId, positions });
+  }
+
+  /** Before the first sync of a new device: every conversation's newest position
+   * (`list_conversations`, page by page; the server holds events until `sync`). */
+  private async startLatest(): Promise<void> {
+    const ws = this.ws;
+    try {
+      let cursor: string | undefined;
+      do {
+        const page = (await this.rawRequest("list_conversations", { limit: 100, ...(cursor ? { cursor } : {}) })) as unknown as ConversationList;
+        for (const item of page.items) {
+          if (!this.positions.has(item.conversation_id)) this.positions.set(item.conversation_id, item.last_seq);
+        }
+        cursor = page.next_cursor;
+      } while (cursor);
+    } catch {
+      // The connection dropped meanwhile: the next one starts over.
+      return;
+    }
+    if (this.ws !== ws) return;
+    this.startedLatest = true;
+    this.sendSync();
   }
 
   private onSynced(d: SyncDone): void {
@@ -607,6 +644,11 @@ export class SwitchboardClient {
   /** A request answered by a frame with its `id`; waits for a live connection first. */
   private async request(type: string, fields: Record<string, unknown> = {}): Promise<ServerFrame> {
     await this.whenLive();
+    return this.rawRequest(type, fields);
+  }
+
+  /** A request on the current connection, live or not. */
+  private rawRequest(type: string, fields: Record<string, unknown>): Promise<ServerFrame> {
     return new Promise<ServerFrame>((resolve, reject) => {
       const id = this.nextId++;
       const timer = setTimeout(() => {

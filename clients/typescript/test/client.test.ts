@@ -247,3 +247,24 @@ test("sendFile uploads straight to the store and the message carries the attachm
   alice.c.close();
   bob.c.close();
 });
+
+test('a new device with startAt "latest" replays nothing old, then gets what is new; history pages the rest', async () => {
+  const { ub, alice, bob, conv } = await pair("fresh");
+  for (let i = 1; i <= 30; i++) await alice.c.send(conv, `old ${i}`);
+  bob.c.close();
+  const device = new SwitchboardClient({ url: gw.url, token: ub.token, WebSocket: new Sockets().WebSocket, startAt: "latest" });
+  const seen: Message[] = [];
+  const synced: number[] = [];
+  device.on("message", (m) => seen.push(m));
+  device.on("synced", (d) => synced.push(d.messages));
+  await device.connect();
+  assert.deepEqual(synced, [0], "nothing replayed");
+  assert.deepEqual(device.getPositions(), { [conv]: 30 });
+  await alice.c.send(conv, "new");
+  await until("the new message", () => seen.length === 1);
+  assert.deepEqual([seen[0].seq, seen[0].body], [31, "new"]);
+  const page = await device.history(conv, { before: 31, limit: 100 });
+  assert.equal(page.messages.length, 30, "the old ones are a history page away");
+  device.close();
+  alice.c.close();
+});

@@ -191,7 +191,8 @@ function start(t: string, userId: Id, username: string): void {
   renderShell();
   // Positions survive a reload, so only what is new is replayed.
   const saved = JSON.parse(localStorage.getItem(positionsKey()) ?? "{}") as Record<Id, number>;
-  const c = new SwitchboardClient({ url: origin, token, positions: saved });
+  // A new device starts at the latest messages; opening a conversation pages its history.
+  const c = new SwitchboardClient({ url: origin, token, positions: saved, startAt: "latest" });
   client = c;
   c.on("state", (s) => {
     connState = s;

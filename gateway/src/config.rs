@@ -69,6 +69,46 @@ pub struct AttachmentsConfig {
     pub orphan_grace_secs: NonZeroU64,
     /// How often the sweeper looks for such objects, seconds.
     pub sweep_interval_secs: NonZeroU64,
+    /// Keep the bytes in an S3-compatible bucket instead of `dir` (for fleets:
+    /// every node sees every object). Unset: the embedded backend.
+    pub s3: Option<S3Config>,
+}
+
+/// An S3-compatible bucket for attachments (`[attachments.s3]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Where the gateway reaches the store, e.g. `https://s3.eu-west-1.amazonaws.com`.
+    pub endpoint: String,
+    /// Where clients reach it, if not at `endpoint` (the host signed into the URLs handed out).
+    #[serde(default)]
+    pub public_endpoint: Option<String>,
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Credentials; unset, `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` from the environment.
+    #[serde(default)]
+    pub access_key: Option<String>,
+    #[serde(default)]
+    pub secret_key: Option<String>,
+    /// `https://endpoint/bucket/key` (true) or `https://bucket.endpoint/key` (false).
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    /// Longest wait for one request of the gateway's own to the store, milliseconds.
+    #[serde(default = "default_s3_timeout")]
+    pub timeout_ms: NonZeroU64,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_s3_timeout() -> NonZeroU64 {
+    nz64(10_000)
 }
 
 impl Default for AttachmentsConfig {
@@ -97,6 +137,7 @@ impl Default for AttachmentsConfig {
             io_queue: nzu(1024),
             orphan_grace_secs: nz64(24 * 3600),
             sweep_interval_secs: nz64(3600),
+            s3: None,
         }
     }
 }

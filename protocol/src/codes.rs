@@ -68,6 +68,7 @@ error_codes! {
     Overloaded = 1020, "overloaded", true, 0, "A server queue is full; the request was not accepted. Retry with backoff.";
     RateLimited = 1021, "rate_limited", true, 0, "This connection sent more of this request than its rate limit allows; the request was not accepted. Slow down and resend later. Persisting closes the connection with 1008.";
     Unavailable = 1022, "unavailable", true, 0, "The node that owns this conversation could not be reached (ownership is moving between gateway nodes, or the link between them is down); the request was not accepted. Retry with backoff.";
+    AttachmentStoreUnavailable = 1023, "attachment_store_unavailable", true, 0, "The object store holding the attachment this send names could not be reached; the message was not accepted. Retry with backoff (the same client_msg_id).";
     InvalidRequest = 2001, "invalid_request", false, 400, "The HTTP request body is not the JSON object the endpoint expects.";
     InvalidUsername = 2002, "invalid_username", false, 400, "Usernames are 3 to 32 characters from a-z, A-Z, 0-9, '_', '.', '-'.";
     WeakPassword = 2003, "weak_password", false, 400, "Passwords are 8 to 128 characters.";

@@ -1,5 +1,6 @@
 //! Attachments over HTTP: upload slots and download URLs (bearer token), and the
-//! embedded backend's presigned `PUT` and `GET` on `/v1/blobs/...`.
+//! embedded backend's presigned `PUT` and `GET` on `/v1/blobs/...` (with the
+//! S3 backend, clients send those to the object store instead).
 //!
 //! An upload's body streams from the socket through the `blob-io` pool (hashed
 //! and written there, 256 KiB at a time) into a partial file, and becomes the
@@ -8,7 +9,7 @@
 //!
 //! Runs on: the shard that accepted the connection (file work on `blob-io`).
 
-use crate::attachments::{Attachments, BlobMeta, ObjectKey, hex};
+use crate::attachments::{Attachments, BlobMeta, Embedded, ObjectKey, content_disposition, hex};
 use crate::shard::ShardCtx;
 use crate::shard::http::{bearer, err, retry_after};
 use crate::shard::http1::Request;
@@ -16,7 +17,6 @@ use crate::shard::netio::{recv_into, send_all};
 use crate::vocab::clock::now_ms;
 use bytes::Bytes;
 use monoio::net::TcpStream;
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use protocol::ErrorCode;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -38,7 +38,7 @@ async fn io<T: Send + 'static>(
     match shard.shared.attachments.io.run(move || f(&shared.attachments)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "a blob file operation failed");
+            tracing::error!(error = %e, "a blob operation failed");
             Err(err(ErrorCode::StorageUnavailable, "the attachment store failed; retry"))
         }
         Err(_) => Err(err(ErrorCode::HttpOverloaded, "too many attachment transfers in flight; retry")),
@@ -108,13 +108,16 @@ pub async fn slot(shard: &ShardCtx, req: &Request) -> Reply {
     }
     let key = ObjectKey { conversation: conv, uploader: user, nonce: rand::random() };
     let exp = now + att.cfg.url_ttl_secs.get() * 1000;
+    let upload = att.upload(&key, &meta, exp);
+    let headers: serde_json::Map<String, serde_json::Value> =
+        upload.headers.into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
     (
         201,
         serde_json::json!({
             "attachment_id": key.to_string(),
-            "upload_url": att.upload_url(&key, &meta, exp),
+            "upload_url": upload.url,
             "method": "PUT",
-            "headers": {"content-type": meta.media_type},
+            "headers": headers,
             "expires_ms": exp,
         }),
     )
@@ -144,7 +147,7 @@ pub async fn download_url(shard: &ShardCtx, req: &Request) -> Reply {
     (
         200,
         serde_json::json!({
-            "url": att.download_url(&key, exp),
+            "url": att.download_url(&key, &meta, exp),
             "expires_ms": exp,
             "size": meta.size,
             "media_type": meta.media_type,
@@ -158,7 +161,9 @@ pub async fn download_url(shard: &ShardCtx, req: &Request) -> Reply {
 /// past the head; on success the body has been consumed exactly, so the
 /// connection may go on (`true`).
 pub async fn upload(shard: &ShardCtx, stream: &TcpStream, req: &Request, buf: &mut Vec<u8>) -> (Reply, bool) {
-    let att = &shard.shared.attachments;
+    let Ok(att) = shard.shared.attachments.embedded() else {
+        return (err(ErrorCode::HttpNotFound, "no such route"), false);
+    };
     let (key, meta) = match att.verify("PUT", &req.path, &req.query, now_ms()) {
         Ok((k, Some(m))) => (k, m),
         Ok((_, None)) => return (err(ErrorCode::UrlInvalid, "not an upload URL"), false),
@@ -181,7 +186,7 @@ pub async fn upload(shard: &ShardCtx, stream: &TcpStream, req: &Request, buf: &m
         }
         Err(r) => return (r, false),
     }
-    let (file, partial) = match io(shard, |a| a.create_partial()).await {
+    let (file, partial) = match io(shard, |a| a.embedded()?.create_partial()).await {
         Ok(v) => v,
         Err(r) => return (r, false),
     };
@@ -198,7 +203,7 @@ pub async fn upload(shard: &ShardCtx, stream: &TcpStream, req: &Request, buf: &m
     let outcome = match result {
         Ok((file, digest)) if digest == meta.sha256 => {
             let (p, m) = (partial.clone(), meta.clone());
-            match io(shard, move |a| a.commit(file, &p, &key, &m)).await {
+            match io(shard, move |a| a.embedded()?.commit(file, &p, &key, &m)).await {
                 Ok(()) => {
                     shard.shared.metrics.attachment_bytes.with_label_values(&["uploaded"]).inc_by(meta.size);
                     return (
@@ -271,8 +276,11 @@ async fn receive(
 /// `GET`/`HEAD /v1/blobs/{id}?...` (a presigned download URL): the file, with its
 /// media type and file name. Returns whether the connection may go on.
 pub async fn download(shard: &ShardCtx, stream: &TcpStream, req: &Request) -> bool {
-    let att = &shard.shared.attachments;
     let reply = |r: Reply| crate::shard::http1::response(r.0, &r.1, req.keep_alive);
+    let Ok(att) = shard.shared.attachments.embedded() else {
+        let r = err(ErrorCode::HttpNotFound, "no such route");
+        return send_all(stream, reply(r)).await.is_ok() && req.keep_alive;
+    };
     let key = match att.verify(&req.method, &req.path, &req.query, now_ms()) {
         Ok((k, _)) => k,
         Err(code) => {
@@ -280,8 +288,9 @@ pub async fn download(shard: &ShardCtx, stream: &TcpStream, req: &Request) -> bo
         }
     };
     let opened = io(shard, move |a| {
-        let Some(meta) = a.stat(&key)? else { return Ok(None) };
-        Ok(Some((meta, a.open_object(&key)?)))
+        let e: &Embedded = a.embedded()?;
+        let Some(meta) = e.stat(&key)? else { return Ok(None) };
+        Ok(Some((meta, e.open_object(&key)?)))
     })
     .await;
     let (meta, file) = match opened {
@@ -292,17 +301,11 @@ pub async fn download(shard: &ShardCtx, stream: &TcpStream, req: &Request) -> bo
         }
         Err(r) => return send_all(stream, reply(r)).await.is_ok() && req.keep_alive,
     };
-    // The name as given (RFC 6266 `filename*`), and an ASCII stand-in for old clients.
-    let ascii: String = meta
-        .file_name
-        .chars()
-        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' })
-        .collect();
     let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\ncontent-disposition: attachment; filename=\"{ascii}\"; filename*=UTF-8''{}\r\nx-content-type-options: nosniff\r\ncache-control: private, max-age={}\r\nconnection: {}\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\ncontent-disposition: {}\r\nx-content-type-options: nosniff\r\ncache-control: private, max-age={}\r\nconnection: {}\r\n\r\n",
         meta.media_type,
         meta.size,
-        utf8_percent_encode(&meta.file_name, NON_ALPHANUMERIC),
+        content_disposition(&meta.file_name),
         shard.shared.attachments.cfg.url_ttl_secs.get(),
         if req.keep_alive { "keep-alive" } else { "close" },
     );

@@ -974,7 +974,7 @@ async fn attachment_of(
         Ok(Ok(None)) => Err(ErrorCode::AttachmentInvalid),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "checking an attachment failed");
-            Err(ErrorCode::Unavailable)
+            Err(ErrorCode::AttachmentStoreUnavailable)
         }
         Err(_) => Err(ErrorCode::Overloaded),
     }

@@ -766,3 +766,71 @@ impl Erasure {
         );
     }
 }
+
+/// A real S3-compatible server (`s3s-fs`, from `SWITCHBOARD_S3S_FS`; scripts/test
+/// installs it) on a free loopback port, its data in a temp dir, with the bucket
+/// `switchboard` made. `stop` and `start` take it down and bring it back on the
+/// same port and data.
+pub struct S3Server {
+    child: Option<Child>,
+    pub port: u16,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+pub const S3_ACCESS_KEY: &str = "switchboard-test";
+pub const S3_SECRET_KEY: &str = "switchboard-test-secret";
+
+impl S3Server {
+    /// `None` (the S3 tests are skipped, and say so) without `SWITCHBOARD_S3S_FS`.
+    pub fn from_env() -> Option<S3Server> {
+        let Some(bin) = std::env::var_os("SWITCHBOARD_S3S_FS").filter(|v| !v.is_empty()) else {
+            eprintln!("SKIPPED: set SWITCHBOARD_S3S_FS to an s3s-fs binary (scripts/test installs one)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("switchboard")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut s = S3Server { child: None, port, bin: PathBuf::from(bin), dir };
+        s.start();
+        Some(s)
+    }
+
+    pub fn start(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        self.child = Some(child);
+        eventually("s3s-fs to listen", || TcpStream::connect(("127.0.0.1", self.port)).is_ok());
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The gateway's `[attachments.s3]` section for this server.
+    pub fn toml(&self) -> String {
+        format!(
+            "[attachments.s3]\nendpoint = \"{}\"\nbucket = \"switchboard\"\naccess_key = \"{S3_ACCESS_KEY}\"\nsecret_key = \"{S3_SECRET_KEY}\"\ntimeout_ms = 5000\n",
+            self.endpoint()
+        )
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -4,6 +4,13 @@
 // gateway sends no CORS headers).
 //
 //   node serve.mjs [--gateway http://127.0.0.1:8080] [--listen 127.0.0.1:5173]
+//                  [--store http://127.0.0.1:9000/switchboard]
+//
+// With --store (a gateway on the S3 attachments backend whose bucket sends no
+// CORS headers), requests under the bucket's path are passed to the object
+// store unchanged, Host header included: set the gateway's
+// `attachments.s3.public_endpoint` to this server's URL, so the presigned URLs
+// it signs name this origin.
 //
 // Prints one JSON line when it listens: {"ready":true,"url":"http://..."}.
 
@@ -19,8 +26,15 @@ const { values: args } = parseArgs({
   options: {
     gateway: { type: "string", default: process.env.SWITCHBOARD_URL ?? "http://127.0.0.1:8080" },
     listen: { type: "string", default: "127.0.0.1:5173" },
+    store: { type: "string" },
   },
 });
+const store = args.store ? new URL(args.store) : null;
+if (store && (store.protocol !== "http:" || store.pathname.length < 2)) {
+  console.error(`--store must be an http:// URL with the bucket's path (got ${args.store})`);
+  process.exit(2);
+}
+const storePrefix = store ? `${store.pathname.replace(/\/$/, "")}/` : null;
 const gateway = new URL(args.gateway);
 if (gateway.protocol !== "http:") {
   console.error(`--gateway must be an http:// URL (got ${args.gateway})`);
@@ -64,9 +78,11 @@ const proxied = (path) => path.startsWith("/v1/") || path === "/healthz" || path
 
 const server = createServer((req, res) => {
   const path = new URL(req.url ?? "/", "http://x").pathname;
-  if (proxied(path)) {
+  const toStore = storePrefix !== null && path.startsWith(storePrefix);
+  if (proxied(path) || toStore) {
+    const to = toStore ? store : gateway;
     const up = request(
-      { host: gateway.hostname, port: gateway.port || 80, method: req.method, path: req.url, headers: req.headers },
+      { host: to.hostname, port: to.port || 80, method: req.method, path: req.url, headers: req.headers },
       (answer) => {
         res.writeHead(answer.statusCode ?? 502, answer.headers);
         answer.pipe(res);
@@ -74,7 +90,8 @@ const server = createServer((req, res) => {
     );
     up.on("error", (e) => {
       res.writeHead(502, { "content-type": "application/json" });
-      res.end(JSON.stringify({ error: { code: 0, name: "unavailable", message: `gateway unreachable: ${e.message}` } }));
+      const what = toStore ? "object store" : "gateway";
+      res.end(JSON.stringify({ error: { code: 0, name: "unavailable", message: `${what} unreachable: ${e.message}` } }));
     });
     req.pipe(up);
     return;

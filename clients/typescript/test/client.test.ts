@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { type Message, SwitchboardClient, SwitchboardError, login, register } from "../src/index.js";
-import { Gateway, Sockets, until } from "./gateway.js";
+import { Gateway, S3Server, Sockets, until } from "./gateway.js";
 
 let gw: Gateway;
 
@@ -16,9 +16,9 @@ after(async () => {
 });
 
 /** A client and everything it was shown, by conversation. */
-function client(token: string, sockets = new Sockets(), positions?: Record<string, number>) {
+function client(token: string, sockets = new Sockets(), positions?: Record<string, number>, g = gw) {
   const c = new SwitchboardClient({
-    url: gw.url,
+    url: g.url,
     token,
     WebSocket: sockets.WebSocket,
     positions,
@@ -30,10 +30,10 @@ function client(token: string, sockets = new Sockets(), positions?: Record<strin
 }
 
 /** Two fresh users, both connected, and their direct conversation. */
-async function pair(prefix: string) {
-  const [ua, ub] = await gw.users(prefix, 2);
-  const alice = client(ua.token);
-  const bob = client(ub.token);
+async function pair(prefix: string, g = gw) {
+  const [ua, ub] = await g.users(prefix, 2);
+  const alice = client(ua.token, new Sockets(), undefined, g);
+  const bob = client(ub.token, new Sockets(), undefined, g);
   await Promise.all([alice.c.connect(), bob.c.connect()]);
   const conv = (await alice.c.createDirect(ub.user_id)).conversation_id;
   return { ua, ub, alice, bob, conv };
@@ -211,8 +211,9 @@ test("typing expires, receipts and reactions arrive as typed events", { timeout:
   bob.c.close();
 });
 
-test("sendFile uploads straight to the store and the message carries the attachment; refusals are coded", async () => {
-  const { alice, bob, conv } = await pair("files");
+/** sendFile and downloadUrl through `g`, whichever blob backend it runs. */
+async function sendFileThrough(g: Gateway): Promise<string> {
+  const { alice, bob, conv } = await pair("files", g);
   const bytes = new Uint8Array(700_000).map((_, i) => (i * 7) & 0xff);
   const progress: number[] = [];
   const ack = await alice.c.sendFile(conv, bytes, {
@@ -246,6 +247,24 @@ test("sendFile uploads straight to the store and the message carries the attachm
   });
   alice.c.close();
   bob.c.close();
+  return url;
+}
+
+test("sendFile uploads straight to the store and the message carries the attachment; refusals are coded", async () => {
+  await sendFileThrough(gw);
+});
+
+test("sendFile on the S3 backend: the bytes go to a real S3-compatible server and back", async (t) => {
+  const s3 = await S3Server.start();
+  if (!s3) return t.skip("set SWITCHBOARD_S3S_FS to an s3s-fs binary (scripts/test installs one)");
+  const g = await Gateway.start(s3.toml());
+  try {
+    const url = await sendFileThrough(g);
+    assert.ok(url.startsWith(`http://127.0.0.1:${s3.port}/switchboard/`), `a presigned URL on the object store: ${url}`);
+  } finally {
+    await g.stop();
+    await s3.stop();
+  }
 });
 
 test('a new device with startAt "latest" replays nothing old, then gets what is new; history pages the rest', async () => {

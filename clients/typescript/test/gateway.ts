@@ -3,7 +3,8 @@
 // its admin endpoint.
 
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { type AddressInfo, connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -175,4 +176,63 @@ export function until(what: string, check: () => boolean, timeoutMs = 30_000): P
     };
     tick();
   });
+}
+
+/** A real S3-compatible server (`s3s-fs`, from `SWITCHBOARD_S3S_FS`; scripts/test
+ * installs it) on a free loopback port, with the bucket `switchboard`; `null`
+ * without it. */
+export class S3Server {
+  private constructor(
+    private readonly child: ChildProcess,
+    private readonly dir: string,
+    readonly port: number,
+  ) {}
+
+  static async start(): Promise<S3Server | null> {
+    const bin = process.env.SWITCHBOARD_S3S_FS;
+    if (!bin) return null;
+    const dir = mkdtempSync(join(tmpdir(), "switchboard-s3-"));
+    mkdirSync(join(dir, "switchboard"));
+    const port = await new Promise<number>((ok) => {
+      const srv = createServer().listen(0, "127.0.0.1", () => {
+        const p = (srv.address() as AddressInfo).port;
+        srv.close(() => ok(p));
+      });
+    });
+    const child = spawn(
+      bin,
+      ["--host", "127.0.0.1", "--port", String(port), "--access-key", "sdk-test", "--secret-key", "sdk-test-secret", dir],
+      { stdio: "ignore" },
+    );
+    const s = new S3Server(child, dir, port);
+    const listening = () =>
+      new Promise<boolean>((ok) => {
+        const c = connect(port, "127.0.0.1", () => ok(c.end() !== undefined)).on("error", () => ok(false));
+      });
+    const deadline = Date.now() + 20_000;
+    while (!(await listening())) {
+      if (Date.now() > deadline) throw new Error("s3s-fs did not listen");
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    return s;
+  }
+
+  /** The gateway's `[attachments.s3]` section for this server; clients reach it
+   * at `publicEndpoint` if given (a same-origin proxy in front of it). */
+  toml(publicEndpoint?: string): string {
+    return `[attachments.s3]
+endpoint = "http://127.0.0.1:${this.port}"
+bucket = "switchboard"
+access_key = "sdk-test"
+secret_key = "sdk-test-secret"
+${publicEndpoint ? `public_endpoint = "${publicEndpoint}"` : ""}
+`;
+  }
+
+  async stop(): Promise<void> {
+    const exited = new Promise((ok) => this.child.once("exit", ok));
+    this.child.kill("SIGKILL");
+    await exited;
+    rmSync(this.dir, { recursive: true, force: true });
+  }
 }

@@ -8,13 +8,14 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
+import { createServer } from "node:net";
 import { createInterface } from "node:readline";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import { WebSocket } from "../../typescript/node_modules/ws/wrapper.mjs";
 import { SwitchboardClient } from "../../typescript/dist/src/index.js";
-import { Gateway } from "../../typescript/dist/test/gateway.js";
+import { Gateway, S3Server } from "../../typescript/dist/test/gateway.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const shots = resolve(process.env.SCREENSHOTS ?? join(here, "..", "test-results"));
@@ -63,13 +64,23 @@ async function person(username, { create = true } = {}) {
 }
 
 /** A person logged in with a token minted by the test (no login form). */
-async function personWithToken(user) {
+async function personWithToken(user, site = web) {
   const context = await browser.newContext({ viewport: { width: 1000, height: 640 } });
   await context.addInitScript((s) => sessionStorage.setItem("switchboard", s), JSON.stringify(user));
   const page = await context.newPage();
-  await page.goto(web);
+  await page.goto(site);
   await page.locator("#status[data-state=live]").waitFor();
   return { context, page };
+}
+
+/** A loopback port nothing listens on now. */
+function freePort() {
+  return new Promise((ok) => {
+    const srv = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = srv.address();
+      srv.close(() => ok(port));
+    });
+  });
 }
 
 async function type(page, text) {
@@ -227,10 +238,12 @@ test("history scrolls back page by page; groups with members; edit, delete and r
   await d.context.close();
 });
 
-test("an image sent from one window is shown in the other; a dropped file arrives as a download link", async () => {
-  const [hana, ivan] = await gateway.users("pics", 2);
-  const h = await personWithToken(hana);
-  const i = await personWithToken(ivan);
+/** Sends an image and a file through the web chat at `site` (on gateway `g`);
+ * `from` is where the other window must load the image from. */
+async function imageAndFile(g, site, from, shot) {
+  const [hana, ivan] = await g.users("pics", 2);
+  const h = await personWithToken(hana, site);
+  const i = await personWithToken(ivan, site);
   await h.page.fill("#new-chat", ivan.username);
   await h.page.click("#start-chat");
   await h.page.locator("#conversation-title", { hasText: ivan.username }).waitFor();
@@ -243,11 +256,11 @@ test("an image sent from one window is shown in the other; a dropped file arrive
   await h.page.setInputFiles("#file", { name: "view.png", mimeType: "image/png", buffer: png });
   await waitFor(h.page, "the upload to be acknowledged", () => !document.querySelector("#messages .pending"));
   // Ivan's window renders it from its download URL, at its size.
-  await waitFor(i.page, "the image to render in the other window", () => {
+  await waitFor(i.page, "the image to render in the other window", (from) => {
     const img = document.querySelector("#messages img.attachment");
-    return !!img && img.complete && img.naturalWidth === 300 && img.src.includes("/v1/blobs/");
-  });
-  await i.page.screenshot({ path: join(shots, "image-received.png") });
+    return !!img && img.complete && img.naturalWidth === 300 && img.src.startsWith(from);
+  }, from);
+  await i.page.screenshot({ path: join(shots, shot) });
 
   // A text file dropped on the conversation: a download link with its name and bytes.
   await h.page.evaluate(() => {
@@ -263,6 +276,36 @@ test("an image sent from one window is shown in the other; a dropped file arrive
   assert.equal(await h.page.textContent("#notice"), "");
   await h.context.close();
   await i.context.close();
+}
+
+test("an image sent from one window is shown in the other; a dropped file arrives as a download link", async () => {
+  await imageAndFile(gateway, web, `${web}/v1/blobs/`, "image-received.png");
+});
+
+test("the same on the S3 backend: the bytes go between the browser and a real S3-compatible server", async (t) => {
+  const s3 = await S3Server.start();
+  if (!s3) return t.skip("set SWITCHBOARD_S3S_FS to an s3s-fs binary (scripts/test installs one)");
+  // The chat's server is the bucket's public endpoint (s3s-fs sends no CORS
+  // headers): its port is chosen first, so the gateway signs URLs for it.
+  const port = await freePort();
+  const site = `http://127.0.0.1:${port}`;
+  const g = await Gateway.start(s3.toml(site));
+  const front = spawn(
+    process.execPath,
+    [join(here, "..", "serve.mjs"), "--gateway", g.url, "--listen", `127.0.0.1:${port}`, "--store", `http://127.0.0.1:${s3.port}/switchboard`],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  try {
+    await new Promise((ok, fail) => {
+      createInterface({ input: front.stdout }).once("line", ok);
+      front.once("exit", (code) => fail(new Error(`serve.mjs exited (${code})`)));
+    });
+    await imageAndFile(g, site, `${site}/switchboard/`, "image-received-s3.png");
+  } finally {
+    front.kill();
+    await g.stop();
+    await s3.stop();
+  }
 });
 
 test("a bad password and a taken name are shown on the login form", async () => {

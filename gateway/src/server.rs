@@ -233,6 +233,14 @@ pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
         )
         .context("opening the attachments directory")?,
     );
+    if cfg.fleet.redis_url.is_some() && cfg.attachments.s3.is_none() {
+        // Each node would see only the files uploaded to it: a send or download
+        // balanced to another node finds nothing.
+        tracing::warn!(
+            "attachments use the embedded backend on a fleet node: each node sees only its own uploads; \
+             configure [attachments.s3] so every node shares one bucket"
+        );
+    }
     crate::attachments::start_sweeper(attachments.clone());
     let sequencer = Sequencer::start(
         SequencerConfig {

@@ -157,7 +157,13 @@ impl Chat {
 
     /// PUTs `body` to the slot's URL with the headers the slot names, except
     /// those in `change` (a header with an empty value is left out).
-    fn put_with(&self, url: &str, slot: &serde_json::Value, change: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    fn put_with(
+        &self,
+        url: &str,
+        slot: &serde_json::Value,
+        change: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, String) {
         let mut headers: Vec<(String, String)> = slot["headers"]
             .as_object()
             .expect("the slot names the headers to send")
@@ -270,7 +276,11 @@ fn an_upload_that_is_not_what_its_slot_declared_is_refused_and_leaves_nothing(ba
     c.refused(c.put(&slot, &larger), (400, "attachment_mismatch"), signature);
     c.refused(c.put(&slot, &file[..1000]), (400, "attachment_mismatch"), signature);
     // Another type than declared.
-    c.refused(c.put_with(&url, &slot, &[("content-type", "image/png")], &file), (400, "attachment_mismatch"), signature);
+    c.refused(
+        c.put_with(&url, &slot, &[("content-type", "image/png")], &file),
+        (400, "attachment_mismatch"),
+        signature,
+    );
     // The declared size, other bytes: found out by the checksum.
     let other = bytes(file.len(), 4);
     c.refused(c.put(&slot, &other), (400, "attachment_mismatch"), (400, "BadDigest"));
@@ -278,7 +288,11 @@ fn an_upload_that_is_not_what_its_slot_declared_is_refused_and_leaves_nothing(ba
         // The checksum header is part of the deal: left out, or changed.
         c.refused(c.put_with(&url, &slot, &[("x-amz-checksum-sha256", "")], &other), signature, signature);
         let forged = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&other));
-        c.refused(c.put_with(&url, &slot, &[("x-amz-checksum-sha256", &forged)], &other), signature, signature);
+        c.refused(
+            c.put_with(&url, &slot, &[("x-amz-checksum-sha256", &forged)], &other),
+            signature,
+            signature,
+        );
     }
     assert_eq!(name(&c.download_url(&c.alice, &id).1), "attachment_not_found", "nothing was kept");
     // A body that stops short of its length (the client went away).
@@ -516,35 +530,60 @@ fn the_sweeper_removes_uploads_no_message_names_and_keeps_the_rest(backend: Back
 
 /// The object store goes down and comes back: sends that name an attachment get
 /// a retryable error and store nothing, everything else goes on, and once the
-/// store is back the same send (same key) goes through, with no restart.
+/// store is back the same send (same key) goes through, with no restart. A
+/// message deleted meanwhile loses its object once the store is back.
 #[test]
 fn s3_down_sends_are_refused_retryably_and_recover_without_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let Some(mut c) = chat(Backend::S3, "", tmp.path()) else { return };
     let photo = bytes(50_000, 5);
     let id = uploaded(&c, &c.alice, &photo, "image/png", "p.png");
+    let doomed = uploaded(&c, &c.alice, b"to be deleted", "text/plain", "d.txt");
     let mut a = c.g.connect(&c.alice, Subprotocol::Json);
     let mut b = c.g.connect(&c.bob, Subprotocol::Json);
     a.sync(vec![]);
     b.sync(vec![]);
+    a.send(with_attachment(c.conv, "d", "", &doomed));
+    let doomed_seq = a.wait_ack("d");
+    assert_eq!(b.next_message().seq, doomed_seq);
 
     c.s3.as_mut().unwrap().stop();
+    // The delete commits (the chat store is up); its object's removal waits.
+    assert!(matches!(
+        a.request(ClientMsg::Delete { conversation_id: c.conv, seq: doomed_seq }),
+        protocol::ServerMsg::Ok
+    ));
     a.send(with_attachment(c.conv, "p", "while down", &id));
     let code = a.ack_or_error("p").expect_err("no ack while the store is down");
     assert_eq!(code, protocol::ErrorCode::AttachmentStoreUnavailable as u16, "a retryable code");
     let (s, r) = c.download_url(&c.bob, &id);
     assert_eq!((s, name(&r)), (503, "storage_unavailable"), "{r}");
-    // Text goes on, and takes the first position: the refused send took none.
+    // Text goes on (after the delete's position: the refused send took none).
     a.send_text(c.conv, "t", "text still flows");
-    assert_eq!(a.wait_ack("t"), 1);
-    assert_eq!(b.next_message().body, "text still flows");
+    let text_seq = a.wait_ack("t");
+    let got = next_where(&mut b, |m| m.body == "text still flows");
+    assert_eq!(got.seq, text_seq);
 
     c.s3.as_mut().unwrap().start();
     a.send(with_attachment(c.conv, "p", "while down", &id));
-    assert_eq!(a.wait_ack("p"), 2, "the retry goes through once the store is back");
-    let got = b.next_message();
+    assert_eq!(a.wait_ack("p"), text_seq + 1, "the retry goes through once the store is back");
+    let got = next_where(&mut b, |m| m.attachment.is_some());
     assert_eq!(got.attachment.map(|x| x.attachment_id), Some(id.clone()));
     assert_eq!(c.download_url(&c.bob, &id).0, 200);
+    eventually("the deleted message's object to be removed once the store is back", || {
+        name(&c.download_url(&c.bob, &doomed).1) == "attachment_not_found"
+    });
+}
+
+/// The next message `c` is shown that satisfies `pred` (others, such as the
+/// tombstone of a delete, pass by).
+fn next_where(c: &mut Client, pred: impl Fn(&protocol::Message) -> bool) -> protocol::Message {
+    loop {
+        let m = c.next_message();
+        if pred(&m) {
+            return m;
+        }
+    }
 }
 
 /// Each test above, on each backend.

@@ -30,8 +30,8 @@ use protocol::{ConversationId, ErrorCode, UserId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Query values are percent-encoded except RFC 3986's unreserved characters.
 const QUERY: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
@@ -123,6 +123,9 @@ pub struct Attachments {
     budgets: Mutex<HashMap<UserId, Window>>,
     /// Every blob file operation and object store request runs here.
     pub io: Arc<Pool>,
+    /// Deleted messages' objects for the sweeper thread to remove (bounded).
+    deferred: Mutex<Vec<ObjectKey>>,
+    wake: Condvar,
 }
 
 /// `Content-Disposition` for a download: the name as given (RFC 6266
@@ -132,7 +135,10 @@ pub fn content_disposition(file_name: &str) -> String {
         .chars()
         .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' })
         .collect();
-    format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{}", utf8_percent_encode(file_name, NON_ALPHANUMERIC))
+    format!(
+        "attachment; filename=\"{ascii}\"; filename*=UTF-8''{}",
+        utf8_percent_encode(file_name, NON_ALPHANUMERIC)
+    )
 }
 
 impl Attachments {
@@ -143,9 +149,19 @@ impl Attachments {
     pub fn open(cfg: &AttachmentsConfig, data_dir: &Path, key: &[u8], io: Arc<Pool>) -> anyhow::Result<Self> {
         let backend = match &cfg.s3 {
             Some(s3) => Backend::S3(S3Store::open(s3)?),
-            None => Backend::Embedded(Embedded::open(cfg.dir.clone().unwrap_or_else(|| data_dir.join("blobs")), key)?),
+            None => Backend::Embedded(Embedded::open(
+                cfg.dir.clone().unwrap_or_else(|| data_dir.join("blobs")),
+                key,
+            )?),
         };
-        Ok(Attachments { cfg: cfg.clone(), backend, budgets: Mutex::new(HashMap::new()), io })
+        Ok(Attachments {
+            cfg: cfg.clone(),
+            backend,
+            budgets: Mutex::new(HashMap::new()),
+            io,
+            deferred: Mutex::new(Vec::new()),
+            wake: Condvar::new(),
+        })
     }
 
     /// The embedded backend, for the routes that serve its URLs.
@@ -251,42 +267,98 @@ impl Attachments {
         w.bytes += bytes;
         Ok(())
     }
-
 }
 
-/// Removes the objects of deleted messages, on the `blob-io` pool.
-impl crate::sequencer::AttachmentLinks for Arc<Attachments> {
-    fn unlinked(&self, ids: Vec<String>) {
-        fn remove_all(a: &Attachments, ids: &[String]) {
-            for key in ids.iter().filter_map(|id| ObjectKey::parse(id)) {
-                if let Err(e) = a.remove(&key) {
-                    tracing::error!(error = %e, object = %key, "removing a deleted message's attachment failed");
-                }
+/// Removals waiting for the sweeper thread; beyond, an object stays (logged).
+const MAX_DEFERRED_REMOVALS: usize = 65_536;
+/// How long the sweeper waits before retrying removals that failed.
+const REMOVAL_RETRY: Duration = Duration::from_secs(2);
+
+impl Attachments {
+    /// Hands removals to the sweeper thread, which retries them until they
+    /// succeed (the object store may be down). Never blocks.
+    fn defer_removal(&self, keys: impl IntoIterator<Item = ObjectKey>) {
+        let mut q = self.deferred.lock().unwrap();
+        let before = q.len();
+        q.extend(keys.into_iter().take(MAX_DEFERRED_REMOVALS.saturating_sub(before)));
+        if q.len() == MAX_DEFERRED_REMOVALS {
+            tracing::error!(
+                "attachment removals waiting are at their bound; further deleted messages' objects stay"
+            );
+        }
+        self.wake.notify_one();
+    }
+
+    /// Removes each object; what fails goes to the sweeper thread to retry.
+    fn remove_or_defer(&self, keys: Vec<ObjectKey>) {
+        let mut failed = Vec::new();
+        for key in keys {
+            if let Err(e) = self.remove(&key) {
+                tracing::warn!(error = %e, object = %key, "removing a deleted message's attachment failed; will retry");
+                failed.push(key);
             }
         }
-        let (me, queued) = (self.clone(), ids.clone());
-        // With the queue full, here and now (rare, and a few unlink calls): the
-        // objects are named, so the sweeper would keep them for ever.
-        if self.io.spawn(move || remove_all(&me, &queued)).is_err() {
-            remove_all(self, &ids);
+        if !failed.is_empty() {
+            self.defer_removal(failed);
         }
     }
 }
 
-/// The sweeper: a thread of its own that wakes every `sweep_interval_secs` and
-/// removes objects no message named within `orphan_grace_secs`.
+/// Removes the objects of deleted messages, on the `blob-io` pool; with that
+/// queue full, or the store failing, on the sweeper thread (never the
+/// sequencer's: an object store request may take seconds).
+impl crate::sequencer::AttachmentLinks for Arc<Attachments> {
+    fn unlinked(&self, ids: Vec<String>) {
+        let keys: Vec<ObjectKey> = ids.iter().filter_map(|id| ObjectKey::parse(id)).collect();
+        let (me, queued) = (self.clone(), keys.clone());
+        if self.io.spawn(move || me.remove_or_defer(queued)).is_err() {
+            self.defer_removal(keys);
+        }
+    }
+}
+
+/// The sweeper: a thread of its own. Every `sweep_interval_secs` it removes
+/// objects no message named within `orphan_grace_secs`; in between, it removes
+/// deleted messages' objects handed to it, retrying those that fail.
 pub fn start_sweeper(a: Arc<Attachments>) {
     let interval = Duration::from_secs(a.cfg.sweep_interval_secs.get());
     let grace = Duration::from_secs(a.cfg.orphan_grace_secs.get());
     std::thread::Builder::new()
         .name("blob-sweeper".into())
         .spawn(move || {
+            let mut next_sweep = Instant::now() + interval;
+            let mut retry_at: Option<Instant> = None;
             loop {
-                std::thread::sleep(interval);
-                match a.sweep(grace) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(removed = n, "swept attachments no message names"),
-                    Err(e) => tracing::error!(error = %e, "sweeping attachments failed"),
+                let due = {
+                    let mut q = a.deferred.lock().unwrap();
+                    loop {
+                        let now = Instant::now();
+                        let removals_due = !q.is_empty() && retry_at.is_none_or(|t| now >= t);
+                        if removals_due || now >= next_sweep {
+                            break std::mem::take(&mut *q);
+                        }
+                        let until =
+                            retry_at.filter(|_| !q.is_empty()).map_or(next_sweep, |t| t.min(next_sweep));
+                        q = a.wake.wait_timeout(q, until - now).unwrap().0;
+                    }
+                };
+                retry_at = None;
+                if !due.is_empty() {
+                    let n = due.len();
+                    a.remove_or_defer(due);
+                    if !a.deferred.lock().unwrap().is_empty() {
+                        retry_at = Some(Instant::now() + REMOVAL_RETRY);
+                    } else {
+                        tracing::info!(removed = n, "removed deleted messages' attachments");
+                    }
+                }
+                if Instant::now() >= next_sweep {
+                    next_sweep = Instant::now() + interval;
+                    match a.sweep(grace) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(removed = n, "swept attachments no message names"),
+                        Err(e) => tracing::error!(error = %e, "sweeping attachments failed"),
+                    }
                 }
             }
         })

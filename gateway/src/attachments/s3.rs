@@ -85,7 +85,9 @@ impl S3Store {
                 cfg.endpoint,
                 r.status()
             ),
-            Err(e) => tracing::warn!(error = %e, endpoint = %cfg.endpoint, "the object store is not reachable yet"),
+            Err(e) => {
+                tracing::warn!(error = %e, endpoint = %cfg.endpoint, "the object store is not reachable yet")
+            }
         }
         Ok(store)
     }
@@ -136,7 +138,8 @@ impl S3Store {
             header("content-length").and_then(|l| l.parse().ok()),
             header("content-type"),
             header(META_SHA256),
-            header(META_FILE_NAME).and_then(|n| percent_decode_str(&n).decode_utf8().ok().map(|n| n.into_owned())),
+            header(META_FILE_NAME)
+                .and_then(|n| percent_decode_str(&n).decode_utf8().ok().map(|n| n.into_owned())),
         ) else {
             return Ok(None);
         };

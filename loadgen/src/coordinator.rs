@@ -55,6 +55,18 @@ pub struct RunArgs {
     /// Message body size, bytes.
     #[arg(long, default_value_t = 100)]
     pub message_size: usize,
+    /// Share of sends (0 to 1) that carry a file: each is uploaded when its send
+    /// is due (an upload slot, then a `PUT` to the presigned URL, on the gateway
+    /// or the object store), and the message naming it is sent once the upload
+    /// is done. Its latency counts from that send.
+    #[arg(long, default_value_t = 0.0)]
+    pub attachment_share: f64,
+    /// Size of each attached file, bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub attachment_size: usize,
+    /// Media type of the attached files (must be in the gateway's `attachments.media_types`).
+    #[arg(long, default_value = "image/jpeg")]
+    pub attachment_type: String,
     /// Share of connections that stay idle (connected, synced, silent).
     #[arg(long, default_value_t = 0.0)]
     pub idle_fraction: f64,
@@ -144,6 +156,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if args.cross_node.is_some_and(|c| !(0.0..=1.0).contains(&c)) {
         bail!("--cross-node takes a share between 0 and 1");
     }
+    if !(0.0..=1.0).contains(&args.attachment_share) || args.attachment_size == 0 {
+        bail!("--attachment-share takes a share between 0 and 1, --attachment-size at least 1 byte");
+    }
     let bases = args.target.iter().map(|t| http_base(t)).collect::<anyhow::Result<Vec<_>>>()?;
     let base = bases.first().ok_or_else(|| anyhow!("no --target"))?.clone();
     let metrics_url: Vec<String> = if args.metrics_url.is_empty() {
@@ -223,6 +238,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             source_prefix: (args.source_prefix != "none" && w < local)
                 .then(|| format!("{}.{}.", args.source_prefix, w)),
             json_protocol: args.json_protocol,
+            attachment_share: args.attachment_share,
+            attachment_size: args.attachment_size,
+            attachment_type: args.attachment_type.clone(),
         };
         let mut s = stream;
         writeln!(s, "{}", serde_json::to_string(&ToWorker::Assign(Box::new(a)))?)?;

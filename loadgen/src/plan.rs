@@ -56,6 +56,15 @@ pub struct Assignment {
     /// while old sockets sit in TIME_WAIT.
     pub source_prefix: Option<String>,
     pub json_protocol: bool,
+    /// Share of sends that carry an attachment of `attachment_size` bytes: each
+    /// is uploaded (slot, then `PUT` to the URL given) when its send is due, and
+    /// the message naming it goes once the upload is done.
+    #[serde(default)]
+    pub attachment_share: f64,
+    #[serde(default)]
+    pub attachment_size: usize,
+    #[serde(default)]
+    pub attachment_type: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +102,28 @@ pub struct Counters {
     /// Sends with neither an ack nor an error at the end (`--reconnect`).
     #[serde(default)]
     pub unanswered: u64,
+    /// Sends that named an attachment (`--attachment-share`).
+    #[serde(default)]
+    pub attachments: u64,
+    /// Attachment uploads done, and their bytes.
+    #[serde(default)]
+    pub uploads: u64,
+    #[serde(default)]
+    pub upload_bytes: u64,
+    /// Uploads that failed (their sends do not happen), or were not started
+    /// because this worker already had `MAX_UPLOADS` in flight (sent as text).
+    #[serde(default)]
+    pub upload_errors: u64,
+    #[serde(default)]
+    pub uploads_skipped: u64,
+    /// Attachments received and fetched as a client shows them: a download URL
+    /// from the gateway, then the bytes from that URL.
+    #[serde(default)]
+    pub downloads: u64,
+    #[serde(default)]
+    pub download_errors: u64,
+    #[serde(default)]
+    pub downloads_skipped: u64,
 }
 
 impl Counters {
@@ -112,6 +143,14 @@ impl Counters {
         self.redelivered += o.redelivered;
         self.resent += o.resent;
         self.unanswered += o.unanswered;
+        self.attachments += o.attachments;
+        self.uploads += o.uploads;
+        self.upload_bytes += o.upload_bytes;
+        self.upload_errors += o.upload_errors;
+        self.uploads_skipped += o.uploads_skipped;
+        self.downloads += o.downloads;
+        self.download_errors += o.download_errors;
+        self.downloads_skipped += o.downloads_skipped;
     }
 }
 

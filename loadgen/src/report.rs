@@ -139,6 +139,19 @@ impl Summary {
                 "rss_per_connection_bytes": per(rss_growth, conns),
             },
         });
+        let mut json = json;
+        json["files"] = json!({
+            "share": args.attachment_share,
+            "size": args.attachment_size,
+            "sends": c.attachments,
+            "uploads": c.uploads,
+            "upload_bytes": c.upload_bytes,
+            "upload_errors": c.upload_errors,
+            "uploads_skipped": c.uploads_skipped,
+            "downloads": c.downloads,
+            "download_errors": c.download_errors,
+            "downloads_skipped": c.downloads_skipped,
+        });
         Ok(Summary { counters: c, latency, timeline, json })
     }
 }
@@ -172,6 +185,17 @@ pub fn print_table(s: &Summary) {
         println!(
             "  disconnects      {:>12}   ({} reconnects, {} seen again and dropped, {} sends sent again, {} never answered)",
             j["disconnects"], j["reconnects"], j["redelivered"], j["resent"], j["unanswered"]
+        );
+    }
+    let f = &j["files"];
+    if f["share"].as_f64().unwrap_or(0.0) > 0.0 {
+        println!(
+            "  with files       {:>12}   ({} uploads of {} bytes, {} failed, {} skipped: too many in flight)",
+            f["sends"], f["uploads"], f["size"], f["upload_errors"], f["uploads_skipped"]
+        );
+        println!(
+            "  files fetched    {:>12}   ({} failed, {} skipped: too many in flight)",
+            f["downloads"], f["download_errors"], f["downloads_skipped"]
         );
     }
     println!();

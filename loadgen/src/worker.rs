@@ -16,10 +16,11 @@ use hdrhistogram::serialization::{Serializer, V2Serializer};
 use protocol::{
     ClientFrame, ClientMsg, ErrorCode, MessageKind, Position, ServerFrame, ServerMsg, Subprotocol,
 };
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
@@ -79,6 +80,8 @@ impl ConvTrack {
 
 struct State {
     c: Counters,
+    /// Attachment downloads in flight (at most `MAX_UPLOADS`).
+    downloading: usize,
     latency: Histogram<u64>,
     /// send→deliver by node-to-node hops (0, 1, 2).
     by_hops: [Histogram<u64>; 3],
@@ -390,6 +393,74 @@ struct Ctx {
     user_ids: Vec<u64>,
     /// `message_size` bytes of padding, made once: a body is its header plus the rest of this.
     pad: String,
+    /// The file attached to a share of sends (`attachment_share`), made once.
+    file: Option<Arc<AttachedFile>>,
+    /// Uploads this worker has in flight (at most `MAX_UPLOADS`).
+    uploading: Cell<usize>,
+}
+
+/// The bytes every attachment of a run carries, and their SHA-256 (hex).
+struct AttachedFile {
+    bytes: Vec<u8>,
+    sha256: String,
+    media_type: String,
+    agent: ureq::Agent,
+}
+
+/// Uploads one worker runs at once (blocking, on tokio's blocking threads);
+/// an attachment due beyond that goes as a plain text send (`uploads_skipped`).
+const MAX_UPLOADS: usize = 16;
+
+/// An upload slot for `conv` as `token`'s user, then the file `PUT` to the
+/// presigned URL with the headers the slot names; returns the attachment id.
+fn upload(f: &AttachedFile, base: &str, token: &str, conv: u64) -> anyhow::Result<String> {
+    let slot: serde_json::Value = f
+        .agent
+        .post(&format!("{base}/v1/attachments"))
+        .header("authorization", &format!("Bearer {token}"))
+        .send_json(serde_json::json!({
+            "conversation_id": conv.to_string(), "size": f.bytes.len(), "media_type": f.media_type,
+            "sha256": f.sha256, "file_name": "loadgen.bin",
+        }))?
+        .body_mut()
+        .read_json()?;
+    let (Some(id), Some(url)) = (slot["attachment_id"].as_str(), slot["upload_url"].as_str()) else {
+        bail!("no upload slot: {slot}");
+    };
+    let url = if url.starts_with('/') { format!("{base}{url}") } else { url.to_owned() };
+    let mut put = f.agent.put(&url);
+    for (k, v) in slot["headers"].as_object().into_iter().flatten() {
+        put = put.header(k, v.as_str().unwrap_or_default());
+    }
+    put.send(&f.bytes[..])?;
+    Ok(id.to_owned())
+}
+
+/// What a recipient's client does with an attachment: a download URL from the
+/// gateway, then the bytes from it (checked against the upload's length).
+fn download(f: &AttachedFile, base: &str, token: &str, id: &str) -> anyhow::Result<()> {
+    let d: serde_json::Value = f
+        .agent
+        .get(&format!("{base}/v1/attachments/{id}"))
+        .header("authorization", &format!("Bearer {token}"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    let Some(url) = d["url"].as_str() else { bail!("no download URL: {d}") };
+    let url = if url.starts_with('/') { format!("{base}{url}") } else { url.to_owned() };
+    let got = f.agent.get(&url).call()?.body_mut().with_config().limit(u64::MAX).read_to_vec()?;
+    if got.len() != f.bytes.len() {
+        bail!("downloaded {} bytes of {}", got.len(), f.bytes.len());
+    }
+    Ok(())
+}
+
+/// Does send `k` carry an attachment? `share` of sends do, evenly spread over
+/// each sender's sends from a random start (`offset`), so senders that send only
+/// a few still carry their share between them.
+fn attached(share: f64, offset: u64, k: u64) -> bool {
+    let k = k + offset;
+    share > 0.0 && ((k + 1) as f64 * share).floor() > (k as f64 * share).floor()
 }
 
 async fn work(
@@ -417,6 +488,7 @@ async fn work(
         timeline: Vec::new(),
         start: None,
         measured_from_us: 0,
+        downloading: 0,
     }));
 
     // 1. Connect, each user to the targets in turn.
@@ -517,6 +589,15 @@ async fn work(
         interval: if a.rate > 0.0 && senders > 0 { senders as f64 / a.rate } else { f64::INFINITY },
         user_ids,
         pad: "x".repeat(a.message_size),
+        file: (a.attachment_share > 0.0).then(|| {
+            use sha2::Digest;
+            let bytes: Vec<u8> = (0..a.attachment_size).map(|_| rand::random::<u8>()).collect();
+            let sha256 = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            let agent =
+                ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(60))).build().into();
+            Arc::new(AttachedFile { bytes, sha256, media_type: a.attachment_type.clone(), agent })
+        }),
+        uploading: Cell::new(0),
     });
 
     // 5. One task per connection: reads, sends open-loop if in a conversation,
@@ -582,15 +663,25 @@ struct Local {
     pending: BTreeMap<u64, (u64, Instant)>,
     /// Sends refused with a retryable error, to send again at the given time.
     retry: VecDeque<(Instant, u64)>,
+    /// Send counter → the attachment it names, while it may be sent (again).
+    attached: HashMap<u64, String>,
+    /// The target this connection is on (index into `targets`).
+    target: usize,
 }
 
 /// A send's frame: the body carries its scheduled time, sender and counter.
-fn send_msg(ctx: &Ctx, i: usize, conv: u64, k: u64, sched: u64) -> ClientMsg {
-    let mut body = format!("{sched}:{i}:{k}:");
+fn send_msg(ctx: &Ctx, me: &Local, conv: u64, k: u64, sched: u64) -> ClientMsg {
+    let mut body = format!("{sched}:{}:{k}:", me.i);
     if body.len() < ctx.pad.len() {
         body.push_str(&ctx.pad[body.len()..]);
     }
-    ClientMsg::Send { conversation_id: conv, client_msg_id: format!("{k}.{sched}"), body, attachment: None }
+    let attachment = me.attached.get(&k).map(|id| protocol::AttachmentRef {
+        attachment_id: id.clone(),
+        width: None,
+        height: None,
+        preview: String::new(),
+    });
+    ClientMsg::Send { conversation_id: conv, client_msg_id: format!("{k}.{sched}"), body, attachment }
 }
 
 /// Counts one frame received by user `me.i`'s connection on node `node`.
@@ -670,6 +761,9 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
             if let Some(t) = s.tick() {
                 t.1 += 1;
             }
+            if let (Some(att), Some(file)) = (&message.attachment, &ctx.file) {
+                fetch(ctx, s, me, file.clone(), att.attachment_id.clone());
+            }
         }
         ServerMsg::Ack { conversation_id, client_msg_id, seq, .. } => {
             let (_, ooo) = me.seen.entry(conversation_id).or_default().observe(seq);
@@ -721,6 +815,27 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
     }
 }
 
+/// Fetches a received attachment on a task of its own, as a client showing it
+/// does (at most `MAX_UPLOADS` at once per worker; beyond: skipped, counted).
+fn fetch(ctx: &Ctx, s: &mut State, me: &Local, file: Arc<AttachedFile>, id: String) {
+    let Ok(base) = crate::coordinator::http_base(&ctx.a.targets[me.target]) else { return };
+    if s.downloading >= MAX_UPLOADS {
+        s.c.downloads_skipped += 1;
+        return;
+    }
+    s.downloading += 1;
+    let (token, state) = (ctx.a.users[me.i].token.clone(), ctx.state.clone());
+    tokio::task::spawn_local(async move {
+        let done = tokio::task::spawn_blocking(move || download(&file, &base, &token, &id)).await;
+        let mut s = state.borrow_mut();
+        s.downloading -= 1;
+        match done {
+            Ok(Ok(())) => s.c.downloads += 1,
+            _ => s.c.download_errors += 1,
+        }
+    });
+}
+
 /// Logs the first few anomalies (out of order, duplicate) a worker sees, with what
 /// identifies them, for whoever reads a failed run's log.
 fn note_anomaly(count: &mut u64, start: Option<Instant>, what: impl FnOnce() -> String) {
@@ -744,13 +859,27 @@ const RETRY_AFTER: Duration = Duration::from_millis(250);
 /// --reconnect comes back after a drop (to the next target), syncs from the
 /// positions it holds and sends again what was not acknowledged.
 async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
-    let mut me = Local { i, seen: HashMap::new(), pending: BTreeMap::new(), retry: VecDeque::new() };
+    let mut target = i % ctx.a.targets.len();
+    let mut me = Local {
+        i,
+        seen: HashMap::new(),
+        pending: BTreeMap::new(),
+        retry: VecDeque::new(),
+        attached: HashMap::new(),
+        target,
+    };
+    // Finished uploads: (send counter, attachment id or the failure).
+    let (uploaded_tx, mut uploaded) = tokio::sync::mpsc::unbounded_channel::<(u64, anyhow::Result<String>)>();
     let mut k: u64 = 0;
     let phase = rand::random::<f64>() * ctx.interval;
+    let offset = if ctx.a.attachment_share > 0.0 {
+        rand::random_range(0..(1.0 / ctx.a.attachment_share).ceil() as u64)
+    } else {
+        0
+    };
     let due = |k: u64| phase + k as f64 * ctx.interval;
     let at = |k: u64| ctx.start + Duration::from_secs_f64(due(k).min(1e9));
     let mut sleep = ctx.timer.sleep_until(at(0));
-    let mut target = i % ctx.a.targets.len();
     let mut backoff = Duration::from_millis(100);
     let mut resend_check = Instant::now() + Duration::from_secs(1);
     loop {
@@ -771,13 +900,33 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                 () = &mut sleep, if sending => {
                     let conv = conv.expect("sending");
                     let sched = ctx.start_unix_us + (due(k) * 1e6) as u64;
-                    let msg = conn.message(send_msg(&ctx, i, conv, k, sched), 0);
-                    if ctx.a.reconnect {
-                        me.pending.insert(k, (sched, Instant::now()));
-                        ctx.state.borrow_mut().c.unanswered += 1;
-                    }
+                    let this = k;
                     k += 1;
                     sleep = ctx.timer.sleep_until(at(k));
+                    // A send with a file: uploaded first, sent when that is done (below).
+                    if let Some(file) = ctx.file.clone().filter(|_| attached(ctx.a.attachment_share, offset, this)) {
+                        if ctx.uploading.get() < MAX_UPLOADS {
+                            ctx.uploading.set(ctx.uploading.get() + 1);
+                            let (tx, base) = (uploaded_tx.clone(), crate::coordinator::http_base(&ctx.a.targets[target]));
+                            let token = ctx.a.users[i].token.clone();
+                            tokio::task::spawn_local(async move {
+                                let done = match base {
+                                    Ok(base) => tokio::task::spawn_blocking(move || upload(&file, &base, &token, conv))
+                                        .await
+                                        .unwrap_or_else(|e| Err(anyhow!("upload task: {e}"))),
+                                    Err(e) => Err(e),
+                                };
+                                let _ = tx.send((this, done));
+                            });
+                            continue;
+                        }
+                        ctx.state.borrow_mut().c.uploads_skipped += 1;
+                    }
+                    let msg = conn.message(send_msg(&ctx, &me, conv, this, sched), 0);
+                    if ctx.a.reconnect {
+                        me.pending.insert(this, (sched, Instant::now()));
+                        ctx.state.borrow_mut().c.unanswered += 1;
+                    }
                     // Counted as sent even if the write fails: with --reconnect it goes again.
                     {
                         let mut s = ctx.state.borrow_mut();
@@ -792,6 +941,44 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                     let mut s = ctx.state.borrow_mut();
                     if sched >= s.measured_from_us {
                         let _ = s.send_lag.record(now_us().saturating_sub(sched).max(1));
+                    }
+                }
+                Some((this, done)) = uploaded.recv() => {
+                    ctx.uploading.set(ctx.uploading.get() - 1);
+                    let id = match done {
+                        Ok(id) => id,
+                        Err(e) => {
+                            let s = &mut *ctx.state.borrow_mut();
+                            s.c.upload_errors += 1;
+                            note_anomaly(&mut s.anomalies, s.start, || format!("an upload failed: {e:#}"));
+                            continue;
+                        }
+                    };
+                    let conv = conv.expect("only senders upload");
+                    // Its time starts now: the latency is the message's, not the upload's.
+                    let sched = now_us();
+                    me.attached.insert(this, id);
+                    {
+                        let mut s = ctx.state.borrow_mut();
+                        s.c.uploads += 1;
+                        s.c.upload_bytes += ctx.a.attachment_size as u64;
+                        s.c.attachments += 1;
+                        s.c.sent += 1;
+                        if ctx.a.reconnect {
+                            s.c.unanswered += 1;
+                        }
+                    }
+                    if ctx.a.reconnect {
+                        me.pending.insert(this, (sched, Instant::now()));
+                    }
+                    let msg = send_msg(&ctx, &me, conv, this, sched);
+                    if !ctx.a.reconnect {
+                        me.attached.remove(&this);
+                    } else if me.attached.len() > 4096 {
+                        me.attached.retain(|k, _| me.pending.contains_key(k));
+                    }
+                    if conn.send_frame(msg).await.is_err() {
+                        break;
                     }
                 }
                 // No answer on a live connection for RESEND_AFTER (its reply was lost
@@ -811,7 +998,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                             if let Some(p) = me.pending.get_mut(&rk) {
                                 p.1 = Instant::now();
                             }
-                            if conn.send_frame(send_msg(&ctx, i, conv, rk, sched)).await.is_err() {
+                            if conn.send_frame(send_msg(&ctx, &me, conv, rk, sched)).await.is_err() {
                                 break;
                             }
                         }
@@ -821,7 +1008,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                     let (_, rk) = me.retry.pop_front().expect("due");
                     if let (Some(conv), Some(&(sched, _))) = (conv, me.pending.get(&rk)) {
                         ctx.state.borrow_mut().c.resent += 1;
-                        if conn.send_frame(send_msg(&ctx, i, conv, rk, sched)).await.is_err() {
+                        if conn.send_frame(send_msg(&ctx, &me, conv, rk, sched)).await.is_err() {
                             break;
                         }
                     }
@@ -840,6 +1027,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                 return;
             }
             target = (target + 1) % ctx.a.targets.len();
+            me.target = target;
             let token = ctx.a.users[i].token.clone();
             match resume(&ctx, &mut me, &ctx.a.targets[target], &token).await {
                 Ok(c) => break c,
@@ -862,7 +1050,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
             let again: Vec<(u64, u64)> = me.pending.iter().map(|(&k, &(s, _))| (k, s)).collect();
             for (rk, sched) in again {
                 ctx.state.borrow_mut().c.resent += 1;
-                if conn.send_frame(send_msg(&ctx, i, conv, rk, sched)).await.is_err() {
+                if conn.send_frame(send_msg(&ctx, &me, conv, rk, sched)).await.is_err() {
                     break;
                 }
             }

@@ -67,6 +67,11 @@ pub struct RunArgs {
     /// Media type of the attached files (must be in the gateway's `attachments.media_types`).
     #[arg(long, default_value = "image/jpeg")]
     pub attachment_type: String,
+    /// Recipients do not fetch the files (no download URL, no bytes): with a run
+    /// that does, this splits the gateway's cost of a file between its upload
+    /// and its download.
+    #[arg(long)]
+    pub attachment_no_fetch: bool,
     /// Share of connections that stay idle (connected, synced, silent).
     #[arg(long, default_value_t = 0.0)]
     pub idle_fraction: f64,
@@ -241,6 +246,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             attachment_share: args.attachment_share,
             attachment_size: args.attachment_size,
             attachment_type: args.attachment_type.clone(),
+            attachment_fetch: !args.attachment_no_fetch,
         };
         let mut s = stream;
         writeln!(s, "{}", serde_json::to_string(&ToWorker::Assign(Box::new(a)))?)?;

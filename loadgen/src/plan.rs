@@ -65,6 +65,9 @@ pub struct Assignment {
     pub attachment_size: usize,
     #[serde(default)]
     pub attachment_type: String,
+    /// Recipients fetch each file (a download URL, then the bytes).
+    #[serde(default)]
+    pub attachment_fetch: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -143,6 +143,7 @@ impl Summary {
         json["files"] = json!({
             "share": args.attachment_share,
             "size": args.attachment_size,
+            "fetched_by_recipients": !args.attachment_no_fetch,
             "sends": c.attachments,
             "uploads": c.uploads,
             "upload_bytes": c.upload_bytes,

@@ -761,7 +761,9 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
             if let Some(t) = s.tick() {
                 t.1 += 1;
             }
-            if let (Some(att), Some(file)) = (&message.attachment, &ctx.file) {
+            if let (Some(att), Some(file)) = (&message.attachment, &ctx.file)
+                && ctx.a.attachment_fetch
+            {
                 fetch(ctx, s, me, file.clone(), att.attachment_id.clone());
             }
         }

@@ -1,4 +1,4 @@
-//! A client frame in the JSON subprotocol (see `frame_round_trip`).
+//! A client frame in the JSON subprotocol (see `switchboard_fuzz::frame_round_trip`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

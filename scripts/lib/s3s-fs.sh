@@ -8,7 +8,7 @@
 s3s_fs_install() {
   local root=${SWITCHBOARD_S3S_FS_CACHE:-$HOME/.cache/switchboard/s3s-fs-0.14.1}
   if [[ ! -x "$root/bin/s3s-fs" ]]; then
-    cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet --root "$root" >&2
+    cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet --root "$root" >&2 || return
   fi
   s3s_fs_bin="$root/bin/s3s-fs"
 }

@@ -13,7 +13,9 @@ if [[ -z "${SWITCHBOARD_STAGES:-}" ]]; then
 fi
 
 # Returns CMD's status (also inside $(...), where errexit does not reach); a
-# stage that failed has no END line, so the table shows it as unfinished.
+# stage that failed has no END line, so the table shows it as unfinished. A
+# shell function run as CMD runs without errexit (bash suspends it under `||`):
+# it must return its own failures.
 stage() {
   local name=$1 rc=0
   shift

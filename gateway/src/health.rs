@@ -12,6 +12,7 @@ use protocol::{ConversationId, Seq, UserId};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Poll, Waker};
 use storage::{
     BucketRef, ConversationRecord, Message, Mutation, Order, Positions, PresenceRecord, Store, UserRecord,
 };
@@ -25,6 +26,8 @@ pub struct Health {
     draining: AtomicBool,
     /// Draining, past the notice: connections are being closed, new sockets refused.
     closing: AtomicBool,
+    /// Shards waiting for `closing` (woken once, by `start_closing`).
+    closing_waiters: Mutex<Vec<Waker>>,
 }
 
 impl Health {
@@ -60,12 +63,37 @@ impl Health {
 
     /// Runs on: main, at shutdown, once the readiness notice has run out.
     pub fn start_closing(&self) {
-        self.closing.store(true, Ordering::Relaxed);
+        self.closing.store(true, Ordering::Release);
+        for w in self.closing_waiters.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            w.wake();
+        }
     }
 
     /// Connections are to close with 1001 and new sockets to get 503.
     pub fn closing(&self) -> bool {
-        self.closing.load(Ordering::Relaxed)
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Resolves once `start_closing` has run: woken by it, never polled on a timer
+    /// (an idle node must not wake for a shutdown that has not come).
+    ///
+    /// Runs on: a shard. # Cancel safety: safe.
+    pub async fn closed(&self) {
+        std::future::poll_fn(|cx| {
+            if self.closing() {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.closing_waiters.lock().unwrap_or_else(|p| p.into_inner());
+            // Checked again under the lock `start_closing` takes after setting the flag.
+            if self.closing() {
+                return Poll::Ready(());
+            }
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// `Err(why)`: the process should be restarted.

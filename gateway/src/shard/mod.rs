@@ -186,10 +186,7 @@ async fn flusher(ctx: Rc<ShardCtx>) {
 ///
 /// Runs on: the owning shard.
 async fn drain_on_shutdown(ctx: Rc<ShardCtx>) {
-    // A flag checked 10 times a second: shutdown is rare and needs no faster wake-up.
-    while !ctx.shared.health.closing() {
-        monoio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    ctx.shared.health.closed().await;
     let conns: Vec<Rc<Conn>> =
         ctx.users.borrow().values().flat_map(|slot| slot.conns.borrow().clone()).collect();
     for c in conns {

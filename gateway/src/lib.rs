@@ -40,6 +40,7 @@ pub mod node;
 pub mod pool;
 pub mod presence;
 pub mod push;
+pub mod queue;
 pub mod ratelimit;
 pub mod reload;
 pub mod sequencer;

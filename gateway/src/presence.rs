@@ -78,7 +78,7 @@ enum Cmd {
 
 /// The shards' handle on the presence thread.
 pub struct Presence {
-    tx: crossbeam_channel::Sender<Cmd>,
+    tx: crate::queue::Sender<Cmd>,
     rejected: prometheus::IntCounter,
 }
 
@@ -103,7 +103,7 @@ impl Presence {
         fleet: Option<FleetPresence>,
         rejected: prometheus::IntCounter,
     ) -> Presence {
-        let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
+        let (tx, rx) = crate::queue::bounded(cfg.queue);
         let mut worker = Worker {
             cfg,
             store,

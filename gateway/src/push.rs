@@ -96,13 +96,13 @@ impl Notifier for LogNotifier {
 
 /// POSTs notifications to a URL from its own threads, with retries.
 pub struct WebhookNotifier {
-    tx: crossbeam_channel::Sender<Notification>,
+    tx: crate::queue::Sender<Notification>,
     rejected: prometheus::IntCounter,
 }
 
 impl WebhookNotifier {
     pub fn start(cfg: &PushConfig, url: String, metrics: &Arc<Metrics>) -> WebhookNotifier {
-        let (tx, rx) = crossbeam_channel::bounded::<Notification>(cfg.queue.get());
+        let (tx, rx) = crate::queue::bounded::<Notification>(cfg.queue.get());
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_millis(cfg.timeout_ms.get())))
             .http_status_as_error(false)
@@ -179,7 +179,7 @@ struct Job {
 
 /// The sequencer's handle on the push thread.
 pub struct Push {
-    tx: crossbeam_channel::Sender<Job>,
+    tx: crate::queue::Sender<Job>,
     rejected: prometheus::IntCounter,
 }
 
@@ -190,7 +190,7 @@ impl Push {
             (PushBackend::Webhook, Some(url)) => Box::new(WebhookNotifier::start(cfg, url.clone(), &metrics)),
             _ => Box::new(LogNotifier),
         };
-        let (tx, rx) = crossbeam_channel::bounded(cfg.queue.get());
+        let (tx, rx) = crate::queue::bounded(cfg.queue.get());
         let window = Duration::from_millis(cfg.coalesce_ms.get());
         let rejected = metrics.rejected.with_label_values(&["push"]);
         let mut c =

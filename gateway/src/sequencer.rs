@@ -38,7 +38,7 @@ use storage::{BucketRef, ConversationRecord, Mutation, Order, Positions, Store, 
 /// The shards' handle on the sequencer partitions.
 #[derive(Clone)]
 pub struct Sequencer {
-    parts: Arc<[crossbeam_channel::Sender<Command>]>,
+    parts: Arc<[crate::queue::Sender<Command>]>,
     rejected: prometheus::IntCounter,
 }
 
@@ -78,7 +78,7 @@ impl Sequencer {
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let txs: Vec<_> = (0..parts)
             .map(|part| {
-                let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
+                let (tx, rx) = crate::queue::bounded(cfg.queue);
                 let mut worker = Worker {
                     part,
                     parts,

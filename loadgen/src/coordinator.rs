@@ -30,6 +30,11 @@ pub struct RunArgs {
     /// are then judged by acknowledged messages only.
     #[arg(long)]
     pub reconnect: bool,
+    /// With --reconnect: a dropped client waits a random time up to this before
+    /// its first attempt (then backs off with jitter), so the clients of a dead
+    /// node come back spread out rather than all at once, e.g. 10s.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub reconnect_spread: Duration,
     /// Total connections (one user each).
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
@@ -228,6 +233,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             targets: args.target.clone(),
             cross_node: args.cross_node,
             reconnect: args.reconnect,
+            reconnect_spread_ms: args.reconnect_spread.as_millis() as u64,
             rate: args.rate * (slice.len() - idle) as f64
                 / (args.connections as f64 * (1.0 - args.idle_fraction)).max(1.0),
             users: slice,
@@ -250,49 +256,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         };
         let mut s = stream;
         writeln!(s, "{}", serde_json::to_string(&ToWorker::Assign(Box::new(a)))?)?;
-        workers.push(BufReader::new(s));
+        workers.push(s);
     }
 
-    // Ready: every worker connected and set up.
-    let mut setup = Counters::default();
-    for r in &mut workers {
-        match read(r)? {
-            FromWorker::Ready(c) => setup.add(&c),
-            FromWorker::Failed(e) => bail!("a worker failed during set-up: {e}"),
-            other => bail!("unexpected {other:?}"),
-        }
-    }
-    let connect_secs = connecting.elapsed().as_secs_f64();
-    eprintln!(
-        "loadgen: {}/{} connected ({} errors) in {connect_secs:.1} s ({:.0}/s, synced and set up); sending {} msg/s for {:?}",
-        setup.connected,
-        setup.connections,
-        setup.connect_errors,
-        setup.connected as f64 / connect_secs.max(1e-3),
-        args.rate,
-        args.duration
-    );
-    let connected_scrape = scrape_all(&metrics_url);
-    let start_unix_ms = (crate::worker::now_us() / 1000) + 500;
-    // The gateway's cost is measured from the end of the warm-up.
-    let warm_scrape = (!args.warmup.is_zero()).then(|| {
-        let (url, at_ms) = (metrics_url.clone(), start_unix_ms + args.warmup.as_millis() as u64);
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(at_ms.saturating_sub(crate::worker::now_us() / 1000)));
-            scrape_all(&url)
-        })
-    });
-    for r in &mut workers {
-        let s = r.get_mut();
-        writeln!(s, "{}", serde_json::to_string(&ToWorker::Go { start_unix_ms })?)?;
-    }
-
-    // Progress until every worker reports its result.
+    // Every worker's reports, read by a thread each, arrive here in one queue.
     let (tx, rx) = std::sync::mpsc::channel();
-    for (i, r) in workers.into_iter().enumerate() {
+    for (i, s) in workers.iter().enumerate() {
         let tx = tx.clone();
+        let mut r = BufReader::new(s.try_clone()?);
         std::thread::spawn(move || {
-            let mut r = r;
             loop {
                 match read(&mut r) {
                     Ok(m) => {
@@ -311,6 +283,62 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         });
     }
     drop(tx);
+
+    // Ready: every worker connected and set up; meanwhile, how far the connects got.
+    let mut setup = Counters::default();
+    let mut connects = vec![(0u64, 0u64); total_workers];
+    let mut ready = vec![false; total_workers];
+    let mut meter = ConnectMeter::new(args.connections);
+    while ready.iter().any(|r| !r) {
+        let Ok((i, m)) = rx.recv() else { bail!("a worker vanished") };
+        match m {
+            FromWorker::Connecting { done, failed } => {
+                connects[i] = (done, failed);
+                meter.show(&connects, false);
+            }
+            FromWorker::Ready(c) => {
+                connects[i] = (c.connected, c.connect_errors);
+                setup.add(&c);
+                ready[i] = true;
+            }
+            FromWorker::Failed(e) => bail!("worker {i} failed during set-up: {e}"),
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    meter.show(&connects, true);
+    let connect_secs = connecting.elapsed().as_secs_f64();
+    eprintln!(
+        "loadgen: {}/{} connected ({} errors) in {connect_secs:.1} s ({:.0}/s, synced and set up); sending {} msg/s for {:?}",
+        setup.connected,
+        setup.connections,
+        setup.connect_errors,
+        setup.connected as f64 / connect_secs.max(1e-3),
+        args.rate,
+        args.duration
+    );
+    let mine = LoadgenMemory::of(&setup, setup.rss_ready_bytes);
+    eprintln!(
+        "loadgen: own memory, connected: {} workers {:.1} MB resident, {} bytes per connection; coordinator {:.1} MB",
+        total_workers,
+        mine.workers_rss_bytes as f64 / 1e6,
+        mine.per_connection_bytes.map_or("?".into(), |b| format!("{b:.0}")),
+        mine.coordinator_rss_bytes as f64 / 1e6,
+    );
+    let connected_scrape = scrape_all(&metrics_url);
+    let start_unix_ms = (crate::worker::now_us() / 1000) + 500;
+    // The gateway's cost is measured from the end of the warm-up.
+    let warm_scrape = (!args.warmup.is_zero()).then(|| {
+        let (url, at_ms) = (metrics_url.clone(), start_unix_ms + args.warmup.as_millis() as u64);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(at_ms.saturating_sub(crate::worker::now_us() / 1000)));
+            scrape_all(&url)
+        })
+    });
+    for s in &mut workers {
+        writeln!(s, "{}", serde_json::to_string(&ToWorker::Go { start_unix_ms })?)?;
+    }
+
+    // Progress until every worker reports its result.
     let t0 = Instant::now();
     let mut progress: Vec<(Counters, Option<hdrhistogram::Histogram<u64>>)> =
         vec![Default::default(); total_workers];
@@ -351,7 +379,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                 results[i] = Some(*r);
             }
             FromWorker::Failed(e) => bail!("worker {i} failed: {e}"),
-            FromWorker::Ready(_) => {}
+            FromWorker::Ready(_) | FromWorker::Connecting { .. } => {}
         }
     }
     let after = scrape_all(&metrics_url);
@@ -370,6 +398,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         after.as_ref(),
     )?;
     summary.json["connect_seconds"] = serde_json::json!((connect_secs * 10.0).round() / 10.0);
+    // Holding the connections with every task running (one second into sending).
+    let held = LoadgenMemory::of(&summary.counters, summary.counters.rss_held_bytes);
+    summary.json["loadgen"] = serde_json::json!({
+        "workers": total_workers,
+        "workers_rss_bytes": held.workers_rss_bytes,
+        "rss_per_connection_bytes": held.per_connection_bytes.map(f64::round),
+        "rss_per_connection_bytes_connected": mine.per_connection_bytes.map(f64::round),
+        "workers_peak_rss_bytes": summary.counters.rss_peak_bytes,
+        "coordinator_rss_bytes": held.coordinator_rss_bytes,
+    });
     report::print_table(&summary);
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&summary.json)?)?;
@@ -390,6 +428,70 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// loadgen's own memory: every worker's resident memory, their growth per
+/// connection (from before connecting to `at`), and the coordinator's (which
+/// holds every user's token).
+struct LoadgenMemory {
+    workers_rss_bytes: u64,
+    per_connection_bytes: Option<f64>,
+    coordinator_rss_bytes: u64,
+}
+
+impl LoadgenMemory {
+    fn of(c: &Counters, at: u64) -> LoadgenMemory {
+        let per_connection_bytes = (c.connected > 0 && c.rss_before_bytes > 0 && at > 0)
+            .then(|| at.saturating_sub(c.rss_before_bytes) as f64 / c.connected as f64);
+        LoadgenMemory {
+            workers_rss_bytes: at,
+            per_connection_bytes,
+            coordinator_rss_bytes: crate::worker::rss_bytes(),
+        }
+    }
+}
+
+/// The connect phase's progress on stderr: a bar redrawn in place on a
+/// terminal, a line every 5 s otherwise (logs).
+struct ConnectMeter {
+    total: usize,
+    started: Instant,
+    shown: Instant,
+    tty: bool,
+}
+
+impl ConnectMeter {
+    fn new(total: usize) -> ConnectMeter {
+        use std::io::IsTerminal;
+        let now = Instant::now();
+        ConnectMeter { total, started: now, shown: now, tty: std::io::stderr().is_terminal() }
+    }
+
+    fn show(&mut self, per_worker: &[(u64, u64)], last: bool) {
+        let every = if self.tty { Duration::from_millis(250) } else { Duration::from_secs(5) };
+        if !last && self.shown.elapsed() < every {
+            return;
+        }
+        self.shown = Instant::now();
+        let done: u64 = per_worker.iter().map(|w| w.0).sum();
+        let failed: u64 = per_worker.iter().map(|w| w.1).sum();
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let share = done as f64 / self.total.max(1) as f64;
+        let line = format!(
+            "loadgen: connecting {done}/{} ({:.0}/s, {failed} failed)",
+            self.total,
+            done as f64 / secs
+        );
+        if self.tty {
+            let filled = (share * 30.0).round() as usize;
+            eprint!("\r[{}{}] {line}", "#".repeat(filled.min(30)), ".".repeat(30 - filled.min(30)));
+            if last {
+                eprintln!();
+            }
+        } else if !last {
+            eprintln!("{line}");
+        }
+    }
 }
 
 fn read(r: &mut BufReader<TcpStream>) -> anyhow::Result<FromWorker> {

@@ -22,7 +22,7 @@ mod worker;
 
 use clap::{Parser, Subcommand};
 
-#[global_allocator]
+#[cfg_attr(not(feature = "probe_system_alloc"), global_allocator)]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]

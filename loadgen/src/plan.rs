@@ -35,6 +35,10 @@ pub struct Assignment {
     /// A dropped connection reconnects (to the next target), syncs and goes on.
     #[serde(default)]
     pub reconnect: bool,
+    /// Before its first reconnect attempt a dropped client waits a random time
+    /// below this (ms): no thundering herd when a node dies.
+    #[serde(default)]
+    pub reconnect_spread_ms: u64,
     pub users: Vec<User>,
     pub scenario: Scenario,
     pub group_size: usize,
@@ -127,6 +131,17 @@ pub struct Counters {
     pub download_errors: u64,
     #[serde(default)]
     pub downloads_skipped: u64,
+    /// The worker's resident memory (bytes): before its first connection; once
+    /// every connection was set up; one second into sending (every connection's
+    /// task running: what holding them costs); and its peak (VmHWM) at the end.
+    #[serde(default)]
+    pub rss_before_bytes: u64,
+    #[serde(default)]
+    pub rss_ready_bytes: u64,
+    #[serde(default)]
+    pub rss_held_bytes: u64,
+    #[serde(default)]
+    pub rss_peak_bytes: u64,
 }
 
 impl Counters {
@@ -154,11 +169,21 @@ impl Counters {
         self.downloads += o.downloads;
         self.download_errors += o.download_errors;
         self.downloads_skipped += o.downloads_skipped;
+        self.rss_before_bytes += o.rss_before_bytes;
+        self.rss_ready_bytes += o.rss_ready_bytes;
+        self.rss_held_bytes += o.rss_held_bytes;
+        self.rss_peak_bytes += o.rss_peak_bytes;
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum FromWorker {
+    /// Once a second while connecting: connections opened and synced so far, and
+    /// those that failed.
+    Connecting {
+        done: u64,
+        failed: u64,
+    },
     /// Connected, synced and conversations set up; waiting for `Go`.
     Ready(Counters),
     /// Once a second while sending: totals so far, and the latency histogram so far

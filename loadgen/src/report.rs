@@ -244,6 +244,18 @@ pub fn print_table(s: &Summary) {
     if !g["fleet_entries_per_message"].is_null() {
         println!("  stream entries per message {}", g["fleet_entries_per_message"]);
     }
+    let l = &j["loadgen"];
+    if !l.is_null() {
+        let mb = |v: &serde_json::Value| v.as_f64().map_or("?".into(), |b| format!("{:.0}", b / 1e6));
+        println!(
+            "  loadgen RSS per connection {} bytes ({} workers, {} MB in all, peak {} MB; coordinator {} MB)",
+            l["rss_per_connection_bytes"],
+            l["workers"],
+            mb(&l["workers_rss_bytes"]),
+            mb(&l["workers_peak_rss_bytes"]),
+            mb(&l["coordinator_rss_bytes"])
+        );
+    }
     println!();
 }
 

@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 type Ws = WebSocketStream<TcpStream>;
@@ -214,8 +214,9 @@ impl Conn {
 }
 
 fn ws_config() -> WebSocketConfig {
-    // Small buffers: tungstenite's 128 KiB default read buffer times 19k connections would be 2.4 GB.
-    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+    // A small read buffer (it grows for a larger frame): tungstenite's 128 KiB
+    // default, times a worker's 18k connections, would be 2.4 GB.
+    WebSocketConfig::default().read_buffer_size(256).write_buffer_size(0)
 }
 
 /// Opens a connection and waits for `welcome` (no `sync` yet).
@@ -253,16 +254,72 @@ pub(crate) async fn open_with(
     let stream = sock.connect(addr).await?;
     stream.set_nodelay(true)?;
     let proto = if json_protocol { Subprotocol::Json } else { Subprotocol::FlatBuffers };
-    let mut req = format!("{target}/v1/ws").into_client_request()?;
-    req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
-    req.headers_mut().insert("sec-websocket-protocol", proto.name().parse()?);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config())).await?;
+    let mut stream = stream;
+    let host = target.strip_prefix("ws://").unwrap_or(target);
+    let tail = upgrade(&mut stream, host, token, proto).await?;
+    let ws = WebSocketStream::from_partially_read(stream, tail, Role::Client, Some(ws_config())).await;
     let mut c = Conn { ws, proto, next_id: 1, node: 0 };
     match c.recv().await?.body {
         ServerMsg::Welcome { connection_id, .. } => c.node = (connection_id >> 48) as u16,
         other => bail!("expected welcome, got {other:?}"),
     }
     Ok(c)
+}
+
+/// The WebSocket upgrade of `stream` as `token`'s user; returns what the server
+/// sent after its response (frames already on their way).
+///
+/// Done here rather than by tokio-tungstenite's client handshake: that one
+/// hands its 4 KiB response buffer to the connection as its read buffer for the
+/// connection's life (heaptrack: 4 KB of every loadgen connection, 4 GB at a
+/// million). The response is parsed by httparse and the accept key checked with
+/// tungstenite's own derivation; the connection's read buffer is then
+/// `ws_config`'s.
+async fn upgrade(
+    stream: &mut TcpStream,
+    host: &str,
+    token: &str,
+    proto: Subprotocol,
+) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let key = generate_key();
+    let request = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {}\r\n\
+         Authorization: Bearer {token}\r\n\r\n",
+        proto.name()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("the server closed the connection during the upgrade");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(len) = response.parse(&buf).context("the upgrade's response")? else {
+            if buf.len() > 16 * 1024 {
+                bail!("the upgrade's response is over 16 KiB");
+            }
+            continue;
+        };
+        if response.code != Some(101) {
+            bail!(
+                "the upgrade was refused: HTTP {} {}",
+                response.code.unwrap_or(0),
+                String::from_utf8_lossy(&buf[len..]).trim()
+            );
+        }
+        let accept = response.headers.iter().find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"));
+        if accept.map(|h| h.value) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
+            bail!("the upgrade's Sec-WebSocket-Accept does not match its key");
+        }
+        return Ok(buf[len..].to_vec());
+    }
 }
 
 /// A fresh connection, synced with no positions (what it missed before is not counted).
@@ -344,38 +401,83 @@ async fn send_line(wr: &mut tokio::net::tcp::OwnedWriteHalf, m: &FromWorker) -> 
     Ok(())
 }
 
+/// Handshakes one worker has in flight at most: beyond, the ramp waits (a slow
+/// server is not buried under connects, and their state stays bounded).
+const MAX_CONNECTING: usize = 256;
+
 /// Connects `who` (user indices, with their target) at the ramp rate, many
-/// handshakes in flight. Returns the first error, if any.
+/// handshakes in flight; with `progress`, tells the coordinator how far it got
+/// once a second. A handshake's state exists only from its turn to its end, so
+/// memory holds what is in flight, not the whole schedule. Returns the first
+/// error, if any.
 async fn connect_all(
     a: &Assignment,
     who: Vec<(usize, String)>,
     conns: &mut [Option<Conn>],
     state: &RefCell<State>,
-) -> Option<anyhow::Error> {
+    mut progress: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
+) -> anyhow::Result<Option<anyhow::Error>> {
     let gap = Duration::from_secs_f64(1.0 / a.ramp.max(1.0));
     let t0 = Instant::now();
     let mut pending = futures_util::stream::FuturesUnordered::new();
-    for (n, (i, target)) in who.into_iter().enumerate() {
-        let at = t0 + gap * n as u32;
-        let token = a.users[i].token.clone();
-        pending.push(async move {
-            tokio::time::sleep_until(at.into()).await;
-            (i, connect(a, &target, &token, i).await)
-        });
-    }
+    let (mut next, mut done, mut failed) = (0usize, 0u64, 0u64);
+    let mut told = Instant::now();
     let mut first_error = None;
-    while let Some((i, r)) = pending.next().await {
-        match r {
-            Ok(c) => {
-                state.borrow_mut().node[i] = c.node;
-                conns[i] = Some(c);
-            }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
+    loop {
+        while next < who.len() && pending.len() < MAX_CONNECTING && t0 + gap * next as u32 <= Instant::now() {
+            let (i, target) = &who[next];
+            let i = *i;
+            pending.push(async move { (i, connect(a, target, &a.users[i].token, i).await) });
+            next += 1;
+        }
+        if next == who.len() && pending.is_empty() {
+            break;
+        }
+        let due = t0 + gap * next as u32;
+        let room = pending.len() < MAX_CONNECTING;
+        tokio::select! {
+            Some((i, r)) = pending.next(), if !pending.is_empty() => match r {
+                Ok(c) => {
+                    done += 1;
+                    state.borrow_mut().node[i] = c.node;
+                    conns[i] = Some(c);
+                }
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                }
+            },
+            _ = tokio::time::sleep_until(due.into()), if next < who.len() && room => {}
+        }
+        if let Some(wr) = progress.as_deref_mut()
+            && told.elapsed() >= Duration::from_secs(1)
+        {
+            send_line(wr, &FromWorker::Connecting { done, failed }).await?;
+            told = Instant::now();
         }
     }
-    first_error
+    Ok(first_error)
+}
+
+/// This process's resident memory now (`VmRSS`), bytes; 0 where /proc cannot tell.
+pub(crate) fn rss_bytes() -> u64 {
+    proc_status_kb("VmRSS:") * 1024
+}
+
+/// This process's peak resident memory (`VmHWM`), bytes.
+fn rss_peak_bytes() -> u64 {
+    proc_status_kb("VmHWM:") * 1024
+}
+
+fn proc_status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// What every connection's task shares.
@@ -474,7 +576,7 @@ async fn work(
     let n = a.users.len();
     let user_ids: Vec<u64> = a.users.iter().map(|u| u.user_id.parse().unwrap_or(0)).collect();
     let state = Rc::new(RefCell::new(State {
-        c: Counters { connections: n as u64, ..Default::default() },
+        c: Counters { connections: n as u64, rss_before_bytes: rss_bytes(), ..Default::default() },
         latency: histogram(),
         by_hops: [histogram(), histogram(), histogram()],
         ack_latency: histogram(),
@@ -494,7 +596,7 @@ async fn work(
     // 1. Connect, each user to the targets in turn.
     let mut conns: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
     let who = (0..n).map(|i| (i, a.targets[i % a.targets.len()].clone())).collect();
-    if let Some(e) = connect_all(a, who, &mut conns, &state).await {
+    if let Some(e) = connect_all(a, who, &mut conns, &state, Some(&mut *wr)).await? {
         eprintln!("worker {}: connect errors, first: {e:#}", a.worker);
     }
     // The nodes behind the targets: the ring's live set as far as this worker can tell.
@@ -551,7 +653,7 @@ async fn work(
         for (i, _) in &moves {
             conns[*i] = None;
         }
-        if let Some(e) = connect_all(a, moves, &mut conns, &state).await {
+        if let Some(e) = connect_all(a, moves, &mut conns, &state, None).await? {
             eprintln!("worker {}: reconnect errors while placing users, first: {e:#}", a.worker);
         }
     }
@@ -559,6 +661,7 @@ async fn work(
         let mut s = state.borrow_mut();
         s.c.connected = conns.iter().filter(|c| c.is_some()).count() as u64;
         s.c.connect_errors = n as u64 - s.c.connected;
+        s.c.rss_ready_bytes = rss_bytes();
     }
     let senders: usize = (0..n).filter(|&i| conv_of[i].is_some() && conns[i].is_some()).count();
     let c = state.borrow().c.clone();
@@ -612,6 +715,9 @@ async fn work(
     let mut next = start + Duration::from_secs(1);
     while next <= end {
         tokio::time::sleep_until(next.into()).await;
+        if next == start + Duration::from_secs(1) {
+            state.borrow_mut().c.rss_held_bytes = rss_bytes();
+        }
         let (c, h) = {
             let s = state.borrow();
             (s.c.clone(), encode_hist(&s.latency))
@@ -638,6 +744,11 @@ async fn work(
     let result = {
         let mut s = state.borrow_mut();
         s.c.lost = count_lost(&s);
+        s.c.rss_peak_bytes = rss_peak_bytes();
+        if s.c.rss_held_bytes == 0 {
+            // A run shorter than a second.
+            s.c.rss_held_bytes = rss_bytes();
+        }
         WorkerResult {
             counters: s.c.clone(),
             latency: encode_hist(&s.latency),
@@ -870,8 +981,9 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
         attached: HashMap::new(),
         target,
     };
-    // Finished uploads: (send counter, attachment id or the failure).
-    let (uploaded_tx, mut uploaded) = tokio::sync::mpsc::unbounded_channel::<(u64, anyhow::Result<String>)>();
+    // Finished uploads: (send counter, attachment id or the failure). Made at the
+    // first upload: most connections never upload, and a channel is ~1 KB.
+    let mut uploads: Option<Uploads> = None;
     let mut k: u64 = 0;
     let phase = rand::random::<f64>() * ctx.interval;
     let offset = if ctx.a.attachment_share > 0.0 {
@@ -909,7 +1021,8 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                     if let Some(file) = ctx.file.clone().filter(|_| attached(ctx.a.attachment_share, offset, this)) {
                         if ctx.uploading.get() < MAX_UPLOADS {
                             ctx.uploading.set(ctx.uploading.get() + 1);
-                            let (tx, base) = (uploaded_tx.clone(), crate::coordinator::http_base(&ctx.a.targets[target]));
+                            let tx = uploads.get_or_insert_with(tokio::sync::mpsc::unbounded_channel).0.clone();
+                            let base = crate::coordinator::http_base(&ctx.a.targets[target]);
                             let token = ctx.a.users[i].token.clone();
                             tokio::task::spawn_local(async move {
                                 let done = match base {
@@ -945,7 +1058,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                         let _ = s.send_lag.record(now_us().saturating_sub(sched).max(1));
                     }
                 }
-                Some((this, done)) = uploaded.recv() => {
+                Some((this, done)) = async { uploads.as_mut().expect("checked").1.recv().await }, if uploads.is_some() => {
                     ctx.uploading.set(ctx.uploading.get() - 1);
                     let id = match done {
                         Ok(id) => id,
@@ -1024,6 +1137,10 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
         let dropped = Instant::now();
         // Reconnect: the next target, with jittered exponential backoff, until the grace period ends.
         let give_up = ctx.end + Duration::from_millis(ctx.a.grace_ms);
+        if ctx.a.reconnect_spread_ms > 0 {
+            let wait = Duration::from_millis(rand::random_range(0..ctx.a.reconnect_spread_ms));
+            tokio::time::sleep(wait.min(give_up.saturating_duration_since(Instant::now()))).await;
+        }
         conn = loop {
             if Instant::now() >= give_up {
                 return;
@@ -1031,7 +1148,8 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
             target = (target + 1) % ctx.a.targets.len();
             me.target = target;
             let token = ctx.a.users[i].token.clone();
-            match resume(&ctx, &mut me, &ctx.a.targets[target], &token).await {
+            // Boxed: the handshake's state is large and only a reconnect needs it.
+            match Box::pin(resume(&ctx, &mut me, &ctx.a.targets[target], &token)).await {
                 Ok(c) => break c,
                 Err(_) => {
                     let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
@@ -1059,6 +1177,12 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
         }
     }
 }
+
+/// A connection's finished uploads: (send counter, attachment id or the failure).
+type Uploads = (
+    tokio::sync::mpsc::UnboundedSender<(u64, anyhow::Result<String>)>,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, anyhow::Result<String>)>,
+);
 
 /// A new connection for a dropped one: `sync` from the highest position seen in
 /// each conversation, the replay counted like live traffic.

@@ -37,7 +37,7 @@ fleet_start_redis() {
 
 # fleet_start_postgres DIR PORT: initdb in DIR/pg, a server on PORT with a
 # `switchboard` database owned by the `switchboard` role (trust auth, loopback
-# only); sets fleet_pg_pid (the postmaster).
+# only; FLEET_PG_MAX_CONNECTIONS, default 200); sets fleet_pg_pid (the postmaster).
 fleet_start_postgres() {
   local dir=$1 port=$2
   mkdir -p "$dir/pg"
@@ -45,7 +45,7 @@ fleet_start_postgres() {
   "${fleet_as_pg[@]}" "$fleet_pgbin/initdb" -D "$dir/pg" -U switchboard --auth=trust -E UTF8 \
     > "$dir/initdb.log" 2>&1 || fleet_fail "initdb failed" "$dir/initdb.log"
   "${fleet_as_pg[@]}" "$fleet_pgbin/pg_ctl" -D "$dir/pg" -w -l "$dir/pg/log" \
-    -o "-p $port -k $dir/pg -c listen_addresses=127.0.0.1 -c max_connections=200" start > /dev/null \
+    -o "-p $port -k $dir/pg -c listen_addresses=127.0.0.1 -c max_connections=${FLEET_PG_MAX_CONNECTIONS:-200}" start > /dev/null \
     || fleet_fail "postgres did not start" "$dir/pg/log"
   "${fleet_as_pg[@]}" "$fleet_pgbin/createdb" -h 127.0.0.1 -p "$port" -U switchboard switchboard
   fleet_pg_pid=$(head -1 "$dir/pg/postmaster.pid")

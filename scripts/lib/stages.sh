@@ -48,3 +48,18 @@ stages_summary() {
   fi
   return $rc
 }
+
+# limit DURATION CMD...: CMD under a time limit (timeout(1) syntax: 15m), killed
+# 30 s after its TERM if it lingers. Stages use it with a limit far above their
+# usual time, so a hung stage fails the run, named in the table, instead of
+# running into CI's own limit. timeout(1) signals CMD's whole process group. A
+# shell function runs in a child bash given the function's definition.
+limit() {
+  local duration=$1
+  shift
+  if [[ $(type -t "$1") == function ]]; then
+    timeout --kill-after=30 "$duration" bash -c "$(declare -f "$1")"'; "$@"' limit "$@"
+  else
+    timeout --kill-after=30 "$duration" "$@"
+  fi
+}

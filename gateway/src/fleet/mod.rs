@@ -168,8 +168,8 @@ pub struct Router {
     ring: RwLock<Arc<Ring>>,
     /// Bumped whenever the ring changes.
     version: AtomicU64,
-    out: Option<crossbeam_channel::Sender<Outgoing>>,
-    loc: Option<crossbeam_channel::Sender<LocJob>>,
+    out: Option<crate::queue::Sender<Outgoing>>,
+    loc: Option<crate::queue::Sender<LocJob>>,
     /// A fan-out was dropped (queue full): every node must resync.
     lost_all: AtomicBool,
     /// When a node last left the ring (died, left, or missed its heartbeats).
@@ -220,8 +220,8 @@ impl Router {
 
     /// A fleet member; its threads start with [`start`] once the sequencer exists.
     pub fn member(me: NodeId, cfg: &FleetConfig, metrics: &Metrics) -> (Router, Receivers) {
-        let (out_tx, out) = crossbeam_channel::bounded(cfg.out_queue);
-        let (loc_tx, loc) = crossbeam_channel::bounded(cfg.loc_queue);
+        let (out_tx, out) = crate::queue::bounded(cfg.out_queue);
+        let (loc_tx, loc) = crate::queue::bounded(cfg.loc_queue);
         let (leave_tx, leave) = crossbeam_channel::bounded(1);
         let r = Router {
             out: Some(out_tx),

@@ -309,6 +309,13 @@ pub struct Limits {
     pub max_connections_per_user: NonZeroU32,
     /// Time a new WebSocket connection has to send `sync`, seconds; past it, close 4010.
     pub sync_deadline_secs: NonZeroU64,
+    /// TCP keepalive, which reaps peers that vanished without a FIN with no timer
+    /// per connection: the first probe after this long idle, seconds.
+    pub keepalive_idle_secs: NonZeroU64,
+    /// Seconds between unanswered probes.
+    pub keepalive_interval_secs: NonZeroU64,
+    /// Unanswered probes before the connection is dropped.
+    pub keepalive_probes: NonZeroU32,
     /// On SIGTERM or SIGINT: the deadline for the whole drain (readiness notice,
     /// 1001 closes, leaving the fleet), seconds; the process exits by then whatever is left.
     pub shutdown_grace_secs: NonZeroU64,
@@ -542,6 +549,9 @@ impl Default for Limits {
             fd_reserve: nzu(512),
             max_connections_per_user: nz32(16),
             sync_deadline_secs: nz64(30),
+            keepalive_idle_secs: nz64(120),
+            keepalive_interval_secs: nz64(20),
+            keepalive_probes: nz32(6),
             shutdown_grace_secs: nz64(10),
             drain_notice_ms: 3000,
             send_per_sec: nz32(20),

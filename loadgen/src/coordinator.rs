@@ -24,7 +24,7 @@ pub struct RunArgs {
     /// reported by node-to-node hops either way.
     #[arg(long, default_missing_value = "1", num_args = 0..=1)]
     pub cross_node: Option<f64>,
-    /// A dropped client reconnects (to the next target, with backoff), syncs from the
+    /// A dropped client reconnects (to another target, at random, with backoff), syncs from the
     /// positions it holds, sends again what was not acknowledged, and goes on; messages
     /// seen again are dropped by position (`redelivered`), as a client does. Node kills
     /// are then judged by acknowledged messages only.
@@ -49,6 +49,12 @@ pub struct RunArgs {
     /// gateway CPU per message. Its messages are still checked for loss, duplicates and order.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub warmup: Duration,
+    /// Also report, on their own, the latency of messages scheduled before this
+    /// point of the sending (from its start, warm-up included) and the gateway
+    /// CPU per message from the end of the warm-up to it: the steady state before
+    /// a fault injected at that time (`before_split` in the report).
+    #[arg(long, value_parser = parse_duration)]
+    pub split_at: Option<Duration>,
     #[arg(long, value_enum, default_value = "pairs")]
     pub scenario: Scenario,
     /// Members per group (groups and mix scenarios).
@@ -234,6 +240,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             cross_node: args.cross_node,
             reconnect: args.reconnect,
             reconnect_spread_ms: args.reconnect_spread.as_millis() as u64,
+            split_ms: args.split_at.map(|d| d.as_millis() as u64),
             rate: args.rate * (slice.len() - idle) as f64
                 / (args.connections as f64 * (1.0 - args.idle_fraction)).max(1.0),
             users: slice,
@@ -334,6 +341,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             scrape_all(&url)
         })
     });
+    let split_scrape = args.split_at.map(|at| {
+        let (url, at_ms) = (metrics_url.clone(), start_unix_ms + at.as_millis() as u64);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(at_ms.saturating_sub(crate::worker::now_us() / 1000)));
+            scrape_all(&url)
+        })
+    });
     for s in &mut workers {
         writeln!(s, "{}", serde_json::to_string(&ToWorker::Go { start_unix_ms })?)?;
     }
@@ -384,6 +398,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let after = scrape_all(&metrics_url);
     let warm = warm_scrape.and_then(|t| t.join().ok().flatten());
+    let split = split_scrape.and_then(|t| t.join().ok().flatten());
     for mut c in children {
         let _ = c.wait();
     }
@@ -398,6 +413,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         after.as_ref(),
     )?;
     summary.json["connect_seconds"] = serde_json::json!((connect_secs * 10.0).round() / 10.0);
+    if let Some(at) = args.split_at {
+        let mut h = histogram();
+        for r in &results {
+            if !r.latency_before_split.is_empty() {
+                h.add(decode_hist(&r.latency_before_split)?)?;
+            }
+        }
+        let from = if args.warmup.is_zero() { connected_scrape.as_ref() } else { warm.as_ref() };
+        let cpu = report::delta(from, split.as_ref(), "process_cpu_seconds_total");
+        let stored = report::delta(from, split.as_ref(), "switchboard_messages_stored_total");
+        summary.json["before_split"] = serde_json::json!({
+            "at_s": at.as_secs_f64(),
+            "latency_us": report::percentiles(&h),
+            "gateway_cpu_us_per_message": match (cpu, stored) {
+                (Some(c), Some(n)) if n > 0.0 => serde_json::json!((c * 1e6 / n * 100.0).round() / 100.0),
+                _ => serde_json::Value::Null,
+            },
+        });
+    }
     // Holding the connections with every task running (one second into sending).
     let held = LoadgenMemory::of(&summary.counters, summary.counters.rss_held_bytes);
     summary.json["loadgen"] = serde_json::json!({

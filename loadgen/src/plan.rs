@@ -32,13 +32,17 @@ pub struct Assignment {
     /// `None`: users stay where they landed.
     #[serde(default)]
     pub cross_node: Option<f64>,
-    /// A dropped connection reconnects (to the next target), syncs and goes on.
+    /// A dropped connection reconnects (to another target, at random), syncs and goes on.
     #[serde(default)]
     pub reconnect: bool,
     /// Before its first reconnect attempt a dropped client waits a random time
     /// below this (ms): no thundering herd when a node dies.
     #[serde(default)]
     pub reconnect_spread_ms: u64,
+    /// Deliveries of messages scheduled before this point of the sending (ms
+    /// from its start) are also timed on their own (`latency_before_split`).
+    #[serde(default)]
+    pub split_ms: Option<u64>,
     pub users: Vec<User>,
     pub scenario: Scenario,
     pub group_size: usize,
@@ -219,4 +223,7 @@ pub struct WorkerResult {
     /// sight, warm-up included): the longest gap a client saw in a conversation, µs.
     #[serde(default)]
     pub longest_delivery_us: u64,
+    /// With `split_ms`: send→deliver of messages scheduled before the split, base64 HdrHistogram V2, µs.
+    #[serde(default)]
+    pub latency_before_split: String,
 }

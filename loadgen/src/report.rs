@@ -17,7 +17,7 @@ pub struct Summary {
     pub json: serde_json::Value,
 }
 
-fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+pub(crate) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
     json!({
         "p50": h.value_at_quantile(0.50),
         "p95": h.value_at_quantile(0.95),
@@ -29,7 +29,7 @@ fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
-fn delta(a: Option<&Sample>, b: Option<&Sample>, name: &str) -> Option<f64> {
+pub(crate) fn delta(a: Option<&Sample>, b: Option<&Sample>, name: &str) -> Option<f64> {
     Some(b?.get(name)? - a?.get(name)?)
 }
 

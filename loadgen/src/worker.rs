@@ -103,6 +103,10 @@ struct State {
     start: Option<Instant>,
     /// Scheduled send times before this (µs, Unix) are warm-up: not in the histograms.
     measured_from_us: u64,
+    /// Messages scheduled from `measured_from_us` to this (µs, Unix; `u64::MAX`
+    /// without a split) are also timed in `before_split`.
+    split_at_us: u64,
+    before_split: Histogram<u64>,
 }
 
 impl State {
@@ -590,6 +594,8 @@ async fn work(
         timeline: Vec::new(),
         start: None,
         measured_from_us: 0,
+        split_at_us: u64::MAX,
+        before_split: histogram(),
         downloading: 0,
     }));
 
@@ -621,13 +627,28 @@ async fn work(
         let ids: Vec<u64> = members[1..].iter().map(|&m| user_ids[m]).collect();
         let creator = conns[members[0]].as_mut().expect("checked");
         let reply = if members.len() == 2 {
-            creator.request(ClientMsg::CreateDirect { user_id: ids[0] }).await?
+            creator.request(ClientMsg::CreateDirect { user_id: ids[0] }).await
         } else {
-            creator
-                .request(ClientMsg::CreateGroup { title: format!("lg-{}", a.worker), members: ids })
-                .await?
+            creator.request(ClientMsg::CreateGroup { title: format!("lg-{}", a.worker), members: ids }).await
         };
-        let ServerMsg::Conversation { conversation } = reply else { bail!("expected a conversation") };
+        let conversation = match reply {
+            Ok(ServerMsg::Conversation { conversation }) => conversation,
+            // A refusal is the run's set-up being wrong: stop, saying why.
+            Ok(other) => bail!("expected a conversation, got {other:?}"),
+            Err(e) if e.to_string().starts_with("request failed") => return Err(e),
+            // The creator's connection died: at a million connections on one host
+            // some do. Its conversation is left out, its members counted as
+            // connect errors, and the run goes on.
+            Err(e) => {
+                note_anomaly(&mut state.borrow_mut().anomalies, None, || {
+                    format!("a connection died while setting up its conversation: {e:#}")
+                });
+                for &m in members {
+                    conns[m] = None;
+                }
+                continue;
+            }
+        };
         let id = conversation.conversation_id;
         let owner = ring.owner(router::Key::Conversation(id));
         for &m in members {
@@ -681,6 +702,9 @@ async fn work(
         let mut s = state.borrow_mut();
         s.start = Some(start);
         s.measured_from_us = start_unix_us + a.warmup_ms * 1000;
+        if let Some(split) = a.split_ms {
+            s.split_at_us = start_unix_us + split * 1000;
+        }
     }
     let ctx = Rc::new(Ctx {
         a: a.clone(),
@@ -758,6 +782,11 @@ async fn work(
             timeline: s.timeline.clone(),
             reconnect_time: encode_hist(&s.reconnect_time),
             longest_delivery_us: s.longest_delivery_us,
+            latency_before_split: if a.split_ms.is_some() {
+                encode_hist(&s.before_split)
+            } else {
+                String::new()
+            },
         }
     };
     send_line(wr, &FromWorker::Result(Box::new(result))).await?;
@@ -865,6 +894,9 @@ fn on_frame(ctx: &Ctx, me: &mut Local, node: u16, f: ServerFrame) {
             if sched >= s.measured_from_us {
                 let v = now.saturating_sub(sched).max(1);
                 let _ = s.latency.record(v);
+                if sched < s.split_at_us {
+                    let _ = s.before_split.record(v);
+                }
                 if let Some(h) = hops {
                     let _ = s.by_hops[h].record(v);
                 }
@@ -969,7 +1001,7 @@ const RESEND_AFTER: Duration = Duration::from_secs(10);
 const RETRY_AFTER: Duration = Duration::from_millis(250);
 
 /// One connection for the whole run: reads, sends on its schedule, and with
-/// --reconnect comes back after a drop (to the next target), syncs from the
+/// --reconnect comes back after a drop (to another target, at random), syncs from the
 /// positions it holds and sends again what was not acknowledged.
 async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
     let mut target = i % ctx.a.targets.len();
@@ -1135,7 +1167,7 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
             return;
         }
         let dropped = Instant::now();
-        // Reconnect: the next target, with jittered exponential backoff, until the grace period ends.
+        // Reconnect: another target, with jittered exponential backoff, until the grace period ends.
         let give_up = ctx.end + Duration::from_millis(ctx.a.grace_ms);
         if ctx.a.reconnect_spread_ms > 0 {
             let wait = Duration::from_millis(rand::random_range(0..ctx.a.reconnect_spread_ms));
@@ -1145,7 +1177,12 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
             if Instant::now() >= give_up {
                 return;
             }
-            target = (target + 1) % ctx.a.targets.len();
+            // Another target, at random, as a balancer would pick: the clients of a
+            // dead node spread over every other node rather than all landing on the next.
+            let n = ctx.a.targets.len();
+            if n > 1 {
+                target = (target + 1 + rand::random_range(0..n - 1)) % n;
+            }
             me.target = target;
             let token = ctx.a.users[i].token.clone();
             // Boxed: the handshake's state is large and only a reconnect needs it.

@@ -233,14 +233,16 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, kind: Listene
                 };
                 let _ = stream.set_nodelay(true);
                 // Reap peers that vanished without a FIN, with no timer per connection:
-                // after 2 min idle, 6 probes 20 s apart (gone within about 4 min). Three
-                // probes 10 s apart after 60 s cut live clients when 100k connections
-                // shared one loaded host: its loopback queue dropped bursts of probes
-                // (benches/RESULTS.md, "100k connections").
+                // by default after 2 min idle, 6 probes 20 s apart (gone within about 4
+                // min). Three probes 10 s apart after 60 s cut live clients when 100k
+                // connections shared one loaded host: its loopback queue dropped bursts
+                // of probes (benches/RESULTS.md, "100k connections"); at a million on
+                // one host even the default does (scripts/million sets 15 min idle).
+                let l = &ctx.shared.cfg.limits;
                 let _ = stream.set_tcp_keepalive(
-                    Some(std::time::Duration::from_secs(120)),
-                    Some(std::time::Duration::from_secs(20)),
-                    Some(6),
+                    Some(std::time::Duration::from_secs(l.keepalive_idle_secs.get())),
+                    Some(std::time::Duration::from_secs(l.keepalive_interval_secs.get())),
+                    Some(l.keepalive_probes.get()),
                 );
                 let source = crate::shard::http::source_of(peer.ip());
                 monoio::spawn(crate::shard::http::serve(ctx.clone(), stream, slot, kind, source));

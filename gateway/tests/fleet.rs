@@ -615,6 +615,55 @@ fn a_stopped_owner_is_fenced_when_it_wakes() {
     });
 }
 
+/// A node whose ring still has a dead node forwards it commands after the
+/// lowest live node took its stream over: those are taken over too (each
+/// heartbeat for a while), not left in a stream nobody reads with their sender
+/// waiting for an answer. The late append is made by hand here (a copy of a
+/// send the dead node never read); a lagging node makes the same one.
+#[test]
+fn a_command_sent_to_a_dead_node_after_its_takeover_is_answered() {
+    let f = fleet(TestRedis::start());
+    let (_, dan) = f.nodes[0].user("dan");
+    let (eve_id, _) = f.nodes[0].user("eve");
+    let mut setup = f.device(&dan, 0, Subprotocol::Json);
+    let direct = conversation_id(&setup.request(ClientMsg::CreateDirect { user_id: eve_id }));
+    drop(setup);
+    let owner = usize::from(Ring::new([1u16, 2, 3]).owner(Key::Conversation(direct)).unwrap()) - 1;
+    let mut dan_dev = f.device(&dan, (owner + 1) % 3, Subprotocol::Json);
+
+    let url = f.redis.lock().unwrap().url.clone();
+    let mut redis = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let stream = format!("{{sb:node:{}}}:in", owner + 1);
+    // The stream already holds what the owner was sent (the conversation's creation).
+    let before: Vec<(String, Vec<Vec<u8>>)> =
+        redis::cmd("XREVRANGE").arg(&stream).arg("+").arg("-").arg("COUNT").arg(1).query(&mut redis).unwrap();
+    let after = before.first().map_or("-".to_string(), |(id, _)| format!("({id}"));
+    // The owner stops: dan's send waits in its stream, unread.
+    signal(&f.nodes[owner], libc::SIGSTOP);
+    dan_dev.send_text(direct, "late-1", "hello");
+    // The entry's fields (sender, instance, counter, payload), as XRANGE gives them.
+    let mut fields = Vec::new();
+    eventually("the send in the stopped owner's stream", || {
+        let r: Vec<(String, Vec<Vec<u8>>)> =
+            redis::cmd("XRANGE").arg(&stream).arg(&after).arg("+").query(&mut redis).unwrap();
+        assert!(r.len() <= 1, "only dan's send was sent to the stopped owner: {}", r.len());
+        r.into_iter().next().map(|(_, f)| fields = f).is_some()
+    });
+    // It dies; the others take its stream over and the send is answered.
+    signal(&f.nodes[owner], libc::SIGKILL);
+    let seq = dan_dev.wait_ack("late-1");
+    // Now the same send lands in the dead node's stream once more, as from a
+    // node that had not yet seen it die. Its answer (the same position: a resend)
+    // must still come.
+    let mut add = redis::cmd("XADD");
+    add.arg(&stream).arg("*");
+    for v in &fields {
+        add.arg(v.as_slice());
+    }
+    let _: String = add.query(&mut redis).unwrap();
+    assert_eq!(dan_dev.wait_ack("late-1"), seq, "the late copy is answered, at the send's position");
+}
+
 #[test]
 fn a_redis_restart_under_traffic_loses_and_repeats_nothing() {
     let f = fleet(TestRedis::start());

@@ -16,6 +16,6 @@ pub mod transport;
 
 pub use link::RedisOptions;
 pub use location::{Location, LocationOptions};
-pub use membership::{Beat, Member, MembershipError, MembershipOptions};
+pub use membership::{Beat, Member, MembershipError, MembershipOptions, Observer};
 pub use ring::{Key, NodeId, Ring};
 pub use transport::{Delivery, Entry, Inbound, Outbound, TransportError, TransportOptions};

@@ -142,11 +142,18 @@ impl Location {
     }
 
     /// The live nodes holding a device of each of `users` (absent: none), given
-    /// the live nodes' instances. Stale entries found are deleted.
+    /// the live nodes' instances as the caller last saw them.
+    ///
+    /// That view may lag: a node that (re)joined since the caller's last
+    /// heartbeat already records its users. So an entry the view does not
+    /// confirm is judged against `refresh()` (the live set now; called at most
+    /// once): live there, it counts; absent there too, it is stale and deleted.
+    /// If `refresh` fails (`None`), such entries neither count nor are deleted.
     pub fn nodes_of(
         &mut self,
         users: &[UserId],
         live: &HashMap<NodeId, String>,
+        refresh: impl FnOnce() -> Option<HashMap<NodeId, String>>,
     ) -> Result<HashMap<UserId, Vec<NodeId>>, redis::RedisError> {
         if users.is_empty() {
             return Ok(HashMap::new());
@@ -161,16 +168,30 @@ impl Location {
             })
             .collect();
         let sets: Vec<Vec<String>> = self.link()?.pipeline(reads).inspect_err(|_| self.conn = None)?;
+        let parse = |entry: &str| {
+            let (n, inst) = entry.split_once(':')?;
+            Some((n.parse::<NodeId>().ok()?, inst.to_owned()))
+        };
+        let holds = |view: &HashMap<NodeId, String>, entry: &str| {
+            parse(entry).filter(|(n, inst)| view.get(n).is_some_and(|l| l == inst)).map(|(n, _)| n)
+        };
         let mut out = HashMap::new();
-        let mut stale = Vec::new();
+        let mut doubtful = Vec::new();
         for ((&user, key), entries) in users.iter().zip(&keys).zip(sets) {
             for entry in entries {
-                let live_node = entry
-                    .split_once(':')
-                    .and_then(|(n, inst)| Some((n.parse::<NodeId>().ok()?, inst)))
-                    .filter(|(n, inst)| live.get(n).is_some_and(|l| l == inst));
-                match live_node {
-                    Some((n, _)) => out.entry(user).or_insert_with(Vec::new).push(n),
+                match holds(live, &entry) {
+                    Some(n) => out.entry(user).or_insert_with(Vec::new).push(n),
+                    None => doubtful.push((user, key, entry)),
+                }
+            }
+        }
+        let mut stale = Vec::new();
+        if !doubtful.is_empty()
+            && let Some(now) = refresh()
+        {
+            for (user, key, entry) in doubtful {
+                match holds(&now, &entry) {
+                    Some(n) => out.entry(user).or_insert_with(Vec::new).push(n),
                     None => {
                         let mut c = redis::cmd("SREM");
                         c.arg(key).arg(entry);

@@ -88,6 +88,15 @@ local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 return {fresh, members, redis.call('HMGET', KEYS[2], unpack(members))}
 "#;
 
+/// The live set now, without renewing anything: `{members, tokens}`.
+const LIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+if #members == 0 then return {{}, {}} end
+return {members, redis.call('HMGET', KEYS[2], unpack(members))}
+"#;
+
 const LEAVE: &str = r#"
 if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
   redis.call('ZREM', KEYS[1], ARGV[1])
@@ -95,6 +104,41 @@ if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
 end
 return 0
 "#;
+
+/// Reads the live set between heartbeats, for a node whose view (its last
+/// heartbeat's) may lag a join by up to one heartbeat.
+pub struct Observer {
+    opts: MembershipOptions,
+    conn: Option<Link>,
+    script: redis::Script,
+}
+
+impl Observer {
+    pub fn new(opts: MembershipOptions) -> Observer {
+        Observer { opts, conn: None, script: redis::Script::new(LIVE) }
+    }
+
+    /// Each live node's instance token, now. A failure drops the connection;
+    /// the next call reconnects.
+    pub fn instances(&mut self) -> Result<HashMap<NodeId, String>, MembershipError> {
+        let [members, instances] = self.opts.keys();
+        if self.conn.is_none() {
+            self.conn = Some(self.opts.redis.connect()?);
+        }
+        let conn = self.conn.as_mut().expect("just set").conn();
+        let r: redis::RedisResult<(Vec<NodeId>, Vec<Option<String>>)> =
+            self.script.key(&members).key(&instances).invoke(conn);
+        match r {
+            Ok((nodes, tokens)) => {
+                Ok(nodes.into_iter().zip(tokens).filter_map(|(n, t)| Some((n, t?))).collect())
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(e.into())
+            }
+        }
+    }
+}
 
 /// One node's registration. [`Member::heartbeat`] renews it and reads the
 /// live set; call it every `heartbeat` (the gateway's router thread does).

@@ -468,6 +468,10 @@ pub fn start(
         links;
     router.set_ring(members.beat()?.0);
     router.beat_ok();
+    // How long a reaped node's stream is drained again: until every node's ring
+    // has dropped it (a TTL and a heartbeat apart at most) and what they were
+    // still sending it has gone through fleet-out's retries.
+    let rewatch = 2 * cfg.ttl + cfg.send_retry;
     {
         let (router, registry, metrics) = (router.clone(), registry.clone(), metrics.clone());
         std::thread::Builder::new().name("fleet-out".into()).spawn(move || {
@@ -484,6 +488,8 @@ pub fn start(
     {
         let (router, loc, registry) = (router.clone(), router.loc.clone(), registry.clone());
         std::thread::Builder::new().name("fleet-ring".into()).spawn(move || {
+            // Nodes reaped lately, until when their streams are drained again.
+            let mut reaped: HashMap<NodeId, Instant> = HashMap::new();
             loop {
                 match rx.leave.recv_timeout(heartbeat) {
                     Ok(done) => {
@@ -521,10 +527,21 @@ pub fn start(
                     // The lowest live node takes over what was left for the dead.
                     if after.nodes().first() == Some(&router.me) {
                         for &dead in before.nodes().iter().filter(|n| !after.contains(**n)) {
-                            reap_dead(&mut *reap, dead, &router, &sequencer);
+                            reap_dead(&mut *reap, dead, &router, &sequencer, true);
+                            reaped.insert(dead, Instant::now() + rewatch);
                             // Its users' contacts hear they went offline, unless they come back.
                             on_node_gone(dead);
                         }
+                    }
+                }
+                // A node whose ring still had the dead one may have sent it
+                // commands after the reap: they are taken over too, a heartbeat late.
+                let ring = router.ring();
+                let now = Instant::now();
+                reaped.retain(|n, until| !ring.contains(*n) && now < *until);
+                if ring.nodes().first() == Some(&router.me) {
+                    for &dead in reaped.keys() {
+                        reap_dead(&mut *reap, dead, &router, &sequencer, false);
                     }
                 }
             }
@@ -842,8 +859,12 @@ fn inbound_loop(
 /// reads it after the dropped events, so its connections resync. The stream is
 /// kept (trimmed like any other) for that reason.
 ///
+/// `first`: the reap when the node left the ring. Later ones (each heartbeat
+/// for a while) take what lagging nodes sent it since; they leave the notice
+/// again only if they took anything (the notice itself among it).
+///
 /// Runs on: fleet-ring.
-fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Sequencer) {
+fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Sequencer, first: bool) {
     let payloads = match reap.take_dead(dead) {
         Ok(p) => p,
         Err(e) => {
@@ -851,9 +872,12 @@ fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Seq
             return;
         }
     };
+    if !first && payloads.is_empty() {
+        return;
+    }
     let mut rerouted = 0;
-    for p in payloads {
-        if let Ok(Body::Command { cmd }) = envelope::decode(&p) {
+    for p in &payloads {
+        if let Ok(Body::Command { cmd }) = envelope::decode(p) {
             rerouted += 1;
             if let Err(cmd) = router.submit(sequencer, *cmd) {
                 router.fanout(vec![refusal(&cmd, ErrorCode::Overloaded)]);
@@ -863,7 +887,15 @@ fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Seq
     if let Err(e) = reap.tell(dead, &envelope::encode(&Body::Resync { users: Vec::new(), all: true })) {
         tracing::warn!(dead, error = %e, "leaving a resync notice for a dead node failed");
     }
-    tracing::info!(dead, rerouted, "took over a dead node's stream");
+    if first {
+        tracing::info!(dead, rerouted, "took over a dead node's stream");
+    } else if rerouted > 0 {
+        tracing::info!(
+            dead,
+            rerouted,
+            "took over commands sent to a dead node after its stream was taken over"
+        );
+    }
 }
 
 /// Records arrivals and departures. Counts connections per user, so a user is

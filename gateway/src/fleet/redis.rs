@@ -6,8 +6,8 @@ use crate::config::Config;
 use anyhow::Context;
 use protocol::UserId;
 use router::{
-    Delivery, Inbound, Location, LocationOptions, Member, MembershipOptions, NodeId, Outbound, RedisOptions,
-    TransportOptions,
+    Delivery, Inbound, Location, LocationOptions, Member, MembershipOptions, NodeId, Observer, Outbound,
+    RedisOptions, TransportOptions,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,7 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<(Links, NodeId)>> {
     let opts = options(cfg);
     let heartbeat = opts.heartbeat;
     let redis = opts.redis.clone();
+    let observed = opts.clone();
     let (me, (member, beat)) = if cfg.fleet.auto_node_id {
         // From a random start, so nodes starting together rarely race for one id.
         let start = rand::random::<u16>() % crate::ids::MAX_NODE_ID;
@@ -71,6 +72,8 @@ pub fn links(cfg: &Config) -> anyhow::Result<Option<(Links, NodeId)>> {
     let located = || RedisLocate {
         location: Location::new(LocationOptions::new(redis.clone()), me, member.instance()),
         live: live.clone(),
+        observer: Observer::new(observed.clone()),
+        grace_ms: 3 * cfg.fleet.ttl_ms.get(),
     };
     let (locate, locate_conns, locate_presence) = (located(), located(), located());
     let links = Links {
@@ -156,6 +159,9 @@ impl Routable {
 struct RedisLocate {
     location: Location,
     live: Arc<Mutex<Routable>>,
+    /// The live set now, for entries the last heartbeat's view does not confirm.
+    observer: Observer,
+    grace_ms: u64,
 }
 
 impl Locate for RedisLocate {
@@ -169,7 +175,20 @@ impl Locate for RedisLocate {
 
     fn nodes_of(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, Vec<NodeId>>> {
         let live = self.live.lock().expect("live lock").instances();
-        Ok(self.location.nodes_of(users, &live)?)
+        let (observer, shared, grace_ms) = (&mut self.observer, &self.live, self.grace_ms);
+        // A node may have (re)joined since this node's last heartbeat, and its
+        // users' entries are already there: ask Redis before judging them.
+        let refresh = || match observer.instances() {
+            Ok(now) => {
+                shared.lock().expect("live lock").saw(&now, grace_ms);
+                Some(now)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the live set failed; unconfirmed locations wait");
+                None
+            }
+        };
+        Ok(self.location.nodes_of(users, &live, refresh)?)
     }
 
     fn marks(&mut self, users: &[UserId]) -> anyhow::Result<HashMap<UserId, String>> {

@@ -82,7 +82,7 @@ async fn prepare(args: &BurstArgs) -> anyhow::Result<()> {
     let n = args.conversations;
     let base = crate::coordinator::http_base(&args.target)?;
     let users_cache = args.state.with_extension("users.json");
-    let users = crate::provision::users(&base, &args.admin_secret, &args.user_prefix, 2 * n, &users_cache)?;
+    let users = crate::provision::users(&[base], &args.admin_secret, &args.user_prefix, 2 * n, &users_cache)?;
     let src = prefix(args);
     let made: Vec<anyhow::Result<u64>> = futures_util::stream::iter(0..n)
         .map(|i| {

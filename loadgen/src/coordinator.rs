@@ -176,7 +176,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         bail!("--attachment-share takes a share between 0 and 1, --attachment-size at least 1 byte");
     }
     let bases = args.target.iter().map(|t| http_base(t)).collect::<anyhow::Result<Vec<_>>>()?;
-    let base = bases.first().ok_or_else(|| anyhow!("no --target"))?.clone();
+    if bases.is_empty() {
+        bail!("no --target");
+    }
     let metrics_url: Vec<String> = if args.metrics_url.is_empty() {
         bases.iter().map(|b| format!("{b}/metrics")).collect()
     } else {
@@ -199,7 +201,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 
     eprintln!("loadgen: provisioning {} users", args.connections);
     let users = crate::provision::users(
-        &base,
+        &bases,
         &args.admin_secret,
         &args.user_prefix,
         args.connections,

@@ -1131,12 +1131,19 @@ async fn drive(ctx: Rc<Ctx>, i: usize, mut conn: Conn, conv: Option<u64>) {
                 // No answer on a live connection for RESEND_AFTER (its reply was lost
                 // with a node that failed after committing it): send it again, as a
                 // client does; the server answers a resend with the first outcome.
+                // The wait grows with the send's age (half of it, at least
+                // RESEND_AFTER), so an overloaded fleet is not sent every slow
+                // send again every RESEND_AFTER.
                 () = tokio::time::sleep_until(resend_check.into()), if ctx.a.reconnect && !me.pending.is_empty() => {
                     resend_check = Instant::now() + Duration::from_secs(1);
+                    let now = now_us();
                     let stale: Vec<(u64, u64)> = me
                         .pending
                         .iter()
-                        .filter(|(_, (_, at))| at.elapsed() >= RESEND_AFTER)
+                        .filter(|(_, (sched, at))| {
+                            let age = Duration::from_micros(now.saturating_sub(*sched));
+                            at.elapsed() >= RESEND_AFTER.max(age / 2)
+                        })
                         .map(|(&k, &(s, _))| (k, s))
                         .collect();
                     if let Some(conv) = conv {

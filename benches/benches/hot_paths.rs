@@ -232,7 +232,7 @@ fn store(c: &mut Criterion) {
                 },
             ])
             .unwrap();
-            let epoch = s.claim(conv).unwrap();
+            let epoch = s.claim(conv, 1).unwrap();
             g.throughput(Throughput::Elements(64));
             let what = if fenced { "fenced_send_batch" } else { "unfenced_send_batch" };
             g.bench_function(BenchmarkId::new(format!("{what}/{name}"), 64), |b| {

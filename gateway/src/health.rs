@@ -166,8 +166,11 @@ impl Store for Observed {
     fn commit_lane(&self, lane: usize, batch: &[Mutation]) -> storage::Result<()> {
         self.committed(self.inner.commit_lane(lane, batch), batch)
     }
-    fn claim(&self, conv: ConversationId) -> storage::Result<u64> {
-        self.written(self.inner.claim(conv), true)
+    fn claim(&self, conv: ConversationId, node: u16) -> storage::Result<u64> {
+        self.written(self.inner.claim(conv, node), true)
+    }
+    fn claimed_by(&self, node: u16, since_ms: u64) -> storage::Result<Vec<ConversationId>> {
+        self.seen(self.inner.claimed_by(node, since_ms))
     }
     fn create_user(&self, user: &UserRecord) -> storage::Result<()> {
         match self.inner.create_user(user) {

@@ -94,6 +94,7 @@ impl Sequencer {
                     attachments: cfg.attachments.clone(),
                     convs: HashMap::new(),
                     adopted: Vec::new(),
+                    reshow_since: None,
                 };
                 let (batch_max, window) = (cfg.batch_max, cfg.window);
                 // Next to its shard (shard i runs on core i), so a partition's wake-ups
@@ -170,7 +171,8 @@ struct ConvState {
     /// Members' mute flags, read from the store on first need after a commit.
     mutes: HashMap<UserId, bool>,
     /// This node's owner epoch of the conversation ([`Store::claim`]), which every
-    /// commit touching it is fenced with; 0 for one created here (nobody claimed it).
+    /// commit touching it is fenced with; 0 for one created here until the
+    /// creating batch commits and this node claims it.
     epoch: u64,
     /// When it was claimed (or created): claimed again after [`RECLAIM_AFTER`].
     claimed: Instant,
@@ -279,6 +281,9 @@ struct Worker {
     /// Stored messages adopted by a head repair, shown with the next batch
     /// (already committed, so whatever that batch's fate).
     adopted: Vec<Effect>,
+    /// While a [`Command::Takeover`] loads its conversation: show messages
+    /// stored since then again.
+    reshow_since: Option<u64>,
 }
 
 type Fail = ErrorCode;
@@ -362,7 +367,7 @@ impl Worker {
         if !self.convs.contains_key(&id) {
             // Claimed before anything is read: a deposed owner's commit under way lands
             // before the claim returns or not at all, so the reads below see it.
-            let epoch = self.store.claim(id).map_err(internal)?;
+            let epoch = self.store.claim(id, self.router.me()).map_err(internal)?;
             let mut rec = self.store.conversation(id).map_err(internal)?.ok_or(ErrorCode::NotFound)?;
             let members: BTreeMap<_, _> = self.store.members(id).map_err(internal)?.into_iter().collect();
             let last = self.store.buckets(id).map_err(internal)?.last().copied();
@@ -453,16 +458,19 @@ impl Worker {
             // Taken over shortly after a node left the ring: that node may have
             // committed its last batches and died before sending their events to
             // other nodes. The recent tail is shown again to every member (devices
-            // dedupe by position), so nobody is left without what was stored.
-            if self.router.in_fleet()
-                && self.router.departed_within(TAKEOVER_WINDOW)
-                && now_ms().saturating_sub(rec.last_ts_ms) < TAKEOVER_WINDOW.as_millis() as u64
+            // dedupe by position), so nobody is left without what was stored. A
+            // takeover command names how far back; otherwise the window does.
+            let window_start = now_ms().saturating_sub(TAKEOVER_WINDOW.as_millis() as u64);
+            let since = self.reshow_since.or_else(|| {
+                (self.router.in_fleet() && self.router.departed_within(TAKEOVER_WINDOW)).then_some(window_start)
+            });
+            if let Some(since) = since
+                && rec.last_ts_ms >= since
                 && rec.last_seq > 0
             {
                 let page =
                     storage::page(&*self.store, id, storage::Anchor::Before(rec.last_seq + 1), TAIL_MAX)
                         .map_err(internal)?;
-                let since = now_ms().saturating_sub(TAKEOVER_WINDOW.as_millis() as u64);
                 let recipients: Arc<[UserId]> = members.keys().copied().collect();
                 let mut tail: Vec<Message> = page.messages.into_iter().filter(|m| m.ts_ms >= since).collect();
                 tail.reverse();
@@ -590,6 +598,17 @@ impl Worker {
                         }),
                         Arc::from([sender]),
                     ));
+                }
+                return;
+            }
+            Command::Takeover { conversation, since_ms, .. } => {
+                // Loaded already: a command since the death loaded it and showed the tail.
+                if !self.convs.contains_key(&conversation) {
+                    self.reshow_since = Some(since_ms);
+                    if let Err(code) = self.load(conversation) {
+                        tracing::warn!(conversation, ?code, "taking a dead node's conversation over failed");
+                    }
+                    self.reshow_since = None;
                 }
                 return;
             }
@@ -1141,6 +1160,27 @@ impl Worker {
                 false
             }
         };
+        if committed {
+            // Conversations created here and ordered here are claimed like loaded
+            // ones, before anything in them is acknowledged: the claim names this
+            // node, so if it dies they are found and their tails shown again.
+            let me = self.router.me();
+            let ours: Vec<ConversationId> = batch.created.iter().copied().filter(|&id| self.mine(id)).collect();
+            for id in ours {
+                match self.store.claim(id, me) {
+                    Ok(epoch) => {
+                        if let Some(st) = self.convs.get_mut(&id) {
+                            st.epoch = epoch;
+                        }
+                    }
+                    Err(e) => tracing::warn!(
+                        conversation = id,
+                        error = %e,
+                        "claiming a new conversation failed; it is not shown again if this node dies"
+                    ),
+                }
+            }
+        }
         if committed && !batch.unlinked.is_empty() {
             self.attachments.unlinked(std::mem::take(&mut batch.unlinked));
         }

@@ -268,6 +268,7 @@ pub fn start_with(mut cfg: Config, parts: Parts) -> anyhow::Result<Running> {
             registry.clone(),
             push,
             metrics.clone(),
+            store.clone(),
             presence.on_node_gone(),
         )
         .context("joining the fleet")?;

@@ -664,6 +664,51 @@ fn a_command_sent_to_a_dead_node_after_its_takeover_is_answered() {
     assert_eq!(dan_dev.wait_ack("late-1"), seq, "the late copy is answered, at the send's position");
 }
 
+/// The owner acknowledges a message, then dies before its `fleet-out` sends the
+/// event to the node of the other member (here: that node's stream is held
+/// aside, so any append to it fails, until the owner is dead). The node that
+/// takes the conversation over shows it to that member anyway: acknowledged
+/// means every member gets it.
+#[test]
+fn a_message_its_dead_owner_acked_but_never_sent_on_reaches_every_member() {
+    let f = fleet(TestRedis::start());
+    let (_, dan) = f.nodes[0].user("dan");
+    let (eve_id, eve) = f.nodes[0].user("eve");
+    let mut setup = f.device(&dan, 0, Subprotocol::Json);
+    let direct = conversation_id(&setup.request(ClientMsg::CreateDirect { user_id: eve_id }));
+    drop(setup);
+    let owner = usize::from(Ring::new([1u16, 2, 3]).owner(Key::Conversation(direct)).unwrap()) - 1;
+    let other = (owner + 1) % 3;
+    let mut dan_dev = f.device(&dan, owner, Subprotocol::Json);
+    let mut eve_dev = f.device(&eve, other, Subprotocol::Json);
+
+    let url = f.redis.lock().unwrap().url.clone();
+    let mut redis = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let stream = format!("{{sb:node:{}}}:in", other + 1);
+    let held = format!("{{sb:node:{}}}:held", other + 1);
+    // eve's node's stream moves aside and a plain value takes its name: every
+    // append to it fails (the senders retry) until it is back.
+    let _: () = redis::cmd("RENAME").arg(&stream).arg(&held).query(&mut redis).unwrap();
+    let _: () = redis::cmd("SET").arg(&stream).arg("held").query(&mut redis).unwrap();
+    dan_dev.send_text(direct, "m-1", "acked, then the owner died");
+    dan_dev.wait_ack("m-1");
+    // Killed while its fan-out to eve's node was still failing.
+    signal(&f.nodes[owner], libc::SIGKILL);
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("DEL")
+        .arg(&stream)
+        .ignore()
+        .cmd("RENAME")
+        .arg(&held)
+        .arg(&stream)
+        .ignore()
+        .query(&mut redis)
+        .unwrap();
+    let m = eve_dev.next_message();
+    assert_eq!((m.conversation_id, m.body.as_str()), (direct, "acked, then the owner died"));
+}
+
 #[test]
 fn a_redis_restart_under_traffic_loses_and_repeats_nothing() {
     let f = fleet(TestRedis::start());

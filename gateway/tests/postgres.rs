@@ -26,7 +26,7 @@ fn migrate_applies_the_schema_once_and_start_requires_it() {
 
     let (ok, out, err) = gateway_cmd(tmp.path(), &storage_toml(&url, false), &["migrate"]);
     assert!(ok, "{err}");
-    assert!(out.contains("applied [1, 2, 3]") && out.contains("version 3"), "{out}");
+    assert!(out.contains("applied [1, 2, 3, 4]") && out.contains("version 4"), "{out}");
     let (ok, out, err) = gateway_cmd(tmp.path(), &storage_toml(&url, false), &["migrate"]);
     assert!(ok, "{err}");
     assert!(out.contains("applied []"), "a second migrate applies nothing: {out}");

@@ -63,7 +63,7 @@ use std::time::Duration;
 /// The schema, as shipped in `deploy/cassandra/schema.cql`.
 pub const SCHEMA: &str = include_str!("../../deploy/cassandra/schema.cql");
 /// The schema version this build writes and needs.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 /// Positions per reactions partition (see the schema).
 pub const REACTION_BLOCK: u64 = 1024;
 /// Statements per unlogged batch, and their approximate size in bytes: well
@@ -246,13 +246,16 @@ pub(crate) enum Stmt {
     SelectEpochSerial,
     SetEpoch,
     UpdateHeadUnfenced,
+    InsertNodeClaim,
+    SelectNodeClaims,
+    SelectClaimState,
 }
 
 const MESSAGE_COLS: &str =
     "seq, ts_ms, sender_id, client_msg_id, kind, body, target_user_id, role, target_seq, edited_ms, sealed";
 
 impl Stmt {
-    pub(crate) const ALL: [Stmt; 45] = [
+    pub(crate) const ALL: [Stmt; 48] = [
         Stmt::InsertMessage,
         Stmt::InsertBucket,
         Stmt::InsertIdempotency,
@@ -298,6 +301,9 @@ impl Stmt {
         Stmt::SelectEpochSerial,
         Stmt::SetEpoch,
         Stmt::UpdateHeadUnfenced,
+        Stmt::InsertNodeClaim,
+        Stmt::SelectNodeClaims,
+        Stmt::SelectClaimState,
     ];
 
     pub(crate) fn template(self) -> String {
@@ -318,6 +324,13 @@ impl Stmt {
                 "SELECT key FROM {ks}.message_keys WHERE conversation_id = ? AND block = ? AND seq = ?".into()
             }
             Stmt::SelectEpochSerial => "SELECT owner_epoch, created_ms FROM {ks}.conversations WHERE id = ?".into(),
+            Stmt::InsertNodeClaim => {
+                "INSERT INTO {ks}.node_claims (node, conversation_id, epoch) VALUES (?, ?, ?)".into()
+            }
+            Stmt::SelectNodeClaims => "SELECT conversation_id, epoch FROM {ks}.node_claims WHERE node = ?".into(),
+            Stmt::SelectClaimState => {
+                "SELECT owner_epoch, last_ts_ms FROM {ks}.conversations WHERE id = ?".into()
+            }
             // A claim (a new epoch) or a fence (the same one): applied only while the
             // stored epoch is the one bound last (null: never claimed).
             Stmt::SetEpoch => {
@@ -458,6 +471,7 @@ impl Stmt {
             self,
             Stmt::SelectMembers
                 | Stmt::SelectUserConversations
+                | Stmt::SelectNodeClaims
                 | Stmt::SelectAllPositions
                 | Stmt::SelectBuckets
                 | Stmt::SelectReactions
@@ -1399,7 +1413,7 @@ impl Store for CassandraStore {
     /// Claims with a lightweight transaction: reads the epoch at LOCAL_SERIAL (which
     /// settles any Paxos round in flight), then sets the next one if it is still
     /// the one read; contention (two claimers at once) retries.
-    fn claim(&self, conv: ConversationId) -> Result<u64> {
+    fn claim(&self, conv: ConversationId, node: u16) -> Result<u64> {
         let prepared = self.prepared()?;
         self.rt.block_on(async {
             for _ in 0..16 {
@@ -1415,6 +1429,15 @@ impl Store for CassandraStore {
                 let Some((epoch, Some(_created))) = row else { return Ok(0) };
                 let next = epoch.unwrap_or(0) + 1;
                 if self.set_epoch(prepared, conv, Some(next), epoch, "claiming a conversation").await? {
+                    // Recorded before the claim returns, so before anything this
+                    // node writes under it is acknowledged.
+                    self.session
+                        .execute_unpaged(
+                            &prepared[Stmt::InsertNodeClaim as usize],
+                            (i32::from(node), i(conv), next),
+                        )
+                        .await
+                        .map_err(cql("recording a conversation's claimer"))?;
                     let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
                     claims.insert(conv, (u(next), std::time::Instant::now()));
                     return Ok(u(next));
@@ -1425,6 +1448,37 @@ impl Store for CassandraStore {
                 "claiming a conversation",
                 "contended by other claimers",
             ))
+        })
+    }
+
+    /// The node's claim rows, each kept while the conversation's epoch is still
+    /// the claimed one and its last message is recent enough (one read each, all
+    /// in flight together; only a node's death asks).
+    fn claimed_by(&self, node: u16, since_ms: u64) -> Result<Vec<ConversationId>> {
+        let claims =
+            self.all::<(i64, i64)>("listing a node's conversations", Stmt::SelectNodeClaims, (i32::from(node),))?;
+        let stmt = self.stmt(Stmt::SelectClaimState)?;
+        self.rt.block_on(async {
+            let kept = futures_util::stream::iter(claims)
+                .map(|(conv, epoch)| async move {
+                    let r = self
+                        .session
+                        .execute_unpaged(stmt, (conv,))
+                        .await
+                        .map_err(cql("listing a node's conversations"))?;
+                    let rows = r.into_rows_result().map_err(decode("listing a node's conversations"))?;
+                    let state = rows
+                        .maybe_first_row::<(Option<i64>, Option<i64>)>()
+                        .map_err(decode("listing a node's conversations"))?;
+                    Ok::<_, StorageError>(match state {
+                        Some((Some(e), Some(ts))) if e == epoch && u(ts) >= since_ms => Some(u(conv)),
+                        _ => None,
+                    })
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .try_collect::<Vec<_>>()
+                .await?;
+            Ok(kept.into_iter().flatten().collect())
         })
     }
 

@@ -26,6 +26,7 @@ pub fn run_all(open: Open<'_>) {
     reactions(open);
     presence(open);
     fencing(open);
+    claims_name_their_node(open);
     survives_restart(open);
 }
 
@@ -491,10 +492,10 @@ pub fn presence(open: Open<'_>) {
 pub fn fencing(open: Open<'_>) {
     let s = open();
     let conv = 9_100;
-    assert_eq!(s.claim(conv).unwrap(), 0, "nothing to own before the conversation exists");
+    assert_eq!(s.claim(conv, 1).unwrap(), 0, "nothing to own before the conversation exists");
     append(&*s, conv, 3, 100);
-    let old = s.claim(conv).unwrap();
-    let new = s.claim(conv).unwrap();
+    let old = s.claim(conv, 1).unwrap();
+    let new = s.claim(conv, 1).unwrap();
     assert!(new > old && old > 0, "each claim moves the epoch on: {old} then {new}");
     let ts = 1_700_000_000_000 + 4;
     let write = |seq: Seq, body: &str, epoch: u64| {
@@ -529,13 +530,44 @@ pub fn fencing(open: Open<'_>) {
         ])
     };
     fenced0(2).expect("the creator's epoch is 0 until someone claims");
-    assert_eq!(s.claim(fresh).unwrap(), 1);
+    assert_eq!(s.claim(fresh, 1).unwrap(), 1);
     assert_eq!(fenced0(3).expect_err("claimed").kind, ErrorKind::Fenced);
     assert_eq!(s.conversation(fresh).unwrap().unwrap().last_seq, 2);
     // A claim after a claim, and the owner's next commit with the newest epoch.
-    let newest = s.claim(conv).unwrap();
+    let newest = s.claim(conv, 1).unwrap();
     write(5, "five", newest).expect("the newest owner writes on");
     assert_eq!(s.conversation(conv).unwrap().unwrap().last_seq, 5);
+}
+
+/// A node's claimed conversations are listed while its claim is the latest and
+/// their last message is recent enough: what the fleet shows again when it dies.
+pub fn claims_name_their_node(open: Open<'_>) {
+    let s = open();
+    let (a, b, c) = (9_200, 9_201, 9_202);
+    for conv in [a, b, c] {
+        append(&*s, conv, 2, 100);
+    }
+    let sorted = |mut v: Vec<ConversationId>| {
+        v.sort_unstable();
+        v
+    };
+    let listed = |node: u16, since: u64| sorted(s.claimed_by(node, since).unwrap());
+    assert_eq!(listed(61, 0), Vec::<ConversationId>::new(), "nothing claimed yet");
+    s.claim(a, 61).unwrap();
+    s.claim(b, 61).unwrap();
+    s.claim(c, 62).unwrap();
+    assert_eq!(listed(61, 0), [a, b]);
+    assert_eq!(listed(62, 0), [c]);
+    let epoch = s.claim(b, 62).unwrap();
+    assert_eq!(listed(61, 0), [a], "a later claim by another node replaces the first");
+    assert_eq!(listed(62, 0), [b, c]);
+    // Only conversations written at or after `since`.
+    let recent = 1_800_000_000_000;
+    s.commit(&[Mutation::PutConversation(conv_record(b, 2, recent)), Mutation::Fence { conversation: b, epoch }])
+        .unwrap();
+    assert_eq!(listed(62, recent), [b]);
+    assert_eq!(listed(62, recent + 1), Vec::<ConversationId>::new());
+    assert_eq!(listed(63, 0), Vec::<ConversationId>::new(), "a node that claimed nothing");
 }
 
 pub fn survives_restart(open: Open<'_>) {

@@ -65,6 +65,9 @@ pub struct FjallStore {
 #[derive(Default)]
 struct Fencing {
     epochs: HashMap<ConversationId, u64>,
+    /// The node of each conversation's latest claim. In memory like the epochs:
+    /// this store is one process's, so its claims end with it.
+    owners: HashMap<ConversationId, u16>,
     under_way: HashMap<ConversationId, u32>,
     /// Claims waiting for a commit of theirs to end.
     waiting: usize,
@@ -494,7 +497,7 @@ impl Store for FjallStore {
         Ok(())
     }
 
-    fn claim(&self, conv: ConversationId) -> Result<u64> {
+    fn claim(&self, conv: ConversationId, node: u16) -> Result<u64> {
         if self.conversation(conv)?.is_none() {
             return Ok(0);
         }
@@ -504,9 +507,24 @@ impl Store for FjallStore {
             f = self.settled.wait(f).unwrap_or_else(|p| p.into_inner());
             f.waiting -= 1;
         }
+        f.owners.insert(conv, node);
         let e = f.epochs.entry(conv).or_default();
         *e += 1;
         Ok(*e)
+    }
+
+    fn claimed_by(&self, node: u16, since_ms: u64) -> Result<Vec<ConversationId>> {
+        let mine: Vec<ConversationId> = {
+            let f = self.fencing.lock().unwrap_or_else(|p| p.into_inner());
+            f.owners.iter().filter(|&(_, &n)| n == node).map(|(&c, _)| c).collect()
+        };
+        let mut out = Vec::new();
+        for c in mine {
+            if self.conversation(c)?.is_some_and(|r| r.last_ts_ms >= since_ms) {
+                out.push(c);
+            }
+        }
+        Ok(out)
     }
 
     fn create_user(&self, user: &UserRecord) -> Result<()> {

@@ -259,7 +259,15 @@ pub trait Store: Send + Sync + 'static {
     /// ([`Mutation::Fence`]) with an older epoch fails from then on, and a commit
     /// fenced with the old epoch that is under way either lands before this returns
     /// or not at all, so reads after it see everything the old owner wrote.
-    fn claim(&self, conv: ConversationId) -> Result<u64>;
+    ///
+    /// Records `node` (the claiming gateway node) as the owner, listed by
+    /// [`Store::claimed_by`] until another claim replaces it.
+    fn claim(&self, conv: ConversationId, node: u16) -> Result<u64>;
+
+    /// The conversations whose latest claim is `node`'s and whose last message is
+    /// at or after `since_ms`: what a node that died may have acknowledged without
+    /// telling every recipient. In no particular order.
+    fn claimed_by(&self, node: u16, since_ms: u64) -> Result<Vec<ConversationId>>;
 
     /// Creates a user; fails with [`ErrorKind::UsernameTaken`] if the lowercase name exists.
     /// Durable when it returns.
@@ -514,7 +522,10 @@ mod tests {
             fn commit(&self, _: &[Mutation]) -> Result<()> {
                 unreachable!()
             }
-            fn claim(&self, _: ConversationId) -> Result<u64> {
+            fn claim(&self, _: ConversationId, _: u16) -> Result<u64> {
+                unreachable!()
+            }
+            fn claimed_by(&self, _: u16, _: u64) -> Result<Vec<ConversationId>> {
                 unreachable!()
             }
             fn create_user(&self, _: &UserRecord) -> Result<()> {

@@ -40,6 +40,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_init.sql")),
     (2, include_str!("../migrations/postgres/0002_sealed_bodies.sql")),
     (3, include_str!("../migrations/postgres/0003_owner_epoch.sql")),
+    (4, include_str!("../migrations/postgres/0004_owner_node.sql")),
 ];
 
 /// How long `erase_deleted` waits for transactions older than the deletes.
@@ -623,13 +624,23 @@ impl Store for PostgresStore {
         })
     }
 
-    fn claim(&self, conv: ConversationId) -> Result<u64> {
+    fn claim(&self, conv: ConversationId, node: u16) -> Result<u64> {
         let row = self.query_opt(
             "claiming a conversation",
-            "UPDATE conversations SET owner_epoch = owner_epoch + 1 WHERE id = $1 RETURNING owner_epoch",
-            &[&i(conv)],
+            "UPDATE conversations SET owner_epoch = owner_epoch + 1, owner_node = $2 WHERE id = $1 \
+             RETURNING owner_epoch",
+            &[&i(conv), &i32::from(node)],
         )?;
         Ok(row.map_or(0, |r| u(r.get(0))))
+    }
+
+    fn claimed_by(&self, node: u16, since_ms: u64) -> Result<Vec<ConversationId>> {
+        let rows = self.query(
+            "listing a node's conversations",
+            "SELECT id FROM conversations WHERE owner_node = $1 AND last_ts_ms >= $2",
+            &[&i32::from(node), &i(since_ms)],
+        )?;
+        Ok(rows.iter().map(|r| u(r.get(0))).collect())
     }
 
     fn create_user(&self, user: &UserRecord) -> Result<()> {

@@ -76,6 +76,6 @@ fn a_version_1_keyspace_migrates_to_sealed_bodies() {
          VALUES (5, 1, 'g', 1, 7, 2, 1001)",
     )
     .unwrap();
-    assert_eq!(s.claim(5).unwrap(), 1, "an old conversation's first claim");
+    assert_eq!(s.claim(5, 1).unwrap(), 1, "an old conversation's first claim");
     s.drop_keyspace().unwrap();
 }

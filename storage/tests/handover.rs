@@ -63,7 +63,7 @@ proptest! {
         for (i, step) in steps.iter().enumerate() {
             match *step {
                 Step::TakeOver(n) => {
-                    let epoch = s.claim(CONV).unwrap();
+                    let epoch = s.claim(CONV, 1).unwrap();
                     let head = s.conversation(CONV).unwrap().unwrap().last_seq;
                     held[n] = Some(Held { epoch, head });
                 }

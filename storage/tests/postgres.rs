@@ -20,9 +20,9 @@ fn postgres_store_conforms() {
     let url = TestPostgres::shared().fresh_database();
     let store = PostgresStore::connect(&options(url.clone())).expect("connect");
     assert_eq!(store.schema_version().unwrap(), 0, "a fresh database has no schema");
-    assert_eq!(store.migrate().unwrap(), vec![1, 2, 3]);
+    assert_eq!(store.migrate().unwrap(), vec![1, 2, 3, 4]);
     assert_eq!(store.migrate().unwrap(), Vec::<i32>::new(), "migrations apply once");
-    assert_eq!(store.schema_version().unwrap(), 3);
+    assert_eq!(store.schema_version().unwrap(), 4);
     drop(store);
     let open = || Arc::new(PostgresStore::connect(&options(url.clone())).expect("connect")) as Arc<dyn Store>;
     conformance::run_all(&open);

@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::push::Push;
 use crate::sequencer::Sequencer;
 use crate::vocab::command::Command;
-use crate::vocab::event::{ConnId, Event, EventKind, node_of};
+use crate::vocab::event::{ConnId, Event, EventKind, Origin, node_of};
 use envelope::{Addressed, AddressedRef, Body};
 use futures_channel::oneshot;
 use protocol::{ErrorCode, UserId};
@@ -462,6 +462,7 @@ pub fn start(
     registry: Arc<Registry>,
     push: Arc<Push>,
     metrics: Arc<Metrics>,
+    store: Arc<dyn storage::Store>,
     on_node_gone: Box<dyn Fn(NodeId) + Send>,
 ) -> anyhow::Result<()> {
     let Links { wire, inbound, locate, locate_conns, mut members, mut reap, heartbeat, locate_presence: _ } =
@@ -472,6 +473,18 @@ pub fn start(
     // has dropped it (a TTL and a heartbeat apart at most) and what they were
     // still sending it has gone through fleet-out's retries.
     let rewatch = 2 * cfg.ttl + cfg.send_retry;
+    // Dead nodes whose conversations are to be shown again (see `take_over`).
+    let (takeover_tx, takeover_rx) = crossbeam_channel::bounded::<NodeId>(TAKEOVERS_QUEUED);
+    {
+        let (router, sequencer, ttl) = (router.clone(), sequencer.clone(), cfg.ttl);
+        std::thread::Builder::new()
+            .name("fleet-takeover".into())
+            .spawn(move || {
+                for dead in takeover_rx {
+                    take_over(&*store, dead, ttl, &router, &sequencer);
+                }
+            })?;
+    }
     {
         let (router, registry, metrics) = (router.clone(), registry.clone(), metrics.clone());
         std::thread::Builder::new().name("fleet-out".into()).spawn(move || {
@@ -529,6 +542,9 @@ pub fn start(
                         for &dead in before.nodes().iter().filter(|n| !after.contains(**n)) {
                             reap_dead(&mut *reap, dead, &router, &sequencer, true);
                             reaped.insert(dead, Instant::now() + rewatch);
+                            if takeover_tx.try_send(dead).is_err() {
+                                tracing::warn!(dead, "takeover queue full: a dead node's conversations are not shown again");
+                            }
                             // Its users' contacts hear they went offline, unless they come back.
                             on_node_gone(dead);
                         }
@@ -896,6 +912,51 @@ fn reap_dead(reap: &mut dyn Reap, dead: NodeId, router: &Router, sequencer: &Seq
             "took over commands sent to a dead node after its stream was taken over"
         );
     }
+}
+
+/// Most dead nodes waiting for [`take_over`] (overflow: logged and skipped; their
+/// conversations' tails are shown again only when a command loads them).
+const TAKEOVERS_QUEUED: usize = 64;
+
+/// How far before a node was found dead its conversations' messages are shown
+/// again, beyond the TTL it took to find out: how long its `fleet-out` may have
+/// lagged behind its acknowledgements.
+const FANOUT_LAG_MAX: Duration = Duration::from_secs(15);
+
+/// Closes the gap between a dead node's acknowledgements and its fan-out: its
+/// sequencer answered a batch's senders before `fleet-out` sent the batch's
+/// events to other nodes, so a `kill -9` between the two leaves acknowledged
+/// messages that some members never got. Every conversation the dead node had
+/// claimed and written lately gets a [`Command::Takeover`] at its new owner,
+/// which shows the recent messages to every member again (devices dedupe).
+///
+/// Runs on: fleet-takeover (the store may be slow; the heartbeat must not wait).
+fn take_over(store: &dyn storage::Store, dead: NodeId, ttl: Duration, router: &Router, sequencer: &Sequencer) {
+    let since_ms = crate::vocab::clock::now_ms().saturating_sub((ttl + FANOUT_LAG_MAX).as_millis() as u64);
+    let convs = match store.claimed_by(dead, since_ms).or_else(|_| store.claimed_by(dead, since_ms)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(dead, error = %e, "listing a dead node's conversations failed; not shown again");
+            return;
+        }
+    };
+    // No connection asked: a refusal (none is sent back) would come here, to nobody.
+    let origin = Origin::new(ConnId::from(router.me) << 48, 0);
+    let mut refused = 0;
+    for &conversation in &convs {
+        let mut cmd = Command::Takeover { conversation, since_ms, origin };
+        // A full queue is waited out briefly: these are few and matter.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(back) = router.submit(sequencer, cmd) {
+            if Instant::now() >= deadline {
+                refused += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            cmd = back;
+        }
+    }
+    tracing::info!(dead, conversations = convs.len(), refused, "showing a dead node's recent messages again");
 }
 
 /// Records arrivals and departures. Counts connections per user, so a user is

@@ -94,6 +94,15 @@ pub enum Command {
         role: Role,
         origin: Origin,
     },
+    /// From the fleet, not a client: a node that owned the conversation died.
+    /// Its new owner loads it (claiming it) and shows every member the messages
+    /// stored since `since_ms` again, which the dead node may have acknowledged
+    /// without sending to other nodes. Answered never; devices dedupe by position.
+    Takeover {
+        conversation: ConversationId,
+        since_ms: u64,
+        origin: Origin,
+    },
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -130,7 +139,8 @@ macro_rules! origin_field {
             | Command::AddMembers { origin, .. }
             | Command::RemoveMember { origin, .. }
             | Command::Leave { origin, .. }
-            | Command::SetRole { origin, .. } => origin,
+            | Command::SetRole { origin, .. }
+            | Command::Takeover { origin, .. } => origin,
         }
     };
 }
@@ -162,7 +172,8 @@ impl Command {
             | Command::AddMembers { conversation, .. }
             | Command::RemoveMember { conversation, .. }
             | Command::Leave { conversation, .. }
-            | Command::SetRole { conversation, .. } => Key::Conversation(*conversation),
+            | Command::SetRole { conversation, .. }
+            | Command::Takeover { conversation, .. } => Key::Conversation(*conversation),
         }
     }
 
@@ -182,6 +193,8 @@ impl Command {
             | Command::RemoveMember { actor, .. }
             | Command::Leave { actor, .. }
             | Command::SetRole { actor, .. } => *actor,
+            // Nobody: the fleet asked.
+            Command::Takeover { .. } => 0,
         }
     }
 }

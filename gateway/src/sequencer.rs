@@ -462,7 +462,8 @@ impl Worker {
             // takeover command names how far back; otherwise the window does.
             let window_start = now_ms().saturating_sub(TAKEOVER_WINDOW.as_millis() as u64);
             let since = self.reshow_since.or_else(|| {
-                (self.router.in_fleet() && self.router.departed_within(TAKEOVER_WINDOW)).then_some(window_start)
+                (self.router.in_fleet() && self.router.departed_within(TAKEOVER_WINDOW))
+                    .then_some(window_start)
             });
             if let Some(since) = since
                 && rec.last_ts_ms >= since
@@ -1165,7 +1166,8 @@ impl Worker {
             // ones, before anything in them is acknowledged: the claim names this
             // node, so if it dies they are found and their tails shown again.
             let me = self.router.me();
-            let ours: Vec<ConversationId> = batch.created.iter().copied().filter(|&id| self.mine(id)).collect();
+            let ours: Vec<ConversationId> =
+                batch.created.iter().copied().filter(|&id| self.mine(id)).collect();
             for id in ours {
                 match self.store.claim(id, me) {
                     Ok(epoch) => {

@@ -1455,8 +1455,11 @@ impl Store for CassandraStore {
     /// the claimed one and its last message is recent enough (one read each, all
     /// in flight together; only a node's death asks).
     fn claimed_by(&self, node: u16, since_ms: u64) -> Result<Vec<ConversationId>> {
-        let claims =
-            self.all::<(i64, i64)>("listing a node's conversations", Stmt::SelectNodeClaims, (i32::from(node),))?;
+        let claims = self.all::<(i64, i64)>(
+            "listing a node's conversations",
+            Stmt::SelectNodeClaims,
+            (i32::from(node),),
+        )?;
         let stmt = self.stmt(Stmt::SelectClaimState)?;
         self.rt.block_on(async {
             let kept = futures_util::stream::iter(claims)

@@ -563,8 +563,11 @@ pub fn claims_name_their_node(open: Open<'_>) {
     assert_eq!(listed(62, 0), [b, c]);
     // Only conversations written at or after `since`.
     let recent = 1_800_000_000_000;
-    s.commit(&[Mutation::PutConversation(conv_record(b, 2, recent)), Mutation::Fence { conversation: b, epoch }])
-        .unwrap();
+    s.commit(&[
+        Mutation::PutConversation(conv_record(b, 2, recent)),
+        Mutation::Fence { conversation: b, epoch },
+    ])
+    .unwrap();
     assert_eq!(listed(62, recent), [b]);
     assert_eq!(listed(62, recent + 1), Vec::<ConversationId>::new());
     assert_eq!(listed(63, 0), Vec::<ConversationId>::new(), "a node that claimed nothing");

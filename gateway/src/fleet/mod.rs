@@ -477,13 +477,11 @@ pub fn start(
     let (takeover_tx, takeover_rx) = crossbeam_channel::bounded::<NodeId>(TAKEOVERS_QUEUED);
     {
         let (router, sequencer, ttl) = (router.clone(), sequencer.clone(), cfg.ttl);
-        std::thread::Builder::new()
-            .name("fleet-takeover".into())
-            .spawn(move || {
-                for dead in takeover_rx {
-                    take_over(&*store, dead, ttl, &router, &sequencer);
-                }
-            })?;
+        std::thread::Builder::new().name("fleet-takeover".into()).spawn(move || {
+            for dead in takeover_rx {
+                take_over(&*store, dead, ttl, &router, &sequencer);
+            }
+        })?;
     }
     {
         let (router, registry, metrics) = (router.clone(), registry.clone(), metrics.clone());
@@ -931,7 +929,13 @@ const FANOUT_LAG_MAX: Duration = Duration::from_secs(15);
 /// which shows the recent messages to every member again (devices dedupe).
 ///
 /// Runs on: fleet-takeover (the store may be slow; the heartbeat must not wait).
-fn take_over(store: &dyn storage::Store, dead: NodeId, ttl: Duration, router: &Router, sequencer: &Sequencer) {
+fn take_over(
+    store: &dyn storage::Store,
+    dead: NodeId,
+    ttl: Duration,
+    router: &Router,
+    sequencer: &Sequencer,
+) {
     let since_ms = crate::vocab::clock::now_ms().saturating_sub((ttl + FANOUT_LAG_MAX).as_millis() as u64);
     let convs = match store.claimed_by(dead, since_ms).or_else(|_| store.claimed_by(dead, since_ms)) {
         Ok(c) => c,
